@@ -1,0 +1,139 @@
+"""ASGI middleware for request-body size and in-flight concurrency limits.
+
+Both answer before the application runs where they can, with problem+json, so a client that sends a huge
+body or a burst of requests gets a quick, readable refusal instead of a stalled or crashed worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from service.api.problems import PROBLEM_CONTENT_TYPE, problem_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# After refusing a body we keep reading (and discarding) this much more, so that a client that writes its
+# whole body before reading still receives the 413 instead of a reset connection; beyond it we stop reading.
+DRAIN_LIMIT_BYTES = 256 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    """Raised inside ``receive`` when a streamed body passes the limit."""
+
+
+async def send_problem(send: Send, status: int, detail: str, headers: list | None = None) -> None:
+    body = problem_body(status, detail)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def drain(receive: Receive, limit: int = DRAIN_LIMIT_BYTES) -> None:
+    """Read and drop the rest of the request body, up to ``limit`` bytes."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_body_bytes``, counted while streaming (chunked bodies too)."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    def _detail(self) -> str:
+        return f"request body is larger than the limit of {self.max_body_bytes} bytes (CALIBSERVE_MAX_BODY_BYTES)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await send_problem(send, 400, "Content-Length is not a number")
+                    return
+                if declared > limit:
+                    await drain(receive)
+                    await send_problem(send, 413, self._detail(), [(b"connection", b"close")])
+                    return
+                break
+
+        received = 0
+        response_started = False
+        body_complete = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, body_complete
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_complete = not message.get("more_body", False)
+                if received > limit:
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if response_started:
+                raise
+            if not body_complete:  # past the last chunk, receive() would wait for a disconnect
+                await drain(receive)
+            await send_problem(send, 413, self._detail(), [(b"connection", b"close")])
+
+
+class ConcurrencyLimitMiddleware:
+    """503 at once when more than ``max_concurrency`` requests are in flight in this worker."""
+
+    def __init__(self, app: ASGIApp, *, max_concurrency: int) -> None:
+        self.app = app
+        self.max_concurrency = max_concurrency
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_concurrency:
+            await send_problem(
+                send,
+                503,
+                f"more than {self.max_concurrency} requests in flight (CALIBSERVE_MAX_CONCURRENCY); retry shortly",
+                [(b"retry-after", b"1")],
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

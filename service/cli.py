@@ -1,0 +1,565 @@
+"""``calibserve``: fit, apply and evaluate calibrators from the command line, check drift in CI, serve the API.
+
+Commands
+--------
+``fit``       fit a calibrator on labelled scores and write its document (JSON)
+``apply``     calibrated probabilities for scores (``.npy``, ``.csv`` or ``.jsonl`` by the output's extension)
+``evaluate``  figures before/after calibration, optional thresholds (``--fail-on``) and baseline comparison
+``drift``     ``evaluate`` against a baseline report (``--baseline`` required; default ``--max-increase ece=0.01``)
+``serve``     run the HTTP service
+``export``    download a model from a running service (client mode only)
+
+``fit``, ``apply``, ``evaluate`` and ``drift`` work on local files, or, with ``--server URL --model NAME``,
+through a running service (the API key comes from ``--api-key`` or ``CALIBSERVE_API_KEY``).
+
+Exit codes: 0 every threshold holds, 1 a threshold is breached, 2 the command itself failed (unreadable file,
+bad shapes, NaN, bad option), with one line ``calibserve: error: <reason>`` on stderr.
+
+Heavy modules (numpy numerics, matplotlib, the web stack) are imported inside the commands, so that
+``calibserve --help`` and a failing flag answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from service.errors import CalibserveError
+
+PROG = "calibserve"
+DEFAULT_MAX_INCREASE = "ece=0.01"
+METHODS = ("temperature", "vector", "matrix", "platt", "isotonic", "histogram")
+EXIT_OK, EXIT_BREACHED, EXIT_FAILED = 0, 1, 2
+
+logger = logging.getLogger("calibserve.cli")
+
+
+class CommandError(CalibserveError):
+    """A command cannot run as asked (conflicting or missing flags): exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal (never in CI logs)."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        filled = int(self.width * min(done, total) / total)
+        bar = "#" * filled + "-" * (self.width - filled)
+        self.stream.write(f"\r{self.label} [{bar}] {100 * min(done, total) // total:3d}%")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
+def _one_line(exc: BaseException) -> str:
+    """A single-line reason for an error, without traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    elif type(exc).__name__ == "ValidationError" and hasattr(exc, "errors"):  # pydantic (Settings)
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "settings"
+        reason = f"{where}: {first.get('msg', 'invalid value')}"
+    else:
+        reason = str(exc) or type(exc).__name__
+    return " ".join(reason.split())
+
+
+def _handled_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [CalibserveError, OSError, ValueError]
+    if "httpx" in sys.modules:  # client mode: connection refused, timeouts
+        errors.append(sys.modules["httpx"].HTTPError)
+    return tuple(errors)
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """``--option key=value``: the value is read as JSON when it parses (numbers, true/false), else a string."""
+    import orjson
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise CommandError(f"--option {text!r} must look like key=value")
+    try:
+        return key.strip(), orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return key.strip(), value
+
+
+def _scores_kind(args: argparse.Namespace) -> tuple[str, str]:
+    """(kind, spec): whether the scores are logits or probabilities, as the user's flag says."""
+    if args.logits is not None:
+        return "logits", args.logits
+    return "probabilities", args.probabilities
+
+
+def _read_scores(args: argparse.Namespace) -> tuple[Any, bool]:
+    from service import io
+
+    kind, spec = _scores_kind(args)
+    progress = Progress(f"reading {spec}")
+    try:
+        return io.read_scores(spec, kind=kind, progress=progress), kind == "logits"
+    finally:
+        progress.close()
+
+
+def _read_labelled(args: argparse.Namespace) -> tuple[Any, Any, bool]:
+    """Scores and labels, validated here (numpy only) so that bad data fails before the numerics load."""
+    from service.core.validation import check_labelled
+
+    scores, from_logits = _read_scores(args)
+    labels = _read_labels(args)
+    scores, labels, _ = check_labelled(scores, labels, from_logits=from_logits)
+    return scores, labels, from_logits
+
+
+def _read_labels(args: argparse.Namespace) -> Any:
+    from service import io
+
+    _, scores_spec = _scores_kind(args)
+    spec = args.labels or io.labels_spec_from_scores(scores_spec)
+    if spec is None:
+        raise CommandError(f"--labels is required ({scores_spec} cannot hold labels)")
+    progress = Progress(f"reading {spec}")
+    try:
+        return io.read_labels(spec, progress=progress)
+    finally:
+        progress.close()
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from service.client import API_KEY_ENV, CalibserveClient
+
+    if not args.model:
+        raise CommandError("--server needs --model NAME")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    return CalibserveClient(args.server, api_key=api_key, timeout=args.timeout)
+
+
+def _check_model_flag(args: argparse.Namespace) -> None:
+    if args.model is not None and args.server is None:
+        raise CommandError("--model names a model on a service: use it with --server URL")
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        Path(path).write_bytes(data)
+
+
+# --------------------------------------------------------------------------------------------------- fit
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import orjson
+
+    options = dict(_parse_option(text) for text in args.option or [])
+    scores, labels, from_logits = _read_labelled(args)
+    if args.server:
+        with _client(args) as client:
+            document = client.fit(
+                args.model,
+                labels=labels,
+                method=args.method,
+                activate=not args.no_activate,
+                options=options or None,
+                **{"logits" if from_logits else "probabilities": scores},
+            )
+    else:
+        from service.workflows import fit_document
+
+        document = fit_document(
+            scores, labels, from_logits=from_logits, method=args.method, options=options, model=args.model
+        )
+    _write_bytes(args.out, orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
+    fit = document.get("fit") or {}
+    before, after = fit.get("before") or {}, fit.get("after") or {}
+    parameter = f" T = {document['temperature']:.6g}" if document.get("temperature") is not None else ""
+    logger.info(
+        "fitted %s%s on %s samples: ece %.4g -> %.4g, nll %.4g -> %.4g",
+        document.get("method"),
+        parameter,
+        fit.get("n", "?"),
+        before.get("ece", float("nan")),
+        after.get("ece", float("nan")),
+        before.get("nll", float("nan")),
+        after.get("nll", float("nan")),
+    )
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------- apply
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from service import io
+
+    _check_model_flag(args)
+    if Path(args.out).suffix.lower() not in io.WRITE_SUFFIXES:
+        raise CommandError(f"--out {args.out}: use a {', '.join(io.WRITE_SUFFIXES)} file name")
+    from service.core.validation import check_scores
+
+    scores, from_logits = _read_scores(args)
+    scores = check_scores(scores, from_logits=from_logits)
+    if args.server:
+        with _client(args) as client:
+            answer = client.calibrate(
+                args.model, version=args.version, **{"logits" if from_logits else "probabilities": scores}
+            )
+        probabilities = answer["probabilities"]
+    else:
+        if not args.calibrator:
+            raise CommandError("apply needs --calibrator FILE (or --server URL --model NAME)")
+        from service import reports, workflows
+
+        calibrator = workflows.load_calibrator(reports.load_json(args.calibrator))
+        probabilities = workflows.calibrate(calibrator, scores, from_logits=from_logits)
+    io.write_array(args.out, probabilities)
+    logger.info("wrote %d x %d probabilities to %s", *probabilities.shape, args.out)
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------- evaluate / drift
+
+
+def _outputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(format, path) for each report output; path ``-`` is stdout."""
+    from service import reports
+
+    outs = args.out or []
+    if args.format and len(outs) > 1:
+        raise CommandError("--format applies to one --out; with several, each file's extension decides")
+    if not outs:
+        return [(args.format or "json", "-")]
+    return [(args.format or reports.format_for_path(path), path) for path in outs]
+
+
+def _baseline(path: str, document: dict) -> dict:
+    """An evaluation report as is, or a calibrator document's fit-time figures."""
+    from service import workflows
+
+    if document.get("kind") == workflows.REPORT_KIND:
+        return document
+    if isinstance(document.get("fit"), dict) and "method" in document:
+        return workflows.fit_time_baseline(document)
+    raise CommandError(
+        f"--baseline {path} is neither a calibserve evaluation report nor a calibrator document"
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``evaluate`` and ``drift`` (which only makes ``--baseline`` required)."""
+    from service import reports
+
+    _check_model_flag(args)
+    if args.max_increase and not args.baseline:
+        raise CommandError("--max-increase needs --baseline REPORT")
+    if args.calibrator and args.server:
+        raise CommandError(
+            "--calibrator is for local files; with --server the model's active calibrator is used"
+        )
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".svg"):
+        raise CommandError(f"--plot {args.plot}: use a .png or .svg file name")
+    outputs = _outputs(args)
+    document = reports.load_json(args.calibrator) if args.calibrator else None
+    baseline_document = reports.load_json(args.baseline) if args.baseline else None
+    scores, labels, from_logits = _read_labelled(args)
+
+    from service import workflows
+
+    # every flag is checked before the (possibly long) evaluation starts
+    for expression in args.fail_on or []:
+        workflows.Threshold.parse(expression)
+    baseline = _baseline(args.baseline, baseline_document) if baseline_document is not None else None
+    max_increase = (
+        workflows.parse_max_increase(args.max_increase or DEFAULT_MAX_INCREASE)
+        if baseline is not None
+        else {}
+    )
+    calibrator = workflows.load_calibrator(document) if document is not None else None
+
+    progress = Progress("bootstrap")
+    try:
+        if args.server:
+            with _client(args) as client:
+                report = client.evaluate(
+                    args.model,
+                    labels=labels,
+                    version=args.version,
+                    n_bins=args.bins,
+                    binning=args.binning,
+                    bootstrap=args.bootstrap,
+                    seed=args.seed,
+                    **{"logits" if from_logits else "probabilities": scores},
+                )
+        else:
+            report = workflows.evaluate(
+                scores,
+                labels,
+                from_logits=from_logits,
+                calibrator=calibrator,
+                calibrator_document=document,
+                n_bins=args.bins,
+                binning=args.binning,
+                bootstrap=args.bootstrap,
+                seed=args.seed,
+                progress=progress,
+            )
+            if document is not None and document.get("fit"):
+                report["drift"] = workflows.drift_against_fit(report, document)
+    finally:
+        progress.close()
+
+    checks = workflows.check_thresholds(report, args.fail_on or [])
+    if baseline is not None:
+        checks += workflows.check_drift(report, baseline, max_increase)
+    report = workflows.apply_checks(report, checks)
+
+    figure_png = None
+    if args.plot or any(format == "html" for format, _ in outputs):
+        from service.plots import reliability_diagram
+
+        if args.plot:
+            image = reliability_diagram(report, path=args.plot)
+            figure_png = image if args.plot.lower().endswith(".png") else None
+        if figure_png is None and any(format == "html" for format, _ in outputs):
+            figure_png = reliability_diagram(report, format="png")
+    for format, path in outputs:
+        _write_bytes(path, reports.render(report, format, figure_png=figure_png))
+
+    summary = report["summary"]
+    for check in report["thresholds"]:
+        if check["status"] == "fail":
+            logger.warning("breached %s: %s", check["name"], reports.check_message(check))
+    logger.info(
+        "%s: %d checks, %d passed, %d failed",
+        summary["status"],
+        summary["checks"],
+        summary["passed"],
+        summary["failed"],
+    )
+    return EXIT_BREACHED if summary["failed"] else EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ serve, export
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.config import Settings
+
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "models_dir": args.models_dir,
+        "store_dir": args.store_dir,
+        "device": args.device,
+        "log_level": args.log_level,
+    }
+    # Flags win over CALIBSERVE_* variables: pydantic-settings ranks init arguments above the environment.
+    settings = Settings(**{name: value for name, value in flags.items() if value is not None})
+    settings.check_bind_is_safe()
+    from service.api.server import serve
+
+    serve(settings)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        data = client.export(args.model, format=args.format)
+    _write_bytes(args.out, data)
+    logger.info("wrote %d bytes to %s", len(data), args.out)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def _add_scores(parser: argparse.ArgumentParser, *, labels: bool) -> None:
+    scores = parser.add_mutually_exclusive_group(required=True)
+    scores.add_argument(
+        "--logits", metavar="FILE", help="logits: .npy, .npz (FILE.npz:KEY, default key logits), .csv, .jsonl"
+    )
+    scores.add_argument(
+        "--probabilities",
+        metavar="FILE",
+        help="probabilities instead of logits (rows sum to 1; one column = P(class 1) of a binary model)",
+    )
+    if labels:
+        parser.add_argument(
+            "--labels",
+            metavar="FILE",
+            help="integer labels: .npy, .npz (default key labels), .csv (one column), .jsonl (one int a line); "
+            "may be left out when the scores .npz holds 'labels' or the .jsonl lines are "
+            '{"logits": [...], "label": k} records',
+        )
+
+
+def _add_client(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    group = parser.add_argument_group("client mode (run against a service)")
+    group.add_argument(
+        "--server", metavar="URL", required=required, help="service address, e.g. http://host:8000"
+    )
+    group.add_argument("--model", metavar="NAME", required=required, help="model name on the service")
+    group.add_argument("--api-key", metavar="KEY", help="API key (default: $CALIBSERVE_API_KEY)")
+    group.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="request timeout (default 60)"
+    )
+
+
+def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool) -> None:
+    parser.add_argument("--calibrator", metavar="FILE", help="calibrator document (from calibserve fit)")
+    parser.add_argument("--version", type=int, help="with --server: evaluate this calibrator version")
+    parser.add_argument("--bins", type=int, default=15, help="number of ECE bins (default 15)")
+    parser.add_argument(
+        "--binning", choices=("width", "mass"), default="width", help="equal-width or equal-mass bins"
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="bootstrap resamples for 95%% intervals (0: none)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument(
+        "--fail-on",
+        action="append",
+        metavar="EXPR",
+        help="fail (exit 1) when a figure satisfies EXPR, e.g. 'ece>0.03', 'uncalibrated.nll>=1', "
+        "'accuracy<0.9'; calibrated figures unless prefixed; repeatable",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REPORT",
+        required=baseline_required,
+        help="an earlier JSON report (or a calibrator document: its fit-time figures) to compare against",
+    )
+    parser.add_argument(
+        "--max-increase",
+        metavar="SPEC",
+        help=f"allowed increase per figure against --baseline, e.g. ece=0.01,nll=0.05 (default "
+        f"{DEFAULT_MAX_INCREASE}); for accuracy, the allowed decrease",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("json", "junit", "markdown", "html"),
+        help="report format (default: from --out's extension .json/.xml/.md/.html, else json)",
+    )
+    parser.add_argument(
+        "--out",
+        action="append",
+        metavar="FILE",
+        help="report file (default stdout); repeat for several formats, each chosen by its extension",
+    )
+    parser.add_argument("--plot", metavar="FILE", help="reliability diagram, .png (600x700 px) or .svg")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Post-hoc calibration of classifier scores: fit, apply, evaluate, check drift, serve.",
+        epilog="exit codes: 0 thresholds hold, 1 a threshold is breached, 2 the command failed",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no status lines on stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = commands.add_parser("fit", help="fit a calibrator and write its document")
+    _add_scores(fit, labels=True)
+    fit.add_argument("--method", choices=METHODS, default="temperature", help="calibration method")
+    fit.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method option (value read as JSON), repeatable",
+    )
+    fit.add_argument("--out", default="-", metavar="FILE", help="calibrator document (default stdout)")
+    fit.add_argument("--no-activate", action="store_true", help="with --server: store without activating")
+    _add_client(fit)
+    fit.set_defaults(handler=cmd_fit)
+
+    apply = commands.add_parser("apply", help="write calibrated probabilities")
+    _add_scores(apply, labels=False)
+    apply.add_argument("--calibrator", metavar="FILE", help="calibrator document (from calibserve fit)")
+    apply.add_argument("--version", type=int, help="with --server: use this calibrator version")
+    apply.add_argument("--out", required=True, metavar="FILE", help="probabilities: .npy, .csv or .jsonl")
+    _add_client(apply)
+    apply.set_defaults(handler=cmd_apply)
+
+    evaluate = commands.add_parser("evaluate", help="figures before/after calibration, thresholds, reports")
+    _add_scores(evaluate, labels=True)
+    _add_evaluation(evaluate, baseline_required=False)
+    _add_client(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    drift = commands.add_parser(
+        "drift", help=f"evaluate against a baseline report (default --max-increase {DEFAULT_MAX_INCREASE})"
+    )
+    _add_scores(drift, labels=True)
+    _add_evaluation(drift, baseline_required=True)
+    _add_client(drift)
+    drift.set_defaults(handler=cmd_evaluate)
+
+    serve = commands.add_parser("serve", help="run the HTTP service (flags win over CALIBSERVE_* variables)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve.add_argument("--models-dir", type=Path, metavar="DIR", help="TorchScript model repository")
+    serve.add_argument("--store-dir", type=Path, metavar="DIR", help="calibrator store")
+    serve.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    serve.add_argument("--log-level", help="debug, info, warning, error")
+    serve.set_defaults(handler=cmd_serve)
+
+    export = commands.add_parser("export", help="download a model from a service (client mode only)")
+    export.add_argument("--format", default="torchscript", help="export format (default torchscript)")
+    export.add_argument("--out", required=True, metavar="FILE", help="output file")
+    _add_client(export, required=True)
+    export.set_defaults(handler=cmd_export)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``calibserve`` console script and ``python -m service``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{PROG}: interrupted\n")
+        return 130
+    except _handled_errors() as exc:  # evaluated when an error arrives, so it sees httpx if it was imported
+        sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
+        return EXIT_FAILED

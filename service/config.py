@@ -1,0 +1,89 @@
+"""Settings of the service, read from ``CALIBSERVE_*`` environment variables (pydantic-settings).
+
+Nothing reads settings at import time: ``create_app(settings)`` takes them as an argument, and
+``get_settings()`` (cached) is only called by the entry points (CLI ``serve`` and the uvicorn factory).
+"""
+
+from __future__ import annotations
+
+import hmac
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["read", "admin"]
+ROLES: tuple[str, ...] = ("read", "admin")
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class Settings(BaseSettings):
+    """Every option of ``calibserve serve``; each is also ``CALIBSERVE_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="CALIBSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    models_dir: Path | None = Path("models")
+    store_dir: Path = Path("data")
+    device: str = "auto"
+    api_keys: str = Field("", description='comma-separated "key:role" pairs, role read or admin')
+    auth: Literal["auto", "on", "off"] = "auto"
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_concurrency: int = Field(1024, ge=1)
+    log_level: str = "info"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_parse(cls, value: str) -> str:
+        parse_api_keys(value)
+        return value
+
+    @property
+    def key_roles(self) -> dict[str, str]:
+        return parse_api_keys(self.api_keys)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Keys are checked when auth is on, or (auto) whenever keys are configured."""
+        if self.auth == "off":
+            return False
+        return self.auth == "on" or bool(self.key_roles)
+
+    def check_bind_is_safe(self) -> None:
+        """Refuse to serve on a non-local address without keys unless auth was switched off explicitly."""
+        if self.host not in LOCAL_HOSTS and self.auth != "off" and not self.key_roles:
+            raise ValueError(
+                f"refusing to listen on {self.host} without API keys: set CALIBSERVE_API_KEYS "
+                '("key:admin,key2:read") or CALIBSERVE_AUTH=off explicitly'
+            )
+
+
+def parse_api_keys(value: str) -> dict[str, str]:
+    """Parse ``"key1:admin,key2:read"`` into ``{key: role}``; a bad entry raises ValueError."""
+    roles: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, role = entry.rpartition(":")
+        if not sep or not key or role not in ROLES:
+            raise ValueError(
+                f'API key entry must be "key:read" or "key:admin", got {entry.split(":")[-1]!r} role'
+            )
+        roles[key] = role
+    return roles
+
+
+def role_of(key: str, key_roles: dict[str, str]) -> str | None:
+    """The role of ``key``, compared in constant time against every configured key."""
+    found = None
+    for candidate, role in key_roles.items():
+        if hmac.compare_digest(candidate.encode(), key.encode()):
+            found = role
+    return found
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,937 @@
+"""Calibration metrics: ECE and its variants, MCE, Brier score, NLL, accuracy, reliability bins, bootstrap.
+
+Every public function takes ``(probabilities, labels)`` first, with ``from_logits=True`` to pass logits
+instead, and ``sample_weight`` last. Inputs are validated by :mod:`service.core.validation` (numpy arrays of
+float32 or float64, nested lists, or torch tensors); the numerics then run in private helpers on plain
+arrays. A single score column is a binary model (the probability or logit of class 1) and is expanded to
+two columns first, so that every definition below sees full probability rows.
+
+Conventions
+-----------
+Confidence binning, ``M = n_bins``:
+
+- ``binning="width"`` (default): bin ``i`` holds the confidences in ``(i/M, (i+1)/M]``; a confidence of
+  exactly 0 goes to bin 0 and exactly 1 to bin ``M - 1``. The edges are compared in the confidences' own
+  precision (``float32(i/M)`` for float32 scores), so a confidence equal to an edge always falls in the bin
+  below it.
+- ``binning="mass"``: equal-mass bins. The inner edges are the ``j/M`` quantiles of the confidences
+  (inverted-CDF definition, weighted by ``sample_weight``: the smallest confidence whose cumulative weight
+  reaches ``j/M`` of the total), and bins are closed on the right like the width bins: bin 0 is
+  ``[0, e_1]``, bin ``j`` is ``(e_j, e_{j+1}]``. Ties stay together: equal confidences always share a bin,
+  so with many ties some bins hold more than ``N/M`` samples and others are empty. Without ties and with
+  ``N`` a multiple of ``M``, every bin holds exactly ``N/M`` samples, and the partition is the one of
+  ``sklearn.calibration.calibration_curve(strategy="quantile")``.
+
+What is binned (``kind``):
+
+- ``"top_label"`` (default): the largest probability against the accuracy of the argmax prediction (ties
+  in the argmax go to the lowest class index, as ``numpy.argmax`` does).
+- ``"classwise"``: for each class ``k``, ``p_k`` against ``1[y = k]``, each class binned on its own; the
+  result is the mean over classes of the per-class error (Kull et al. 2019, Nixon et al. 2019).
+- ``"positive_class"``: binary models only, ``p_1`` against ``y`` (as ``torchmetrics``'
+  ``binary_calibration_error`` and ``sklearn.calibration.calibration_curve`` do).
+
+With bin weights ``w_b`` (the share of the total sample weight in bin ``b``), mean confidence ``conf_b``
+and accuracy (observed frequency) ``acc_b``, and ``gap_b = |acc_b - conf_b|``:
+
+- ``norm="l1"`` (ECE): ``sum_b w_b gap_b``;
+- ``norm="l2"``: ``sqrt(sum_b w_b gap_b^2)``;
+- ``norm="max"`` (MCE): ``max_b gap_b`` over the non-empty bins (bins with positive weight).
+
+Sums are accumulated in float64 whatever the input precision.
+
+References
+----------
+.. [1] Naeini, Cooper, Hauskrecht (2015). "Obtaining well calibrated probabilities using Bayesian
+       binning." AAAI.
+.. [2] Guo, Pleiss, Sun, Weinberger (2017). "On calibration of modern neural networks." ICML.
+.. [3] Kumar, Liang, Ma (2019). "Verified uncertainty calibration." NeurIPS.
+.. [4] Kull et al. (2019). "Beyond temperature scaling: obtaining well-calibrated multi-class
+       probabilities with Dirichlet calibration." NeurIPS.
+.. [5] Nixon et al. (2019). "Measuring calibration in deep learning." CVPR workshops.
+.. [6] Brier (1950). "Verification of forecasts expressed in terms of probability." Monthly Weather Review.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from service.core.probability import softmax, two_column_logits, two_column_probabilities
+from service.core.validation import check_choice, check_labelled, check_positive_int
+from service.errors import InvalidInput
+
+__all__ = [
+    "BINNINGS",
+    "KINDS",
+    "NORMS",
+    "BootstrapInterval",
+    "ReliabilityBins",
+    "accuracy",
+    "bootstrap_interval",
+    "brier_score",
+    "calibration_report",
+    "expected_calibration_error",
+    "maximum_calibration_error",
+    "negative_log_likelihood",
+    "overconfidence_error",
+    "reliability_bins",
+    "underconfidence_error",
+]
+
+BINNINGS = ("width", "mass")
+KINDS = ("top_label", "classwise", "positive_class")
+NORMS = ("l1", "l2", "max")
+DEFAULT_N_BINS = 15
+
+# numpy's argmax along a short axis is slow (~30 ms for 1M x 10), torch's max(dim=1) about twice as fast
+# there; from ~32 columns on, numpy's vectorised argmax wins (50k x 1000: numpy 12 ms, torch 50 ms).
+_TORCH_MAX_COLUMNS = 12
+
+
+# ----------------------------------------------------------------------------------------- shared inputs
+
+
+class _Scores:
+    """Validated scores and labels, with the derived arrays the metrics share, each computed once.
+
+    ``probabilities`` always has two or more columns (float32 or float64 as given; float64 from logits).
+    """
+
+    def __init__(self, probabilities: np.ndarray, labels: np.ndarray, logits: np.ndarray | None = None):
+        self.probabilities = probabilities
+        self.labels = labels
+        self.logits = logits
+        self._bin_ids: dict[tuple[str, int], np.ndarray] = {}
+
+    @property
+    def n_samples(self) -> int:
+        return self.probabilities.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.probabilities.shape[1]
+
+    @cached_property
+    def _top_label(self) -> tuple[np.ndarray, np.ndarray]:
+        return _top_label(self.probabilities)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self._top_label[0]
+
+    @property
+    def confidences(self) -> np.ndarray:
+        """Largest probability of each row, in the input precision."""
+        return self._top_label[1]
+
+    @cached_property
+    def correct(self) -> np.ndarray:
+        return self.predictions == self.labels
+
+    @cached_property
+    def true_class_probability(self) -> np.ndarray:
+        rows = np.arange(self.n_samples)
+        return self.probabilities[rows, self.labels].astype(np.float64)
+
+    @cached_property
+    def true_class_log_probability(self) -> np.ndarray:
+        if self.logits is not None:
+            # log p_y = (z_y - z_j) + log p_j for any class j; with j the argmax, p_j >= 1/K never
+            # underflows, so this is as exact as log_softmax without its second N x K pass of exp.
+            logits = two_column_logits(self.logits)
+            rows = np.arange(self.n_samples)
+            true_logit = logits[rows, self.labels].astype(np.float64)
+            top_logit = logits[rows, self.predictions].astype(np.float64)
+            return (true_logit - top_logit) + np.log(self.confidences)
+        with np.errstate(divide="ignore"):  # p = 0 gives -inf on purpose: the exact NLL is infinite
+            return np.log(self.true_class_probability)
+
+    def binned_pair(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(confidences, outcomes)`` for a one-dimensional ``kind``."""
+        if kind == "top_label":
+            return self.confidences, self.correct
+        if self.n_classes != 2:
+            raise InvalidInput(
+                f'kind="positive_class" needs a binary model (1 or 2 score columns), got {self.n_classes}',
+                field="kind",
+            )
+        return self.probabilities[:, 1], self.labels == 1
+
+    def width_bin_ids(self, kind: str, n_bins: int) -> np.ndarray:
+        """Equal-width bin of every confidence (cached: they depend on neither weights nor norm)."""
+        key = (kind, n_bins)
+        if key not in self._bin_ids:
+            if kind == "classwise":
+                self._bin_ids[key] = _classwise_flat_ids(_width_bin_ids(self.probabilities, n_bins), n_bins)
+            else:
+                self._bin_ids[key] = _width_bin_ids(self.binned_pair(kind)[0], n_bins)
+        return self._bin_ids[key]
+
+
+def _prepare(
+    probabilities: Any, labels: Any, *, from_logits: bool, sample_weight: Any
+) -> tuple[_Scores, np.ndarray | None]:
+    scores, y, weights = check_labelled(
+        probabilities, labels, from_logits=from_logits, sample_weight=sample_weight
+    )
+    if from_logits:
+        return _Scores(softmax(scores), y, logits=scores), weights
+    return _Scores(two_column_probabilities(scores), y), weights
+
+
+def _top_label(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(argmax, max)`` of each row, ties to the lowest index, without a float64 copy of the matrix."""
+    n_classes = probabilities.shape[1]
+    if n_classes == 2:
+        first, second = probabilities[:, 0], probabilities[:, 1]
+        second_wins = second > first
+        return second_wins.astype(np.intp), np.where(second_wins, second, first)
+    if n_classes <= _TORCH_MAX_COLUMNS and probabilities.flags.c_contiguous and probabilities.flags.writeable:
+        import torch  # deferred: importing torch costs a second, and only this path needs it
+
+        values, indices = torch.from_numpy(probabilities).max(dim=1)  # first index on ties, like numpy
+        return indices.numpy(), values.numpy()
+    predictions = probabilities.argmax(axis=1)
+    return predictions, np.take_along_axis(probabilities, predictions[:, None], axis=1)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------- binning
+
+
+def _width_edges(n_bins: int) -> np.ndarray:
+    return np.arange(n_bins + 1) / n_bins
+
+
+def _width_bin_ids(confidences: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin ``i`` such that ``e_i < c <= e_{i+1}`` (``c = 0`` in bin 0), ``e_i = i/M`` in ``c``'s dtype.
+
+    The same as ``max(searchsorted(edges, c, side="left") - 1, 0)``, several times faster: ``ceil(c M) - 1``
+    is exact except where ``c M`` lies within rounding error of an integer, i.e. next to an edge; only
+    those confidences (other than the exact 0 and 1, which ``ceil`` gets right) are searched.
+    """
+    dtype = confidences.dtype
+    scaled = confidences * dtype.type(n_bins)
+    ids = np.ceil(scaled)
+    ids -= 1
+    np.maximum(ids, 0, out=ids)
+    distance = np.rint(scaled)
+    np.subtract(scaled, distance, out=distance)
+    np.abs(distance, out=distance)
+    # c M and the edge i/M are each rounded by at most half an ulp (scaled by M): 4 M eps is ample
+    near_edge = np.flatnonzero(distance <= dtype.type(4 * n_bins * np.finfo(dtype).eps))
+    ids = ids.astype(np.intp)
+    if near_edge.size:
+        values = confidences.ravel()[near_edge]
+        inside = (values != 0) & (values != 1)
+        near_edge, values = near_edge[inside], values[inside]
+        edges = _width_edges(n_bins).astype(dtype)
+        ids.ravel()[near_edge] = np.maximum(np.searchsorted(edges, values, side="left") - 1, 0)
+    return ids
+
+
+def _mass_bin_ids(
+    confidences: np.ndarray, n_bins: int, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-mass bin ids of a 1-D array and the bin edges ``[0, e_1, ..., e_{M-1}, 1]`` (float64)."""
+    n_samples = confidences.shape[0]
+    quantiles = np.arange(1, n_bins)
+    if n_bins == 1:
+        inner = confidences[:0]
+    elif weights is None:
+        # ceil(j N / M) - 1 in exact integer arithmetic: the inverted-CDF j/M quantile's rank
+        ranks = -((-quantiles * n_samples) // n_bins) - 1
+        inner = np.partition(confidences, ranks)[ranks]
+    else:
+        order = np.argsort(confidences, kind="stable")
+        cumulative = np.cumsum(weights[order])
+        targets = quantiles * cumulative[-1] / n_bins
+        positions = np.minimum(np.searchsorted(cumulative, targets, side="left"), n_samples - 1)
+        inner = confidences[order[positions]]
+    ids = np.searchsorted(inner, confidences, side="left")
+    edges = np.concatenate([[0.0], inner.astype(np.float64), [1.0]])
+    return ids, edges
+
+
+@dataclass(frozen=True, eq=False)
+class _BinSums:
+    """Per-bin float64 sums, shape ``(groups, M)``: one group, or one per class for ``classwise``."""
+
+    mass: np.ndarray  # total sample weight (the sample count when unweighted)
+    confidence: np.ndarray  # weighted sum of confidences
+    outcome: np.ndarray  # weighted sum of outcomes (correct / y == k / y == 1)
+    counts: np.ndarray  # number of samples (rows), whatever their weight
+    edges: np.ndarray  # (groups, M + 1)
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.mass.sum(axis=1)
+
+
+def _bin_sums(
+    bin_ids: np.ndarray,
+    confidences: np.ndarray,
+    outcomes: np.ndarray,
+    weights: np.ndarray | None,
+    n_bins_total: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(mass, confidence sum, outcome sum, counts)`` per bin from 1-D arrays (bincount sums in float64)."""
+    mass: np.ndarray  # numpy's stubs type every bincount as integer, weighted ones included
+    counts = np.bincount(bin_ids, minlength=n_bins_total)
+    if weights is None:
+        mass = counts.astype(np.float64)
+        confidence = np.bincount(bin_ids, weights=confidences, minlength=n_bins_total)
+        outcome = np.bincount(bin_ids, weights=outcomes, minlength=n_bins_total)
+    else:
+        mass = np.bincount(bin_ids, weights=weights, minlength=n_bins_total)
+        confidence = np.bincount(bin_ids, weights=weights * confidences, minlength=n_bins_total)
+        outcome = np.bincount(bin_ids, weights=weights * outcomes, minlength=n_bins_total)
+    return mass, confidence, outcome, counts
+
+
+def _binned(scores: _Scores, weights: np.ndarray | None, *, kind: str, binning: str, n_bins: int) -> _BinSums:
+    if kind == "classwise":
+        return _binned_classwise(scores, weights, binning=binning, n_bins=n_bins)
+    confidences, outcomes = scores.binned_pair(kind)
+    if binning == "width":
+        ids = scores.width_bin_ids(kind, n_bins)
+        edges = _width_edges(n_bins)
+    else:
+        ids, edges = _mass_bin_ids(confidences, n_bins, weights)
+    mass, confidence, outcome, counts = _bin_sums(ids, confidences, outcomes, weights, n_bins)
+    return _BinSums(
+        mass=mass[None, :],
+        confidence=confidence[None, :],
+        outcome=outcome[None, :],
+        counts=counts[None, :],
+        edges=edges[None, :],
+    )
+
+
+def _classwise_flat_ids(ids: np.ndarray, n_bins: int) -> np.ndarray:
+    """Give class ``k``'s bins the ids ``k M .. k M + M - 1`` (in place) and flatten row-major."""
+    ids += np.arange(ids.shape[1]) * n_bins
+    return ids.ravel()
+
+
+def _binned_classwise(scores: _Scores, weights: np.ndarray | None, *, binning: str, n_bins: int) -> _BinSums:
+    probabilities, labels = scores.probabilities, scores.labels
+    n_samples, n_classes = probabilities.shape
+    if binning == "width":
+        flat_ids = scores.width_bin_ids("classwise", n_bins)
+        edges = np.broadcast_to(_width_edges(n_bins), (n_classes, n_bins + 1))
+    else:
+        ids = np.empty(probabilities.shape, dtype=np.intp)
+        edges = np.empty((n_classes, n_bins + 1))
+        for k in range(n_classes):  # per class: each column has its own quantiles
+            ids[:, k], edges[k] = _mass_bin_ids(probabilities[:, k], n_bins, weights)
+        flat_ids = _classwise_flat_ids(ids, n_bins)
+    n_bins_total = n_classes * n_bins
+    # the outcome 1[y = k] is 1 only at the label's entry: bin those N entries, not all N x K
+    label_ids = flat_ids[np.arange(n_samples) * n_classes + labels]
+    mass: np.ndarray
+    outcome: np.ndarray
+    counts = np.bincount(flat_ids, minlength=n_bins_total)
+    if weights is None:
+        mass = counts.astype(np.float64)
+        confidence = np.bincount(flat_ids, weights=probabilities.ravel(), minlength=n_bins_total)
+        outcome = np.bincount(label_ids, minlength=n_bins_total).astype(np.float64)
+    else:
+        mass = np.bincount(flat_ids, weights=np.repeat(weights, n_classes), minlength=n_bins_total)
+        weighted = (probabilities * weights[:, None]).ravel()
+        confidence = np.bincount(flat_ids, weights=weighted, minlength=n_bins_total)
+        outcome = np.bincount(label_ids, weights=weights, minlength=n_bins_total)
+    shape = (n_classes, n_bins)
+    return _BinSums(
+        mass=mass.reshape(shape),
+        confidence=confidence.reshape(shape),
+        outcome=outcome.reshape(shape),
+        counts=counts.reshape(shape),
+        edges=np.asarray(edges),
+    )
+
+
+# ----------------------------------------------------------------------------------- error from bin sums
+
+
+def _bin_means(sums: _BinSums) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(non-empty mask, mean confidence, accuracy)``; the means are 0 in empty bins."""
+    nonempty = sums.mass > 0
+    mean_confidence = np.divide(sums.confidence, sums.mass, out=np.zeros_like(sums.mass), where=nonempty)
+    accuracy = np.divide(sums.outcome, sums.mass, out=np.zeros_like(sums.mass), where=nonempty)
+    return nonempty, mean_confidence, accuracy
+
+
+def _calibration_errors(sums: _BinSums, *, norm: str, debiased: bool) -> np.ndarray:
+    """Calibration error of each group (row of the sums), shape ``(groups,)``."""
+    difference = sums.confidence - sums.outcome  # = mass_b * (conf_b - acc_b)
+    total = sums.total
+    if norm == "l1":
+        return np.abs(difference).sum(axis=1) / total
+    _, mean_confidence, accuracy = _bin_means(sums)
+    gap = np.abs(mean_confidence - accuracy)
+    if norm == "max":
+        return gap.max(axis=1)  # empty bins have gap 0, which never exceeds a real gap
+    if not debiased:
+        return np.sqrt((sums.mass * gap**2).sum(axis=1) / total)
+    # Kumar et al. (2019), unbiased_square_ce: each bin with n_b >= 2 contributes
+    # w_b (gap_b^2 - acc_b (1 - acc_b) / (n_b - 1)), others nothing; the L2 estimate is sqrt(max(sum, 0)).
+    enough = sums.mass >= 2
+    variance = np.divide(
+        accuracy * (1.0 - accuracy), sums.mass - 1.0, out=np.zeros_like(sums.mass), where=enough
+    )
+    squared = np.where(enough, sums.mass * (gap**2 - variance), 0.0).sum(axis=1) / total
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+def _error_parts(sums: _BinSums) -> tuple[np.ndarray, np.ndarray]:
+    """Per group: (overconfidence, underconfidence) = (sum w_b max(conf_b - acc_b, 0), ... acc_b - conf_b)."""
+    difference = sums.confidence - sums.outcome
+    total = sums.total
+    over = np.maximum(difference, 0.0).sum(axis=1) / total
+    under = np.maximum(-difference, 0.0).sum(axis=1) / total
+    return over, under
+
+
+# ---------------------------------------------------------------------------------- options and compute
+
+
+def _binning_options(
+    n_bins: Any = DEFAULT_N_BINS, binning: Any = "width", kind: Any = "top_label"
+) -> dict[str, Any]:
+    return {
+        "n_bins": check_positive_int(n_bins, "n_bins"),
+        "binning": check_choice(binning, "binning", BINNINGS),
+        "kind": check_choice(kind, "kind", KINDS),
+    }
+
+
+def _ece_options(
+    n_bins: Any = DEFAULT_N_BINS,
+    binning: Any = "width",
+    kind: Any = "top_label",
+    norm: Any = None,
+    debiased: Any = False,
+) -> dict[str, Any]:
+    options = _binning_options(n_bins, binning, kind)
+    if not isinstance(debiased, bool | np.bool_):
+        raise InvalidInput(f"debiased must be true or false, got {debiased!r}", field="debiased")
+    if norm is None:
+        norm = "l2" if debiased else "l1"
+    norm = check_choice(norm, "norm", NORMS)
+    if debiased and norm != "l2":
+        raise InvalidInput(
+            f"debiased=True is the debiased estimator of the L2 calibration error (Kumar et al. 2019); "
+            f"use norm='l2' or leave norm unset, not {norm!r}",
+            field="debiased",
+        )
+    return {**options, "norm": norm, "debiased": bool(debiased)}
+
+
+def _mce_options(
+    n_bins: Any = DEFAULT_N_BINS, binning: Any = "width", kind: Any = "top_label"
+) -> dict[str, Any]:
+    return {**_binning_options(n_bins, binning, kind), "norm": "max", "debiased": False}
+
+
+def _no_options() -> dict[str, Any]:
+    return {}
+
+
+def _nll_options(clip: Any = None) -> dict[str, Any]:
+    if clip is not None and (
+        isinstance(clip, bool)
+        or not isinstance(clip, float | int | np.floating)
+        or not 0.0 < float(clip) < 0.5
+    ):
+        raise InvalidInput(f"clip must be None or a number in (0, 0.5), got {clip!r}", field="clip")
+    return {"clip": None if clip is None else float(clip)}
+
+
+def _mean(values: np.ndarray, weights: np.ndarray | None) -> float:
+    if weights is None:
+        return float(np.mean(values, dtype=np.float64))
+    used = weights > 0  # a zero weight must not turn an infinite loss into 0 * inf = NaN
+    return float(np.dot(weights[used], values[used]) / weights[used].sum())
+
+
+def _ece_compute(
+    scores: _Scores,
+    weights: np.ndarray | None,
+    *,
+    n_bins: int,
+    binning: str,
+    kind: str,
+    norm: str,
+    debiased: bool,
+) -> float:
+    sums = _binned(scores, weights, kind=kind, binning=binning, n_bins=n_bins)
+    return float(np.mean(_calibration_errors(sums, norm=norm, debiased=debiased)))
+
+
+def _overconfidence_compute(
+    scores: _Scores, weights: np.ndarray | None, *, n_bins: int, binning: str, kind: str
+) -> float:
+    sums = _binned(scores, weights, kind=kind, binning=binning, n_bins=n_bins)
+    return float(np.mean(_error_parts(sums)[0]))
+
+
+def _underconfidence_compute(
+    scores: _Scores, weights: np.ndarray | None, *, n_bins: int, binning: str, kind: str
+) -> float:
+    sums = _binned(scores, weights, kind=kind, binning=binning, n_bins=n_bins)
+    return float(np.mean(_error_parts(sums)[1]))
+
+
+def _brier_compute(scores: _Scores, weights: np.ndarray | None) -> float:
+    difference = scores.probabilities.astype(np.float64)  # a copy: the labels' entries are changed below
+    difference[np.arange(scores.n_samples), scores.labels] -= 1.0
+    return _mean(np.einsum("ij,ij->i", difference, difference), weights)
+
+
+def _nll_compute(scores: _Scores, weights: np.ndarray | None, *, clip: float | None) -> float:
+    if clip is None:
+        losses = -scores.true_class_log_probability
+    elif scores.logits is None:  # the scikit-learn log_loss way: clip the probability, then log
+        losses = -np.log(np.clip(scores.true_class_probability, clip, 1.0 - clip))
+    else:
+        losses = -np.clip(scores.true_class_log_probability, math.log(clip), math.log1p(-clip))
+    return _mean(losses, weights)
+
+
+def _accuracy_compute(scores: _Scores, weights: np.ndarray | None) -> float:
+    return _mean(scores.correct, weights)
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def expected_calibration_error(
+    probabilities: Any,
+    labels: Any,
+    *,
+    from_logits: bool = False,
+    n_bins: int = DEFAULT_N_BINS,
+    binning: str = "width",
+    kind: str = "top_label",
+    norm: str | None = None,
+    debiased: bool = False,
+    sample_weight: Any = None,
+) -> float:
+    r"""Expected calibration error (ECE) and its variants.
+
+    .. math::
+
+        \mathrm{ECE} = \sum_b w_b \, |\mathrm{acc}_b - \mathrm{conf}_b|, \qquad
+        \mathrm{ECE}_{\ell_2} = \Big(\sum_b w_b \, (\mathrm{acc}_b - \mathrm{conf}_b)^2\Big)^{1/2}, \qquad
+        \mathrm{MCE} = \max_{b:\, w_b > 0} |\mathrm{acc}_b - \mathrm{conf}_b|
+
+    where ``w_b`` is the share of the (weighted) samples in bin ``b``. See the module docstring for the
+    bin conventions.
+
+    Parameters
+    ----------
+    probabilities : array-like of shape (n_samples, n_classes)
+        Predicted probabilities (rows sum to 1), or logits with ``from_logits=True``. One column is a binary
+        model (``P(y = 1)`` or its logit).
+    labels : array-like of shape (n_samples,)
+        Integer class labels in ``[0, n_classes)`` (``{0, 1}`` for one column).
+    from_logits : bool, default=False
+        The first argument holds logits; they go through a float64 softmax.
+    n_bins : int, default=15
+        Number of bins ``M``.
+    binning : {"width", "mass"}, default="width"
+        Equal-width bins ``(i/M, (i+1)/M]`` or equal-mass (quantile) bins.
+    kind : {"top_label", "classwise", "positive_class"}, default="top_label"
+        What is binned: the top-label confidence, each class's probability (result averaged over the
+        classes), or the probability of class 1 of a binary model.
+    norm : {"l1", "l2", "max"} or None, default=None
+        ``"l1"`` unless ``debiased=True``, which needs (and defaults to) ``"l2"``.
+    debiased : bool, default=False
+        The debiased estimator of the squared L2 error (Kumar et al. 2019, ``unbiased_square_ce`` in
+        p-lambda/verified_calibration): each bin with ``n_b >= 2`` contributes
+        ``w_b (gap_b^2 - acc_b (1 - acc_b) / (n_b - 1))``, bins with fewer samples contribute nothing, and
+        the result is ``sqrt(max(sum, 0))``. With weights, ``n_b`` is the bin's total weight (frequency
+        weights). For ``kind="classwise"`` the per-class estimates are averaged, as every classwise error
+        here is (Kumar et al. take the root-mean-square over classes instead).
+    sample_weight : array-like of shape (n_samples,), default=None
+        Non-negative weights; integer weights count like repeated rows.
+
+    Returns
+    -------
+    float
+        The calibration error, in ``[0, 1]``.
+
+    Raises
+    ------
+    InvalidInput
+        Malformed scores, labels, weights or options; ``kind="positive_class"`` on a non-binary model.
+    """
+    options = _ece_options(n_bins=n_bins, binning=binning, kind=kind, norm=norm, debiased=debiased)
+    scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
+    return _ece_compute(scores, weights, **options)
+
+
+def maximum_calibration_error(
+    probabilities: Any,
+    labels: Any,
+    *,
+    from_logits: bool = False,
+    n_bins: int = DEFAULT_N_BINS,
+    binning: str = "width",
+    kind: str = "top_label",
+    sample_weight: Any = None,
+) -> float:
+    """Maximum calibration error: the largest ``|acc_b - conf_b|`` over the non-empty bins.
+
+    Same as ``expected_calibration_error(..., norm="max")``; for ``kind="classwise"`` the mean over classes
+    of each class's MCE. Parameters as in :func:`expected_calibration_error`.
+    """
+    options = _mce_options(n_bins=n_bins, binning=binning, kind=kind)
+    scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
+    return _ece_compute(scores, weights, **options)
+
+
+def overconfidence_error(
+    probabilities: Any,
+    labels: Any,
+    *,
+    from_logits: bool = False,
+    n_bins: int = DEFAULT_N_BINS,
+    binning: str = "width",
+    kind: str = "top_label",
+    sample_weight: Any = None,
+) -> float:
+    """The part of the (L1) ECE from bins whose confidence exceeds their accuracy.
+
+    ``sum_b w_b max(conf_b - acc_b, 0)``; with :func:`underconfidence_error` it adds up to the ECE.
+    Parameters as in :func:`expected_calibration_error`.
+    """
+    options = _binning_options(n_bins, binning, kind)
+    scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
+    return _overconfidence_compute(scores, weights, **options)
+
+
+def underconfidence_error(
+    probabilities: Any,
+    labels: Any,
+    *,
+    from_logits: bool = False,
+    n_bins: int = DEFAULT_N_BINS,
+    binning: str = "width",
+    kind: str = "top_label",
+    sample_weight: Any = None,
+) -> float:
+    """The part of the (L1) ECE from bins whose accuracy exceeds their confidence.
+
+    ``sum_b w_b max(acc_b - conf_b, 0)``; with :func:`overconfidence_error` it adds up to the ECE.
+    Parameters as in :func:`expected_calibration_error`.
+    """
+    options = _binning_options(n_bins, binning, kind)
+    scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
+    return _underconfidence_compute(scores, weights, **options)
+
+
+def brier_score(
+    probabilities: Any, labels: Any, *, from_logits: bool = False, sample_weight: Any = None
+) -> float:
+    r"""Multiclass Brier score: the mean over samples of :math:`\sum_k (p_k - 1[y = k])^2`, in ``[0, 2]``.
+
+    A binary model's single column is expanded to ``[1 - p, p]`` first, so a binary Brier score here is
+    twice ``sklearn.metrics.brier_score_loss`` (which scores the positive class only). Divide by
+    ``n_classes`` for the per-class-mean convention some papers use. Computed in float64.
+    """
+    scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
+    return _brier_compute(scores, weights)
+
+
+def negative_log_likelihood(
+    probabilities: Any,
+    labels: Any,
+    *,
+    from_logits: bool = False,
+    sample_weight: Any = None,
+    clip: float | None = None,
+) -> float:
+    r"""Mean negative log-likelihood :math:`-\frac{1}{N}\sum_i \log p_{i, y_i}`, in float64.
+
+    Exact by default: from logits through ``log_softmax`` (no rounding through probabilities, finite for
+    logits of any size); from probabilities, ``-log p_y``, which is ``inf`` when a true class has
+    probability 0. ``clip=eps`` clips ``p_y`` to ``[eps, 1 - eps]`` first, as ``sklearn.metrics.log_loss``
+    does with ``eps = finfo(dtype).eps`` (from logits, ``log p_y`` is clipped to the same range).
+    """
+    options = _nll_options(clip)
+    scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
+    return _nll_compute(scores, weights, **options)
+
+
+def accuracy(
+    probabilities: Any, labels: Any, *, from_logits: bool = False, sample_weight: Any = None
+) -> float:
+    """Share of samples whose argmax class (lowest index on ties) is the label."""
+    scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
+    return _accuracy_compute(scores, weights)
+
+
+@dataclass(frozen=True, eq=False)
+class ReliabilityBins:
+    """A reliability diagram's data: per-bin counts, mean confidence and accuracy, and the ECE they give.
+
+    Arrays have one entry per bin (``edges`` one more) and are read-only. Empty bins (no positive weight)
+    hold NaN in ``mean_confidence`` and ``accuracy``; :meth:`to_dict` writes ``None`` (JSON null) there.
+    ``counts`` are numbers of rows; ``proportions`` are the bins' shares ``w_b`` of the total weight (equal
+    to ``counts / n`` without weights). ``overconfidence + underconfidence == ece``.
+    """
+
+    edges: np.ndarray
+    counts: np.ndarray
+    proportions: np.ndarray
+    mean_confidence: np.ndarray
+    accuracy: np.ndarray
+    ece: float
+    mce: float
+    overconfidence: float
+    underconfidence: float
+    n_bins: int
+    binning: str
+    kind: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values: lists of floats and ints, ``None`` for the means of empty bins."""
+
+        def with_nulls(values: np.ndarray) -> list[float | None]:
+            return [None if math.isnan(v) else v for v in values.tolist()]
+
+        return {
+            "edges": self.edges.tolist(),
+            "counts": self.counts.tolist(),
+            "proportions": self.proportions.tolist(),
+            "mean_confidence": with_nulls(self.mean_confidence),
+            "accuracy": with_nulls(self.accuracy),
+            "ece": self.ece,
+            "mce": self.mce,
+            "overconfidence": self.overconfidence,
+            "underconfidence": self.underconfidence,
+            "n_bins": self.n_bins,
+            "binning": self.binning,
+            "kind": self.kind,
+        }
+
+
+def reliability_bins(
+    probabilities: Any,
+    labels: Any,
+    *,
+    from_logits: bool = False,
+    n_bins: int = DEFAULT_N_BINS,
+    binning: str = "width",
+    kind: str = "top_label",
+    sample_weight: Any = None,
+) -> ReliabilityBins:
+    """Per-bin statistics of a reliability diagram, with the (L1) ECE, MCE and its two parts.
+
+    ``kind`` is ``"top_label"`` or ``"positive_class"`` (classwise errors have one diagram per class).
+    For ``kind="positive_class"`` the bins' ``accuracy`` is the observed frequency of class 1, as
+    ``sklearn.calibration.calibration_curve``'s ``prob_true``. Other parameters as in
+    :func:`expected_calibration_error`.
+    """
+    options = _binning_options(n_bins, binning, kind)
+    if options["kind"] == "classwise":
+        raise InvalidInput(
+            'reliability_bins needs kind="top_label" or "positive_class"; classwise errors have one '
+            "diagram per class",
+            field="kind",
+        )
+    scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
+    sums = _binned(scores, weights, **options)
+    nonempty, mean_confidence, bin_accuracy = (a[0] for a in _bin_means(sums))
+    over, under = (float(part[0]) for part in _error_parts(sums))
+
+    def frozen(values: np.ndarray) -> np.ndarray:
+        values = np.array(values)
+        values.flags.writeable = False
+        return values
+
+    return ReliabilityBins(
+        edges=frozen(sums.edges[0]),
+        counts=frozen(sums.counts[0].astype(np.int64)),
+        proportions=frozen(sums.mass[0] / sums.total[0]),
+        mean_confidence=frozen(np.where(nonempty, mean_confidence, np.nan)),
+        accuracy=frozen(np.where(nonempty, bin_accuracy, np.nan)),
+        ece=float(_calibration_errors(sums, norm="l1", debiased=False)[0]),
+        mce=float(_calibration_errors(sums, norm="max", debiased=False)[0]),
+        overconfidence=over,
+        underconfidence=under,
+        **options,
+    )
+
+
+class BootstrapInterval(NamedTuple):
+    """A percentile bootstrap confidence interval; unpacks as ``low, high``."""
+
+    low: float
+    high: float
+
+
+# Metrics computed from prepared scores and resampled weights, skipping validation, softmax, argmax and
+# width binning in every resample: (option checker, computation).
+_FAST_PATHS: dict[Callable[..., float], tuple[Callable[..., dict[str, Any]], Callable[..., float]]] = {
+    expected_calibration_error: (_ece_options, _ece_compute),
+    maximum_calibration_error: (_mce_options, _ece_compute),
+    overconfidence_error: (_binning_options, _overconfidence_compute),
+    underconfidence_error: (_binning_options, _underconfidence_compute),
+    brier_score: (_no_options, _brier_compute),
+    negative_log_likelihood: (_nll_options, _nll_compute),
+    accuracy: (_no_options, _accuracy_compute),
+}
+
+
+def bootstrap_interval(
+    metric: Callable[..., float],
+    probabilities: Any,
+    labels: Any,
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int | None = 0,
+    sample_weight: Any = None,
+    **metric_kwargs: Any,
+) -> BootstrapInterval:
+    """Percentile bootstrap interval of ``metric(probabilities, labels, **metric_kwargs)``.
+
+    Each resample draws ``n_samples`` rows uniformly with replacement (``numpy.random.default_rng(seed)``);
+    the interval is the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles (linear
+    interpolation) of the resampled values (Efron and Tibshirani 1993, ch. 13).
+
+    ``metric`` is any function of ``(probabilities, labels, **metric_kwargs)`` returning a float (also given
+    ``sample_weight`` when one is passed here). The metrics of this module (passed themselves, not wrapped
+    in a lambda) take a fast path that computes softmax, argmax and width bins once and turns each
+    resample into frequency weights; the result is the same as resampling rows, up to float rounding.
+    Resamples whose weights sum to 0 are skipped.
+
+    Returns
+    -------
+    BootstrapInterval
+        ``(low, high)``.
+    """
+    n_resamples = check_positive_int(n_resamples, "n_resamples")
+    if isinstance(confidence, bool) or not isinstance(confidence, float | int | np.floating):
+        raise InvalidInput(f"confidence must be a number in (0, 1), got {confidence!r}", field="confidence")
+    if not 0.0 < float(confidence) < 1.0:
+        raise InvalidInput(f"confidence must be a number in (0, 1), got {confidence!r}", field="confidence")
+    if not callable(metric):
+        raise InvalidInput(f"metric must be a function, got {metric!r}", field="metric")
+    from_logits = bool(metric_kwargs.get("from_logits", False))
+    rng = np.random.default_rng(seed)
+
+    fast_path = _FAST_PATHS.get(metric)
+    if fast_path is not None:
+        check_options, compute = fast_path
+        options = check_options(**{k: v for k, v in metric_kwargs.items() if k != "from_logits"})
+        scores, weights = _prepare(
+            probabilities, labels, from_logits=from_logits, sample_weight=sample_weight
+        )
+        n_samples = scores.n_samples
+
+        def resampled(rows: np.ndarray) -> float:
+            frequency = np.bincount(rows, minlength=n_samples).astype(np.float64)
+            resample_weights = frequency if weights is None else frequency * weights
+            if resample_weights.sum() <= 0:
+                return math.nan
+            return compute(scores, resample_weights, **options)
+
+    else:
+        values, y, weights = check_labelled(
+            probabilities, labels, from_logits=from_logits, sample_weight=sample_weight
+        )
+        n_samples = values.shape[0]
+
+        def resampled(rows: np.ndarray) -> float:
+            if weights is None:
+                return float(metric(values[rows], y[rows], **metric_kwargs))
+            if weights[rows].sum() <= 0:
+                return math.nan
+            return float(metric(values[rows], y[rows], sample_weight=weights[rows], **metric_kwargs))
+
+    statistics = np.array([resampled(rng.integers(0, n_samples, n_samples)) for _ in range(n_resamples)])
+    statistics = statistics[~np.isnan(statistics)]
+    if statistics.size == 0:
+        raise InvalidInput("every bootstrap resample had zero total sample_weight", field="sample_weight")
+    tail = (1.0 - float(confidence)) / 2.0
+    low, high = np.quantile(statistics, [tail, 1.0 - tail])
+    return BootstrapInterval(float(low), float(high))
+
+
+def calibration_report(
+    probabilities: Any,
+    labels: Any,
+    *,
+    from_logits: bool = False,
+    n_bins: int = DEFAULT_N_BINS,
+    binning: str = "width",
+    sample_weight: Any = None,
+) -> dict[str, Any]:
+    """Every figure the service stores, from one validation, softmax and argmax.
+
+    Returns
+    -------
+    dict
+        Plain floats under short names: ``ece`` (top-label, L1, ``binning``), ``mce``, ``ece_l2``,
+        ``ece_debiased`` (Kumar et al. debiased L2), ``ece_mass`` (equal-mass bins), ``ece_classwise``,
+        ``overconfidence`` and ``underconfidence`` (they add up to ``ece``), ``brier``, ``nll`` (exact;
+        ``inf`` if a true class has probability 0), ``accuracy``; ``ece_positive_class`` for binary models
+        only; ``n`` (number of rows, an int); and ``conventions`` (a dict of strings and ints stating
+        them).
+    """
+    options = _binning_options(n_bins, binning, "top_label")
+    n_bins, binning = options["n_bins"], options["binning"]
+    scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
+    top_label = _binned(scores, weights, **options)
+    mass = top_label if binning == "mass" else _binned(scores, weights, **{**options, "binning": "mass"})
+    classwise = _binned(scores, weights, **{**options, "kind": "classwise"})
+    over, under = _error_parts(top_label)
+
+    def error(sums: _BinSums, norm: str = "l1", debiased: bool = False) -> float:
+        return float(np.mean(_calibration_errors(sums, norm=norm, debiased=debiased)))
+
+    report: dict[str, Any] = {
+        "ece": error(top_label),
+        "mce": error(top_label, "max"),
+        "brier": _brier_compute(scores, weights),
+        "nll": _nll_compute(scores, weights, clip=None),
+        "accuracy": _accuracy_compute(scores, weights),
+        "ece_classwise": error(classwise),
+        "ece_l2": error(top_label, "l2"),
+        "ece_mass": error(mass),
+        "ece_debiased": error(top_label, "l2", debiased=True),
+        "overconfidence": float(over[0]),
+        "underconfidence": float(under[0]),
+    }
+    if scores.n_classes == 2:
+        report["ece_positive_class"] = error(
+            _binned(scores, weights, **{**options, "kind": "positive_class"})
+        )
+    report["n"] = scores.n_samples
+    report["conventions"] = {
+        "kind": "top_label",
+        "binning": binning,
+        "n_bins": n_bins,
+        "bins": "(i/M, (i+1)/M], confidence 0 in bin 0"
+        if binning == "width"
+        else "equal mass: inverted-CDF quantile edges, (e_j, e_j+1], ties share a bin",
+        "norm": "l1",
+        "mce": "largest gap over non-empty bins",
+        "ece_l2": "sqrt(sum_b w_b gap_b^2)",
+        "ece_debiased": "Kumar et al. 2019 debiased L2, same bins",
+        "ece_mass": f"{n_bins} equal-mass bins",
+        "ece_classwise": "mean over classes of per-class L1 ECE, same binning",
+        "nll": "exact",
+        "brier": "mean over samples of sum_k (p_k - 1[y=k])^2",
+        "accuracy": "argmax, ties to the lowest class",
+    }
+    return report

@@ -1,0 +1,52 @@
+"""Domain errors of calibserve.
+
+They carry what went wrong in words a user can act on, and nothing about HTTP: ``service/api/`` alone maps
+them to status codes and problem+json bodies, and the CLI maps them to exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class CalibserveError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    def __init__(self, message: str, *, field: str | None = None, row: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.row = row
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(CalibserveError, ValueError):
+    """The caller's data or options are wrong (shape, NaN, label range, unknown method, ...)."""
+
+
+class NotFitted(InvalidInput):
+    """A calibrator was used before ``fit`` (or loaded from an incomplete document)."""
+
+
+class NotFound(CalibserveError, LookupError):
+    """A model or calibrator version that does not exist."""
+
+
+class Conflict(CalibserveError):
+    """The request contradicts the current state (deleting the active version, class count mismatch)."""
+
+
+class StoreUnavailable(CalibserveError):
+    """The calibrator store cannot be written or read (read-only volume, disk full, I/O error)."""
+
+
+class NotReady(CalibserveError):
+    """The service has not finished loading its models and store."""
+
+
+class ModelFailed(CalibserveError):
+    """A TorchScript model raised, or returned NaN or the wrong shape: the model's fault, not the caller's."""
+
+
+class Overloaded(CalibserveError):
+    """More requests are in flight than the configured concurrency limit allows."""

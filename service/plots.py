@@ -1,0 +1,115 @@
+"""Reliability diagrams of an evaluation report (matplotlib, Agg backend, imported only when drawing)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from service.errors import InvalidInput
+
+FIGURE_SIZE_IN = (6.0, 7.0)
+DPI = 100
+PIXEL_SIZE = (600, 700)  # FIGURE_SIZE_IN * DPI: the PNG's width and height
+FORMATS = ("png", "svg")
+_STYLE = {
+    "uncalibrated": {"color": "#d1495b", "marker": "o", "label": "before calibration"},
+    "calibrated": {"color": "#00798c", "marker": "s", "label": "after calibration"},
+}
+
+
+def _points(bins: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    """(mean confidence, accuracy) of the non-empty bins."""
+    pairs = [
+        (confidence, accuracy)
+        for confidence, accuracy in zip(bins["mean_confidence"], bins["accuracy"], strict=True)
+        if confidence is not None and accuracy is not None
+    ]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def reliability_diagram(
+    report: Mapping[str, Any], *, path: str | Path | None = None, format: str | None = None
+) -> bytes:
+    """Draw the reliability diagram of ``report`` and return the image (also written to ``path`` if given).
+
+    The figure is 6 x 7 inches at 100 dpi, so a PNG is exactly 600 x 700 pixels (an SVG is 432 x 504 pt).
+    The upper axes plot, for each non-empty bin, the accuracy against the mean confidence before and (when
+    the report has a calibrator) after calibration, with the diagonal of perfect calibration; each curve's
+    legend entry gives its ECE. The lower axes, sharing the confidence axis, show the number of samples in
+    each bin as a step histogram, so that sparsely populated bins are not over-read.
+
+    Parameters
+    ----------
+    report : dict
+        An evaluation report (:func:`service.workflows.evaluate`): its ``reliability`` bins per group, and
+        the ``ece`` under ``uncalibrated`` / ``calibrated``.
+    path : str or Path, optional
+        Output file; its extension (``.png`` or ``.svg``) picks the format unless ``format`` is given.
+    format : {"png", "svg"}, optional
+        Image format; default from ``path``, else PNG.
+
+    Returns
+    -------
+    bytes
+        The encoded image.
+    """
+    if format is None:
+        format = Path(path).suffix.lower().lstrip(".") if path is not None else "png"
+    if format not in FORMATS:
+        raise InvalidInput(f"reliability diagrams are written as .png or .svg, not {format!r}", field="plot")
+    reliability = report.get("reliability") or {}
+    groups = [group for group in ("uncalibrated", "calibrated") if reliability.get(group)]
+    if not groups:
+        raise InvalidInput("the report has no reliability bins to draw", field="reliability")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # a Figure without pyplot: no global state, nothing to close
+
+    figure = Figure(figsize=FIGURE_SIZE_IN, dpi=DPI, layout="constrained")
+    upper, lower = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    upper.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=1, label="perfect calibration")
+    for group in groups:
+        bins = reliability[group]
+        style = _STYLE[group]
+        ece = (report.get(group) or {}).get("ece", bins.get("ece"))
+        confidence, accuracy = _points(bins)
+        upper.plot(
+            confidence,
+            accuracy,
+            marker=style["marker"],
+            markersize=4,
+            color=style["color"],
+            label=f"{style['label']} (ECE = {ece:.4f})" if ece is not None else style["label"],
+        )
+        lower.stairs(bins["counts"], bins["edges"], color=style["color"], label=style["label"], linewidth=1.5)
+    first = reliability[groups[0]]
+    conventions = report.get("conventions") or {}
+    binning = (
+        "equal-mass" if (conventions.get("binning") or first.get("binning")) == "mass" else "equal-width"
+    )
+    n_bins = conventions.get("n_bins") or first.get("n_bins") or len(first["counts"])
+    upper.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        ylabel="accuracy",
+        title=f"Reliability diagram (n = {report.get('n', sum(first['counts']))}, {n_bins} {binning} bins)",
+    )
+    upper.set_aspect("auto")
+    upper.grid(True, alpha=0.3)
+    upper.legend(loc="upper left", fontsize="small")
+    lower.set(xlabel="confidence (top-label probability)", ylabel="samples per bin")
+    lower.grid(True, alpha=0.3)
+
+    buffer = io.BytesIO()
+    # SVG text stays text (searchable, small); fixed ids and no date so the same report gives the same file
+    metadata = {"Date": None} if format == "svg" else {"Software": None}
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "calibserve"}):
+        figure.savefig(buffer, format=format, dpi=DPI, metadata=metadata)
+    image = buffer.getvalue()
+    if path is not None:
+        Path(path).write_bytes(image)
+    return image

@@ -1,0 +1,413 @@
+"""Render an evaluation report (the dict made by :func:`service.workflows.evaluate`) for people and CI systems.
+
+Formats: JSON (the machine-readable report itself, schema in ``docs/report-schema.md``), JUnit XML (one
+testcase per threshold, so CI systems show breaches natively), Markdown (a table for a CI step summary or a
+pull-request comment) and a self-contained HTML page (tables plus the reliability diagram as an embedded PNG).
+
+All renderers are pure functions of the report: the same report gives the same bytes, apart from the HTML
+figure, which matplotlib draws.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from service.errors import InvalidInput
+
+FORMATS = ("json", "junit", "markdown", "html")
+SUFFIX_FORMATS = {
+    ".json": "json",
+    ".xml": "junit",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+}
+HEADLINE_FIGURES = ("ece", "mce", "brier", "nll", "accuracy")
+GROUPS = ("uncalibrated", "calibrated")
+JUNIT_CLASSNAME = "calibserve.calibration"
+PASS_MARK = "✅"
+FAIL_MARK = "❌"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def format_for_path(path: str | Path) -> str:
+    """The report format a file name asks for by its extension (``.json``, ``.xml``, ``.md``, ``.html``)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIX_FORMATS:
+        known = ", ".join(SUFFIX_FORMATS)
+        raise InvalidInput(
+            f"{path}: cannot tell the report format from {suffix or 'no extension'!r} (use {known} or --format)",
+            field="out",
+        )
+    return SUFFIX_FORMATS[suffix]
+
+
+def figure_names(report: Mapping[str, Any]) -> list[str]:
+    """Numeric figures of the report: the headline ones first, then the variants alphabetically."""
+    names: set[str] = set()
+    for group in GROUPS:
+        for name, value in (report.get(group) or {}).items():
+            if name != "n" and isinstance(value, int | float) and not isinstance(value, bool):
+                names.add(name)
+    head = [name for name in HEADLINE_FIGURES if name in names]
+    return head + sorted(names - set(head))
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return f"{float(value):.{digits}g}"
+
+
+def _signed(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return ("+" if value > 0 else "") + _number(value)
+
+
+def _interval(report: Mapping[str, Any], group: str, name: str) -> str:
+    bounds = ((report.get("intervals") or {}).get(group) or {}).get(name)
+    if not bounds:
+        return ""
+    return f" [{_number(bounds[0])}, {_number(bounds[1])}]"
+
+
+def _figure_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    uncalibrated = report.get("uncalibrated") or {}
+    calibrated = report.get("calibrated") or {}
+    rows = []
+    for name in figure_names(report):
+        before, after = uncalibrated.get(name), calibrated.get(name)
+        change = (
+            after - before if isinstance(before, int | float) and isinstance(after, int | float) else None
+        )
+        rows.append(
+            (
+                name,
+                _number(before) + _interval(report, "uncalibrated", name) if name in uncalibrated else "–",
+                _number(after) + _interval(report, "calibrated", name) if name in calibrated else "–",
+                _signed(change),
+            )
+        )
+    return rows
+
+
+def check_message(check: Mapping[str, Any]) -> str:
+    """One line saying what a check compared: ``ece = 0.041 > 0.03`` when breached, the rule when it holds."""
+    metric, value, limit = check.get("metric", "?"), check.get("value"), check.get("limit")
+    if check.get("kind") == "max_increase":
+        baseline = check.get("baseline")
+        delta = (
+            value - baseline if isinstance(value, int | float) and isinstance(baseline, int | float) else None
+        )
+        verb = "rose by" if delta is None or delta >= 0 else "fell by"
+        allowed = "fall" if metric == "accuracy" else "rise"
+        return (
+            f"{metric} {verb} {_number(abs(delta) if delta is not None else None)} ({_number(value)} against "
+            f"baseline {_number(baseline)}); allowed {allowed} {_number(limit)}"
+        )
+    comparison = f"{check.get('op', '?')} {_number(limit, 6)}"
+    if check.get("status") == "fail":
+        return f"{metric} = {_number(value, 6)} {comparison}"
+    return f"{metric} = {_number(value, 6)} (fails if {comparison})"
+
+
+def _check_details(check: Mapping[str, Any]) -> str:
+    keys = ("name", "kind", "group", "metric", "op", "limit", "value", "baseline", "change", "status")
+    return "\n".join(f"{key}: {check[key]}" for key in keys if key in check)
+
+
+def _figures_text(report: Mapping[str, Any]) -> str:
+    lines = ["figure\tuncalibrated\tcalibrated\tchange"]
+    lines += ["\t".join(row) for row in _figure_rows(report)]
+    return "\n".join(lines)
+
+
+_BRIEF_CONVENTIONS = ("kind", "binning", "n_bins", "norm", "nll", "bootstrap")
+
+
+def _conventions_text(report: Mapping[str, Any], *, brief: bool = False) -> str:
+    """``key=value`` pairs of the report's conventions; ``brief`` keeps those a reader of a table needs."""
+    conventions = report.get("conventions") or {}
+    keys = [k for k in _BRIEF_CONVENTIONS if k in conventions] if brief else list(conventions)
+    return ", ".join(f"{key}={_plain(conventions[key])}" for key in keys)
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}={_plain(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _calibrator_text(report: Mapping[str, Any]) -> str:
+    calibrator = report.get("calibrator")
+    if not calibrator:
+        return "none (uncalibrated softmax only)"
+    parts = [str(calibrator.get("method") or "unknown method")]
+    if calibrator.get("temperature") is not None:
+        parts.append(f"T = {_number(calibrator['temperature'])}")
+    if calibrator.get("model"):
+        parts.append(f"model {calibrator['model']}")
+    if calibrator.get("version") is not None:
+        parts.append(f"version {calibrator['version']}")
+    return ", ".join(parts)
+
+
+def _summary(report: Mapping[str, Any]) -> Mapping[str, Any]:
+    checks = report.get("thresholds") or []
+    failed = sum(check.get("status") == "fail" for check in checks)
+    fallback = {"checks": len(checks), "passed": len(checks) - failed, "failed": failed}
+    fallback["status"] = "fail" if failed else "pass"
+    return report.get("summary") or fallback
+
+
+# --------------------------------------------------------------------------------------------------- JSON
+
+
+def to_json(report: Mapping[str, Any]) -> bytes:
+    """The report as indented JSON (orjson; numpy scalars and arrays allowed; NaN becomes ``null``)."""
+    return orjson.dumps(
+        report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+    )
+
+
+def load_json(path: str | Path) -> dict:
+    """Read a JSON object from a file (a report or a calibrator document); errors name the file."""
+    try:
+        document = orjson.loads(Path(path).read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"{path}: not valid JSON ({exc})", field="path") from None
+    if not isinstance(document, dict):
+        raise InvalidInput(f"{path}: expected a JSON object", field="path")
+    return document
+
+
+# -------------------------------------------------------------------------------------------------- JUnit
+
+
+def to_junit(report: Mapping[str, Any]) -> bytes:
+    """JUnit XML: one ``<testcase>`` per threshold, a ``<failure type="threshold">`` with the numbers if breached.
+
+    Without thresholds there is a single passing testcase ``evaluation`` whose ``<system-out>`` holds the
+    figures, so that a CI system still shows the run. Structure (the attributes JUnit consumers require)::
+
+        <testsuites name tests failures errors time>
+          <testsuite name="calibserve" tests failures errors skipped time timestamp>
+            <properties><property name value/>...</properties>
+            <testcase classname="calibserve.calibration" name="ece>0.03" time="0">
+              <failure message="ece = 0.041 > 0.03" type="threshold">details</failure>
+            </testcase>
+          </testsuite>
+        </testsuites>
+    """
+    checks = list(report.get("thresholds") or [])
+    failures = sum(check.get("status") == "fail" for check in checks)
+    tests = max(len(checks), 1)
+    counts = {"tests": str(tests), "failures": str(failures), "errors": "0", "time": "0"}
+    root = ET.Element("testsuites", {"name": "calibserve", **counts})
+    suite = ET.SubElement(
+        root,
+        "testsuite",
+        {"name": "calibserve", **counts, "skipped": "0", "timestamp": str(report.get("created_at", ""))},
+    )
+    properties = ET.SubElement(suite, "properties")
+    for name, value in (
+        ("n", report.get("n")),
+        ("num_classes", report.get("num_classes")),
+        ("calibrator", _calibrator_text(report)),
+        ("conventions", _conventions_text(report)),
+    ):
+        ET.SubElement(properties, "property", {"name": name, "value": str(value)})
+    if not checks:
+        case = ET.SubElement(
+            suite, "testcase", {"classname": JUNIT_CLASSNAME, "name": "evaluation", "time": "0"}
+        )
+        ET.SubElement(case, "system-out").text = _figures_text(report)
+    for check in checks:
+        case = ET.SubElement(
+            suite, "testcase", {"classname": JUNIT_CLASSNAME, "name": str(check.get("name")), "time": "0"}
+        )
+        if check.get("status") == "fail":
+            failure = ET.SubElement(case, "failure", {"message": check_message(check), "type": "threshold"})
+            failure.text = _check_details(check)
+        else:
+            ET.SubElement(case, "system-out").text = check_message(check)
+    ET.SubElement(suite, "system-out").text = _figures_text(report)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+# ----------------------------------------------------------------------------------------------- Markdown
+
+
+def _markdown_cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(report: Mapping[str, Any]) -> str:
+    """A GitHub-flavoured Markdown summary: the figures table, then the thresholds table with ✅ / ❌."""
+    summary = _summary(report)
+    status = summary.get("status", "pass")
+    mark = FAIL_MARK if status == "fail" else PASS_MARK
+    lines = [
+        f"### calibserve calibration report {mark} {status}",
+        "",
+        f"{report.get('n', '?')} samples, {report.get('num_classes', '?')} classes; "
+        f"calibrator: {_markdown_cell(_calibrator_text(report))}.",
+        "",
+        f"Conventions: {_markdown_cell(_conventions_text(report, brief=True)) or 'defaults'} "
+        "(all of them in the JSON report).",
+        "",
+        "| figure | uncalibrated | calibrated | change |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += ["| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in _figure_rows(report)]
+    checks = report.get("thresholds") or []
+    lines.append("")
+    if checks:
+        lines += [
+            f"{summary.get('checks', len(checks))} checks, {summary.get('passed', 0)} passed, "
+            f"{summary.get('failed', 0)} failed.",
+            "",
+            "| | check | group | value | limit | detail |",
+            "|---|---|---|---:|---:|---|",
+        ]
+        for check in checks:
+            cells = (
+                FAIL_MARK if check.get("status") == "fail" else PASS_MARK,
+                f"`{check.get('name')}`",
+                check.get("group", ""),
+                _number(check.get("value"), 6),
+                _number(check.get("limit"), 6),
+                check_message(check),
+            )
+            lines.append("| " + " | ".join(_markdown_cell(cell) for cell in cells) + " |")
+    else:
+        lines.append("No thresholds were set.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------- HTML
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.fail td { background: #fde8e8; }
+.pass { color: #176f2c; } .fail { color: #b3261e; }
+img { max-width: 100%; height: auto; }
+"""
+
+
+def _html_table(header: list[str], rows: list[list[str]], numeric: set[int], row_classes: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = []
+    for row, row_class in zip(rows, row_classes, strict=True):
+        cells = "".join(
+            f'<td class="num">{html.escape(cell)}</td>' if i in numeric else f"<td>{html.escape(cell)}</td>"
+            for i, cell in enumerate(row)
+        )
+        body.append(f'<tr class="{html.escape(row_class)}">{cells}</tr>')
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def to_html(report: Mapping[str, Any], *, figure_png: bytes | None = None) -> str:
+    """A self-contained HTML page: summary, figures table, thresholds table and the reliability diagram.
+
+    The diagram is drawn with :func:`service.plots.reliability_diagram` unless ``figure_png`` is given, and
+    embedded as a base64 ``data:`` URI, so the page needs no other file. Every text is HTML-escaped.
+    """
+    if figure_png is None and report.get("reliability"):
+        from service.plots import reliability_diagram
+
+        figure_png = reliability_diagram(report, format="png")
+    summary = _summary(report)
+    status = str(summary.get("status", "pass"))
+    figure_table = _html_table(
+        ["figure", "uncalibrated", "calibrated", "change"],
+        [list(row) for row in _figure_rows(report)],
+        {1, 2, 3},
+        [""] * len(_figure_rows(report)),
+    )
+    checks = report.get("thresholds") or []
+    if checks:
+        check_table = _html_table(
+            ["status", "check", "group", "value", "limit", "detail"],
+            [
+                [
+                    f"{FAIL_MARK if c.get('status') == 'fail' else PASS_MARK} {c.get('status')}",
+                    str(c.get("name")),
+                    str(c.get("group", "")),
+                    _number(c.get("value"), 6),
+                    _number(c.get("limit"), 6),
+                    check_message(c),
+                ]
+                for c in checks
+            ],
+            {3, 4},
+            [str(c.get("status", "")) for c in checks],
+        )
+    else:
+        check_table = "<p>No thresholds were set.</p>"
+    image = (
+        f'<img alt="reliability diagram" src="data:image/png;base64,{base64.b64encode(figure_png).decode()}">'
+        if figure_png
+        else ""
+    )
+    escape = html.escape
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>calibserve calibration report: {escape(status)}</title>
+<style>{_STYLE}</style>
+</head>
+<body>
+<h1>calibserve calibration report <span class="{escape(status)}">{escape(status)}</span></h1>
+<p>{escape(str(report.get("n", "?")))} samples, {escape(str(report.get("num_classes", "?")))} classes;
+calibrator: {escape(_calibrator_text(report))}; created {escape(str(report.get("created_at", "")))}.</p>
+<p>Conventions: {escape(_conventions_text(report) or "defaults")}.</p>
+<h2>Figures</h2>
+{figure_table}
+<h2>Thresholds</h2>
+{check_table}
+<h2>Reliability diagram</h2>
+{image}
+</body>
+</html>
+"""
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def render(report: Mapping[str, Any], format: str, *, figure_png: bytes | None = None) -> bytes:
+    """The report in ``format`` (one of ``json``, ``junit``, ``markdown``, ``html``) as bytes.
+
+    ``figure_png`` is the reliability diagram for the HTML page when the caller has drawn it already.
+    """
+    if format == "json":
+        return to_json(report)
+    if format == "junit":
+        return to_junit(report)
+    if format == "markdown":
+        return to_markdown(report).encode("utf-8")
+    if format == "html":
+        return to_html(report, figure_png=figure_png).encode("utf-8")
+    raise InvalidInput(f"unknown report format {format!r}; use one of {', '.join(FORMATS)}", field="format")

@@ -1,0 +1,365 @@
+"""Use cases shared by the HTTP API and the CLI: fit, calibrate, evaluate, thresholds and drift.
+
+Functions here take arrays and plain dicts and return plain dicts (JSON-safe), so that a CLI report file, an
+HTTP answer and a stored calibrator version are the same document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from service.core import metrics
+from service.core.calibrators import calibrator_from_dict, make_calibrator
+from service.core.probability import softmax
+from service.core.validation import check_labelled, check_logits, check_probabilities
+from service.errors import InvalidInput
+
+FORMAT_VERSION = 1
+REPORT_KIND = "calibserve.evaluation"
+HEADLINE_FIGURES = ("ece", "mce", "brier", "nll", "accuracy")
+
+
+def data_sha256(scores: np.ndarray, labels: np.ndarray) -> str:
+    """Hash of the fit data (shape, dtype and bytes of scores and labels) to trace a version to its data."""
+    digest = hashlib.sha256()
+    for array in (np.ascontiguousarray(scores), np.ascontiguousarray(labels)):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def scores_to_logits(scores: Any, *, from_logits: bool) -> np.ndarray:
+    """Calibrators work on logits: probabilities are mapped to their log (softmax is shift-invariant)."""
+    if from_logits:
+        return check_logits(scores)
+    probabilities = check_probabilities(scores)
+    if probabilities.shape[1] == 1:  # binary P(y=1): its logit is log(p / (1 - p))
+        p = np.clip(probabilities.astype(np.float64), 1e-300, 1.0)
+        q = np.clip(1.0 - probabilities.astype(np.float64), 1e-300, 1.0)
+        return np.log(p) - np.log(q)
+    return np.log(np.clip(probabilities.astype(np.float64), 1e-300, None))
+
+
+def figures(logits: np.ndarray, labels: np.ndarray, *, n_bins: int = 15, binning: str = "width") -> dict:
+    """The headline figures (ece, mce, brier, nll, accuracy and variants) of softmax(logits)."""
+    return metrics.calibration_report(logits, labels, from_logits=True, n_bins=n_bins, binning=binning)
+
+
+def fit_document(
+    scores: Any,
+    labels: Any,
+    *,
+    from_logits: bool = True,
+    method: str = "temperature",
+    options: Mapping[str, Any] | None = None,
+    model: str | None = None,
+    num_classes: int | None = None,
+    sample_weight: Any = None,
+) -> dict:
+    """Fit a calibrator and return its document (the one format used by CLI files, the store and the API)."""
+    logits = scores_to_logits(scores, from_logits=from_logits)
+    logits, y, weight = check_labelled(logits, labels, from_logits=True, sample_weight=sample_weight)
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise InvalidInput(
+            f"model {model!r} has {num_classes} classes but the data has {logits.shape[1]} columns",
+            field="logits",
+        )
+    calibrator = make_calibrator(method, **dict(options or {}))
+    calibrator.fit(logits, y, sample_weight=weight)
+    document = {
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "version": None,
+        **calibrator.to_dict(),
+        "fitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "fit": {
+            "n": int(logits.shape[0]),
+            "data_sha256": data_sha256(logits, y),
+            "before": figures(logits, y),
+            "after": figures(calibrated_logits(calibrator, logits), y),
+        },
+    }
+    return document
+
+
+def calibrated_logits(calibrator: Any, logits: np.ndarray) -> np.ndarray:
+    """Log of the calibrated probabilities: a logit matrix whose softmax is the calibrated answer."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.clip(calibrator.transform(logits), 1e-300, None))
+
+
+def load_calibrator(document: Mapping[str, Any]) -> Any:
+    """Rebuild a calibrator from its document, checking the envelope first."""
+    if not isinstance(document, Mapping):
+        raise InvalidInput("a calibrator document must be a JSON object", field="document")
+    version = document.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise InvalidInput(f"unsupported calibrator format_version {version!r}", field="format_version")
+    return calibrator_from_dict(dict(document))
+
+
+def calibrate(calibrator: Any | None, scores: Any, *, from_logits: bool = True) -> np.ndarray:
+    """Calibrated probabilities; without a calibrator, the plain softmax (identity calibration)."""
+    logits = scores_to_logits(scores, from_logits=from_logits)
+    if calibrator is None:
+        return softmax(logits)
+    return calibrator.transform(logits)
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    scores: Any,
+    labels: Any,
+    *,
+    from_logits: bool = True,
+    calibrator: Any | None = None,
+    calibrator_document: Mapping[str, Any] | None = None,
+    n_bins: int = 15,
+    binning: str = "width",
+    bootstrap: int = 0,
+    seed: int = 0,
+    confidence: float = 0.95,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Figures before and (with a calibrator) after calibration, reliability bins and optional intervals.
+
+    The answer is the evaluation report (``kind = "calibserve.evaluation"``): its figures sit under
+    ``uncalibrated`` and ``calibrated`` by their short names, with the ``conventions`` that produced them.
+    """
+    logits = scores_to_logits(scores, from_logits=from_logits)
+    logits, y, _ = check_labelled(logits, labels, from_logits=True)
+    groups = {"uncalibrated": logits}
+    if calibrator is None and calibrator_document is not None:
+        calibrator = load_calibrator(calibrator_document)
+    if calibrator is not None:
+        groups["calibrated"] = calibrated_logits(calibrator, logits)
+    report: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "kind": REPORT_KIND,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "n": int(logits.shape[0]),
+        "num_classes": int(logits.shape[1]),
+        "calibrator": _calibrator_summary(calibrator_document, calibrator),
+    }
+    for group, group_logits in groups.items():
+        report[group] = figures(group_logits, y, n_bins=n_bins, binning=binning)
+    report["conventions"] = report["uncalibrated"].pop("conventions", {})
+    for group in groups:
+        report[group].pop("conventions", None)
+    report["reliability"] = {
+        group: metrics.reliability_bins(
+            group_logits, y, from_logits=True, n_bins=n_bins, binning=binning
+        ).to_dict()
+        for group, group_logits in groups.items()
+    }
+    if bootstrap:
+        report["intervals"] = {
+            group: _intervals(group_logits, y, bootstrap, seed, confidence, n_bins, binning, progress)
+            for group, group_logits in groups.items()
+        }
+        report["conventions"]["bootstrap"] = {
+            "n_resamples": bootstrap,
+            "confidence": confidence,
+            "seed": seed,
+        }
+    report["thresholds"] = []
+    report["summary"] = summarise([])
+    return report
+
+
+def _calibrator_summary(document: Mapping[str, Any] | None, calibrator: Any | None) -> dict | None:
+    if document is None and calibrator is None:
+        return None
+    source = dict(document) if document is not None else calibrator.to_dict()
+    summary = {key: source.get(key) for key in ("model", "version", "method", "temperature") if key in source}
+    summary.setdefault("method", source.get("method"))
+    return summary
+
+
+def _intervals(logits, y, n_resamples, seed, confidence, n_bins, binning, progress) -> dict:
+    binned = {"n_bins": n_bins, "binning": binning}
+    functions = {
+        "ece": (metrics.expected_calibration_error, binned),
+        "mce": (metrics.maximum_calibration_error, binned),
+        "brier": (metrics.brier_score, {}),
+        "nll": (metrics.negative_log_likelihood, {}),
+        "accuracy": (metrics.accuracy, {}),
+    }
+    out = {}
+    for index, (name, (function, options)) in enumerate(functions.items()):
+        low, high = metrics.bootstrap_interval(
+            function,
+            logits,
+            y,
+            from_logits=True,
+            n_resamples=n_resamples,
+            confidence=confidence,
+            seed=seed,
+            **options,
+        )
+        out[name] = [float(low), float(high)]
+        if progress is not None:
+            progress(index + 1, len(functions))
+    return out
+
+
+# ------------------------------------------------------------------------------------- thresholds, drift
+
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+_THRESHOLD = re.compile(r"^\s*(?:(uncalibrated|calibrated)\.)?([a-z_0-9]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A failure condition such as ``ece>0.03``: breached when the figure satisfies the comparison."""
+
+    expression: str
+    group: str | None
+    metric: str
+    op: str
+    limit: float
+
+    @classmethod
+    def parse(cls, expression: str) -> Threshold:
+        match = _THRESHOLD.match(expression)
+        if match is None:
+            raise InvalidInput(
+                f"threshold {expression!r} must look like 'ece>0.03' or 'calibrated.brier>=0.2'",
+                field="fail_on",
+            )
+        group, metric, op, limit = match.groups()
+        try:
+            value = float(limit)
+        except ValueError:
+            raise InvalidInput(
+                f"threshold {expression!r} has no number after {op}", field="fail_on"
+            ) from None
+        return cls(expression.strip(), group, metric, op, value)
+
+
+def check_thresholds(report: dict, expressions: Iterable[str]) -> list[dict]:
+    """Evaluate each ``--fail-on`` expression on the report (calibrated figures when present)."""
+    results = []
+    for expression in expressions:
+        threshold = Threshold.parse(expression)
+        group = threshold.group or ("calibrated" if report.get("calibrated") else "uncalibrated")
+        figures_of_group = report.get(group)
+        if not figures_of_group:
+            raise InvalidInput(f"threshold {expression!r} names {group} figures, which this report has not")
+        if threshold.metric not in figures_of_group:
+            known = ", ".join(sorted(k for k, v in figures_of_group.items() if isinstance(v, int | float)))
+            raise InvalidInput(
+                f"threshold {expression!r}: unknown figure {threshold.metric!r} (known: {known})"
+            )
+        value = float(figures_of_group[threshold.metric])
+        breached = _OPERATORS[threshold.op](value, threshold.limit)
+        results.append(
+            {
+                "name": threshold.expression,
+                "kind": "fail_on",
+                "group": group,
+                "metric": threshold.metric,
+                "op": threshold.op,
+                "limit": threshold.limit,
+                "value": value,
+                "status": "fail" if breached else "pass",
+            }
+        )
+    return results
+
+
+def parse_max_increase(spec: str | Mapping[str, float]) -> dict[str, float]:
+    """``"ece=0.01,nll=0.05"`` (or a mapping) -> ``{"ece": 0.01, "nll": 0.05}``."""
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    else:
+        items = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise InvalidInput(f"max increase {part!r} must look like 'ece=0.01'", field="max_increase")
+            items.append((name.strip(), value))
+    try:
+        return {str(name): float(value) for name, value in items}
+    except (TypeError, ValueError):
+        raise InvalidInput(f"max increase {spec!r} must give numbers", field="max_increase") from None
+
+
+def check_drift(report: dict, baseline: Mapping[str, Any], max_increase: Mapping[str, float]) -> list[dict]:
+    """Compare figures with a baseline (a report, or a calibrator's fit-time figures): one check per figure."""
+    results = []
+    for metric_name, allowed in max_increase.items():
+        group = "calibrated" if report.get("calibrated") and baseline.get("calibrated") else "uncalibrated"
+        current = (report.get(group) or {}).get(metric_name)
+        reference = (baseline.get(group) or {}).get(metric_name)
+        if current is None or reference is None:
+            raise InvalidInput(f"figure {metric_name!r} is missing from the report or the baseline ({group})")
+        increase = float(current) - float(reference)
+        # accuracy drifts downwards: a fall is the breach
+        change = -increase if metric_name == "accuracy" else increase
+        results.append(
+            {
+                "name": f"{metric_name} increase <= {allowed:g}",
+                "kind": "max_increase",
+                "group": group,
+                "metric": metric_name,
+                "op": "increase>",
+                "limit": float(allowed),
+                "value": float(current),
+                "baseline": float(reference),
+                "change": change,
+                "status": "fail" if change > allowed else "pass",
+            }
+        )
+    return results
+
+
+def summarise(checks: list[dict]) -> dict:
+    failed = sum(check["status"] == "fail" for check in checks)
+    return {
+        "checks": len(checks),
+        "passed": len(checks) - failed,
+        "failed": failed,
+        "status": "fail" if failed else "pass",
+    }
+
+
+def apply_checks(report: dict, checks: list[dict]) -> dict:
+    report["thresholds"] = [*report.get("thresholds", []), *checks]
+    report["summary"] = summarise(report["thresholds"])
+    return report
+
+
+def fit_time_baseline(document: Mapping[str, Any]) -> dict:
+    """The fit-time figures of a calibrator as a baseline report (its 'after' are the calibrated figures)."""
+    fit = document.get("fit") or {}
+    return {"uncalibrated": fit.get("before") or {}, "calibrated": fit.get("after") or {}}
+
+
+def drift_against_fit(report: dict, document: Mapping[str, Any]) -> dict:
+    """Per-figure change of this evaluation against the calibrator's figures at fit time."""
+    baseline = fit_time_baseline(document)
+    out: dict[str, dict] = {}
+    for group in ("uncalibrated", "calibrated"):
+        if report.get(group) and baseline.get(group):
+            out[group] = {
+                name: float(report[group][name]) - float(baseline[group][name])
+                for name in HEADLINE_FIGURES
+                if name in report[group] and name in baseline[group]
+            }
+    return {"baseline": "fit", "calibrator_version": document.get("version"), "change": out}

@@ -1,0 +1,152 @@
+"""Fit, calibrate, versions, activation and rollback through the real app, on real classifier outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+from tests.api.conftest import assert_problem
+
+
+@pytest.fixture
+def cifar_client(client):
+    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+    return client
+
+
+def fit(client, data, **extra):
+    body = {"logits": data["logits_val"].tolist(), "labels": data["labels_val"].tolist(), **extra}
+    response = client.post("/v1/models/wrn/fit", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_fit_reproduces_reference_temperature_and_figures(cifar_client, cifar10):
+    document = fit(cifar_client, cifar10)
+    # shared/data/README.md: T = 2.03915 for this model
+    assert document["temperature"] == pytest.approx(2.03915, abs=1e-4)
+    assert document["params"]["temperature"] == document["temperature"]
+    assert document["version"] == 1 and document["model"] == "wrn" and document["format_version"] == 1
+    assert document["num_classes"] == 10 and document["fit"]["n"] == 5000
+    before, after = document["fit"]["before"], document["fit"]["after"]
+    assert after["nll"] < before["nll"] and after["ece"] < before["ece"]
+    assert len(document["fit"]["data_sha256"]) == 64
+    assert cifar_client.get("/v1/models/wrn").json()["active_calibrator"]["version"] == 1
+
+
+def test_calibrate_answers_softmax_over_temperature(cifar_client, cifar10):
+    document = fit(cifar_client, cifar10)
+    rows = cifar10["logits_test"][:32]
+    response = cifar_client.post("/v1/models/wrn/calibrate", json={"logits": rows.tolist()})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = softmax(rows.astype(np.float64) / document["temperature"], axis=1)
+    np.testing.assert_allclose(body["probabilities"], expected, atol=1e-6)
+    assert body["predicted_class"] == rows.argmax(axis=1).tolist()
+    assert body["calibrator_version"] == 1
+
+
+def test_versions_activate_rollback_and_pin(cifar_client, cifar10):
+    first = fit(cifar_client, cifar10)
+    sharp = {"logits": (cifar10["logits_val"] * 3).tolist(), "labels": cifar10["labels_val"].tolist()}
+    second = cifar_client.post("/v1/models/wrn/fit", json={**sharp, "activate": False}).json()
+    assert second["version"] == 2 and second["temperature"] > first["temperature"] * 2.5
+    rows = cifar10["logits_test"][:4].tolist()
+
+    def served(**params):
+        return cifar_client.post("/v1/models/wrn/calibrate", json={"logits": rows}, params=params).json()
+
+    assert served()["calibrator_version"] == 1  # staged, not active
+    assert served(version=2)["calibrator_version"] == 2
+    listing = cifar_client.get("/v1/models/wrn/calibrators").json()
+    assert [item["version"] for item in listing["items"]] == [2, 1] and listing["active_version"] == 1
+    assert cifar_client.post("/v1/models/wrn/calibrators/2/activate").status_code == 200
+    assert served()["calibrator_version"] == 2
+    assert_problem(cifar_client.delete("/v1/models/wrn/calibrators/2"), 409, "active")
+    assert cifar_client.post("/v1/models/wrn/calibrators/1/activate").status_code == 200
+    assert cifar_client.delete("/v1/models/wrn/calibrators/2").status_code == 204
+    assert_problem(cifar_client.get("/v1/models/wrn/calibrators/2"), 404)
+    third = fit(cifar_client, cifar10)
+    assert third["version"] == 3  # numbers are never reused
+    assert_problem(cifar_client.post("/v1/models/wrn/calibrators/99/activate"), 404)
+
+
+def test_uploaded_document_round_trips(cifar_client, cifar10):
+    document = fit(cifar_client, cifar10)
+    exported = cifar_client.get("/v1/models/wrn/calibrators/1").json()
+    assert exported == document
+    uploaded = cifar_client.post("/v1/models/wrn/calibrators", content=json.dumps(exported))
+    assert uploaded.status_code == 201, uploaded.text
+    assert uploaded.json()["version"] == 2 and uploaded.json()["temperature"] == document["temperature"]
+    broken = {**exported, "temperature": -1.0, "params": {"temperature": -1.0}}
+    assert_problem(cifar_client.post("/v1/models/wrn/calibrators", json=broken), 400)
+    wrong_k = {**exported, "num_classes": 3}
+    assert cifar_client.post("/v1/models/wrn/calibrators", json=wrong_k).status_code == 400
+
+
+@pytest.mark.parametrize("method", ["temperature", "vector", "matrix", "isotonic", "histogram"])
+def test_every_multiclass_method_fits_and_serves(cifar_client, cifar10, method):
+    n = 1500
+    body = {
+        "logits": cifar10["logits_val"][:n].tolist(),
+        "labels": cifar10["labels_val"][:n].tolist(),
+        "method": method,
+    }
+    response = cifar_client.post("/v1/models/wrn/fit", json=body)
+    assert response.status_code == 201, response.text
+    assert response.json()["method"] == method
+    served = cifar_client.post(
+        "/v1/models/wrn/calibrate", json={"logits": cifar10["logits_test"][:8].tolist()}
+    )
+    probabilities = np.array(served.json()["probabilities"])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_binary_platt_on_one_logit_column(client):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    logits = (labels * 2.0 - 1.0 + rng.normal(0, 1.5, 400))[:, None] * 4
+    assert client.put("/v1/models/bin", json={"num_classes": 1}).status_code == 200
+    body = {"logits": logits.tolist(), "labels": labels.tolist(), "method": "platt"}
+    assert client.post("/v1/models/bin/fit", json=body).status_code == 201
+    served = client.post("/v1/models/bin/calibrate", json={"logits": [[0.0], [8.0]]}).json()
+    assert np.array(served["probabilities"]).shape == (2, 2)
+
+
+def test_calibrate_without_a_calibrator_is_plain_softmax(cifar_client, cifar10):
+    rows = cifar10["logits_test"][:3]
+    body = cifar_client.post("/v1/models/wrn/calibrate", json={"logits": rows.tolist()}).json()
+    assert body["calibrator_version"] is None
+    np.testing.assert_allclose(body["probabilities"], softmax(rows.astype(np.float64), axis=1), atol=1e-6)
+
+
+def test_evaluate_reports_before_after_and_drift(cifar_client, cifar10):
+    fit(cifar_client, cifar10)
+    body = {"logits": cifar10["logits_test"].tolist(), "labels": cifar10["labels_test"].tolist()}
+    report = cifar_client.post("/v1/models/wrn/evaluate", json=body).json()
+    # shared/data/README.md reference figures on the test half
+    assert report["uncalibrated"]["ece"] == pytest.approx(0.055219, abs=1e-6)
+    assert report["calibrated"]["ece"] == pytest.approx(0.006447, abs=1e-5)
+    assert report["calibrated"]["nll"] == pytest.approx(0.276111, abs=1e-5)
+    assert report["drift"]["calibrator_version"] == 1
+    assert set(report["drift"]["change"]["calibrated"]) >= {"ece", "nll", "brier"}
+    assert report["conventions"]["n_bins"] == 15
+
+
+def test_stateless_metrics(client, cifar10):
+    body = {"logits": cifar10["logits_test"].tolist(), "labels": cifar10["labels_test"].tolist()}
+    figures = client.post("/v1/metrics", json=body).json()
+    assert figures["ece"] == pytest.approx(0.055219, abs=1e-6)
+    assert figures["mce"] == pytest.approx(0.321881, abs=1e-6)
+    assert figures["brier"] == pytest.approx(0.145812, abs=1e-6)
+    assert figures["nll"] == pytest.approx(0.383129, abs=1e-6)
+    assert figures["accuracy"] == pytest.approx(1 - 0.0894, abs=1e-4)
+    assert len(figures["reliability"]["counts"]) == 15
+    assert {"focal", "soft_f1"} <= set(figures["losses"])
+    small = {"probabilities": [[0.9, 0.1], [0.2, 0.8]], "labels": [0, 1], "bootstrap": 50, "losses": False}
+    answer = client.post("/v1/metrics", json=small).json()
+    low, high = answer["intervals"]["ece"]
+    assert low <= high

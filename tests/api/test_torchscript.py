@@ -1,0 +1,135 @@
+"""TorchScript models: predict, fit on inputs, uploads (good and corrupt), models that fail at inference."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import softmax
+
+from tests.api.conftest import assert_problem
+
+
+class Raises(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            raise RuntimeError("boom")
+        return torch.zeros(x.shape[0], 3)
+
+
+class ReturnsNaN(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 3)
+        if x.shape[0] > 1:
+            out[1, 0] = float("nan")
+        return out
+
+
+class Linear3(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def scripted_bytes(module: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(module), buffer)
+    return buffer.getvalue()
+
+
+def test_predict_matches_the_shipped_model_and_calibrates(client, digits):
+    test = digits["test"]
+    response = client.post(
+        "/v1/models/digits-mlp/predict", json={"inputs": test["inputs"].tolist(), "return_logits": True}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    np.testing.assert_allclose(body["logits"], test["logits"], atol=1e-4)
+    np.testing.assert_allclose(
+        body["probabilities"], softmax(test["logits"].astype(np.float64), axis=1), atol=1e-5
+    )
+    assert body["predicted_label"][0] == str(body["predicted_class"][0])
+    accuracy = np.mean(np.array(body["predicted_class"]) == test["labels"])
+    assert accuracy > 0.9
+
+
+def test_fit_on_inputs_then_predict_uses_the_temperature(client, digits):
+    validation = digits["validation"]
+    fitted = client.post(
+        "/v1/models/digits-mlp/fit",
+        json={"inputs": validation["inputs"].tolist(), "labels": validation["labels"].tolist()},
+    )
+    assert fitted.status_code == 201, fitted.text
+    temperature = fitted.json()["temperature"]
+    rows = digits["test"]["inputs"][:5]
+    body = client.post("/v1/models/digits-mlp/predict", json={"inputs": rows.tolist()}).json()
+    expected = softmax(digits["test"]["logits"][:5].astype(np.float64) / temperature, axis=1)
+    np.testing.assert_allclose(body["probabilities"], expected, atol=1e-5)
+    assert body["calibrator_version"] == 1
+
+
+def test_bad_inputs_to_predict(client):
+    assert_problem(client.post("/v1/models/digits-mlp/predict", json={"inputs": [[0.0] * 5]}), 400, "64")
+    # 1e39 is finite in JSON but overflows the model's float32 input: refused, not silently inf
+    assert_problem(client.post("/v1/models/digits-mlp/predict", json={"inputs": [[1e39] * 64]}), 400)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"not a model at all", b"PK\x03\x04" + b"\x00" * 100, None],
+    ids=["empty", "text", "zip-header", "truncated"],
+)
+def test_corrupt_upload_is_refused_and_the_old_model_keeps_serving(client, payload):
+    good = scripted_bytes(Linear3())
+    assert (
+        client.put(
+            "/v1/models/up/torchscript", content=good, headers={"X-Model-Input-Shape": "4"}
+        ).status_code
+        == 200
+    )
+    before = client.post("/v1/models/up/predict", json={"inputs": [[1.0, 2.0, 3.0, 4.0]]}).json()
+    bad = good[: len(good) // 2] if payload is None else payload
+    response = client.put("/v1/models/up/torchscript", content=bad)
+    assert_problem(response, 400)
+    after = client.post("/v1/models/up/predict", json={"inputs": [[1.0, 2.0, 3.0, 4.0]]}).json()
+    assert after == before
+
+
+def test_models_that_fail_at_inference_get_502_and_show_in_readyz(client):
+    for name, module in (("raises", Raises()), ("nan", ReturnsNaN())):
+        assert client.put(f"/v1/models/{name}/torchscript", content=scripted_bytes(module)).status_code == 200
+        for _ in range(3):
+            response = client.post(f"/v1/models/{name}/predict", json={"inputs": [[1.0], [2.0]]})
+            assert_problem(response, 502, name)
+    assert "NaN" in client.post("/v1/models/nan/predict", json={"inputs": [[1.0], [2.0]]}).json()["detail"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert {"raises", "nan"} <= set(ready.json()["failing_models"])
+    ok = client.post("/v1/models/digits-mlp/predict", json={"inputs": [[0.0] * 64]})
+    assert ok.status_code == 200
+
+
+def test_broken_file_in_models_dir_does_not_stop_the_others(make_client, models_dir):
+    (models_dir / "broken").mkdir()
+    (models_dir / "broken" / "model.pt").write_bytes(b"garbage")
+    client = make_client()
+    ready = client.get("/readyz").json()
+    assert "broken" in ready["failing_models"] and "digits-mlp" in ready["models"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_models_live_on_the_gpu_when_asked(make_client, digits):
+    client = make_client(device="cuda")
+    info = client.get("/v1/models/digits-mlp").json()
+    assert info["device"].startswith("cuda")
+    body = client.post(
+        "/v1/models/digits-mlp/predict",
+        json={"inputs": digits["test"]["inputs"][:16].tolist(), "return_logits": True},
+    ).json()
+    np.testing.assert_allclose(body["logits"], digits["test"]["logits"][:16], atol=1e-4)
