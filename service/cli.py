@@ -156,9 +156,20 @@ def _client(args: argparse.Namespace) -> Any:
     return CalibserveClient(args.server, api_key=api_key, timeout=args.timeout)
 
 
-def _check_model_flag(args: argparse.Namespace) -> None:
-    if args.model is not None and args.server is None:
-        raise CommandError("--model names a model on a service: use it with --server URL")
+def _check_client_flags(args: argparse.Namespace, *, local_model: bool = False) -> None:
+    """Refuse client-mode flags without ``--server`` rather than ignore them (``fit`` names its document)."""
+    if args.server is not None:
+        return
+    given = {
+        "--model": None if local_model else args.model,
+        "--version": getattr(args, "version", None),
+        "--no-activate": getattr(args, "no_activate", False) or None,
+        "--api-key": args.api_key,
+    }
+    misplaced = [flag for flag, value in given.items() if value is not None]
+    if misplaced:
+        verb = "needs" if len(misplaced) == 1 else "need"
+        raise CommandError(f"{' and '.join(misplaced)} {verb} --server URL (client mode)")
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -175,6 +186,7 @@ def _write_bytes(path: str, data: bytes) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     import orjson
 
+    _check_client_flags(args, local_model=True)
     options = dict(_parse_option(text) for text in args.option or [])
     scores, labels, from_logits = _read_labelled(args)
     if args.server:
@@ -216,7 +228,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from service import io
 
-    _check_model_flag(args)
+    _check_client_flags(args)
     if Path(args.out).suffix.lower() not in io.WRITE_SUFFIXES:
         raise CommandError(f"--out {args.out}: use a {', '.join(io.WRITE_SUFFIXES)} file name")
     from service.core.validation import check_scores
@@ -253,7 +265,9 @@ def _outputs(args: argparse.Namespace) -> list[tuple[str, str]]:
         raise CommandError("--format applies to one --out; with several, each file's extension decides")
     if not outs:
         return [(args.format or "json", "-")]
-    return [(args.format or reports.format_for_path(path), path) for path in outs]
+    return [
+        (args.format or ("json" if path == "-" else reports.format_for_path(path)), path) for path in outs
+    ]
 
 
 def _baseline(path: str, document: dict) -> dict:
@@ -273,7 +287,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``evaluate`` and ``drift`` (which only makes ``--baseline`` required)."""
     from service import reports
 
-    _check_model_flag(args)
+    _check_client_flags(args)
     if args.max_increase and not args.baseline:
         raise CommandError("--max-increase needs --baseline REPORT")
     if args.calibrator and args.server:

@@ -3,10 +3,19 @@
 Routes take the raw request, parse it with orjson, and check the small fields with a pydantic model whose
 array fields are typed ``Any`` (the core's validation checks arrays as a whole, with row numbers). The
 OpenAPI document still shows each body's schema through ``json_body(Model)``.
+
+The hot paths (calibrate, predict, OIP infer) go further: :class:`LeanRoute` answers them at the Starlette
+router level as plain ASGI handlers, without FastAPI's dependency injection (whose synchronous
+dependencies each cost a thread-pool hop), while a documented FastAPI route of the same path keeps the
+OpenAPI document. Auth, limits, metrics and the error format are the same as everywhere else: the
+middleware wraps these routes too, auth calls the same role check, and domain errors raised here reach the
+application's problem+json handlers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -15,7 +24,9 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
+from starlette.routing import Match, Route
 
+from service.api.deps import require_admin, require_read
 from service.errors import InvalidInput
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -30,19 +41,27 @@ class NumpyJSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
-def json_body(model: type[BaseModel], *, examples: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``openapi_extra`` documenting a JSON request body that the route parses itself."""
+def json_body(
+    model: type[BaseModel],
+    *,
+    examples: dict[str, Any] | None = None,
+    other_content: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``openapi_extra`` documenting a JSON request body that the route parses itself.
+
+    ``other_content`` adds further media types (binary tensors) to the same request body.
+    """
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     schema.pop("$defs", None)
     media: dict[str, Any] = {"schema": schema}
     if examples:
         media["examples"] = {key: {"value": value} for key, value in examples.items()}
-    return {"requestBody": {"required": True, "content": {"application/json": media}}}
+    content = {"application/json": media, **(other_content or {})}
+    return {"requestBody": {"required": True, "content": content}}
 
 
-async def read_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object (orjson); 400 naming the problem otherwise."""
-    body = await request.body()
+def parse_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object (orjson); 400 naming the problem otherwise."""
     if not body:
         raise InvalidInput("the request body is empty; send a JSON object", field="body")
     try:
@@ -54,12 +73,21 @@ async def read_object(request: Request) -> dict[str, Any]:
     return data
 
 
-async def read_json(request: Request, model: type[ModelT]) -> ModelT:
-    data = await read_object(request)
+def validate_object(data: dict[str, Any], model: type[ModelT]) -> ModelT:
+    """``model.model_validate(data)``; field problems become the usual 422 problem+json."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+
+
+async def read_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object (orjson); 400 naming the problem otherwise."""
+    return parse_object(await request.body())
+
+
+async def read_json(request: Request, model: type[ModelT]) -> ModelT:
+    return validate_object(await read_object(request), model)
 
 
 def array(values: Any, name: str) -> np.ndarray:
@@ -70,3 +98,103 @@ def array(values: Any, name: str) -> np.ndarray:
         return np.asarray(values)
     except (ValueError, TypeError):
         raise InvalidInput(f"{name} must be a rectangular array of numbers", field=name) from None
+
+
+# ------------------------------------------------------------------------------------------ lean routes
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+LeanHandler = Callable[["LeanRequest"], Awaitable[Response]]
+
+
+class LeanRequest:
+    """What a lean handler reads: path parameters, headers (lower-case names), query and the body."""
+
+    __slots__ = ("_headers", "receive", "scope")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        self._headers: dict[bytes, bytes] | None = None
+
+    @property
+    def path_params(self) -> dict[str, Any]:
+        return self.scope["path_params"]
+
+    def header(self, name: bytes) -> bytes | None:
+        """The value of header ``name`` (lower-case bytes); repeated headers keep the last one."""
+        if self._headers is None:
+            self._headers = dict(self.scope["headers"])
+        return self._headers.get(name)
+
+    def query(self, name: str) -> str | None:
+        """The first value of query parameter ``name``, decoded; None when absent."""
+        raw: bytes = self.scope.get("query_string", b"")
+        if not raw:
+            return None
+        from urllib.parse import parse_qsl
+
+        for key, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
+            if key == name:
+                return value
+        return None
+
+    async def body(self) -> bytes:
+        """The whole request body (the body-size middleware upstream bounds it)."""
+        chunks = []
+        while True:
+            message = await self.receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def starlette_request(self) -> Request:
+        return Request(self.scope, self.receive)
+
+
+def authorize(request: LeanRequest, role: str) -> None:
+    """The same role check as the ``require_read`` / ``require_admin`` dependencies, as a plain call.
+
+    Raises the same 401 / 403 ``HTTPException`` s, so the answers are the same problem+json.
+    """
+    settings = request.scope["app"].state.calibserve.settings
+    if not settings.auth_enabled:
+        return
+    key = request.header(b"x-api-key")
+    credentials = None
+    authorization = request.header(b"authorization")
+    if authorization:
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and token:
+            credentials = SimpleNamespace(credentials=token.strip())
+    check = require_admin if role == "admin" else require_read
+    check(request.starlette_request(), key.decode("latin-1") if key else None, credentials)
+
+
+class LeanRoute(Route):
+    """A Starlette route whose handler gets a :class:`LeanRequest` and returns a Response.
+
+    It sets ``scope["route"]`` like FastAPI's routes do, so the metrics middleware labels it by its
+    template. Insert it in front of the documented FastAPI route of the same path and method.
+    """
+
+    def __init__(self, path: str, handler: LeanHandler, *, methods: list[str], name: str) -> None:
+        super().__init__(path, endpoint=handler, methods=methods, name=name)
+        self.handler = handler
+        self.app = self._asgi
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.handler(LeanRequest(scope, receive))
+        await response(scope, receive, send)

@@ -453,6 +453,14 @@ def _renormalise(probabilities: np.ndarray, fallback: np.ndarray) -> np.ndarray:
 # Temperature scaling
 
 
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of ``array``, copied only when torch cannot share it (read-only, strided, byte-swapped).
+
+    Nothing here writes into the view: every in-place operation works on a float64 copy of a block.
+    """
+    return torch.from_numpy(np.require(array, array.dtype.newbyteorder("="), ["C", "W"]))
+
+
 def _row_blocks(n_rows: int, n_columns: int) -> Iterator[slice]:
     rows = max(1, _BLOCK_ELEMENTS // max(n_columns, 1))
     for start in range(0, n_rows, rows):
@@ -467,16 +475,14 @@ class _TemperatureObjective:
     """
 
     def __init__(self, z: np.ndarray, y: np.ndarray, weights: np.ndarray | None) -> None:
-        if not z.dtype.isnative:
-            z = z.astype(z.dtype.newbyteorder("="))
-        self.logits = torch.from_numpy(np.ascontiguousarray(z))
-        self.labels = torch.from_numpy(y)
+        self.logits = _as_tensor(z)
+        self.labels = _as_tensor(y)
         self.n_samples, self.n_columns = z.shape
         self.row_max = self.logits.max(dim=1).values.to(torch.float64)
         # Shifted true-class logit z_y - max_k z_k (<= 0): the softmax is evaluated on z - max z.
         true_logit = self.logits.gather(1, self.labels[:, None])[:, 0].to(torch.float64)
         self.true_shifted = true_logit - self.row_max
-        self.weights = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights))
+        self.weights = None if weights is None else _as_tensor(weights)
         self.total_weight = float(self.n_samples) if weights is None else float(weights.sum())
         self.evaluations = 0
 
@@ -809,7 +815,7 @@ class TemperatureScaling(BaseCalibrator):
 
     def _transform(self, z: np.ndarray) -> np.ndarray:
         if z.size >= _TORCH_SOFTMAX_ELEMENTS:
-            scaled = torch.from_numpy(two_column_logits(np.asarray(z, dtype=np.float64)))
+            scaled = _as_tensor(two_column_logits(np.asarray(z, dtype=np.float64)))
             return torch.softmax(scaled * (1.0 / self.temperature_), dim=1).numpy()
         return softmax(z, self.temperature_)
 
@@ -1138,8 +1144,8 @@ class PlattScaling(BaseCalibrator):
     smooth_targets : bool, default=False
         Use Platt's targets ``(n_+ + 1) / (n_+ + 2)`` and ``1 / (n_- + 2)`` instead of 1 and 0 (a prior
         that keeps ``a`` finite when the classes are separable; scikit-learn's ``method="sigmoid"`` does
-        this). With plain MLE on perfectly separable data the slope grows until ``max_iter`` and
-        ``convergence_["converged"]`` is false.
+        this). Perfectly separable data has no finite maximum-likelihood slope: plain MLE then stops at a
+        large slope where the loss is numerically 0 (probabilities of 0 and 1).
     max_iter : int, default=100
         Most trust-region iterations.
 
@@ -1211,7 +1217,8 @@ class PlattScaling(BaseCalibrator):
         self.convergence_ = {
             "iterations": int(found.nit),
             "gradient": float(np.max(np.abs(found.jac))),
-            "converged": bool(found.success) or float(np.max(np.abs(found.jac))) <= 1e-10,
+            # trust-exact reports failure when it cannot improve on a point whose gradient is already ~0.
+            "converged": bool(found.success) or float(np.max(np.abs(found.jac))) <= 1e-8,
             "objective_value": float(found.fun),
             "method": "trust-exact",
             "message": str(found.message),
@@ -1395,8 +1402,8 @@ class HistogramBinning(_OneVsRest):
         if self.binning == "width":
             edges = np.linspace(0.0, 1.0, self.n_bins + 1)
         else:
-            edges = np.unique(np.quantile(scores, np.linspace(0.0, 1.0, self.n_bins + 1)))
-            edges = np.unique(np.concatenate([[0.0], edges[1:-1], [1.0]]))
+            inner = np.unique(np.quantile(scores, np.linspace(0.0, 1.0, self.n_bins + 1)[1:-1]))
+            edges = np.concatenate([[0.0], inner[(inner > 0.0) & (inner < 1.0)], [1.0]])
         n_bins = edges.size - 1
         index = self._bin_index(edges, scores)
         weights = np.ones_like(scores) if w is None else w

@@ -20,6 +20,12 @@ import numpy as np
 from service.errors import InvalidInput
 
 PROBABILITY_SUM_TOLERANCE = 1e-3
+MAX_ABS_LOGIT = 1e100
+"""Largest logit magnitude accepted. Classifiers stay far below it (float32 itself ends at 3.4e38); beyond
+about 1e154 the squares in the fits' derivatives overflow float64, and near 1e308 even ``z - max(z)`` does."""
+SAMPLE_WEIGHT_TOTAL_RANGE = (1e-100, 1e100)
+"""Bounds of the sum of ``sample_weight``: weighted sums of losses (up to ~1e100 each) stay finite, and
+weighted means keep their precision (a total of 1e-320 is a subnormal with a few significant bits)."""
 
 
 def _to_numpy(values: Any, name: str) -> np.ndarray:
@@ -45,7 +51,7 @@ def as_float_matrix(values: Any, name: str) -> np.ndarray:
         if array.dtype.kind == "O":
             try:
                 array = array.astype(np.float64)
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, OverflowError):  # OverflowError: a Python int beyond float64
                 raise InvalidInput(f"{name} must hold numbers only, got dtype object", field=name) from None
         else:
             raise InvalidInput(f"{name} must hold numbers, got dtype {array.dtype}", field=name)
@@ -69,8 +75,19 @@ def as_float_matrix(values: Any, name: str) -> np.ndarray:
 
 
 def check_logits(logits: Any, name: str = "logits") -> np.ndarray:
-    """Validate logits: finite, 2-D, at least one row and one column."""
-    return as_float_matrix(logits, name)
+    """Validate logits: finite, at most ``MAX_ABS_LOGIT`` in magnitude, 2-D, at least one row and one column."""
+    array = as_float_matrix(logits, name)
+    # float32 cannot exceed the limit; max and -min avoid an N x K temporary on the hot path
+    if array.dtype == np.float64 and max(array.max(), -array.min()) > MAX_ABS_LOGIT:
+        too_large = np.abs(array) > MAX_ABS_LOGIT
+        row = _first_row(too_large)
+        raise InvalidInput(
+            f"{name} row {row} holds a value of magnitude {np.abs(array[row]).max():.3g}, above the limit of "
+            f"{MAX_ABS_LOGIT:g} for logits",
+            field=name,
+            row=row,
+        )
+    return array
 
 
 def check_probabilities(probabilities: Any, name: str = "probabilities") -> np.ndarray:
@@ -120,26 +137,28 @@ def check_labels(labels: Any, n_samples: int, n_classes: int, name: str = "label
     elif array.dtype.kind == "f" or array.dtype.kind == "O":
         try:
             as_float = array.astype(np.float64)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             raise InvalidInput(f"{name} must be integers", field=name) from None
         bad = ~np.isfinite(as_float) | (as_float != np.round(as_float))
         if bad.any():
             row = _first_row(bad)
             raise InvalidInput(f"{name}[{row}] = {array[row]!r} is not an integer", field=name, row=row)
-        array = as_float.astype(np.int64)
+        array = as_float
     elif array.dtype.kind not in "iu":
         raise InvalidInput(f"{name} must be integers, got dtype {array.dtype}", field=name)
-    array = array.astype(np.int64, copy=False)
+    # Range check before the cast to int64: 1e300 or a uint64 above 2**63 would wrap to a wrong value there.
     k = n_label_classes(n_classes)
     outside = (array < 0) | (array >= k)
     if outside.any():
         row = _first_row(outside)
-        raise InvalidInput(f"{name}[{row}] = {array[row]} is outside [0, {k})", field=name, row=row)
-    return array
+        shown = array[row] if array.dtype.kind in "iu" else f"{array[row]:g}"
+        raise InvalidInput(f"{name}[{row}] = {shown} is outside [0, {k})", field=name, row=row)
+    return array.astype(np.int64, copy=False)
 
 
 def check_sample_weight(sample_weight: Any, n_samples: int, name: str = "sample_weight") -> np.ndarray | None:
-    """Validate optional non-negative finite weights, one per sample, not all zero; float64."""
+    """Validate optional non-negative finite weights, one per sample, summing to a total within
+    ``SAMPLE_WEIGHT_TOTAL_RANGE``; float64."""
     if sample_weight is None:
         return None
     array = _to_numpy(sample_weight, name)
@@ -152,8 +171,16 @@ def check_sample_weight(sample_weight: Any, n_samples: int, name: str = "sample_
     if bad.any():
         row = _first_row(bad)
         raise InvalidInput(f"{name}[{row}] must be finite and >= 0", field=name, row=row)
-    if array.sum() <= 0:
+    low, high = SAMPLE_WEIGHT_TOTAL_RANGE
+    # max first: the sum of weights near 1e308 would overflow before it could be compared
+    total = array.sum() if array.max(initial=0.0) <= high else np.inf
+    if total <= 0:
         raise InvalidInput(f"{name} sums to 0", field=name)
+    if not low <= total <= high:
+        raise InvalidInput(
+            f"{name} sums to {total:g}; the total must lie in [{low:g}, {high:g}]: rescale the weights",
+            field=name,
+        )
     return array
 
 

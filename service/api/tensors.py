@@ -1,0 +1,249 @@
+"""Tensors on the wire: JSON, numpy ``.npy`` and raw little-endian bytes, chosen by Content-Type / Accept.
+
+Media types of ``POST /v1/models/{name}/calibrate`` and ``/predict``:
+
+``application/json`` (default)
+    ``{"logits": [[..]]}`` etc.; answered as ``{"probabilities": [[..]], "predicted_class": [..], ...}``.
+``application/x-npy``
+    One array in numpy's ``.npy`` format (``np.save``); read with ``allow_pickle=False``, so object arrays
+    are refused. Answered with the probabilities as ``.npy``.
+``application/octet-stream``
+    Raw little-endian numbers, row-major, with the shape in ``X-Tensor-Shape: N,K`` and the element type in
+    ``X-Tensor-Dtype`` (``float32`` by default, ``float64`` or ``float16``). Answered the same way.
+
+Headers of binary requests and answers (:data:`SHAPE_HEADER` and friends):
+
+- ``X-Tensor-Name``: which array the body is: ``logits`` (default of /calibrate) or ``probabilities``;
+  ``inputs`` for /predict. Answers name ``probabilities``.
+- ``X-Tensor-Shape``, ``X-Tensor-Dtype``: shape and element type (answers carry both, ``.npy`` too).
+- ``X-Calibrator-Version``: the calibrator version that answered, or ``none`` (plain softmax).
+- ``X-Predicted-Class``: comma-separated argmax per row, for answers of at most
+  :data:`MAX_PREDICTED_CLASS_ROWS` rows (a header must stay small; take the argmax yourself beyond).
+
+Binary answers hold float32 probabilities unless the request's tensor was float64 (then float64): float32
+keeps about 7 significant digits, far below any calibration error, at half the bytes. JSON answers carry
+the float64 values. Without an ``Accept`` header (or with ``*/*``) the answer takes the request's type.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+from collections.abc import Iterable
+
+import numpy as np
+from starlette.exceptions import HTTPException
+
+from service.errors import InvalidInput
+
+JSON = "application/json"
+NPY = "application/x-npy"
+RAW = "application/octet-stream"
+MEDIA_TYPES = (JSON, NPY, RAW)
+
+NAME_HEADER = "X-Tensor-Name"
+SHAPE_HEADER = "X-Tensor-Shape"
+DTYPE_HEADER = "X-Tensor-Dtype"
+VERSION_HEADER = "X-Calibrator-Version"
+PREDICTED_HEADER = "X-Predicted-Class"
+MAX_PREDICTED_CLASS_ROWS = 1024
+MAX_DIMENSIONS = 8
+
+# Element types accepted in raw bodies, by their X-Tensor-Dtype name; always little-endian on the wire.
+RAW_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "float16": np.dtype("<f2"),
+}
+_NPY_MAGIC = b"\x93NUMPY"
+# The header np.save writes for a plain C-ordered array; anything else goes through np.load.
+_NPY_SIMPLE_HEADER = re.compile(
+    rb"\{'descr': '(?P<descr>[<|=]?[fiu][1248])', 'fortran_order': False, 'shape': \((?P<shape>[0-9, ]*)\), \}"
+)
+
+
+def media_type(header: bytes | str | None) -> str:
+    """The media type of a Content-Type header, lower-case and without parameters; JSON when absent."""
+    if not header:
+        return JSON
+    if isinstance(header, bytes):
+        header = header.decode("latin-1")
+    return header.split(";", 1)[0].strip().lower() or JSON
+
+
+def request_type(header: bytes | str | None) -> str:
+    """The media type of a request body: one of :data:`MEDIA_TYPES`, else 415."""
+    kind = media_type(header)
+    if kind in MEDIA_TYPES:
+        return kind
+    if kind == "application/npy":  # a spelling some clients use
+        return NPY
+    raise HTTPException(415, f"Content-Type {kind!r} is not supported; send one of {', '.join(MEDIA_TYPES)}")
+
+
+def _accepted(header: str) -> Iterable[tuple[float, int, str]]:
+    for position, part in enumerate(header.split(",")):
+        pieces = [piece.strip() for piece in part.split(";")]
+        quality = 1.0
+        for parameter in pieces[1:]:
+            key, _, value = parameter.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if pieces[0] and quality > 0.0:
+            yield -quality, position, pieces[0].lower()
+
+
+def response_type(accept: bytes | str | None, request_kind: str) -> str:
+    """The answer's media type for an ``Accept`` header (q-values honoured); 406 if none can be served.
+
+    A missing header, ``*/*`` or ``application/*`` gives the request's own type.
+    """
+    if not accept:
+        return request_kind
+    if isinstance(accept, bytes):
+        accept = accept.decode("latin-1")
+    for _, _, kind in sorted(_accepted(accept)):
+        if kind in MEDIA_TYPES:
+            return kind
+        if kind == "application/npy":
+            return NPY
+        if kind in ("*/*", "application/*"):
+            return request_kind
+    raise HTTPException(406, f"cannot answer {accept!r}; this route answers {', '.join(MEDIA_TYPES)}")
+
+
+# ------------------------------------------------------------------------------------------------ decode
+
+
+def parse_shape(text: bytes | str | None, *, header: str = SHAPE_HEADER) -> tuple[int, ...]:
+    """``"64,1000"`` -> ``(64, 1000)``; 400 naming the header for anything else."""
+    if text is None:
+        raise InvalidInput(f"a raw tensor body needs its shape in the {header} header, e.g. '64,1000'")
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    parts = [part.strip() for part in text.split(",")]
+    if not 1 <= len(parts) <= MAX_DIMENSIONS or not all(part.isdigit() for part in parts):
+        raise InvalidInput(
+            f"{header} must be 1 to {MAX_DIMENSIONS} comma-separated non-negative integers, got {text!r}"
+        )
+    return tuple(int(part) for part in parts)
+
+
+def raw_dtype(text: bytes | str | None) -> np.dtype:
+    """The element type named by ``X-Tensor-Dtype`` (float32 when absent)."""
+    if text is None:
+        return RAW_DTYPES["float32"]
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    try:
+        return RAW_DTYPES[text.strip().lower()]
+    except KeyError:
+        raise InvalidInput(
+            f"{DTYPE_HEADER} {text!r} is not supported; use one of {', '.join(RAW_DTYPES)}"
+        ) from None
+
+
+def decode_raw(body: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A read-only view of ``body`` as a ``shape`` array of little-endian ``dtype``; 400 on a size mismatch."""
+    count = 1
+    for size in shape:
+        count *= size
+    expected = count * dtype.itemsize
+    if len(body) != expected:
+        raise InvalidInput(
+            f"the body has {len(body)} bytes; shape {','.join(map(str, shape))} of {dtype.name} needs "
+            f"{expected}",
+            field="body",
+        )
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def decode_npy(body: bytes) -> np.ndarray:
+    """The array in a ``.npy`` body; never unpickles. 400 for anything that is not one numeric array."""
+    if not body.startswith(_NPY_MAGIC) or len(body) < 10:
+        raise InvalidInput("the body is not a .npy file (it lacks the \\x93NUMPY magic)", field="body")
+    major = body[6]
+    if major == 1:
+        header_length = int.from_bytes(body[8:10], "little")
+        start = 10
+    elif major in (2, 3):
+        header_length = int.from_bytes(body[8:12], "little")
+        start = 12
+    else:
+        raise InvalidInput(f"unsupported .npy format version {major}", field="body")
+    header = body[start : start + header_length]
+    # np.load parses the header with ast.literal_eval (tens of microseconds); the header np.save writes
+    # for a C-ordered numeric array is matched directly instead, and everything else goes to np.load.
+    match = _NPY_SIMPLE_HEADER.match(header)
+    if match is not None:
+        dtype = np.dtype(match["descr"].decode())
+        shape = tuple(int(size) for size in match["shape"].decode().replace(" ", "").split(",") if size)
+        return decode_raw(memoryview(body)[start + header_length :], shape, dtype)
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise InvalidInput(f"the body is not a readable .npy array: {exc}", field="body") from None
+    if not isinstance(array, np.ndarray):
+        raise InvalidInput("the body must hold one .npy array, not an .npz archive", field="body")
+    return array
+
+
+# ------------------------------------------------------------------------------------------------ encode
+
+
+def wire_dtype(source: np.dtype | None) -> np.dtype:
+    """Element type of binary answers: float64 when the request sent float64, else float32."""
+    return RAW_DTYPES["float64"] if source is not None and source == np.float64 else RAW_DTYPES["float32"]
+
+
+def encode_raw(array: np.ndarray, dtype: np.dtype) -> bytes:
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The version 1.0 ``.npy`` header of a C-ordered array (what ``np.save`` writes)."""
+    shape_text = "(" + "".join(f"{size}, " for size in shape).rstrip(" ")
+    if len(shape) != 1:
+        shape_text = shape_text.rstrip(",")
+    header = f"{{'descr': '{dtype.str}', 'fortran_order': False, 'shape': {shape_text}), }}"
+    # magic (6) + version (2) + length (2) + header + padding + newline is a multiple of 64
+    padding = 63 - (10 + len(header)) % 64
+    text = (header + " " * padding + "\n").encode("latin-1")
+    return _NPY_MAGIC + b"\x01\x00" + len(text).to_bytes(2, "little") + text
+
+
+def encode_npy(array: np.ndarray, dtype: np.dtype) -> bytes:
+    data = np.ascontiguousarray(array, dtype=dtype)
+    return npy_header(data.dtype, data.shape) + data.tobytes()
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return ",".join(map(str, shape))
+
+
+__all__ = [
+    "DTYPE_HEADER",
+    "JSON",
+    "MEDIA_TYPES",
+    "NAME_HEADER",
+    "NPY",
+    "PREDICTED_HEADER",
+    "RAW",
+    "SHAPE_HEADER",
+    "VERSION_HEADER",
+    "decode_npy",
+    "decode_raw",
+    "encode_npy",
+    "encode_raw",
+    "media_type",
+    "parse_shape",
+    "raw_dtype",
+    "request_type",
+    "response_type",
+]
+
+_ = ast  # np.load's header parser; imported for readers looking for it
