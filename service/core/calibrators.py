@@ -55,6 +55,7 @@ from scipy.special import expit, log_expit
 from scipy.special import log_softmax as _log_softmax
 from sklearn.isotonic import IsotonicRegression
 from sklearn.utils.class_weight import compute_class_weight
+from threadpoolctl import threadpool_limits
 
 from service.core.probability import softmax, two_column_logits
 from service.core.validation import (
@@ -89,6 +90,8 @@ logger = logging.getLogger(__name__)
 _BLOCK_ELEMENTS = 1 << 18
 # From this many elements on, torch's threaded softmax beats numpy's (4096 x 1000: 18 ms vs 57 ms).
 _TORCH_SOFTMAX_ELEMENTS = 1 << 15
+# Temperature fits on more elements than this start Newton from the optimum of a strided subsample this size.
+_WARM_START_ELEMENTS = 1 << 20
 
 
 @runtime_checkable
@@ -546,19 +549,20 @@ def _safeguarded_newton(
     *,
     tol: float,
     max_iter: int,
+    start: float = 1.0,
 ) -> dict[str, Any]:
     """Minimise a convex function of ``x > 0`` on ``[lower, upper]`` by Newton steps kept inside a bracket.
 
-    ``derivatives(x)`` returns the value, first and second derivative. Each step is Newton's on ``log x``
-    (``log x -= f' / (x f'' + f')``, which cannot leave ``x > 0`` and moves at most a factor ``e`` while
-    ``f' > 0``), or Newton's on ``x`` where that one is undefined. The sign of ``f'`` at each iterate shrinks
+    ``derivatives(x)`` returns the value, first and second derivative; the search starts at ``start``.
+    Each step is Newton's on ``log x`` (``log x -= f' / (x f'' + f')``, which cannot leave ``x > 0`` and
+    moves at most a factor ``e`` while ``f' > 0``), or Newton's on ``x`` where that one is undefined. The sign of ``f'`` at each iterate shrinks
     a bracket around the minimiser; a step that would leave it goes to the unvisited bound instead (so a
     minimiser beyond a bound costs one evaluation), or else to the bracket's geometric midpoint. Stops when
     the next step would be below ``tol * x``, or the bracket is. ``at_bound`` names the bound the
     constrained minimiser sits on, if any.
     """
     lowest, highest = lower, upper
-    x = min(max(1.0, lower), upper)
+    x = min(max(start, lower), upper)
     value, gradient, curvature = derivatives(x)
     lower_seen = upper_seen = False
     converged = False
@@ -650,7 +654,7 @@ class TemperatureScaling(BaseCalibrator):
         Newton stops when a step in ``beta`` is below ``tol * beta``; Brent's ``xatol`` on ``log T`` is
         ``max(tol, 1e-10)``.
     max_iter : int, default=100
-        Most Newton iterations (or Brent evaluations).
+        Most Newton iterations (Brent: most evaluations, at least 50).
 
     Attributes
     ----------
@@ -659,9 +663,10 @@ class TemperatureScaling(BaseCalibrator):
     class_weight_ : ndarray of shape (num_classes,) or None
         The class weights used by the fit (``"balanced"`` resolved).
     convergence_ : dict
-        ``iterations``, ``gradient`` (``dNLL/dbeta`` at the end for NLL objectives; ``None`` for focal and
-        Brier), ``converged``, ``objective_value`` (the fitted objective, float64), ``method``
-        (``"newton"`` or ``"bounded_brent"``), ``at_bound`` (``"lower"``, ``"upper"`` or ``None``).
+        ``iterations``, ``evaluations`` (passes over the full data), ``gradient`` (``dNLL/dbeta`` at the end
+        for NLL objectives; ``None`` for focal and Brier), ``converged``, ``objective_value`` (the fitted
+        objective, float64), ``method`` (``"newton"`` or ``"bounded_brent"``), ``at_bound`` (``"lower"``,
+        ``"upper"`` or ``None``: the bound of ``T`` the optimum was clipped to).
 
     Notes
     -----
@@ -757,8 +762,19 @@ class TemperatureScaling(BaseCalibrator):
         objective = _TemperatureObjective(z, y, weights)
         t_min, t_max = self.bounds
         if self.objective in ("nll", "weighted_nll"):
+            start = 1.0
+            if z.size > _WARM_START_ELEMENTS:
+                # Newton from T = 1 takes about 7 passes when T is ~3; started from the optimum of a strided
+                # subsample (a few % off, found on ~1/20 of the data) it takes about 4 on the full data.
+                step = -(-z.size // _WARM_START_ELEMENTS)
+                sample = _TemperatureObjective(
+                    z[::step], y[::step], None if weights is None else weights[::step]
+                )
+                start = _safeguarded_newton(
+                    sample.nll, 1.0 / t_max, 1.0 / t_min, tol=1e-4, max_iter=self.max_iter
+                )["x"]
             result = _safeguarded_newton(
-                objective.nll, 1.0 / t_max, 1.0 / t_min, tol=self.tol, max_iter=self.max_iter
+                objective.nll, 1.0 / t_max, 1.0 / t_min, tol=self.tol, max_iter=self.max_iter, start=start
             )
             temperature = 1.0 / result["x"]
             # A bound on beta is the opposite bound on T.
@@ -915,13 +931,16 @@ class _AffineScaling(BaseCalibrator):
             value, gradient = loss_and_gradient(u / scale)
             return value, gradient / scale
 
-        found = minimize(
-            preconditioned,
-            theta0 * scale,
-            method="L-BFGS-B",
-            jac=True,
-            options={"maxiter": self.max_iter, "gtol": 1e-9, "ftol": 1e-12},
-        )
+        # One BLAS thread: the products are small (n x K x K), and two OpenBLAS threads competing with other
+        # work for two cores made a K = 100 fit 12x slower (measured: 54.6 s against 4.6 s).
+        with threadpool_limits(limits=1, user_api="blas"):
+            found = minimize(
+                preconditioned,
+                theta0 * scale,
+                method="L-BFGS-B",
+                jac=True,
+                options={"maxiter": self.max_iter, "gtol": 1e-9, "ftol": 1e-12},
+            )
         improved = found.fun <= start_value
         self._store(found.x / scale if improved else theta0, n_classes)
         self.convergence_ = {
