@@ -29,7 +29,7 @@ soak: $(STAMP)
 	CALIBSERVE_SOAK=1 $(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_core.py
+	$(BIN)/python bench/bench_core.py --threads 1 --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,110 @@
+"""The core benchmark's comparisons run end to end on a tiny problem and measure what they claim.
+
+Only correctness is checked here (the NLL yardstick, the reference optimum, ECE agreement, the README
+section rewrite); timings are the benchmark's business, never a test's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+from sklearn.metrics import log_loss
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench_core() -> ModuleType:
+    # bench/ is a folder of scripts, not a package: load bench_core.py the way `python bench/...` runs it
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_core", BENCH / "bench_core.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_core"] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+@pytest.fixture(scope="module")
+def case(bench_core: ModuleType):
+    return bench_core.make_case(2_000, 5, seed=3, name="2k_x_5")
+
+
+@pytest.fixture(scope="module")
+def fit_result(bench_core: ModuleType, case):
+    return bench_core.compare_fit(case, quick=True)
+
+
+def test_exact_nll_matches_scikit_learn_log_loss(bench_core: ModuleType, case) -> None:
+    temperature = 2.7
+    probabilities = softmax(case.logits.astype(np.float64) / temperature, axis=1)
+    expected = log_loss(case.labels, probabilities, labels=np.arange(5))
+    assert bench_core.exact_nll(case.logits, case.labels, temperature) == pytest.approx(expected, abs=1e-12)
+
+
+def test_reference_is_the_minimum_and_near_the_generating_temperature(bench_core: ModuleType, fit_result):
+    reference = fit_result.reference
+    # the generator's logits are three times too sharp (see make_case); 2,000 rows pin T to about +-0.3
+    assert reference.temperature == pytest.approx(3.0, abs=0.3)
+    for outcome in fit_result.outcomes.values():
+        assert outcome.nll >= reference.nll - 1e-12
+    for step in (0.999, 1.001):
+        nearby = bench_core.exact_nll(
+            fit_result.case.logits, fit_result.case.labels, reference.temperature * step
+        )
+        assert nearby > reference.nll
+
+
+def test_fit_comparison_reports_each_competitors_optimum(fit_result) -> None:
+    outcomes, reference = fit_result.outcomes, fit_result.reference
+    assert outcomes["ours"].gap(reference) <= 1e-9
+    assert outcomes["sklearn_core"].gap(reference) <= 1e-6
+    # the public scikit-learn route fits the very calibrator timed as "core"
+    assert outcomes["sklearn_public"].temperature == outcomes["sklearn_core"].temperature
+    # the LBFGS recipe (lr=0.01 from T=1.5) stops short of T near 3: the gap column can tell them apart
+    assert outcomes["lbfgs"].temperature < 2.5
+    assert outcomes["lbfgs"].gap(reference) > 1e-4
+    for outcome in outcomes.values():
+        assert len(outcome.samples.seconds) == 1
+
+
+def test_ece_implementations_agree(bench_core: ModuleType, case) -> None:
+    values = bench_core.compare_ece(case, quick=True).values
+    assert 0.2 < values["ours"] < 1.0  # three times too sharp: far from calibrated
+    assert values["bin_loop"] == pytest.approx(values["ours"], abs=1e-6)
+    assert values["torchmetrics"] == pytest.approx(values["ours"], abs=1e-5)
+
+
+def test_render_lists_every_case_and_target(bench_core: ModuleType, case, fit_result) -> None:
+    ece = bench_core.compare_ece(case, quick=True)
+    text = bench_core.render([fit_result], [ece], {"nproc": "2"}, "python bench/bench_core.py", 1.0, 10.0)
+    assert text.startswith("## Numerical core")
+    assert text.count("| 2,000 x 5 |") == 3  # fit time, fit optimum, ECE
+    assert "ref" in text and "torchmetrics" in text
+
+
+def test_replace_section_keeps_other_sections(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _timing import replace_section
+    finally:
+        sys.path.remove(str(BENCH))
+    readme = tmp_path / "README.md"
+    replace_section(readme, "one", "first body", intro="# Benchmarks\n")
+    replace_section(readme, "two", "other body")
+    replace_section(readme, "one", "new body")
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert "<!-- one:start -->\nnew body\n<!-- one:end -->" in text
+    assert "<!-- two:start -->\nother body\n<!-- two:end -->" in text
+    assert "first body" not in text
+    assert text.index("one:start") < text.index("two:start")
