@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api import problems
 from service.api.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from service.api.observability import MetricsMiddleware
-from service.api.routers import calibrators, fallback, health, inference, models, scoring
+from service.api.routers import calibrators, export, fallback, health, inference, models, oip, scoring
 from service.api.state import AppState
 from service.config import Settings
 from service.registry import ModelRegistry
@@ -63,6 +63,10 @@ def create_app(settings: Settings) -> FastAPI:
     problems.install(app)
     for router in (health.router, models.router, calibrators.router, inference.router, scoring.router):
         app.include_router(router)
+    app.include_router(oip.router)
+    app.include_router(export.router)
+    for hot in (oip, inference):  # the hot paths, in front of their documented routes
+        hot.install_lean_routes(app)
     app.include_router(fallback.router)  # last: only paths no other route matched
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

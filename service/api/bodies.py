@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
@@ -133,8 +134,6 @@ class LeanRequest:
         raw: bytes = self.scope.get("query_string", b"")
         if not raw:
             return None
-        from urllib.parse import parse_qsl
-
         for key, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
             if key == name:
                 return value

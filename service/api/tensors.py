@@ -27,7 +27,6 @@ the float64 values. Without an ``Accept`` header (or with ``*/*``) the answer ta
 
 from __future__ import annotations
 
-import ast
 import io
 import re
 from collections.abc import Iterable
@@ -147,8 +146,8 @@ def raw_dtype(text: bytes | str | None) -> np.dtype:
         ) from None
 
 
-def decode_raw(body: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A read-only view of ``body`` as a ``shape`` array of little-endian ``dtype``; 400 on a size mismatch."""
+def decode_raw(body: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``body`` as a ``shape`` array of ``dtype`` (a writable copy); 400 on a size mismatch."""
     count = 1
     for size in shape:
         count *= size
@@ -159,7 +158,8 @@ def decode_raw(body: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarr
             f"{expected}",
             field="body",
         )
-    return np.frombuffer(body, dtype=dtype).reshape(shape)
+    # a copy: a view of the immutable body would be read-only, which torch.from_numpy warns about
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
 
 
 def decode_npy(body: bytes) -> np.ndarray:
@@ -201,7 +201,7 @@ def wire_dtype(source: np.dtype | None) -> np.dtype:
 
 
 def encode_raw(array: np.ndarray, dtype: np.dtype) -> bytes:
-    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+    return np.asarray(array, dtype=dtype, order="C").tobytes()
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -217,7 +217,7 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
 
 
 def encode_npy(array: np.ndarray, dtype: np.dtype) -> bytes:
-    data = np.ascontiguousarray(array, dtype=dtype)
+    data = np.asarray(array, dtype=dtype, order="C")
     return npy_header(data.dtype, data.shape) + data.tobytes()
 
 
@@ -245,5 +245,3 @@ __all__ = [
     "request_type",
     "response_type",
 ]
-
-_ = ast  # np.load's header parser; imported for readers looking for it

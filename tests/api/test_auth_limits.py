@@ -25,7 +25,7 @@ READ_WRITES = {
 def protected_routes(app):
     """Every operation of the OpenAPI document (the route table as users see it) outside the open ones."""
     for path, operations in app.openapi()["paths"].items():
-        if path in PUBLIC:
+        if path in PUBLIC or path.startswith("/v2"):  # OIP answers {"error"}: tests/api/test_oip.py
             continue
         for method in operations:
             method = method.upper()

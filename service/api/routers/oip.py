@@ -1,0 +1,607 @@
+"""The Open Inference Protocol (KServe V2 / Triton HTTP), so inference-server clients can call calibserve.
+
+Routes (``{version}`` is a calibrator version; without it the active calibrator answers):
+
+- ``GET /v2``: server metadata (``name``, ``version``, ``extensions``); ``GET /v2/health/live`` and
+  ``/v2/health/ready``: ``{"live": true}`` / ``{"ready": true}``, 503 while not ready. These three are open
+  like ``/healthz``; every other route needs the ``read`` role (``X-API-Key`` or ``Authorization: Bearer``).
+- ``GET /v2/models/{name}[/versions/{version}]``: model metadata: ``versions`` (calibrator versions, newest
+  first, at most 100), ``platform`` (``calibserve_logits`` or ``calibserve_torchscript``), ``inputs`` and
+  ``outputs`` with datatype and shape (``-1`` where free).
+- ``GET /v2/models/{name}[/versions/{version}]/ready``: ``{"name", "ready"}``; 503 for a TorchScript model
+  that is failing, 404 for an unknown model or version.
+- ``POST /v2/models/{name}[/versions/{version}]/infer``: one input tensor named ``logits`` or
+  ``probabilities`` (any model) or ``inputs`` (TorchScript models), 2-D ``[N, K]`` (``inputs``: ``[N,
+  ...]``), datatype ``FP32``, ``FP64`` or ``FP16``, with ``data`` flat (row-major) or nested, or in binary
+  form. Outputs ``probabilities`` (the default), and on request ``logits`` (what the calibrator received:
+  the model's logits for ``inputs``) and ``predicted_class`` (``INT64``). Output data are ``FP64`` when the
+  input was ``FP64``, else ``FP32``. The request ``id`` is echoed; ``model_version`` is the calibrator
+  version that answered (absent when none is active); ``parameters.calibrator_version`` says the same.
+
+Binary tensor data extension (Triton's, which ``tritonclient`` uses): the request body is the JSON header
+followed by the input bytes, the header's length in ``Inference-Header-Content-Length``, and the input's
+``parameters.binary_data_size`` its byte count (little-endian, row-major). Outputs come back binary when
+their ``parameters.binary_data`` is true, or when the request's ``parameters.binary_data_output`` is true
+and the output does not say otherwise; the answer is then ``application/octet-stream`` with its JSON
+header's length in ``Inference-Header-Content-Length`` and each binary output's
+``parameters.binary_data_size``.
+
+Errors are ``{"error": "<message>"}`` (``application/json``) with the status of the same error on the v1
+routes: 400 bad request or tensor, 401/403 auth, 404 unknown model or version, 502 a failing TorchScript
+model, 503 not ready. Only the limits middleware answers before these routes (413 body too large, 503
+overloaded) and keeps its problem+json body.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from service import workflows
+from service.api import problems
+from service.api.bodies import LeanRequest, LeanRoute, authorize
+from service.api.routers.common import model_logits
+from service.api.routers.inference import ModelView, calibrated, check_columns, model_views_of_state
+from service.api.state import AppState
+from service.errors import CalibserveError, NotFound
+from service.store import validate_model_name
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+DATATYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2")}
+INPUT_NAMES = ("logits", "probabilities", "inputs")
+OUTPUT_NAMES = ("probabilities", "logits", "predicted_class")
+EXTENSIONS = ["binary_tensor_data"]
+MAX_VERSIONS_LISTED = 100
+
+
+class OIPError(Exception):
+    """An error answered as ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps({"error": message}), status, headers=headers, media_type="application/json")
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status, media_type="application/json"
+    )
+
+
+def as_oip_error(exc: Exception) -> OIPError:
+    """Map the errors the v1 routes raise to the status they have there."""
+    if isinstance(exc, OIPError):
+        return exc
+    if isinstance(exc, CalibserveError):
+        status, _ = problems.status_of(exc)
+        return OIPError(status, exc.message)
+    if isinstance(exc, HTTPException):
+        return OIPError(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return OIPError(400, f"{where}: {first.get('msg', 'invalid')}")
+    raise exc
+
+
+async def guarded(work) -> Response:
+    """Run ``work()`` and answer any error as ``{"error": ...}``."""
+    try:
+        return await work()
+    except (OIPError, CalibserveError, HTTPException, RequestValidationError) as exc:
+        error = as_oip_error(exc)
+        return error_response(error.status, error.message, error.headers)
+
+
+def path_version(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= 2**31 - 1:
+        raise OIPError(400, f"model version must be a calibrator version (a positive integer), got {text!r}")
+    return number
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    input_name: str
+    values: np.ndarray
+    datatype: str
+    outputs: list[tuple[str, bool]] = field(default_factory=list)
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise OIPError(400, f"{what} must be a JSON object")
+    return value
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise OIPError(400, f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or any(isinstance(size, bool) or not isinstance(size, int) or size < 0 for size in value)
+    ):
+        raise OIPError(400, f"input {name!r}: shape must be a list of non-negative integers, got {value!r}")
+    return tuple(value)
+
+
+def _tensor_from_json(data: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if not isinstance(data, list):
+        raise OIPError(400, f"input {name!r}: data must be a list of numbers (flat or nested)")
+    try:
+        array = np.asarray(data)
+    except ValueError:
+        raise OIPError(400, f"input {name!r}: nested data must be rectangular") from None
+    if array.dtype.kind not in "iuf":
+        raise OIPError(400, f"input {name!r}: data must hold numbers only")
+    if array.size != math.prod(shape):
+        raise OIPError(
+            400,
+            f"input {name!r}: data has {array.size} elements; shape {list(shape)} needs {math.prod(shape)}",
+        )
+    with np.errstate(over="ignore"):
+        return array.astype(dtype).reshape(shape)
+
+
+def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
+    """Read an inference request, JSON or JSON header plus binary tensor data."""
+    binary = b""
+    if header_length is not None:
+        try:
+            length = int(header_length)
+        except ValueError:
+            length = -1
+        if not 0 < length <= len(body):
+            raise OIPError(
+                400, f"{HEADER_LENGTH} {header_length!r} must be a byte count within the body ({len(body)})"
+            )
+        body, binary = body[:length], body[length:]
+    if not body:
+        raise OIPError(400, "the request body is empty; send an inference request JSON object")
+    try:
+        request = _object(orjson.loads(body), "the inference request")
+    except orjson.JSONDecodeError as exc:
+        raise OIPError(400, f"the inference request is not valid JSON: {exc}") from None
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise OIPError(400, f"inputs must be a list of exactly one tensor named {', '.join(INPUT_NAMES)}")
+    tensor = _object(inputs[0], "inputs[0]")
+    name = tensor.get("name")
+    if name not in INPUT_NAMES:
+        raise OIPError(400, f"input name must be one of {', '.join(INPUT_NAMES)}, got {name!r}")
+    shape = _shape(tensor.get("shape"), name)
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise OIPError(
+            400, f"input {name!r}: datatype must be one of {', '.join(DATATYPES)}, got {datatype!r}"
+        )
+    dtype = DATATYPES[datatype]
+    parameters = _object(tensor.get("parameters") or {}, f"input {name!r} parameters")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise OIPError(400, f"input {name!r}: binary_data_size must be a byte count, got {size!r}")
+        if "data" in tensor:
+            raise OIPError(400, f"input {name!r}: give data or binary_data_size, not both")
+        expected = math.prod(shape) * dtype.itemsize
+        if size != expected:
+            raise OIPError(
+                400,
+                f"input {name!r}: binary_data_size is {size}; shape {list(shape)} of {datatype} needs {expected}",
+            )
+        if len(binary) != size:
+            raise OIPError(
+                400,
+                f"input {name!r}: binary_data_size is {size} but the body holds {len(binary)} bytes after "
+                "the JSON header",
+            )
+        values = np.frombuffer(binary, dtype=dtype).reshape(shape).copy()
+    else:
+        if binary:
+            raise OIPError(400, "binary data follows the JSON header but no input has binary_data_size")
+        if "data" not in tensor:
+            raise OIPError(400, f"input {name!r}: data (or parameters.binary_data_size) is required")
+        values = _tensor_from_json(tensor["data"], name, shape, dtype)
+    if name != "inputs" and values.ndim != 2:
+        raise OIPError(400, f"input {name!r}: shape must be [N, K], got {list(shape)}")
+    if name == "inputs" and values.ndim < 2:
+        raise OIPError(400, f"input 'inputs': shape must be [N, ...] (a batch), got {list(shape)}")
+
+    request_parameters = _object(request.get("parameters") or {}, "parameters")
+    binary_default = _flag(request_parameters.get("binary_data_output", False), "binary_data_output")
+    outputs: list[tuple[str, bool]] = []
+    requested = request.get("outputs")
+    if requested is None:
+        outputs.append(("probabilities", binary_default))
+    else:
+        if not isinstance(requested, list) or not requested:
+            raise OIPError(400, "outputs must be a non-empty list of {name, parameters}")
+        for index, item in enumerate(requested):
+            item = _object(item, f"outputs[{index}]")
+            output_name = item.get("name")
+            if output_name not in OUTPUT_NAMES:
+                raise OIPError(
+                    400, f"output name must be one of {', '.join(OUTPUT_NAMES)}, got {output_name!r}"
+                )
+            output_parameters = _object(item.get("parameters") or {}, f"output {output_name!r} parameters")
+            if output_parameters.get("classification"):
+                raise OIPError(400, "the classification extension is not supported; ask for predicted_class")
+            wanted_binary = output_parameters.get("binary_data", binary_default)
+            outputs.append((output_name, _flag(wanted_binary, f"output {output_name!r} binary_data")))
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise OIPError(400, f"id must be a string, got {request_id!r}")
+    return InferRequest(request_id, name, values, datatype, outputs)
+
+
+# ------------------------------------------------------------------------------------------------ infer
+
+
+def infer_response(
+    name: str,
+    request: InferRequest,
+    tensors: dict[str, np.ndarray],
+    version: int | None,
+) -> Response:
+    float_type = "FP64" if request.datatype == "FP64" else "FP32"
+    outputs, chunks = [], []
+    for output_name, binary in request.outputs:
+        array = tensors[output_name]
+        datatype = "INT64" if output_name == "predicted_class" else float_type
+        array = np.ascontiguousarray(array, dtype="<i8" if datatype == "INT64" else DATATYPES[datatype])
+        entry: dict[str, Any] = {"name": output_name, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            data = array.tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = array.reshape(-1)
+        outputs.append(entry)
+    document: dict[str, Any] = {"model_name": name}
+    if version is not None:
+        document["model_version"] = str(version)
+    if request.id is not None:
+        document["id"] = request.id
+    document["parameters"] = {"calibrator_version": version}
+    document["outputs"] = outputs
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return Response(header, media_type="application/json")
+    return Response(
+        b"".join([header, *chunks]),
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(header))},
+    )
+
+
+async def run_infer(
+    state: AppState, name: str, version: int | None, body: bytes, header_length: str | None
+) -> Response:
+    state.require_ready()
+    request = parse_infer(body, header_length)
+    view, entry = model_views_of_state(state).lookup(name, version)
+    if request.input_name == "inputs":
+        if view.kind != "torchscript":
+            raise OIPError(400, f"model {name!r} is logits-only; send its logits as input 'logits'")
+        logits, _ = await model_logits(state, name, "inputs", request.values)
+        from_logits = True
+    else:
+        check_columns(view, request.values, request.input_name)
+        logits, from_logits = request.values, request.input_name == "logits"
+    probabilities, used = await calibrated(entry, logits, from_logits)
+    tensors: dict[str, np.ndarray] = {"probabilities": probabilities}
+    wanted = {output_name for output_name, _ in request.outputs}
+    if "logits" in wanted:
+        if from_logits:
+            tensors["logits"] = logits
+        else:
+            tensors["logits"] = workflows.scores_to_logits(logits, from_logits=False)
+    if "predicted_class" in wanted:
+        tensors["predicted_class"] = probabilities.argmax(axis=1)
+    return infer_response(name, request, tensors, used)
+
+
+async def lean_infer(request: LeanRequest) -> Response:
+    async def work() -> Response:
+        authorize(request, "read")
+        state: AppState = request.scope["app"].state.calibserve
+        name = validate_model_name(request.path_params["name"])
+        version = path_version(request.path_params.get("version"))
+        header_length = request.header(HEADER_LENGTH.lower().encode())
+        return await run_infer(
+            state,
+            name,
+            version,
+            await request.body(),
+            header_length.decode("latin-1") if header_length is not None else None,
+        )
+
+    return await guarded(work)
+
+
+def install_lean_routes(app: FastAPI) -> None:
+    """Put the lean infer routes in front of the documented ones."""
+    app.router.routes[0:0] = [
+        LeanRoute("/v2/models/{name}/infer", lean_infer, methods=["POST"], name="oip_infer"),
+        LeanRoute(
+            "/v2/models/{name}/versions/{version}/infer",
+            lean_infer,
+            methods=["POST"],
+            name="oip_infer_version",
+        ),
+    ]
+
+
+# -------------------------------------------------------------------------------------- metadata, health
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("calibserve")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def model_metadata(state: AppState, view: ModelView, versions: list[str]) -> dict[str, Any]:
+    columns = view.num_classes if view.num_classes is not None else -1
+    classes = 2 if columns == 1 else columns
+    inputs = [
+        {"name": "logits", "datatype": "FP32", "shape": [-1, columns]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, columns]},
+    ]
+    if view.kind == "torchscript":
+        loaded = state.registry.loaded(view.name)
+        sample = list(loaded.input_shape) if loaded is not None and loaded.input_shape else [-1]
+        input_dtype = loaded.input_dtype if loaded is not None else "float32"
+        datatype = {"float32": "FP32", "float64": "FP64", "float16": "FP16"}.get(input_dtype, "FP32")
+        inputs.insert(0, {"name": "inputs", "datatype": datatype, "shape": [-1, *sample]})
+    return {
+        "name": view.name,
+        "versions": versions,
+        "platform": f"calibserve_{view.kind}",
+        "inputs": inputs,
+        "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
+            {"name": "logits", "datatype": "FP32", "shape": [-1, columns]},
+            {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
+        ],
+    }
+
+
+def calibrator_versions(state: AppState, name: str) -> list[str]:
+    try:
+        items, _ = state.store.list_calibrators(name, limit=MAX_VERSIONS_LISTED)
+    except NotFound:  # a shipped model without a record in the store has no calibrators yet
+        return []
+    return [str(item["version"]) for item in items]
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.calibserve
+
+
+async def _model_request(
+    request: Request, name: str, version: str | None
+) -> tuple[AppState, ModelView, int | None]:
+    authorize(LeanRequest(request.scope, request.receive), "read")
+    state = _state(request)
+    state.require_ready()
+    name = validate_model_name(name)
+    view = model_views_of_state(state).get(name)
+    pinned = path_version(version)
+    if pinned is not None:
+        state.store.get_calibrator(name, pinned)  # NotFound for a version that does not exist
+    return state, view, pinned
+
+
+_ERRORS = {
+    400: {"description": 'bad request or tensor: {"error": "..."}'},
+    404: {"description": 'unknown model or version: {"error": "..."}'},
+    503: {"description": 'not ready: {"error": "..."}'},
+}
+
+
+@router.get("", summary="Server metadata (Open Inference Protocol)")
+async def server_metadata() -> Response:
+    return json_response({"name": "calibserve", "version": _server_version(), "extensions": EXTENSIONS})
+
+
+@router.get("/health/live", summary="Server liveness (Open Inference Protocol)")
+async def server_live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/health/ready", summary="Server readiness (Open Inference Protocol)", responses=_ERRORS)
+async def server_ready(request: Request) -> Response:
+    return json_response(
+        {"ready": True} if _state(request).ready else {"ready": False}, 200 if _state(request).ready else 503
+    )
+
+
+@router.get("/models/{name}", summary="Model metadata (Open Inference Protocol)", responses=_ERRORS)
+async def get_model_metadata(name: str, request: Request) -> Response:
+    async def work() -> Response:
+        state, view, _ = await _model_request(request, name, None)
+        return json_response(model_metadata(state, view, calibrator_versions(state, view.name)))
+
+    return await guarded(work)
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    summary="Model metadata of one calibrator version (Open Inference Protocol)",
+    responses=_ERRORS,
+)
+async def get_model_version_metadata(name: str, version: str, request: Request) -> Response:
+    async def work() -> Response:
+        state, view, pinned = await _model_request(request, name, version)
+        return json_response(model_metadata(state, view, [str(pinned)]))
+
+    return await guarded(work)
+
+
+async def _ready(request: Request, name: str, version: str | None) -> Response:
+    async def work() -> Response:
+        state, view, _ = await _model_request(request, name, version)
+        failing = state.registry.failing().get(view.name)
+        if failing is not None:
+            return json_response({"name": view.name, "ready": False, "reason": failing}, 503)
+        return json_response({"name": view.name, "ready": True})
+
+    return await guarded(work)
+
+
+@router.get("/models/{name}/ready", summary="Model readiness (Open Inference Protocol)", responses=_ERRORS)
+async def model_ready(name: str, request: Request) -> Response:
+    return await _ready(request, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Readiness of one calibrator version (Open Inference Protocol)",
+    responses=_ERRORS,
+)
+async def model_version_ready(name: str, version: str, request: Request) -> Response:
+    return await _ready(request, name, version)
+
+
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "shape", "datatype"],
+                                "properties": {
+                                    "name": {"type": "string", "enum": list(INPUT_NAMES)},
+                                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                                    "datatype": {"type": "string", "enum": list(DATATYPES)},
+                                    "parameters": {"type": "object"},
+                                    "data": {"type": "array"},
+                                },
+                            },
+                        },
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string", "enum": list(OUTPUT_NAMES)},
+                                    "parameters": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                },
+                "examples": {
+                    "one row": {
+                        "value": {
+                            "id": "42",
+                            "inputs": [
+                                {
+                                    "name": "logits",
+                                    "shape": [1, 3],
+                                    "datatype": "FP32",
+                                    "data": [2.0, 0.5, -1.0],
+                                }
+                            ],
+                        }
+                    }
+                },
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"JSON header then tensor bytes; the header's length in {HEADER_LENGTH}",
+            },
+        },
+    },
+    "parameters": [
+        {
+            "name": HEADER_LENGTH,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "binary tensor data extension: length of the JSON header at the start of the body",
+        }
+    ],
+}
+_INFER_ANSWERS = {
+    200: {
+        "description": "the inference response (JSON, or JSON header then binary outputs)",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    **_ERRORS,
+    502: {"description": 'a failing TorchScript model: {"error": "..."}'},
+}
+
+
+async def _documented_infer(request: Request) -> Response:
+    return await lean_infer(LeanRequest(request.scope, request.receive))
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference (Open Inference Protocol): calibrated probabilities",
+    openapi_extra=_INFER_BODY,
+    response_class=Response,
+    responses=_INFER_ANSWERS,
+)
+async def infer(name: str, request: Request) -> Response:
+    return await _documented_infer(request)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference with one calibrator version (Open Inference Protocol)",
+    openapi_extra=_INFER_BODY,
+    response_class=Response,
+    responses=_INFER_ANSWERS,
+)
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    return await _documented_infer(request)
