@@ -19,7 +19,7 @@ import numpy as np
 from service.core import metrics
 from service.core.calibrators import calibrator_from_dict, make_calibrator
 from service.core.probability import softmax
-from service.core.validation import check_labelled, check_logits, check_probabilities
+from service.core.validation import check_labelled, check_logits, check_probabilities, same_class_count
 from service.errors import InvalidInput
 
 FORMAT_VERSION = 1
@@ -67,7 +67,7 @@ def fit_document(
     """Fit a calibrator and return its document (the one format used by CLI files, the store and the API)."""
     logits = scores_to_logits(scores, from_logits=from_logits)
     logits, y, weight = check_labelled(logits, labels, from_logits=True, sample_weight=sample_weight)
-    if num_classes is not None and logits.shape[1] != num_classes:
+    if num_classes is not None and not same_class_count(logits.shape[1], num_classes):
         raise InvalidInput(
             f"model {model!r} has {num_classes} classes but the data has {logits.shape[1]} columns",
             field="logits",

@@ -15,7 +15,6 @@ application's problem+json handlers.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from types import SimpleNamespace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -27,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
-from service.api.deps import require_admin, require_read
+from service.api import deps
 from service.errors import InvalidInput
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -166,14 +165,14 @@ def authorize(request: LeanRequest, role: str) -> None:
     if not settings.auth_enabled:
         return
     key = request.header(b"x-api-key")
-    credentials = None
-    authorization = request.header(b"authorization")
-    if authorization:
-        scheme, _, token = authorization.decode("latin-1").partition(" ")
-        if scheme.lower() == "bearer" and token:
-            credentials = SimpleNamespace(credentials=token.strip())
-    check = require_admin if role == "admin" else require_read
-    check(request.starlette_request(), key.decode("latin-1") if key else None, credentials)
+    presented = key.decode("latin-1") if key else None
+    if presented is None:
+        authorization = request.header(b"authorization")
+        if authorization:
+            scheme, _, token = authorization.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                presented = token.strip()
+    deps.authorize(settings, presented, role)
 
 
 class LeanRoute(Route):

@@ -206,3 +206,11 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise InvalidInput(f"{name} must be one of {', '.join(choices)}; got {value!r}", field=name)
     return value
+
+
+def same_class_count(columns: int, num_classes: int) -> bool:
+    """Whether scores with ``columns`` columns fit a model of ``num_classes`` classes.
+
+    One column and two columns both describe a binary model, so either fits ``num_classes`` 1 or 2.
+    """
+    return n_label_classes(columns) == n_label_classes(num_classes)

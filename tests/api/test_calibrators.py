@@ -150,3 +150,19 @@ def test_stateless_metrics(client, cifar10):
     answer = client.post("/v1/metrics", json=small).json()
     low, high = answer["intervals"]["ece"]
     assert low <= high
+
+
+@pytest.mark.parametrize(("declared", "columns"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_binary_models_accept_one_or_two_logit_columns(client, declared, columns):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 200)
+    margin = (labels * 2.0 - 1.0 + rng.normal(0, 1.0, 200)) * 3
+    logits = margin[:, None] if columns == 1 else np.stack([np.zeros(200), margin], axis=1)
+    assert client.put("/v1/models/b", json={"num_classes": declared}).status_code == 200
+    fitted = client.post("/v1/models/b/fit", json={"logits": logits.tolist(), "labels": labels.tolist()})
+    assert fitted.status_code == 201, fitted.text
+    served = client.post("/v1/models/b/calibrate", json={"logits": logits[:3].tolist()}).json()
+    expected = softmax(np.stack([np.zeros(3), margin[:3]], axis=1) / fitted.json()["temperature"], axis=1)
+    np.testing.assert_allclose(served["probabilities"], expected, atol=1e-6)
+    three = client.post("/v1/models/b/calibrate", json={"logits": [[0.0, 1.0, 2.0]]})
+    assert_problem(three, 400, "3 columns")

@@ -39,7 +39,7 @@ from service.api.routers.common import compute, model_logits, one_of
 from service.api.schemas import CalibrateRequest, EvaluateRequest, PredictRequest
 from service.api.state import ActiveCalibrator, AppState
 from service.core.probability import softmax
-from service.core.validation import n_label_classes
+from service.core.validation import n_label_classes, same_class_count
 from service.errors import InvalidInput
 from service.store import validate_model_name
 
@@ -149,7 +149,7 @@ def model_views_of_state(state: AppState) -> ModelViews:
 def check_columns(view: ModelView | dict, scores: np.ndarray, field: str) -> None:
     expected = view.get("num_classes") if isinstance(view, dict) else view.num_classes
     name = view["name"] if isinstance(view, dict) else view.name
-    if expected is not None and scores.ndim == 2 and scores.shape[1] != expected:
+    if expected is not None and scores.ndim == 2 and not same_class_count(scores.shape[1], expected):
         raise InvalidInput(
             f"model {name!r} has {expected} classes; {field} has {scores.shape[1]} columns",
             field=field,
