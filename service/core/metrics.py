@@ -63,7 +63,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.core.probability import softmax, two_column_logits, two_column_probabilities
-from service.core.validation import check_choice, check_labelled, check_positive_int
+from service.core.validation import (
+    check_choice,
+    check_labelled,
+    check_labels,
+    check_positive_int,
+    check_probabilities_top_label,
+    check_sample_weight,
+)
 from service.errors import InvalidInput
 
 __all__ = [
@@ -103,10 +110,17 @@ class _Scores:
     ``probabilities`` always has two or more columns (float32 or float64 as given; float64 from logits).
     """
 
-    def __init__(self, probabilities: np.ndarray, labels: np.ndarray, logits: np.ndarray | None = None):
+    def __init__(
+        self,
+        probabilities: np.ndarray,
+        labels: np.ndarray,
+        logits: np.ndarray | None = None,
+        predictions: np.ndarray | None = None,
+    ):
         self.probabilities = probabilities
         self.labels = labels
         self.logits = logits
+        self._predictions = predictions  # each row's argmax, when validation already computed it
         self._bin_ids: dict[tuple[str, int], np.ndarray] = {}
 
     @property
@@ -119,6 +133,9 @@ class _Scores:
 
     @cached_property
     def _top_label(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._predictions is not None:
+            rows = self._predictions[:, None]
+            return self._predictions, np.take_along_axis(self.probabilities, rows, axis=1)[:, 0]
         return _top_label(self.probabilities)
 
     @property
@@ -177,12 +194,16 @@ class _Scores:
 def _prepare(
     probabilities: Any, labels: Any, *, from_logits: bool, sample_weight: Any
 ) -> tuple[_Scores, np.ndarray | None]:
-    scores, y, weights = check_labelled(
-        probabilities, labels, from_logits=from_logits, sample_weight=sample_weight
-    )
     if from_logits:
+        scores, y, weights = check_labelled(
+            probabilities, labels, from_logits=True, sample_weight=sample_weight
+        )
         return _Scores(softmax(scores), y, logits=scores), weights
-    return _Scores(two_column_probabilities(scores), y), weights
+    # The argmax comes from the validation's own pass over the matrix where that is cheaper (wide rows).
+    scores, predictions = check_probabilities_top_label(probabilities)
+    y = check_labels(labels, scores.shape[0], scores.shape[1])
+    weights = check_sample_weight(sample_weight, scores.shape[0])
+    return _Scores(two_column_probabilities(scores), y, predictions=predictions), weights
 
 
 def _top_label(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
