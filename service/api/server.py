@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from importlib.util import find_spec
@@ -117,13 +118,24 @@ class PerWorkerListener(socket.socket):
 
 def serve(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM; refuses a non-local bind without keys (``check_bind_is_safe``)."""
-    import uvicorn
 
     settings.check_bind_is_safe()
     os.environ.update(settings_environment(settings))
     get_settings.cache_clear()
+    metrics_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="calibserve-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix="calibserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _run(settings)
+    finally:
+        if metrics_dir is not None:  # the workers' metric files die with the server
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run(settings: Settings) -> None:
+    import uvicorn
+
     loop, http = loop_and_parser()
     options: dict[str, Any] = {
         "factory": True,
