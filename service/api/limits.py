@@ -55,11 +55,21 @@ async def drain(receive: Receive, limit: int = DRAIN_LIMIT_BYTES) -> None:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_body_bytes``, counted while streaming (chunked bodies too)."""
+    """413 for bodies over ``max_body_bytes``, counted while streaming (chunked bodies too); 503 when the
+    bodies in flight in this worker would add up to more than ``max_body_bytes``.
+
+    The second limit bounds memory, not bandwidth: parsing a JSON body into Python objects and numpy costs
+    up to ~40 bytes per byte of body (a list of one-number rows is the worst), so without it a few dozen
+    concurrent maximal bodies would take a worker's memory by the tens of gigabytes. One request is always
+    admitted whatever its size (within the limit), and small bodies barely count, so only concurrent large
+    uploads meet it. A body declared by Content-Length counts from the start; a chunked one as it arrives
+    (it weighs on the others' admission, but is not refused itself once it has started).
+    """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.bytes_in_flight = 0
 
     def _detail(self) -> str:
         return f"request body is larger than the limit of {self.max_body_bytes} bytes (CALIBSERVE_MAX_BODY_BYTES)"
@@ -69,6 +79,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
+        declared = 0
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -81,17 +92,31 @@ class BodyLimitMiddleware:
                     await send_problem(send, 413, self._detail(), [(b"connection", b"close")])
                     return
                 break
+        # requests without a declared body (GET, probes, chunked uploads) are never refused here
+        if declared and self.bytes_in_flight and self.bytes_in_flight + declared > limit:
+            await drain(receive)
+            await send_problem(
+                send,
+                503,
+                f"request bodies in flight would exceed {limit} bytes (CALIBSERVE_MAX_BODY_BYTES); retry shortly",
+                [(b"retry-after", b"1")],
+            )
+            return
 
         received = 0
+        counted = declared
         response_started = False
         body_complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received, body_complete
+            nonlocal received, counted, body_complete
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_complete = not message.get("more_body", False)
+                if received > counted:  # chunked, or more than declared (the server refuses that itself)
+                    self.bytes_in_flight += received - counted
+                    counted = received
                 if received > limit:
                     raise BodyTooLarge
             return message
@@ -102,6 +127,7 @@ class BodyLimitMiddleware:
                 response_started = True
             await send(message)
 
+        self.bytes_in_flight += declared
         try:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
@@ -110,6 +136,8 @@ class BodyLimitMiddleware:
             if not body_complete:  # past the last chunk, receive() would wait for a disconnect
                 await drain(receive)
             await send_problem(send, 413, self._detail(), [(b"connection", b"close")])
+        finally:
+            self.bytes_in_flight -= counted
 
 
 class ConcurrencyLimitMiddleware:

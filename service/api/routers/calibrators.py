@@ -38,6 +38,7 @@ def publish_temperature(name: str, document: dict[str, Any] | None) -> None:
     summary="Fit a calibrator on labelled logits, probabilities or inputs",
     dependencies=AdminAccess,
     status_code=201,
+    responses={502: {"description": "the TorchScript model failed on the inputs"}},
     openapi_extra=json_body(FitRequest, examples={"temperature": _FIT_EXAMPLE}),
 )
 async def fit(name: ModelName, request: Request, state: State) -> NumpyJSONResponse:
@@ -124,6 +125,7 @@ async def activate(name: ModelName, version: Version, state: State) -> NumpyJSON
     summary="Delete a version (never the active one)",
     dependencies=AdminAccess,
     status_code=204,
+    responses={409: {"description": "the version is the active one"}},
 )
 async def delete_calibrator(name: ModelName, version: Version, state: State) -> Response:
     await run_in_threadpool(state.store.delete_calibrator, name, version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service.api.bodies import NumpyJSONResponse
@@ -23,19 +24,28 @@ async def healthz() -> Response:
 @router.get(
     "/readyz",
     summary="Readiness: models and store loaded",
-    responses={503: {"description": "still loading, or the store is not writable"}},
+    responses={503: {"description": "still loading its models and store"}},
 )
 async def readyz(request: Request) -> Response:
+    """200 once loaded. A store that cannot be written (read-only volume, disk full) is reported under
+    ``store`` but keeps the service ready: calibrate and predict still serve the active calibrators, and an
+    orchestrator that took every replica out of rotation for it would turn a failing write into an outage."""
     state = request.app.state.calibserve
     if not state.ready:
         return problem(503, "the service is still loading its models and store", kind="not-ready")
     try:
-        state.store.check_writable()
+        await run_in_threadpool(state.store.check_writable)  # it fsyncs: never on the event loop
+        store = {"writable": True, "detail": None}
     except StoreUnavailable as exc:
-        return problem(503, str(exc), kind="store-unavailable")
+        store = {"writable": False, "detail": str(exc)}
     failing = state.registry.failing()
     return NumpyJSONResponse(
-        {"status": "ready", "models": sorted(state.registry.names()), "failing_models": failing}
+        {
+            "status": "ready",
+            "models": sorted(state.registry.names()),
+            "failing_models": failing,
+            "store": store,
+        }
     )
 
 

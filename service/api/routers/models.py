@@ -48,6 +48,7 @@ async def list_models(
     "/{name}",
     summary="Create or update a logits-only model",
     dependencies=AdminAccess,
+    responses={409: {"description": "a TorchScript model or the active calibrator has another class count"}},
     openapi_extra=json_body(ModelSpec, examples={"cifar10": {"num_classes": 10}}),
 )
 async def put_model(name: ModelName, request: Request, state: State) -> NumpyJSONResponse:
@@ -117,7 +118,11 @@ async def get_model(name: ModelName, state: State) -> NumpyJSONResponse:
 
 
 @router.delete(
-    "/{name}", summary="Delete a model with its calibrators", dependencies=AdminAccess, status_code=204
+    "/{name}",
+    summary="Delete a model with its calibrators",
+    dependencies=AdminAccess,
+    status_code=204,
+    responses={409: {"description": "the model is shipped in the models directory"}},
 )
 async def delete_model(name: ModelName, state: State) -> Response:
     state.model_info(name)  # 404 for an unknown model
