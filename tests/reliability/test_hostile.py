@@ -223,7 +223,7 @@ def test_very_long_arrays_cost_a_bounded_multiple_of_the_body(server, worker, un
     if response.status == 200:
         assert len(response.json()["probabilities"]) == count + 1
     # JSON to Python objects to numpy: ~16-30 bytes of memory per byte of body at worst; 40 is the bound we
-    # promise (docs/guarantees.md), so the 64 MiB default costs at most ~2.5 GiB per request in flight
+    # promise (README, "Guarantees"), so the 64 MiB default costs at most ~2.5 GiB per request in flight
     assert growth[0] * 1024 < 40 * len(body), f"{growth[0] // 1024} MiB for a {len(body) >> 10} KiB body"
     assert_healthy(server)
 
