@@ -146,9 +146,8 @@ def model_views_of_state(state: AppState) -> ModelViews:
 # ------------------------------------------------------------------------------------------ the work
 
 
-def check_columns(view: ModelView | dict, scores: np.ndarray, field: str) -> None:
-    expected = view.get("num_classes") if isinstance(view, dict) else view.num_classes
-    name = view["name"] if isinstance(view, dict) else view.name
+def check_columns(name: str, expected: int | None, scores: np.ndarray, field: str) -> None:
+    """400 when ``scores`` has a column count that does not fit the model's ``expected`` classes."""
     if expected is not None and scores.ndim == 2 and not same_class_count(scores.shape[1], expected):
         raise InvalidInput(
             f"model {name!r} has {expected} classes; {field} has {scores.shape[1]} columns",
@@ -263,7 +262,7 @@ async def serve_calibrate(
     accept = tensors.response_type(header("accept"), content_type)
     scores = read_scores(content_type, header, body, names=("logits", "probabilities"), predict=False)
     view, entry = model_views_of_state(state).lookup(name, version)
-    check_columns(view, scores.values, scores.kind)
+    check_columns(name, view.num_classes, scores.values, scores.kind)
     probabilities, used = await calibrated(entry, scores.values, scores.kind == "logits")
     return tensor_response(accept, probabilities, used, view, scores.dtype)
 
@@ -381,7 +380,7 @@ async def evaluate(name: ModelName, request: Request, state: State, version: Pin
     info = state.model_info(name)
     kind, values = one_of(body, ("logits", "probabilities", "inputs"))
     scores, from_logits = await model_logits(state, name, kind, values)
-    check_columns(info, scores, kind)
+    check_columns(name, info.get("num_classes"), scores, kind)
     entry = state.calibrator_for(name, version)
     report = await run_in_threadpool(
         workflows.evaluate,

@@ -317,7 +317,7 @@ async def run_infer(
         logits, _ = await model_logits(state, name, "inputs", request.values)
         from_logits = True
     else:
-        check_columns(view, request.values, request.input_name)
+        check_columns(view.name, view.num_classes, request.values, request.input_name)
         logits, from_logits = request.values, request.input_name == "logits"
     probabilities, used = await calibrated(entry, logits, from_logits)
     tensors: dict[str, np.ndarray] = {"probabilities": probabilities}
