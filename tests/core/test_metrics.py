@@ -17,7 +17,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, log_loss
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
-from service.core import metrics
+from service.core import metrics, validation
 from service.core.metrics import (
     accuracy,
     bootstrap_interval,
@@ -235,6 +235,73 @@ def test_values_next_to_every_edge_are_binned_like_searchsorted(dtype, n_bins: i
     )
 
     np.testing.assert_array_equal(bins.counts, np.bincount(expected_ids, minlength=n_bins))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 20),
+    block_rows=st.integers(1, 9),
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_validation_top_label_equals_numpy_argmax_and_max_ties_included(
+    n, k, block_rows, seed, dtype
+) -> None:
+    # small integer counts normalised per row: many rows have several columns tied at their maximum
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 3, size=(n, k)).astype(np.float64)
+    counts[counts.sum(axis=1) == 0, 0] = 1.0
+    probabilities = (counts / counts.sum(axis=1, keepdims=True)).astype(dtype)
+    with pytest.MonkeyPatch.context() as patch:  # many blocks, and a short last one, even for a few rows
+        patch.setattr(validation, "_NARROW_BLOCK_ROWS", block_rows)
+        checked, argmax, maxima = validation.check_probabilities_top_label(probabilities)
+
+    assert checked is probabilities or np.array_equal(checked, probabilities)
+    if argmax is not None:
+        np.testing.assert_array_equal(argmax, probabilities.argmax(axis=1))  # numpy: lowest index on ties
+    if maxima is not None:
+        np.testing.assert_array_equal(maxima, probabilities.max(axis=1))
+    scores = metrics._Scores(probabilities, np.zeros(n, dtype=np.intp), predictions=argmax, maxima=maxima)
+    np.testing.assert_array_equal(scores.predictions, probabilities.argmax(axis=1))
+    np.testing.assert_array_equal(scores.confidences, probabilities.max(axis=1))
+
+
+@pytest.mark.parametrize(
+    ("row", "value", "message"),
+    [(0, np.nan, "NaN or Inf at row 0"), (6, -0.1, "row 6 does not"), (7, np.inf, "NaN or Inf at row 7")],
+)
+def test_narrow_scan_names_the_first_bad_row_in_any_block(row: int, value: float, message: str) -> None:
+    probabilities = np.full((9, 4), 0.25, dtype=np.float32)
+    probabilities[row, 1] = value
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(InvalidInput, match=re.escape(message)):
+        patch.setattr(validation, "_NARROW_BLOCK_ROWS", 4)
+        validation.check_probabilities_top_label(probabilities)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_binning_equals_one_pass(chunk: int) -> None:
+    _, probabilities, labels = _random_scores(1000, 6, seed=21, dtype=np.float32)
+    # confidences on and next to edges, where the chunked loop has to search
+    probabilities[:50] = np.float32(1 / 6)
+    options = [{"kind": "top_label"}, {"kind": "classwise"}, {"norm": "l2"}, {"norm": "max"}]
+    expected = [expected_calibration_error(probabilities, labels, n_bins=15, **o) for o in options]
+    expected_bins = reliability_bins(probabilities, labels, n_bins=15)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "_CHUNK", chunk)
+        chunked = [expected_calibration_error(probabilities, labels, n_bins=15, **o) for o in options]
+        chunked_bins = reliability_bins(probabilities, labels, n_bins=15)
+    assert chunked == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    np.testing.assert_array_equal(chunked_bins.counts, expected_bins.counts)
+    np.testing.assert_allclose(chunked_bins.accuracy, expected_bins.accuracy, rtol=1e-12)
+    # and both against the plain definition: searchsorted bins, float64 sums
+    confidences = probabilities.max(axis=1)
+    edges = (np.arange(16) / 15).astype(np.float32)
+    ids = np.maximum(np.searchsorted(edges, confidences, side="left") - 1, 0)
+    np.testing.assert_array_equal(chunked_bins.counts, np.bincount(ids, minlength=15))
+    correct = probabilities.argmax(axis=1) == labels
+    gaps = [abs(confidences[ids == b].astype(np.float64).sum() - correct[ids == b].sum()) for b in range(15)]
+    assert chunked[0] == pytest.approx(sum(gaps) / len(labels), rel=1e-9)
 
 
 def test_mass_bins_keep_ties_together() -> None:
