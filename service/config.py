@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     auth: Literal["auto", "on", "off"] = "auto"
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_concurrency: int = Field(1024, ge=1)
+    batch_max_size: int = Field(
+        0, ge=0, le=1_000_000, description="dynamic batching of /predict: rows per batch (0: off)"
+    )
+    batch_max_delay_ms: float = Field(
+        2.0, ge=0.0, le=1000.0, description="dynamic batching: longest wait of a batch's first request"
+    )
     log_level: str = "info"
 
     @field_validator("api_keys")

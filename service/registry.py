@@ -219,7 +219,8 @@ class ModelRegistry:
     -----
     Loaded models are swapped in by one dictionary assignment under a lock, so a reader sees either the old
     model or the new one, never a half-loaded one; a file that fails its checks never replaces a good model.
-    :meth:`predict` is synchronous (call it from a thread pool in async code).
+    :meth:`predict` (= :meth:`prepare` + :meth:`run`) is synchronous (call it from a thread pool in async
+    code).
     """
 
     def __init__(self, models_dir: Path | str | None, *, device: str | torch.device = "auto") -> None:
@@ -229,6 +230,7 @@ class ModelRegistry:
         self._load_failures: dict[str, str] = {}
         self._inference_failures: dict[str, str] = {}
         self._consecutive_failures: dict[str, int] = {}
+        self._device_calibrators: dict[tuple[int, torch.device], tuple[Any, torch.nn.Module]] = {}
         self._lock = threading.Lock()
         self._ready = False
 
@@ -459,16 +461,38 @@ class ModelRegistry:
         several dimensions (reshaped). Bad inputs (NaN/Inf, wrong shape, no rows) raise InvalidInput; a
         model that raises or returns something other than finite ``(N, K)`` logits raises ModelFailed.
         """
+        model, batch = self.prepare(name, inputs)
+        return self.run(model, batch)[0]
+
+    def prepare(self, name: str, inputs: Any) -> tuple[LoadedModel, np.ndarray]:
+        """The model ``name`` and ``inputs`` checked and converted for it: the first half of :meth:`predict`.
+
+        Batches prepared for the same model have the same trailing shape and dtype, so that several can be
+        concatenated into one :meth:`run` (dynamic batching).
+        """
         model = self.get(name)
-        batch = self._check_inputs(model, inputs)
+        return model, self._check_inputs(model, inputs)
+
+    def run(
+        self, model: LoadedModel, batch: np.ndarray, calibrator: torch.nn.Module | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(logits, probabilities)`` of ``model`` for a :meth:`prepare` d batch, both on the CPU.
+
+        With ``calibrator`` (a module from :meth:`calibrator_on_device`) the calibration runs on the
+        model's device right after the forward pass, and only the answers travel back; without it
+        ``probabilities`` is None.
+        """
         try:
             with torch.inference_mode():
                 tensor = torch.from_numpy(batch).to(model.device)
                 try:
                     output = model.module(tensor)
                 except Exception as exc:  # anything the TorchScript code raises is the model's fault
-                    raise ModelFailed(f"model {name!r} raised: {_first_line(exc)}") from None
-                output = _check_output(name, output, batch.shape[0], model.output_columns)
+                    raise ModelFailed(f"model {model.name!r} raised: {_first_line(exc)}") from None
+                output = _check_output(model.name, output, batch.shape[0], model.output_columns)
+                probabilities = None
+                if calibrator is not None:
+                    probabilities = calibrator(output).to("cpu", torch.float64).numpy()
                 logits = output.detach().to("cpu", torch.float32)
                 # When no conversion was needed, the memory is the model's (possibly a buffer, or the input
                 # batch itself): hand out a copy, never an alias.
@@ -479,7 +503,25 @@ class ModelRegistry:
             self._record_failure(model, str(exc))
             raise
         self._record_success(model)
-        return array
+        return array, probabilities
+
+    def calibrator_on_device(self, model: LoadedModel, calibrator: Any | None) -> torch.nn.Module:
+        """:func:`calibrator_module` of ``calibrator`` on ``model``'s device, built once per calibrator.
+
+        Fitted calibrators are immutable and the serving state keeps one object per version, so the
+        object itself is the key (held, so that its ``id`` cannot be reused while cached).
+        """
+        key = (id(calibrator), model.device)
+        with self._lock:
+            cached = self._device_calibrators.get(key)
+        if cached is not None and cached[0] is calibrator:
+            return cached[1]
+        module = calibrator_module(calibrator).to(model.device).eval()
+        with self._lock:
+            if len(self._device_calibrators) >= 256:
+                self._device_calibrators.clear()
+            self._device_calibrators[key] = (calibrator, module)
+        return module
 
     def _check_inputs(self, model: LoadedModel, inputs: Any) -> np.ndarray:
         if hasattr(inputs, "detach") and hasattr(inputs, "cpu"):

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from service import registry as registry_module
+from service.core.calibrators import make_calibrator
+from service.core.probability import softmax
 from service.errors import InvalidInput, ModelFailed, NotFound
 from service.registry import FAILURE_THRESHOLD, ModelRegistry, check_model_name, resolve_device
 
@@ -686,6 +688,49 @@ def test_registry_is_the_only_module_calling_torch_jit() -> None:
     assert offenders == []
 
 
+# ------------------------------------------------------------------------------ calibration on device
+
+
+def _fitted_calibrators() -> list:
+    with np.load(DIGITS / "validation.npz") as validation:
+        logits, labels = validation["logits"], validation["labels"]
+    return [None] + [
+        make_calibrator(method).fit(logits, labels)
+        for method in ("temperature", "vector", "matrix", "isotonic", "histogram")
+    ]
+
+
+def _calibration_on_device_equals_numpy(device: str) -> None:
+    models = ModelRegistry(SHIPPED, device=device)
+    models.load_all()
+    model, batch = models.prepare("digits-mlp", np.load(DIGITS / "test.npz")["inputs"])
+    cpu_logits = ModelRegistry(SHIPPED, device="cpu")
+    cpu_logits.load_all()
+    logits = cpu_logits.predict("digits-mlp", batch)
+    for calibrator in _fitted_calibrators():
+        module = models.calibrator_on_device(model, calibrator)
+        assert models.calibrator_on_device(model, calibrator) is module  # built once
+        assert all(buffer.device.type == model.device.type for buffer in module.buffers())
+        run_logits, probabilities = models.run(model, batch, module)
+        expected = softmax(logits) if calibrator is None else calibrator.transform(logits)
+        method = getattr(calibrator, "method", "softmax")
+        np.testing.assert_allclose(run_logits, logits, atol=1e-5, err_msg=method)
+        np.testing.assert_allclose(probabilities, expected, atol=1e-6, err_msg=method)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_calibration_after_the_forward_pass_equals_numpy_calibration() -> None:
+    # The GPU path of /predict; on the CPU it runs the same modules.
+    _calibration_on_device_equals_numpy("cpu")
+
+
+def test_run_without_calibrator_gives_logits_only(good: ModelRegistry) -> None:
+    model, batch = good.prepare("good", INPUTS)
+    logits, probabilities = good.run(model, batch)
+    assert probabilities is None
+    np.testing.assert_allclose(logits, eager_logits(Linear(), INPUTS), atol=1e-6)
+
+
 # -------------------------------------------------------------------------------------------- CUDA
 
 
@@ -705,3 +750,9 @@ def test_cuda_predictions_equal_cpu() -> None:
     np.testing.assert_allclose(on_gpu, cpu.predict("digits-mlp", inputs), rtol=0, atol=1e-5)
     gpu.load_bytes("small", script_bytes(Linear()), SHAPE_META)
     np.testing.assert_allclose(gpu.predict("small", INPUTS), eager_logits(Linear(), INPUTS), atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_calibration_after_the_forward_pass_equals_numpy_calibration() -> None:
+    _calibration_on_device_equals_numpy("cuda")

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service.api import problems
+from service.api.batching import DynamicBatcher
 from service.api.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from service.api.observability import MetricsMiddleware
 from service.api.routers import calibrators, export, fallback, health, inference, models, oip, scoring
@@ -37,6 +38,10 @@ def create_app(settings: Settings) -> FastAPI:
         store=CalibratorStore(settings.store_dir),
         registry=ModelRegistry(settings.models_dir, device=settings.device),
     )
+    if settings.batch_max_size > 0:
+        state.batcher = DynamicBatcher(
+            max_size=settings.batch_max_size, max_delay=settings.batch_max_delay_ms / 1000.0
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

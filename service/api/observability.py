@@ -37,6 +37,16 @@ ACTIVE_TEMPERATURE = Gauge(
     ["model"],
     multiprocess_mode="mostrecent",
 )
+BATCH_REQUESTS = Histogram(
+    "calibserve_predict_batch_requests",
+    "Requests served by one forward pass of dynamic batching",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BATCH_ROWS = Histogram(
+    "calibserve_predict_batch_rows",
+    "Rows of one forward pass of dynamic batching",
+    buckets=(1, 4, 16, 64, 256, 1024, 4096),
+)
 MODEL_FAILURES = Counter("calibserve_model_failures_total", "TorchScript inference failures", ["model"])
 
 

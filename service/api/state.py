@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service import workflows
+from service.api.batching import DynamicBatcher
 from service.config import Settings
 from service.errors import InvalidInput, NotFound, NotReady
 from service.registry import ModelRegistry
@@ -40,6 +41,7 @@ class AppState:
     store: CalibratorStore
     registry: ModelRegistry
     ready: bool = False
+    batcher: DynamicBatcher | None = None
     _active: dict[str, ActiveCalibrator] = field(default_factory=dict)
     _pinned: dict[tuple[str, int], ActiveCalibrator] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -133,3 +133,26 @@ def test_models_live_on_the_gpu_when_asked(make_client, digits):
         json={"inputs": digits["test"]["inputs"][:16].tolist(), "return_logits": True},
     ).json()
     np.testing.assert_allclose(body["logits"], digits["test"]["logits"][:16], atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["temperature", "matrix", "isotonic"])
+@pytest.mark.parametrize("batching", [{}, {"batch_max_size": 32, "batch_max_delay_ms": 5.0}])
+def test_predict_on_the_gpu_calibrates_there_like_the_cpu(make_client, digits, tmp_path, method, batching):
+    validation, rows = digits["validation"], digits["test"]["inputs"][:40]
+    answers = []
+    for device in ("cpu", "cuda"):
+        client = make_client(device=device, store_dir=tmp_path / device, **batching)
+        fitted = client.post(
+            "/v1/models/digits-mlp/fit",
+            json={
+                "method": method,
+                "logits": validation["logits"].tolist(),
+                "labels": validation["labels"].tolist(),
+            },
+        )
+        assert fitted.status_code == 201, fitted.text
+        body = client.post("/v1/models/digits-mlp/predict", json={"inputs": rows.tolist()}).json()
+        answers.append(np.array(body["probabilities"]))
+    np.testing.assert_allclose(answers[1], answers[0], atol=1e-5)

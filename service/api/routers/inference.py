@@ -172,6 +172,43 @@ async def calibrated(entry: ActiveCalibrator, scores: np.ndarray, from_logits: b
     return probabilities, entry.version
 
 
+async def run_model(
+    state: AppState, name: str, entry: ActiveCalibrator, inputs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(logits, probabilities)`` of TorchScript model ``name``; probabilities None: calibrate on the CPU.
+
+    On a GPU the calibrator runs there, after the forward pass, as one vectorised operation (the exported
+    module of :func:`service.registry.calibrator_module`); on the CPU numpy's exact float64 calibration
+    follows instead. With dynamic batching on, concurrent requests share the forward pass.
+    """
+    state.sync_uploaded_model(name)
+    registry = state.registry
+    model, batch = await compute(registry.prepare, name, inputs, size=inputs.size)
+    calibrator = entry.calibrator
+    # A calibrator fitted for another class count is left to the CPU path, which names the mismatch.
+    fits = calibrator is None or calibrator.num_classes_ == model.num_classes
+    module = registry.calibrator_on_device(model, calibrator) if model.device.type != "cpu" and fits else None
+
+    def run(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return registry.run(model, rows, module)
+
+    if state.batcher is not None:
+        logits, probabilities = await state.batcher.submit((id(model), id(module)), batch, run)
+    else:
+        logits, probabilities = await run_in_threadpool(run, batch)
+    return logits, probabilities
+
+
+async def predicted(
+    state: AppState, name: str, entry: ActiveCalibrator, inputs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """``(logits, calibrated probabilities, calibrator version)`` of TorchScript model ``name``."""
+    logits, probabilities = await run_model(state, name, entry, inputs)
+    if probabilities is None:
+        return logits, *await calibrated(entry, logits, True)
+    return logits, probabilities, entry.version
+
+
 def answer(
     probabilities: np.ndarray, version: int | None, view: ModelView | dict, extra: dict | None = None
 ) -> dict[str, Any]:
@@ -277,8 +314,7 @@ async def serve_predict(
     view, entry = model_views_of_state(state).lookup(name, version)
     if view.kind != "torchscript":
         raise InvalidInput(f"model {name!r} is logits-only; POST its logits to /calibrate", field="inputs")
-    logits, _ = await model_logits(state, name, "inputs", scores.values)
-    probabilities, used = await calibrated(entry, logits, True)
+    logits, probabilities, used = await predicted(state, name, entry, scores.values)
     extra = {"logits": logits} if scores.return_logits else None
     return tensor_response(accept, probabilities, used, view, scores.dtype, extra)
 

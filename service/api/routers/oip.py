@@ -49,8 +49,13 @@ from starlette.responses import Response
 from service import workflows
 from service.api import problems
 from service.api.bodies import LeanRequest, LeanRoute, authorize
-from service.api.routers.common import model_logits
-from service.api.routers.inference import ModelView, calibrated, check_columns, model_views_of_state
+from service.api.routers.inference import (
+    ModelView,
+    calibrated,
+    check_columns,
+    model_views_of_state,
+    predicted,
+)
 from service.api.state import AppState
 from service.errors import CalibserveError, NotFound
 from service.store import validate_model_name
@@ -314,12 +319,12 @@ async def run_infer(
     if request.input_name == "inputs":
         if view.kind != "torchscript":
             raise OIPError(400, f"model {name!r} is logits-only; send its logits as input 'logits'")
-        logits, _ = await model_logits(state, name, "inputs", request.values)
+        logits, probabilities, used = await predicted(state, name, entry, request.values)
         from_logits = True
     else:
         check_columns(view.name, view.num_classes, request.values, request.input_name)
         logits, from_logits = request.values, request.input_name == "logits"
-    probabilities, used = await calibrated(entry, logits, from_logits)
+        probabilities, used = await calibrated(entry, logits, from_logits)
     tensors: dict[str, np.ndarray] = {"probabilities": probabilities}
     wanted = {output_name for output_name, _ in request.outputs}
     if "logits" in wanted:
