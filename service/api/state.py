@@ -1,13 +1,15 @@
-"""What one worker holds: the store, the model registry, and a cache of active calibrators.
+"""What one worker holds: the store, the model registry, the dynamic batcher, and caches of the active
+calibrators and of each model's view for the hot path (:class:`ModelViews`).
 
-Workers share the store on disk. The cache keys each model's active calibrator by the ``active`` pointer's
-stat stamp, so a fit or activation made by any worker (or replica) is served by all from the next request on,
-for the price of one ``stat`` per request.
+Workers share the store on disk. The caches key what they hold by ``stat`` stamps of the store's files, so a
+fit or activation made by any worker (or replica) is served by all from the next request on, for the price
+of a ``stat`` or two per request.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,86 @@ class ActiveCalibrator:
 IDENTITY = ActiveCalibrator(version=None, calibrator=None, document=None)
 
 
+@dataclass(frozen=True)
+class ModelView:
+    """What the hot path needs to know of a model."""
+
+    name: str
+    kind: str
+    num_classes: int | None
+    class_names: tuple[str, ...] | None
+
+
+def _stamp(path: str) -> tuple[int, ...] | None:
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (info.st_mtime_ns, info.st_ino, info.st_size)
+
+
+class ModelViews:
+    """Per-worker cache of each model's :class:`ModelView` and active calibrator, keyed by stat stamps.
+
+    ``AppState.model_info`` reads ``model.json`` on every call. Here a request costs two ``stat`` s (of
+    ``model.json`` and of the ``active`` pointer, on plain string paths) and a registry lookup: every store
+    write replaces the file it changes (a new inode; the pointer's mtime also moves strictly forward), and
+    an upload replaces the registry's model object, so a change made by any worker or replica is served
+    from the next request on. On a change the state's own loaders run, so this cache never holds anything
+    older than what it stat-ed. (The pointer's stamp is exact; a ``model.json`` rewritten twice within one
+    clock tick, reusing its inode number and size, could keep an older view of the metadata until the next
+    change: the store guarantees strictly increasing mtimes for the pointer only.)
+    """
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self._entries: dict[str, tuple[tuple[Any, ...], Any, ModelView, ActiveCalibrator]] = {}
+        self._paths: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def _files(self, name: str) -> tuple[str, str]:
+        # <store>/<model>/model.json and <store>/<model>/active: the documented store layout (DESIGN.md).
+        paths = self._paths.get(name)
+        if paths is None:
+            directory = os.path.join(self.state.store.root, name)
+            paths = (os.path.join(directory, "model.json"), os.path.join(directory, "active"))
+            if len(self._paths) > 4096:
+                self._paths.clear()
+            self._paths[name] = paths
+        return paths
+
+    def _entry(self, name: str) -> tuple[ModelView, ActiveCalibrator]:
+        model_file, pointer_file = self._files(name)
+        stamps = (_stamp(model_file), _stamp(pointer_file))
+        loaded = self.state.registry.loaded(name)
+        cached = self._entries.get(name)
+        if cached is not None and cached[0] == stamps and cached[1] is loaded:
+            return cached[2], cached[3]
+        info = self.state.model_info(name)
+        names = info.get("class_names")
+        view = ModelView(
+            name=name,
+            kind=info.get("kind", "logits"),
+            num_classes=info.get("num_classes"),
+            class_names=tuple(names) if names else None,
+        )
+        active = self.state.active(name)
+        with self._lock:
+            if len(self._entries) > 4096:
+                self._entries.clear()
+            self._entries[name] = (stamps, loaded, view, active)
+        return view, active
+
+    def get(self, name: str) -> ModelView:
+        """The model's view; NotFound (404) for a model that does not exist."""
+        return self._entry(name)[0]
+
+    def lookup(self, name: str, version: int | None) -> tuple[ModelView, ActiveCalibrator]:
+        """The model's view and its active calibrator, or version ``version`` (NotFound if missing)."""
+        view, active = self._entry(name)
+        return view, (active if version is None else self.state.pinned(name, version))
+
+
 @dataclass
 class AppState:
     settings: Settings
@@ -45,6 +127,10 @@ class AppState:
     _active: dict[str, ActiveCalibrator] = field(default_factory=dict)
     _pinned: dict[tuple[str, int], ActiveCalibrator] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    views: ModelViews = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.views = ModelViews(self)
 
     # ------------------------------------------------------------------------------------------ start-up
 

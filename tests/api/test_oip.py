@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
+import tritonclient.http as httpclient  # a dev dependency: the real client, not our reading of it
 from scipy.special import softmax
 
 from tests.servers import Server
@@ -333,7 +334,6 @@ def test_exact_tritonclient_wire_format_over_http(live):
 
 
 def test_tritonclient_http_infers_against_a_live_server(live):
-    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
     client = httpclient.InferenceServerClient(url=live.url.removeprefix("http://"))
     try:
         assert client.is_server_live() and client.is_server_ready()

@@ -1,7 +1,9 @@
-"""Paths under /v1/models that match no route: a malformed model name is 400, anything else 404.
+"""Paths under /v1/models that no route answers: a malformed model name is 400, a method that the path
+does not serve 405 (with every method it does serve in ``Allow``), anything else 404.
 
 The router decodes ``%2F`` before matching, so ``/v1/models/a%2Fb`` would otherwise be an anonymous 404;
-DESIGN promises 400 for names with separators, so the raw path decides which it was.
+DESIGN promises 400 for names with separators, so the raw path decides which it was. A method the path does
+not serve reaches this catch-all too (its own routes match the path only partially), hence the 405 here.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
+from starlette.exceptions import HTTPException
 
+from service.api.problems import allowed_methods
 from service.errors import NotFound
 from service.store import validate_model_name
 
@@ -23,4 +27,6 @@ async def unmatched_model_path(request: Request) -> None:
     raw = request.scope.get("raw_path") or request.url.path.encode()
     segment = raw[len(PREFIX) :].split(b"?", 1)[0].split(b"/", 1)[0] if raw.startswith(PREFIX) else b""
     validate_model_name(unquote(segment.decode("latin-1")))
+    if allowed_methods(request.app, request.url.path):
+        raise HTTPException(405, f"{request.method} is not allowed on this path")
     raise NotFound(f"no route matches {request.method} on this path")

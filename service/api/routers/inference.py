@@ -9,8 +9,6 @@ Accept.
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -37,7 +35,7 @@ from service.api.bodies import (
 from service.api.deps import ModelName, ReadAccess, State
 from service.api.routers.common import compute, model_logits, one_of
 from service.api.schemas import CalibrateRequest, EvaluateRequest, PredictRequest
-from service.api.state import ActiveCalibrator, AppState
+from service.api.state import ActiveCalibrator, AppState, ModelView
 from service.core.probability import softmax
 from service.core.validation import n_label_classes, same_class_count
 from service.errors import InvalidInput
@@ -53,94 +51,6 @@ HeaderGetter = Callable[[str], "str | bytes | None"]
 
 
 # ----------------------------------------------------------------------------------------- model views
-
-
-@dataclass(frozen=True)
-class ModelView:
-    """What the hot path needs to know of a model."""
-
-    name: str
-    kind: str
-    num_classes: int | None
-    class_names: tuple[str, ...] | None
-
-
-def _stamp(path: str) -> tuple[int, ...] | None:
-    try:
-        info = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return (info.st_mtime_ns, info.st_ino, info.st_size)
-
-
-class ModelViews:
-    """Per-worker cache of each model's :class:`ModelView` and active calibrator, keyed by stat stamps.
-
-    ``AppState.model_info`` reads ``model.json`` on every call. Here a request costs two ``stat`` s (of
-    ``model.json`` and of the ``active`` pointer, on plain string paths) and a registry lookup: every store
-    write replaces the file it changes (a new inode; the pointer's mtime also moves strictly forward), and
-    an upload replaces the registry's model object, so a change made by any worker or replica is served
-    from the next request on. On a change the state's own loaders run, so this cache never holds anything
-    older than what it stat-ed. (The pointer's stamp is exact; a ``model.json`` rewritten twice within one
-    clock tick, reusing its inode number and size, could keep an older view of the metadata until the next
-    change: the store guarantees strictly increasing mtimes for the pointer only.)
-    """
-
-    def __init__(self, state: AppState) -> None:
-        self.state = state
-        self._entries: dict[str, tuple[tuple[Any, ...], Any, ModelView, ActiveCalibrator]] = {}
-        self._paths: dict[str, tuple[str, str]] = {}
-        self._lock = threading.Lock()
-
-    def _files(self, name: str) -> tuple[str, str]:
-        # <store>/<model>/model.json and <store>/<model>/active: the documented store layout (DESIGN.md).
-        paths = self._paths.get(name)
-        if paths is None:
-            directory = os.path.join(self.state.store.root, name)
-            paths = (os.path.join(directory, "model.json"), os.path.join(directory, "active"))
-            if len(self._paths) > 4096:
-                self._paths.clear()
-            self._paths[name] = paths
-        return paths
-
-    def _entry(self, name: str) -> tuple[ModelView, ActiveCalibrator]:
-        model_file, pointer_file = self._files(name)
-        stamps = (_stamp(model_file), _stamp(pointer_file))
-        loaded = self.state.registry.loaded(name)
-        cached = self._entries.get(name)
-        if cached is not None and cached[0] == stamps and cached[1] is loaded:
-            return cached[2], cached[3]
-        info = self.state.model_info(name)
-        names = info.get("class_names")
-        view = ModelView(
-            name=name,
-            kind=info.get("kind", "logits"),
-            num_classes=info.get("num_classes"),
-            class_names=tuple(names) if names else None,
-        )
-        active = self.state.active(name)
-        with self._lock:
-            if len(self._entries) > 4096:
-                self._entries.clear()
-            self._entries[name] = (stamps, loaded, view, active)
-        return view, active
-
-    def get(self, name: str) -> ModelView:
-        """The model's view; NotFound (404) for a model that does not exist."""
-        return self._entry(name)[0]
-
-    def lookup(self, name: str, version: int | None) -> tuple[ModelView, ActiveCalibrator]:
-        """The model's view and its active calibrator, or version ``version`` (NotFound if missing)."""
-        view, active = self._entry(name)
-        return view, (active if version is None else self.state.pinned(name, version))
-
-
-def model_views_of_state(state: AppState) -> ModelViews:
-    """The :class:`ModelViews` of ``state``, made on first use and kept on it (one per application)."""
-    views = state.__dict__.get("_model_views")
-    if views is None:
-        views = state.__dict__.setdefault("_model_views", ModelViews(state))
-    return views
 
 
 # ------------------------------------------------------------------------------------------ the work
@@ -298,7 +208,7 @@ async def serve_calibrate(
     content_type = tensors.request_type(header("content-type"))
     accept = tensors.response_type(header("accept"), content_type)
     scores = read_scores(content_type, header, body, names=("logits", "probabilities"), predict=False)
-    view, entry = model_views_of_state(state).lookup(name, version)
+    view, entry = state.views.lookup(name, version)
     check_columns(name, view.num_classes, scores.values, scores.kind)
     probabilities, used = await calibrated(entry, scores.values, scores.kind == "logits")
     return tensor_response(accept, probabilities, used, view, scores.dtype)
@@ -311,7 +221,7 @@ async def serve_predict(
     content_type = tensors.request_type(header("content-type"))
     accept = tensors.response_type(header("accept"), content_type)
     scores = read_scores(content_type, header, body, names=("inputs",), predict=True)
-    view, entry = model_views_of_state(state).lookup(name, version)
+    view, entry = state.views.lookup(name, version)
     if view.kind != "torchscript":
         raise InvalidInput(f"model {name!r} is logits-only; POST its logits to /calibrate", field="inputs")
     logits, probabilities, used = await predicted(state, name, entry, scores.values)

@@ -49,14 +49,8 @@ from starlette.responses import Response
 from service import workflows
 from service.api import problems
 from service.api.bodies import LeanRequest, LeanRoute, authorize
-from service.api.routers.inference import (
-    ModelView,
-    calibrated,
-    check_columns,
-    model_views_of_state,
-    predicted,
-)
-from service.api.state import AppState
+from service.api.routers.inference import calibrated, check_columns, predicted
+from service.api.state import AppState, ModelView
 from service.errors import CalibserveError, NotFound
 from service.store import validate_model_name
 
@@ -315,7 +309,7 @@ async def run_infer(
 ) -> Response:
     state.require_ready()
     request = parse_infer(body, header_length)
-    view, entry = model_views_of_state(state).lookup(name, version)
+    view, entry = state.views.lookup(name, version)
     if request.input_name == "inputs":
         if view.kind != "torchscript":
             raise OIPError(400, f"model {name!r} is logits-only; send its logits as input 'logits'")
@@ -423,7 +417,7 @@ async def _model_request(
     state = _state(request)
     state.require_ready()
     name = validate_model_name(name)
-    view = model_views_of_state(state).get(name)
+    view = state.views.get(name)
     pinned = path_version(version)
     if pinned is not None:
         state.store.get_calibrator(name, pinned)  # NotFound for a version that does not exist
