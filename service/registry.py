@@ -479,8 +479,9 @@ class ModelRegistry:
         """``(logits, probabilities)`` of ``model`` for a :meth:`prepare` d batch, both on the CPU.
 
         With ``calibrator`` (a module from :meth:`calibrator_on_device`) the calibration runs on the
-        model's device right after the forward pass, and only the answers travel back; without it
-        ``probabilities`` is None.
+        model's device right after the forward pass, and only the answers travel back; without it, or if
+        the calibration fails there (e.g. out of device memory), ``probabilities`` is None and the caller
+        calibrates on the CPU.
         """
         try:
             with torch.inference_mode():
@@ -490,9 +491,7 @@ class ModelRegistry:
                 except Exception as exc:  # anything the TorchScript code raises is the model's fault
                     raise ModelFailed(f"model {model.name!r} raised: {_first_line(exc)}") from None
                 output = _check_output(model.name, output, batch.shape[0], model.output_columns)
-                probabilities = None
-                if calibrator is not None:
-                    probabilities = calibrator(output).to("cpu", torch.float64).numpy()
+                probabilities = _calibrate_on_device(model.name, calibrator, output)
                 logits = output.detach().to("cpu", torch.float32)
                 # When no conversion was needed, the memory is the model's (possibly a buffer, or the input
                 # batch itself): hand out a copy, never an alias.
@@ -584,6 +583,22 @@ class ModelRegistry:
             self._consecutive_failures.pop(model.name, None)
             if self._inference_failures.pop(model.name, None) is not None:
                 logger.info("model %s recovered", model.name)
+
+
+def _calibrate_on_device(
+    name: str, calibrator: torch.nn.Module | None, logits: torch.Tensor
+) -> np.ndarray | None:
+    """``calibrator`` on checked model output, as the CPU path computes it: from the logits rounded to
+    float32 (what the CPU path receives), in float64, so that both give the same probabilities and argmax."""
+    if calibrator is None:
+        return None
+    try:
+        return calibrator(logits.to(torch.float32).to(torch.float64)).to("cpu").numpy()
+    except Exception as exc:  # the CPU path still answers, with the same probabilities
+        logger.warning(
+            "model %s: calibration on %s failed, calibrating on the CPU: %s", name, logits.device, exc
+        )
+        return None
 
 
 def _first_line(exc: BaseException) -> str:

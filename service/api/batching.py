@@ -107,10 +107,7 @@ _running: set[asyncio.Task] = set()
 
 
 async def _settle(run: Run, batch: np.ndarray) -> tuple[Any, ...] | BaseException:
-    try:
-        return await run_in_threadpool(run, batch)
-    except Exception as exc:
-        return exc
+    return await run_in_threadpool(_run_alone, run, batch)
 
 
 def _run_together(run: Run, parts: list[np.ndarray]) -> list[tuple[Any, ...] | BaseException]:

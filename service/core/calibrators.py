@@ -630,7 +630,9 @@ def _safeguarded_newton(
             break
         log_curvature = x * curvature + gradient
         if log_curvature > 0.0:
-            candidate = x * math.exp(-gradient / log_curvature)
+            # Capped: where f' < 0 and x f'' + f' is tiny the ratio can overflow exp; any step beyond the
+            # bracket goes to a bound or the midpoint below anyway.
+            candidate = x * math.exp(min(-gradient / log_curvature, 64.0))
         elif curvature > 0.0:
             candidate = x - gradient / curvature
         else:
@@ -857,7 +859,7 @@ class TemperatureScaling(BaseCalibrator):
             # A bound on beta is the opposite bound on T.
             at_bound = {"upper": "lower", "lower": "upper", None: None}[result["at_bound"]]
             convergence = {
-                "iterations": result["iterations"],
+                "iterations": result["iterations"] + (result["next"] != result["x"]),  # the step taken last
                 "evaluations": objective.evaluations,
                 "gradient": result["gradient"],
                 "converged": result["converged"],

@@ -107,7 +107,7 @@ def check_logits(logits: Any, name: str = "logits") -> np.ndarray:
 
 def check_probabilities(probabilities: Any, name: str = "probabilities") -> np.ndarray:
     """Validate probabilities: finite, in [0, 1], rows summing to 1 when there are two or more columns."""
-    return check_probabilities_top_label(probabilities, name)[0]
+    return _check_probabilities(probabilities, name, top_label=False)[0]
 
 
 def check_probabilities_top_label(
@@ -121,15 +121,21 @@ def check_probabilities_top_label(
     Below ``ARGMAX_MIN_COLUMNS`` columns the maxima come with it (:func:`scan_narrow`); from there on they
     are ``None`` (one ``take_along_axis`` away).
     """
+    return _check_probabilities(probabilities, name, top_label=True)
+
+
+def _check_probabilities(
+    probabilities: Any, name: str, *, top_label: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     array = as_float_matrix(probabilities, name, finite=False)
     n_samples, n_classes = array.shape
-    if 2 <= n_classes < ARGMAX_MIN_COLUMNS:
+    if top_label and 2 <= n_classes < ARGMAX_MIN_COLUMNS:
         # errstate: NaN, Inf and sums beyond float range are caught by the checks below
         with np.errstate(invalid="ignore", over="ignore"):
             deviation, maxima, argmax, lowest = scan_narrow(array)
         _check_scan(array, name, lowest, maxima.max(), deviation)
         return array, argmax, maxima
-    with_argmax = n_classes >= ARGMAX_MIN_COLUMNS
+    with_argmax = top_label and n_classes >= ARGMAX_MIN_COLUMNS
     argmax = np.empty(n_samples, dtype=np.intp) if with_argmax else None
     # A NaN makes a block's min and max NaN and a row sum NaN, and +-Inf lies outside [0, 1]: the checks
     # below fail on either, so no separate isfinite pass is needed (it cost 40% of the validation time).

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.optimize import minimize_scalar
@@ -381,8 +381,19 @@ def test_every_calibrator_gives_probability_rows_and_round_trips_through_json(da
     assert rebuilt.to_dict() == calibrator.to_dict()
 
 
+# Found by hypothesis: a Newton step on log beta of exp(-f' / (beta f'' + f')) overflowed math.exp (500 on /fit).
+_A = 1.123046875
+_NEWTON_OVERFLOW = (
+    np.array(
+        [[_A, 0, _A, _A, _A], *[[_A] * 5] * 3, [0, _A, -10, _A, _A], *[[_A] * 5] * 3, [-11, _A, -11, 0, _A]]
+    ),
+    np.array([0, 1, 1, 1, 1, 1, 1, 1, 1]),
+)
+
+
 @PROPERTY_SETTINGS
 @given(data=labelled_logits(), permutation_seed=st.integers(0, 2**32 - 1))
+@example(data=_NEWTON_OVERFLOW, permutation_seed=0)
 def test_temperature_properties(data, permutation_seed):
     logits, labels = data
     fitted = TemperatureScaling().fit(logits, labels)

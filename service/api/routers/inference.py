@@ -97,13 +97,15 @@ async def run_model(
     calibrator = entry.calibrator
     # A calibrator fitted for another class count is left to the CPU path, which names the mismatch.
     fits = calibrator is None or calibrator.num_classes_ == model.num_classes
-    module = registry.calibrator_on_device(model, calibrator) if model.device.type != "cpu" and fits else None
+    on_device = model.device.type != "cpu" and fits
 
     def run(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        module = registry.calibrator_on_device(model, calibrator) if on_device else None
         return registry.run(model, rows, module)
 
     if state.batcher is not None:
-        logits, probabilities = await state.batcher.submit((id(model), id(module)), batch, run)
+        key = (id(model), id(calibrator), on_device)  # both held by `run` while queued: ids stay unique
+        logits, probabilities = await state.batcher.submit(key, batch, run)
     else:
         logits, probabilities = await run_in_threadpool(run, batch)
     return logits, probabilities
