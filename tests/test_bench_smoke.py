@@ -7,6 +7,7 @@ section rewrite); timings are the benchmark's business, never a test's.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -108,3 +109,21 @@ def test_replace_section_keeps_other_sections(tmp_path: Path) -> None:
     assert "<!-- two:start -->\nother body\n<!-- two:end -->" in text
     assert "first body" not in text
     assert text.index("one:start") < text.index("two:start")
+
+
+def test_batching_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
+    # two real servers (batching off and on), one short window per cell; only the table's shape is checked
+    readme = tmp_path / "README.md"
+    command = [sys.executable, str(BENCH / "bench_batching.py"), "--rounds", "1", "--window", "0.2"]
+    command += ["--concurrency", "1", "2", "--max-requests", "200", "--write", "--readme", str(readme)]
+    subprocess.run(command, check=True, capture_output=True, timeout=240)
+    text = readme.read_text()
+    assert "<!-- bench_batching:start -->\n## Dynamic batching of /predict" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1-row ")]
+    assert len(rows) == 4  # JSON and .npy at concurrency 1 and 2
+    assert "not accounted for" not in text  # the batch histogram saw every request
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[-1] == "0 / 0"  # no request failed on either server
+        if cells[1] == "1":  # one request at a time: every forward pass serves exactly one
+            assert cells[-2] == "1.00"
