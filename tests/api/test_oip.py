@@ -289,6 +289,26 @@ def test_auth_and_unknown_models_answer_error_objects(make_client):
     assert ghost.status_code == 404 and "ghost" in ghost.json()["error"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "needle"),
+    [
+        ("GET", "/v2/models/a%2Fb", 400, "invalid model name 'a/b'"),  # decoded, it would match no route
+        ("GET", "/v2/models/..%2Fetc/ready", 400, "invalid model name"),
+        ("GET", "/v2/models/wrn/nothing", 404, "no route matches GET"),
+        ("GET", "/v2/anything", 404, "no route matches GET"),
+        ("PUT", "/v2/models/wrn/infer", 405, "PUT is not allowed"),
+        ("DELETE", "/v2/models/wrn", 405, "DELETE is not allowed"),
+    ],
+)
+def test_unmatched_v2_paths_answer_error_objects(client, method, path, status, needle):
+    response = client.request(method, path)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert list(response.json()) == ["error"] and needle in response.json()["error"]
+    if status == 405:
+        assert "POST" in response.headers["allow"] or "GET" in response.headers["allow"]
+
+
 # --------------------------------------------------------------------------------- against a live server
 
 

@@ -4,6 +4,8 @@ does not serve 405 (with every method it does serve in ``Allow``), anything else
 The router decodes ``%2F`` before matching, so ``/v1/models/a%2Fb`` would otherwise be an anonymous 404;
 DESIGN promises 400 for names with separators, so the raw path decides which it was. A method the path does
 not serve reaches this catch-all too (its own routes match the path only partially), hence the 405 here.
+The Open Inference Protocol router ends with a catch-all of its own that makes the same decision
+(:func:`check_unmatched`) and answers it in the protocol's ``{"error": ...}`` format.
 """
 
 from __future__ import annotations
@@ -22,11 +24,23 @@ router = APIRouter(include_in_schema=False)
 PREFIX = b"/v1/models/"
 
 
-@router.api_route("/v1/models/{rest:path}", methods=["GET", "PUT", "POST", "DELETE", "PATCH"])
-async def unmatched_model_path(request: Request) -> None:
+METHODS = ["GET", "PUT", "POST", "DELETE", "PATCH"]
+
+
+def check_unmatched(request: Request, prefix: bytes) -> None:
+    """Raise what an unmatched path deserves: InvalidInput for a bad model name right after ``prefix`` (in
+    the raw, undecoded path), 405 for a method that the path does not serve, else NotFound."""
     raw = request.scope.get("raw_path") or request.url.path.encode()
-    segment = raw[len(PREFIX) :].split(b"?", 1)[0].split(b"/", 1)[0] if raw.startswith(PREFIX) else b""
-    validate_model_name(unquote(segment.decode("latin-1")))
-    if allowed_methods(request.app, request.url.path):
-        raise HTTPException(405, f"{request.method} is not allowed on this path")
+    if raw.startswith(prefix):
+        validate_model_name(unquote(raw[len(prefix) :].split(b"?", 1)[0].split(b"/", 1)[0].decode("latin-1")))
+    methods = allowed_methods(request.app, request.url.path)
+    if methods:
+        raise HTTPException(
+            405, f"{request.method} is not allowed on this path", {"Allow": ", ".join(methods)}
+        )
     raise NotFound(f"no route matches {request.method} on this path")
+
+
+@router.api_route("/v1/models/{rest:path}", methods=METHODS)
+async def unmatched_model_path(request: Request) -> None:
+    check_unmatched(request, PREFIX)

@@ -49,6 +49,7 @@ from starlette.responses import Response
 from service import workflows
 from service.api import problems
 from service.api.bodies import LeanRequest, LeanRoute, authorize
+from service.api.routers import fallback
 from service.api.routers.inference import calibrated, check_columns, predicted
 from service.api.state import AppState, ModelView
 from service.errors import CalibserveError, NotFound
@@ -604,3 +605,13 @@ async def infer(name: str, request: Request) -> Response:
 )
 async def infer_version(name: str, version: str, request: Request) -> Response:
     return await _documented_infer(request)
+
+
+# Last of this router: /v2 paths that no route answers get the protocol's own error format too.
+@router.api_route("/{rest:path}", methods=fallback.METHODS, include_in_schema=False)
+async def unmatched(request: Request) -> Response:
+    async def work() -> Response:
+        fallback.check_unmatched(request, b"/v2/models/")
+        raise AssertionError("check_unmatched always raises")
+
+    return await guarded(work)
