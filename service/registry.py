@@ -504,18 +504,28 @@ class ModelRegistry:
         self._record_success(model)
         return array, probabilities
 
-    def calibrator_on_device(self, model: LoadedModel, calibrator: Any | None) -> torch.nn.Module:
+    def calibrator_on_device(self, model: LoadedModel, calibrator: Any | None) -> torch.nn.Module | None:
         """:func:`calibrator_module` of ``calibrator`` on ``model``'s device, built once per calibrator.
 
         Fitted calibrators are immutable and the serving state keeps one object per version, so the
-        object itself is the key (held, so that its ``id`` cannot be reused while cached).
+        object itself is the key (held, so that its ``id`` cannot be reused while cached). None when the
+        module cannot be built or moved there (the caller then calibrates on the CPU).
         """
         key = (id(calibrator), model.device)
         with self._lock:
             cached = self._device_calibrators.get(key)
         if cached is not None and cached[0] is calibrator:
             return cached[1]
-        module = calibrator_module(calibrator).to(model.device).eval()
+        try:
+            module = calibrator_module(calibrator).to(model.device).eval()
+        except Exception as exc:  # e.g. out of device memory: the CPU path calibrates instead
+            logger.warning(
+                "model %s: calibrator not moved to %s, calibrating on the CPU: %s",
+                model.name,
+                model.device,
+                exc,
+            )
+            return None
         with self._lock:
             if len(self._device_calibrators) >= 256:
                 self._device_calibrators.clear()

@@ -298,6 +298,7 @@ def test_auth_and_unknown_models_answer_error_objects(make_client):
         ("GET", "/v2/anything", 404, "no route matches GET"),
         ("PUT", "/v2/models/wrn/infer", 405, "PUT is not allowed"),
         ("DELETE", "/v2/models/wrn", 405, "DELETE is not allowed"),
+        ("OPTIONS", "/v2/anything", 404, "no route matches OPTIONS"),
     ],
 )
 def test_unmatched_v2_paths_answer_error_objects(client, method, path, status, needle):
@@ -307,6 +308,20 @@ def test_unmatched_v2_paths_answer_error_objects(client, method, path, status, n
     assert list(response.json()) == ["error"] and needle in response.json()["error"]
     if status == 405:
         assert "POST" in response.headers["allow"] or "GET" in response.headers["allow"]
+
+
+def test_trailing_slashes_redirect_to_the_served_path_and_head_of_nothing_is_404(client):
+    for method, path in [
+        ("GET", "/v2/"),
+        ("GET", "/v2/models/wrn/ready/"),
+        ("POST", "/v2/models/wrn/infer/"),
+    ]:
+        response = client.request(method, path, follow_redirects=False)
+        assert response.status_code == 307, (path, response.text)  # as Starlette itself redirects
+        assert response.headers["location"].endswith(path.rstrip("/"))
+    assert client.get("/v1/models/digits-mlp/", follow_redirects=False).status_code == 307
+    for path in ("/v2/nothing", "/v1/models/digits-mlp/nothing"):
+        assert client.head(path).status_code == 404  # not a 405 with an empty Allow
 
 
 # --------------------------------------------------------------------------------- against a live server

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
 from starlette.exceptions import HTTPException
+from starlette.responses import RedirectResponse, Response
 
 from service.api.problems import allowed_methods
 from service.errors import NotFound
@@ -24,16 +25,21 @@ router = APIRouter(include_in_schema=False)
 PREFIX = b"/v1/models/"
 
 
-METHODS = ["GET", "PUT", "POST", "DELETE", "PATCH"]
+METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
 
 
-def check_unmatched(request: Request, prefix: bytes) -> None:
-    """Raise what an unmatched path deserves: InvalidInput for a bad model name right after ``prefix`` (in
-    the raw, undecoded path), 405 for a method that the path does not serve, else NotFound."""
+def check_unmatched(request: Request, prefix: bytes) -> Response:
+    """What an unmatched path deserves: InvalidInput for a bad model name right after ``prefix`` (in the
+    raw, undecoded path); a 307 to the path without its trailing slash where that one is served (the
+    catch-all would otherwise pre-empt Starlette's own redirect); 405 for a method that the path does not
+    serve; else NotFound. Everything but the redirect is raised."""
     raw = request.scope.get("raw_path") or request.url.path.encode()
     if raw.startswith(prefix):
         validate_model_name(unquote(raw[len(prefix) :].split(b"?", 1)[0].split(b"/", 1)[0].decode("latin-1")))
-    methods = allowed_methods(request.app, request.url.path)
+    path = request.url.path
+    if path.endswith("/") and allowed_methods(request.app, path.rstrip("/")):
+        return RedirectResponse(request.url.replace(path=path.rstrip("/")), status_code=307)
+    methods = allowed_methods(request.app, path)
     if methods:
         raise HTTPException(
             405, f"{request.method} is not allowed on this path", {"Allow": ", ".join(methods)}
@@ -42,5 +48,5 @@ def check_unmatched(request: Request, prefix: bytes) -> None:
 
 
 @router.api_route("/v1/models/{rest:path}", methods=METHODS)
-async def unmatched_model_path(request: Request) -> None:
-    check_unmatched(request, PREFIX)
+async def unmatched_model_path(request: Request) -> Response:
+    return check_unmatched(request, PREFIX)
