@@ -123,16 +123,7 @@ def test_every_accepted_connection_has_tcp_nodelay(two_workers):
 
 def test_each_worker_listens_on_its_own_reuseport_socket(two_workers):
     """One SO_REUSEPORT listener per worker (not uvicorn's shared one), so the kernel spreads connections."""
-    listeners: dict[int, set[str]] = {}
-    for pid in descendants(two_workers.process.pid):
-        for inode, sock in server_sockets(pid):
-            with sock:
-                if (
-                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                    and sock.getsockname()[1] == two_workers.port
-                ):
-                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
-                    listeners.setdefault(pid, set()).add(inode)
-    assert len(listeners) == 2, f"listening workers: {listeners}"
-    (first, second) = listeners.values()
+    found = listeners(two_workers)
+    assert len(found) == 2, f"listening workers: {found}"
+    (first, second) = found.values()
     assert not first & second, "the workers share a listening socket"

@@ -290,6 +290,12 @@ def digits_logits() -> dict[str, np.ndarray]:
         }
 
 
+@pytest.fixture(scope="session")
+def fit_body(digits_logits) -> dict[str, list]:
+    """The JSON body of a fit on the digits validation logits."""
+    return {"logits": digits_logits["fit_logits"].tolist(), "labels": digits_logits["fit_labels"].tolist()}
+
+
 def softmax_t(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Reference softmax(z / T) in float64."""
     z = np.asarray(logits, dtype=np.float64) / temperature

@@ -78,7 +78,9 @@ def fill_up(directory: Path) -> None:
         ("file-size-limit", "File too large"),
     ],
 )
-def test_store_not_writable_answers_503_and_keeps_serving(tmp_path, servers, digits_logits, fault, reason):
+def test_store_not_writable_answers_503_and_keeps_serving(
+    tmp_path, servers, digits_logits, fit_body, fault, reason
+):
     mount_point = tmp_path / "volume"
     if fault == "file-size-limit":
         mount_point.mkdir()
@@ -92,8 +94,7 @@ def test_store_not_writable_answers_503_and_keeps_serving(tmp_path, servers, dig
         server = servers(store, workers=1)
         http = server.client()
         assert http.put("/v1/models/m", json={"num_classes": 10}).status_code == 200
-        fit = {"logits": digits_logits["fit_logits"].tolist(), "labels": digits_logits["fit_labels"].tolist()}
-        first = http.post("/v1/models/m/fit", json=fit)
+        first = http.post("/v1/models/m/fit", json=fit_body)
         assert first.status_code == 201
         temperature = first.json()["temperature"]
         uploaded = http.put(
@@ -112,8 +113,8 @@ def test_store_not_writable_answers_503_and_keeps_serving(tmp_path, servers, dig
                 resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
 
         refusals = {
-            "fit": http.post("/v1/models/m/fit", json={**fit, "labels": fit["labels"][::-1]}),
-            "fit without activating": http.post("/v1/models/m/fit", json={**fit, "activate": False}),
+            "fit": http.post("/v1/models/m/fit", json={**fit_body, "labels": fit_body["labels"][::-1]}),
+            "fit without activating": http.post("/v1/models/m/fit", json={**fit_body, "activate": False}),
             "upload a calibrator": http.post("/v1/models/m/calibrators", json=first.json()),
             "activate": http.post("/v1/models/m/calibrators/1/activate"),
             "create a model": http.put("/v1/models/new", json={"num_classes": 3}),
@@ -253,7 +254,7 @@ def healthz_status(port: int) -> int | None:
 
 
 def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_leaves_no_temp_files(
-    tmp_path, servers, digits_logits
+    tmp_path, servers, fit_body
 ):
     store = tmp_path / "store"
     # With a concurrency limit of 1, "/healthz answers 503" is proof that our fit is in flight.
@@ -263,7 +264,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_leaves_no_temp
     body = httpx.Request(
         "POST",
         "http://x/",
-        json={"logits": digits_logits["fit_logits"].tolist(), "labels": digits_logits["fit_labels"].tolist()},
+        json=fit_body,
     ).read()
     head = request_head(
         "POST",

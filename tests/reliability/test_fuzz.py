@@ -44,17 +44,17 @@ max-examples = {examples}
 
 
 @pytest.mark.timeout(3600)
-def test_schemathesis_finds_no_5xx_and_no_contract_violation(tmp_path, servers, digits_logits, soak):
+def test_schemathesis_finds_no_5xx_and_no_contract_violation(tmp_path, servers, fit_body, soak):
     examples = 350 if soak else 8
     server = servers(tmp_path / "store", workers=1, env={"CALIBSERVE_API_KEYS": f"{ADMIN}:admin"})
     with server.client(headers={"X-API-Key": ADMIN}) as http:
-        fit = {"logits": digits_logits["fit_logits"].tolist(), "labels": digits_logits["fit_labels"].tolist()}
         assert http.put("/v1/models/ten", json={"num_classes": 10}).status_code == 200
         assert http.put("/v1/models/two", json={"num_classes": 2}).status_code == 200
         for name in ("ten", "digits-mlp"):
             for activate in (True, False):
                 assert (
-                    http.post(f"/v1/models/{name}/fit", json={**fit, "activate": activate}).status_code == 201
+                    http.post(f"/v1/models/{name}/fit", json={**fit_body, "activate": activate}).status_code
+                    == 201
                 )
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG.format(examples=examples))

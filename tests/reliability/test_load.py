@@ -113,16 +113,15 @@ def percentile_ms(values: list[float], q: float) -> float:
 
 
 @pytest.mark.timeout(600)
-def test_64_clients_mixing_operations_see_no_5xx_and_no_torn_state(tmp_path, servers, digits_logits, soak):
+def test_64_clients_mixing_operations_see_no_5xx_and_no_torn_state(
+    tmp_path, servers, digits_logits, fit_body, soak
+):
     seconds = 30 if soak else 6
     server = servers(tmp_path / "store", workers=2)
     with server.client() as http:
         first = http.post(
             f"/v1/models/{MODEL}/fit",
-            json={
-                "logits": digits_logits["fit_logits"].tolist(),
-                "labels": digits_logits["fit_labels"].tolist(),
-            },
+            json=fit_body,
         )
         assert first.status_code == 201, first.text
     log = Log()
@@ -317,16 +316,13 @@ def calibrate_loop(
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_soak_200k_calibrations_memory_and_fds_stay_flat(tmp_path, servers, digits_logits):
+def test_soak_200k_calibrations_memory_and_fds_stay_flat(tmp_path, servers, digits_logits, fit_body):
     total, connections, warm_up = 200_000, 8, 0.1
     server = servers(tmp_path / "store", workers=2)
     with server.client() as http:
         fitted = http.post(
             f"/v1/models/{MODEL}/fit",
-            json={
-                "logits": digits_logits["fit_logits"].tolist(),
-                "labels": digits_logits["fit_labels"].tolist(),
-            },
+            json=fit_body,
         )
         assert fitted.status_code == 201
     payload = orjson.dumps({"logits": digits_logits["logits"][:4].tolist()})

@@ -203,14 +203,22 @@ def tensor_response(
     return Response(content, media_type=kind, headers=headers)
 
 
-async def serve_calibrate(
-    state: AppState, name: str, version: int | None, header: HeaderGetter, body: bytes
-) -> Response:
+def read_request(
+    state: AppState, name: str, version: int | None, header: HeaderGetter, body: bytes, *, predict: bool
+) -> tuple[str, Scores, ModelView, ActiveCalibrator]:
+    """What calibrate and predict both start with: ``(answer type, decoded body, model view, calibrator)``."""
     state.require_ready()
     content_type = tensors.request_type(header("content-type"))
     accept = tensors.response_type(header("accept"), content_type)
-    scores = read_scores(content_type, header, body, names=("logits", "probabilities"), predict=False)
-    view, entry = state.views.lookup(name, version)
+    names = ("inputs",) if predict else ("logits", "probabilities")
+    scores = read_scores(content_type, header, body, names=names, predict=predict)
+    return accept, scores, *state.views.lookup(name, version)
+
+
+async def serve_calibrate(
+    state: AppState, name: str, version: int | None, header: HeaderGetter, body: bytes
+) -> Response:
+    accept, scores, view, entry = read_request(state, name, version, header, body, predict=False)
     check_columns(name, view.num_classes, scores.values, scores.kind)
     probabilities, used = await calibrated(entry, scores.values, scores.kind == "logits")
     return tensor_response(accept, probabilities, used, view, scores.dtype)
@@ -219,11 +227,7 @@ async def serve_calibrate(
 async def serve_predict(
     state: AppState, name: str, version: int | None, header: HeaderGetter, body: bytes
 ) -> Response:
-    state.require_ready()
-    content_type = tensors.request_type(header("content-type"))
-    accept = tensors.response_type(header("accept"), content_type)
-    scores = read_scores(content_type, header, body, names=("inputs",), predict=True)
-    view, entry = state.views.lookup(name, version)
+    accept, scores, view, entry = read_request(state, name, version, header, body, predict=True)
     if view.kind != "torchscript":
         raise InvalidInput(f"model {name!r} is logits-only; POST its logits to /calibrate", field="inputs")
     logits, probabilities, used = await predicted(state, name, entry, scores.values)
