@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -251,6 +252,40 @@ def _one_of(**scores: Any) -> dict[str, Any]:
     return given
 
 
+NPZ = "application/x-npz"
+
+
+def _labelled_call(
+    path: str, arrays: dict[str, Any], fields: dict[str, Any], *, binary: bool, **call: Any
+) -> _Call:
+    """A fit, evaluate or metrics request: the arrays as an ``.npz`` body and the other fields as query
+    parameters (``binary``), or everything as one JSON object. Arrays that are not numeric (ragged lists)
+    go as JSON whatever ``binary`` says, so the server words their problem."""
+    params = dict(call.pop("params", None) or {})
+    if binary:
+        try:
+            numeric = {key: np.asarray(value) for key, value in arrays.items() if value is not None}
+        except ValueError:  # ragged
+            numeric = {}
+        if numeric and all(array.dtype.kind in "biuf" for array in numeric.values()):
+            buffer = io.BytesIO()
+            np.savez(buffer, **numeric)
+            query = {
+                key: (orjson.dumps(value).decode() if isinstance(value, Mapping) else _query_value(value))
+                for key, value in fields.items()
+                if value is not None
+            }
+            return _Call(
+                "POST", path, params={**params, **query}, content=buffer.getvalue(), content_type=NPZ, **call
+            )
+    body = {key: value for key, value in {**arrays, **fields}.items() if value is not None}
+    return _Call("POST", path, params=params, json=body, **call)
+
+
+def _query_value(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def _name(name: str) -> str:
     return quote(str(name), safe="")
 
@@ -365,22 +400,22 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         activate: bool = True,
         options: Mapping[str, Any] | None = None,
         sample_weight: Any = None,
+        binary: bool = True,
     ) -> _Json:
         """``POST /v1/models/{name}/fit``: fit a calibrator on labelled scores; returns its document.
 
-        Give exactly one of ``logits``, ``inputs`` (TorchScript models) or ``probabilities``.
+        Give exactly one of ``logits``, ``inputs`` (TorchScript models) or ``probabilities``. The arrays
+        travel as an ``.npz`` body (``binary=False``: JSON).
         """
-        body: dict[str, Any] = {
+        arrays = {
             **_one_of(logits=logits, inputs=inputs, probabilities=probabilities),
             "labels": _array(labels),
-            "method": method,
-            "activate": bool(activate),
+            "sample_weight": _array(sample_weight),
         }
-        if options:
-            body["options"] = dict(options)
-        if sample_weight is not None:
-            body["sample_weight"] = _array(sample_weight)
-        return self._send(_Call("POST", f"/v1/models/{_name(name)}/fit", json=body, idempotent=False))
+        fields = {"method": method, "activate": bool(activate), "options": dict(options) if options else None}
+        return self._send(
+            _labelled_call(f"/v1/models/{_name(name)}/fit", arrays, fields, binary=binary, idempotent=False)
+        )
 
     def upload_calibrator(self, name: str, document: Mapping[str, Any]) -> _Json:
         """``POST /v1/models/{name}/calibrators``: store a calibrator document made elsewhere as a new version."""
@@ -459,18 +494,23 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         binning: str = "width",
         bootstrap: int = 0,
         seed: int = 0,
+        binary: bool = True,
     ) -> _Json:
-        """``POST /v1/models/{name}/evaluate``: the evaluation report of labelled data (uncalibrated vs calibrated)."""
-        body: dict[str, Any] = {
+        """``POST /v1/models/{name}/evaluate``: the evaluation report of labelled data (uncalibrated vs
+        calibrated). The arrays travel as an ``.npz`` body (``binary=False``: JSON)."""
+        arrays = {
             **_one_of(logits=logits, inputs=inputs, probabilities=probabilities),
             "labels": _array(labels),
-            "n_bins": int(n_bins),
-            "binning": binning,
-            "bootstrap": int(bootstrap),
-            "seed": int(seed),
         }
+        fields = {"n_bins": int(n_bins), "binning": binning, "bootstrap": int(bootstrap), "seed": int(seed)}
         return self._send(
-            _Call("POST", f"/v1/models/{_name(name)}/evaluate", params={"version": version}, json=body)
+            _labelled_call(
+                f"/v1/models/{_name(name)}/evaluate",
+                arrays,
+                fields,
+                binary=binary,
+                params={"version": version},
+            )
         )
 
     def metrics(
@@ -484,18 +524,19 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         losses: bool = True,
         bootstrap: int = 0,
         seed: int = 0,
+        binary: bool = True,
     ) -> _Json:
-        """``POST /v1/metrics``: stateless figures (ece, mce, brier, nll, accuracy, reliability bins, losses)."""
-        body: dict[str, Any] = {
-            **_one_of(logits=logits, probabilities=probabilities),
-            "labels": _array(labels),
+        """``POST /v1/metrics``: stateless figures (ece, mce, brier, nll, accuracy, reliability bins, losses).
+        The arrays travel as an ``.npz`` body (``binary=False``: JSON)."""
+        arrays = {**_one_of(logits=logits, probabilities=probabilities), "labels": _array(labels)}
+        fields = {
             "n_bins": int(n_bins),
             "binning": binning,
             "losses": bool(losses),
             "bootstrap": int(bootstrap),
             "seed": int(seed),
         }
-        return self._send(_Call("POST", "/v1/metrics", json=body))
+        return self._send(_labelled_call("/v1/metrics", arrays, fields, binary=binary))
 
 
 def _headers(api_key: str | None) -> dict[str, str]:

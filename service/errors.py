@@ -10,11 +10,19 @@ from __future__ import annotations
 class CalibserveError(Exception):
     """Base of every error this package raises on purpose."""
 
-    def __init__(self, message: str, *, field: str | None = None, row: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        row: int | None = None,
+        details: list[dict] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.row = row
+        self.details = details  # one {"field", "message"} per problem, where there are several
 
     def __str__(self) -> str:
         return self.message
@@ -22,6 +30,11 @@ class CalibserveError(Exception):
 
 class InvalidInput(CalibserveError, ValueError):
     """The caller's data or options are wrong (shape, NaN, label range, unknown method, ...)."""
+
+
+class InvalidParameter(InvalidInput):
+    """A parameter or a field of a request fails validation (a version that is not a number, a repeated
+    query parameter, a body field of the wrong type), as opposed to data that cannot be used."""
 
 
 class NotFitted(InvalidInput):
@@ -49,4 +62,24 @@ class ModelFailed(CalibserveError):
 
 
 class Overloaded(CalibserveError):
-    """More requests are in flight than the configured concurrency limit allows."""
+    """More requests (or request bytes) are in flight than the configured limits allow; retry shortly."""
+
+
+class PayloadTooLarge(CalibserveError):
+    """A request body (or message) is larger than the configured limit."""
+
+
+class Unauthenticated(CalibserveError):
+    """No API key was presented, or the key is not one of the configured keys."""
+
+
+class PermissionDenied(CalibserveError):
+    """The API key is valid but its role does not allow the operation."""
+
+
+class UnsupportedMediaType(CalibserveError):
+    """The request body is in a format the operation does not read."""
+
+
+class NotAcceptable(CalibserveError):
+    """The client accepts no format the operation can answer in."""

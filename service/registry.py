@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from service.errors import InvalidInput, ModelFailed, NotFound
-from service.store import validate_model_name as check_model_name
+from service.names import validate_model_name as check_model_name
 
 logger = logging.getLogger("calibserve.registry")
 

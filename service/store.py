@@ -61,14 +61,12 @@ from typing import Any
 import orjson
 
 from service.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from service.names import is_model_name, validate_model_name
 
-__all__ = ["MODEL_NAME_PATTERN", "CalibratorStore", "validate_model_name"]
+__all__ = ["CalibratorStore"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-# fullmatch, never match: "$" also matches before a trailing newline.
-_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VERSION_FILE_RE = re.compile(r"([1-9][0-9]*)\.json")
 _RESERVED_RE = re.compile(r"[1-9][0-9]*")
 _TEMP_RE = re.compile(r"\..*\.[0-9a-f]{32}\.tmp")
@@ -88,25 +86,12 @@ _NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def validate_model_name(name: object) -> str:
-    """Return ``name`` if it is a valid model name, else raise InvalidInput (field ``"name"``).
-
-    A valid name matches ``^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$``: 1 to 64 ASCII characters, starting with a
-    letter or digit. That rules out ``..``, hidden names, path separators, NUL and newlines, so a valid name
-    is always a single, visible path component directly under the store root.
-    """
-    if not isinstance(name, str):
-        raise InvalidInput(
-            f"invalid model name: it must be a string, got {type(name).__name__}", field="name"
-        )
-    if _MODEL_NAME_RE.fullmatch(name) is None:
-        shown = name if len(name) <= 80 else name[:80] + "..."
-        raise InvalidInput(
-            f"invalid model name {shown!r}: it must match {MODEL_NAME_PATTERN} "
-            "(1-64 letters, digits, '.', '_' or '-', starting with a letter or digit)",
-            field="name",
-        )
-    return name
+def _stat_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (info.st_mtime_ns, info.st_ino, info.st_size)
 
 
 def _check_version(version: object) -> int:
@@ -267,12 +252,14 @@ class CalibratorStore:
     Every public method validates the model name before any file-system access. Missing models and versions
     raise :class:`~service.errors.NotFound`; a failing write (read-only volume, disk full, I/O error) raises
     :class:`~service.errors.StoreUnavailable` and leaves nothing partial; a stored file that does not parse
-    raises StoreUnavailable naming the file. Instances hold no state besides ``root`` and are safe to share
+    raises StoreUnavailable naming the file. Instances are safe to share
     between threads; any number of processes may use the same root concurrently (see the module docstring).
+    (Besides ``root`` it only caches the path strings of :meth:`change_stamp`.)
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._stamp_paths: dict[str, tuple[str, str]] = {}
 
     def __repr__(self) -> str:
         return f"CalibratorStore({str(self.root)!r})"
@@ -476,7 +463,7 @@ class CalibratorStore:
             names = sorted(
                 entry.name
                 for entry in os.scandir(self.root)
-                if _MODEL_NAME_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+                if is_model_name(entry.name) and entry.is_dir(follow_symlinks=False)
             )
         except FileNotFoundError:
             return [], None
@@ -784,6 +771,23 @@ class CalibratorStore:
             raise _unreadable(exc, self._shown(path)) from exc
         return (info.st_mtime_ns, info.st_ino, info.st_size)
 
+    def change_stamp(self, name: str) -> tuple[Any, Any]:
+        """A cheap token that changes whenever the model's metadata or its active version changes.
+
+        Two ``stat`` s (of the metadata file and of the active pointer) on cached string paths, so a cache
+        keyed by it costs microseconds per request. Every store write replaces the file it changes (a new
+        inode), and the pointer's mtime moves strictly forward, so a change by any worker or replica shows
+        at once. ``(None, None)`` for a model that does not exist (yet).
+        """
+        paths = self._stamp_paths.get(name)
+        if paths is None:
+            directory = os.path.join(self.root, validate_model_name(name))
+            paths = (os.path.join(directory, _MODEL_FILE), os.path.join(directory, _POINTER_FILE))
+            if len(self._stamp_paths) > 4096:
+                self._stamp_paths.clear()
+            self._stamp_paths[name] = paths
+        return (_stat_stamp(paths[0]), _stat_stamp(paths[1]))
+
     # -- operations ---------------------------------------------------------------------------------------
 
     def check_writable(self) -> None:
@@ -822,7 +826,7 @@ class CalibratorStore:
             directories += [
                 Path(entry.path) / sub
                 for entry in os.scandir(self.root)
-                if _MODEL_NAME_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+                if is_model_name(entry.name) and entry.is_dir(follow_symlinks=False)
                 for sub in ("", _CALIBRATORS_DIR)
             ]
         except FileNotFoundError:

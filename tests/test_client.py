@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 
@@ -99,12 +100,34 @@ def test_an_error_without_problem_json_still_has_status_and_text():
 # ------------------------------------------------------------------------------------------------ requests
 
 
-def test_fit_sends_numpy_arrays_as_json_lists_with_the_key():
+def test_fit_sends_arrays_as_npz_and_fields_as_query_parameters_by_default():
+    logits = np.array([[1.5, -2.0], [0.25, 3.0]], dtype=np.float32)
+    labels = np.array([0, 1], dtype=np.int32)
+    recorder = Recorder(httpx.Response(200, json={"version": 1}))
+    with sync_client(recorder) as client:
+        client.fit("resnet", logits=logits, labels=labels, activate=False, options={"max_iter": 7})
+    (request,) = recorder.requests
+    assert request.headers["content-type"] == "application/x-npz"
+    assert dict(request.url.params) == {
+        "method": "temperature",
+        "activate": "false",
+        "options": '{"max_iter":7}',
+    }
+    with np.load(io.BytesIO(request.content), allow_pickle=False) as sent:
+        assert sorted(sent.files) == ["labels", "logits"]
+        np.testing.assert_array_equal(sent["logits"], logits)
+        assert sent["logits"].dtype == np.float32
+        np.testing.assert_array_equal(sent["labels"], labels)
+
+
+def test_fit_sends_numpy_arrays_as_json_lists_with_the_key_when_asked():
     logits = np.array([[1.5, -2.0], [0.25, 3.0]], dtype=np.float32)
     labels = np.array([0, 1], dtype=np.int32)
     recorder = Recorder(httpx.Response(200, json={"version": 1, "temperature": 1.5}))
     with sync_client(recorder, api_key="s3cret") as client:
-        document = client.fit("resnet", logits=logits, labels=labels, method="temperature", activate=False)
+        document = client.fit(
+            "resnet", logits=logits, labels=labels, method="temperature", activate=False, binary=False
+        )
     assert document == {"version": 1, "temperature": 1.5}
     (request,) = recorder.requests
     assert request.method == "POST"
@@ -307,6 +330,13 @@ def test_live_round_trip_through_every_route(server, cifar10):
         assert report["calibrated"]["ece"] == pytest.approx(0.006447, abs=2e-6)
         figures = client.metrics(logits=cifar10["logits_test"], labels=cifar10["labels_test"])
         assert figures["ece"] == pytest.approx(report["uncalibrated"]["ece"], abs=1e-12)
+        as_json = client.evaluate(
+            "wrn", logits=cifar10["logits_test"], labels=cifar10["labels_test"], binary=False
+        )
+        # one answer whichever body carried the logits; JSON rounds float32 to its shortest decimal, which
+        # then parses as a nearby float64, so the figures agree to float32 resolution, not bit for bit
+        for figure, value in report["calibrated"].items():
+            assert as_json["calibrated"][figure] == pytest.approx(value, rel=1e-6, abs=1e-9), figure
 
         staged = client.fit(
             "wrn", logits=cifar10["logits_val"][:500], labels=cifar10["labels_val"][:500], activate=False

@@ -22,7 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
-from service.store import MODEL_NAME_PATTERN, CalibratorStore, validate_model_name
+from service.names import MODEL_NAME_PATTERN, validate_model_name
+from service.store import CalibratorStore
 
 
 def _doc(temperature: float = 1.5, **extra: Any) -> dict[str, Any]:

@@ -4,12 +4,11 @@ Routes take the raw request, parse it with orjson, and check the small fields wi
 array fields are typed ``Any`` (the core's validation checks arrays as a whole, with row numbers). The
 OpenAPI document still shows each body's schema through ``json_body(Model)``.
 
-The hot paths (calibrate, predict, OIP infer) go further: :class:`LeanRoute` answers them at the Starlette
-router level as plain ASGI handlers, without FastAPI's dependency injection (whose synchronous
-dependencies each cost a thread-pool hop), while a documented FastAPI route of the same path keeps the
-OpenAPI document. Auth, limits, metrics and the error format are the same as everywhere else: the
-middleware wraps these routes too, auth calls the same role check, and domain errors raised here reach the
-application's problem+json handlers.
+The hot paths (calibrate, predict, OIP infer) go further: each is one :class:`LeanRoute`, a plain ASGI
+handler at the Starlette router level, without FastAPI's dependency injection (whose per-request work was
+most of a small request's cost); its OpenAPI operation is written in :mod:`service.api.openapi`. Auth,
+limits, metrics and the error format are the same as everywhere else: the middleware wraps these routes
+too, auth calls the same role check, and the errors raised here reach the one exception handler.
 """
 
 from __future__ import annotations
@@ -21,13 +20,13 @@ from urllib.parse import parse_qsl
 import numpy as np
 import orjson
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
-from service.api import deps
-from service.errors import InvalidInput
+from service.api import auth
+from service.api.deps import single_values
+from service.errors import InvalidInput, InvalidParameter
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -74,11 +73,21 @@ def parse_object(body: bytes) -> dict[str, Any]:
 
 
 def validate_object(data: dict[str, Any], model: type[ModelT]) -> ModelT:
-    """``model.model_validate(data)``; field problems become the usual 422 problem+json."""
+    """``model.model_validate(data)``; field problems raise InvalidParameter naming every field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+        details = [
+            {
+                "field": ".".join(str(part) for part in error.get("loc", ())) or "body",
+                "message": error.get("msg", "invalid"),
+            }
+            for error in exc.errors(include_url=False, include_input=False)
+        ]
+        first = details[0] if details else {"field": "body", "message": "invalid"}
+        raise InvalidParameter(
+            f"{first['field']}: {first['message']}", field=first["field"], details=details
+        ) from None
 
 
 async def read_object(request: Request) -> dict[str, Any]:
@@ -122,14 +131,15 @@ class LeanRequest:
     def path_params(self) -> dict[str, Any]:
         return self.scope["path_params"]
 
-    def header(self, name: bytes) -> bytes | None:
-        """The value of header ``name`` (lower-case bytes); repeated headers keep the last one."""
+    def header(self, name: str) -> bytes | None:
+        """The value of header ``name`` (lower-case); repeated headers keep the last one."""
         if self._headers is None:
             self._headers = dict(self.scope["headers"])
-        return self._headers.get(name)
+        return self._headers.get(name.encode("latin-1"))
 
     def query(self, name: str) -> str | None:
-        """The first value of query parameter ``name``, decoded; None when absent."""
+        """The value of query parameter ``name``, decoded; None when absent (the route has already refused
+        repeated parameters)."""
         raw: bytes = self.scope.get("query_string", b"")
         if not raw:
             return None
@@ -152,27 +162,10 @@ class LeanRequest:
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def starlette_request(self) -> Request:
-        return Request(self.scope, self.receive)
-
 
 def authorize(request: LeanRequest, role: str) -> None:
-    """The same role check as the ``require_read`` / ``require_admin`` dependencies, as a plain call.
-
-    Raises the same 401 / 403 ``HTTPException`` s, so the answers are the same problem+json.
-    """
-    settings = request.scope["app"].state.calibserve.settings
-    if not settings.auth_enabled:
-        return
-    key = request.header(b"x-api-key")
-    presented = key.decode("latin-1") if key else None
-    if presented is None:
-        authorization = request.header(b"authorization")
-        if authorization:
-            scheme, _, token = authorization.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                presented = token.strip()
-    deps.authorize(settings, presented, role)
+    """The role check of the documented routes' dependencies, as a plain call."""
+    auth.authorize(request.scope["app"].state.settings, auth.presented_key(request.header), role)
 
 
 class LeanRoute(Route):
@@ -194,5 +187,6 @@ class LeanRoute(Route):
         return match, child_scope
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        single_values(scope.get("query_string", b""))  # as the app-wide dependency of the other routes
         response = await self.handler(LeanRequest(scope, receive))
         await response(scope, receive, send)

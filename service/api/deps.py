@@ -1,36 +1,45 @@
-"""Dependencies of the routes: the worker's state and the role a request's API key grants.
+"""Dependencies of the documented FastAPI routes: the data plane, path and query parameters.
 
 They are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency in the thread pool,
-and those hops were most of a small request's cost (measured: 887 us -> 136 us for a 1 x 10 calibrate).
+and those hops were most of a small request's cost.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import parse_qsl
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from starlette.exceptions import HTTPException
+from fastapi import Depends, Path, Query, Request
+from pydantic import WithJsonSchema
 
-from service.api.state import AppState
-from service.config import role_of
-from service.store import validate_model_name
-
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key (read or admin)")
-bearer = HTTPBearer(auto_error=False, description="the API key as a bearer token")
+from service.errors import InvalidParameter
+from service.names import MAX_VERSION, parse_version, validate_model_name
+from service.serving.dataplane import DataPlane
 
 
-async def get_state(request: Request) -> AppState:
-    return request.app.state.calibserve
+async def get_dataplane(request: Request) -> DataPlane:
+    return request.app.state.dataplane
 
 
-async def get_ready_state(request: Request) -> AppState:
-    state: AppState = request.app.state.calibserve
-    state.require_ready()
-    return state
+Plane = Annotated[DataPlane, Depends(get_dataplane)]
 
 
-State = Annotated[AppState, Depends(get_ready_state)]
+def single_values(query_string: bytes | str, names: frozenset[str] | None = None) -> None:
+    """InvalidParameter when a query parameter is given twice: ``?cursor=a&cursor=b`` has no one meaning,
+    and taking either silently would answer a question that was not asked. ``names`` limits the check."""
+    if not query_string:
+        return
+    if isinstance(query_string, bytes):
+        query_string = query_string.decode("latin-1")
+    seen: set[str] = set()
+    for key, _ in parse_qsl(query_string, keep_blank_values=True):
+        if key in seen and (names is None or key in names):
+            raise InvalidParameter(f"query parameter {key!r} is given more than once", field=key)
+        seen.add(key)
+
+
+async def no_repeated_query(request: Request) -> None:
+    single_values(request.scope.get("query_string", b""))
 
 
 async def model_name(name: str) -> str:
@@ -38,43 +47,23 @@ async def model_name(name: str) -> str:
     return validate_model_name(name)
 
 
+_VERSION_SCHEMA = WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_VERSION})
+
+
+async def path_version(
+    version: Annotated[str, _VERSION_SCHEMA, Path(description="a calibrator version")],
+) -> int:
+    return parse_version(version)  # type: ignore[return-value]  # a path segment is never None
+
+
+async def pinned_version(
+    version: Annotated[
+        str | None, _VERSION_SCHEMA, Query(description="serve this calibrator version, not the active one")
+    ] = None,
+) -> int | None:
+    return parse_version(version)
+
+
 ModelName = Annotated[str, Depends(model_name)]
-
-ROLE_RANK = {"read": 1, "admin": 2}
-
-
-def authorize(settings, presented: str | None, required: str) -> str | None:
-    """The role ``presented`` grants if it suffices for ``required``; 401 / 403 otherwise (None: auth off)."""
-    if not settings.auth_enabled:
-        return None
-    if not presented:
-        raise HTTPException(
-            401,
-            "an API key is required (X-API-Key or Authorization: Bearer)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    role = role_of(presented, settings.key_roles)
-    if role is None:
-        raise HTTPException(401, "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-    if ROLE_RANK[role] < ROLE_RANK[required]:
-        raise HTTPException(403, f"this route needs the {required} role; the key has {role}")
-    return role
-
-
-def role_check(required: str):
-    async def check(
-        request: Request,
-        key: Annotated[str | None, Security(api_key_header)] = None,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
-    ) -> str | None:
-        presented = key or (credentials.credentials if credentials else None)
-        return authorize(request.app.state.calibserve.settings, presented, required)
-
-    check.__name__ = f"require_{required}"
-    return check
-
-
-require_read = role_check("read")
-require_admin = role_check("admin")
-ReadAccess = [Depends(require_read)]
-AdminAccess = [Depends(require_admin)]
+Version = Annotated[int, Depends(path_version)]
+PinnedVersion = Annotated[int | None, Depends(pinned_version)]

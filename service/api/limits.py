@@ -1,7 +1,8 @@
 """ASGI middleware for request-body size and in-flight concurrency limits.
 
-Both answer before the application runs where they can, with problem+json, so a client that sends a huge
-body or a burst of requests gets a quick, readable refusal instead of a stalled or crashed worker.
+Both answer before the application runs where they can, in the error format of the path's protocol
+(:func:`service.api.errors.rendered`), so a client that sends a huge body or a burst of requests gets a
+quick, readable refusal instead of a stalled or crashed worker.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from service.api.problems import PROBLEM_CONTENT_TYPE, problem_body
+from service.api.errors import from_domain, rendered
+from service.errors import CalibserveError, InvalidInput, Overloaded, PayloadTooLarge
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,19 +28,17 @@ class BodyTooLarge(Exception):
     """Raised inside ``receive`` when a streamed body passes the limit."""
 
 
-async def send_problem(send: Send, status: int, detail: str, headers: list | None = None) -> None:
-    body = problem_body(status, detail)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
+async def send_error(scope: Scope, send: Send, exc: CalibserveError, *, close: bool = False) -> None:
+    """Answer ``exc`` as the one exception handler would, from outside the application."""
+    status, body, media_type, headers = rendered(scope.get("path", ""), from_domain(exc))
+    raw_headers = [
+        (b"content-type", media_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()),
+    ]
+    if close:
+        raw_headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -71,8 +71,10 @@ class BodyLimitMiddleware:
         self.max_body_bytes = max_body_bytes
         self.bytes_in_flight = 0
 
-    def _detail(self) -> str:
-        return f"request body is larger than the limit of {self.max_body_bytes} bytes (CALIBSERVE_MAX_BODY_BYTES)"
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"request body is larger than the limit of {self.max_body_bytes} bytes (CALIBSERVE_MAX_BODY_BYTES)"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,21 +87,22 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await send_problem(send, 400, "Content-Length is not a number")
+                    await send_error(scope, send, InvalidInput("Content-Length is not a number"))
                     return
                 if declared > limit:
                     await drain(receive)
-                    await send_problem(send, 413, self._detail(), [(b"connection", b"close")])
+                    await send_error(scope, send, self._too_large(), close=True)
                     return
                 break
         # requests without a declared body (GET, probes, chunked uploads) are never refused here
         if declared and self.bytes_in_flight and self.bytes_in_flight + declared > limit:
             await drain(receive)
-            await send_problem(
+            await send_error(
+                scope,
                 send,
-                503,
-                f"request bodies in flight would exceed {limit} bytes (CALIBSERVE_MAX_BODY_BYTES); retry shortly",
-                [(b"retry-after", b"1")],
+                Overloaded(
+                    f"request bodies in flight would exceed {limit} bytes (CALIBSERVE_MAX_BODY_BYTES); retry shortly"
+                ),
             )
             return
 
@@ -135,7 +138,7 @@ class BodyLimitMiddleware:
                 raise
             if not body_complete:  # past the last chunk, receive() would wait for a disconnect
                 await drain(receive)
-            await send_problem(send, 413, self._detail(), [(b"connection", b"close")])
+            await send_error(scope, send, self._too_large(), close=True)
         finally:
             self.bytes_in_flight -= counted
 
@@ -153,11 +156,12 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_concurrency:
-            await send_problem(
+            await send_error(
+                scope,
                 send,
-                503,
-                f"more than {self.max_concurrency} requests in flight (CALIBSERVE_MAX_CONCURRENCY); retry shortly",
-                [(b"retry-after", b"1")],
+                Overloaded(
+                    f"more than {self.max_concurrency} requests in flight (CALIBSERVE_MAX_CONCURRENCY); retry shortly"
+                ),
             )
             return
         self.in_flight += 1

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from service.api.bodies import array
+from service.core.calibrators import CALIBRATORS
+from service.errors import InvalidInput
+from service.serving.dataplane import Labelled
 
 Matrix = Annotated[
     Any,
@@ -19,7 +25,7 @@ Matrix = Annotated[
 Vector = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "number"}})]
 Labels = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "integer", "minimum": 0}})]
 
-METHODS = ("temperature", "vector", "matrix", "platt", "isotonic", "histogram")
+Method = Literal[tuple(CALIBRATORS)]  # type: ignore[valid-type]
 
 
 class Strict(BaseModel):
@@ -54,7 +60,7 @@ class PredictRequest(Strict):
 
 class FitRequest(ScoresBody):
     labels: Labels
-    method: Literal["temperature", "vector", "matrix", "platt", "isotonic", "histogram"] = "temperature"
+    method: Method = "temperature"
     options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the calibrator")
     activate: bool = True
     sample_weight: Vector | None = None
@@ -77,3 +83,19 @@ class MetricsRequest(Strict):
     losses: bool = True
     bootstrap: int = Field(0, ge=0, le=10_000)
     seed: int = 0
+
+
+def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, np.ndarray]:
+    """Exactly one of the named array fields of a request body, as (name, array)."""
+    given = [name for name in names if getattr(body, name, None) is not None]
+    if len(given) != 1:
+        raise InvalidInput(
+            f"send exactly one of {', '.join(names)}; got {len(given) or 'none'}", field="body"
+        )
+    return given[0], array(getattr(body, given[0]), given[0])
+
+
+def labelled(body: BaseModel, kinds: tuple[str, ...]) -> Labelled:
+    """The labelled set of a fit, evaluate or figures body."""
+    kind, values = one_of(body, kinds)
+    return Labelled(kind, values, body.labels, getattr(body, "sample_weight", None))

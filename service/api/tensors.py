@@ -28,18 +28,20 @@ the float64 values. Without an ``Accept`` header (or with ``*/*``) the answer ta
 from __future__ import annotations
 
 import io
+import math
 import re
+import zipfile
 from collections.abc import Iterable
 
 import numpy as np
-from starlette.exceptions import HTTPException
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 
 JSON = "application/json"
 NPY = "application/x-npy"
 RAW = "application/octet-stream"
 MEDIA_TYPES = (JSON, NPY, RAW)
+NPZ = "application/x-npz"
 
 NAME_HEADER = "X-Tensor-Name"
 SHAPE_HEADER = "X-Tensor-Shape"
@@ -78,7 +80,9 @@ def request_type(header: bytes | str | None) -> str:
         return kind
     if kind == "application/npy":  # a spelling some clients use
         return NPY
-    raise HTTPException(415, f"Content-Type {kind!r} is not supported; send one of {', '.join(MEDIA_TYPES)}")
+    raise UnsupportedMediaType(
+        f"Content-Type {kind!r} is not supported; send one of {', '.join(MEDIA_TYPES)}"
+    )
 
 
 def _accepted(header: str) -> Iterable[tuple[float, int, str]]:
@@ -112,7 +116,7 @@ def response_type(accept: bytes | str | None, request_kind: str) -> str:
             return NPY
         if kind in ("*/*", "application/*"):
             return request_kind
-    raise HTTPException(406, f"cannot answer {accept!r}; this route answers {', '.join(MEDIA_TYPES)}")
+    raise NotAcceptable(f"cannot answer {accept!r}; this route answers {', '.join(MEDIA_TYPES)}")
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -192,6 +196,76 @@ def decode_npy(body: bytes) -> np.ndarray:
     return array
 
 
+def decode_npz(body: bytes, *, max_bytes: int) -> dict[str, np.ndarray]:
+    """The named arrays of an ``.npz`` body (``np.savez`` or ``np.savez_compressed``); never unpickles.
+
+    Every member must be one ``.npy`` array of numbers or booleans. Their uncompressed sizes together may not
+    pass ``max_bytes`` (the body limit: a compressed archive carries no more than a plain body could), and
+    each member's header must describe exactly the bytes it holds; both are checked before anything is
+    allocated, so a small archive cannot claim gigabytes.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError):
+        raise InvalidInput(
+            "the body is not an .npz archive (a zip of .npy arrays, as np.savez writes)", field="body"
+        ) from None
+    total = sum(member.file_size for member in members)
+    if total > max_bytes:
+        raise PayloadTooLarge(
+            f"the .npz archive holds {total} bytes uncompressed, over the limit of {max_bytes} bytes "
+            "(CALIBSERVE_MAX_BODY_BYTES)"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for member in members:
+        name = member.filename
+        key = name[:-4] if name.endswith(".npy") else name
+        if not name.endswith(".npy") or not key:
+            raise InvalidInput(f"the .npz member {name[:80]!r} is not a .npy array", field="body")
+        if key in arrays:
+            raise InvalidInput(f"the .npz archive holds {key!r} twice", field=key)
+        try:
+            with archive.open(member) as stream:
+                arrays[key] = _read_npz_member(stream, key, member.file_size)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise InvalidInput(
+                f"the .npz member {key!r} is not a readable .npy array: {exc}", field=key
+            ) from None
+    return arrays
+
+
+def _read_npz_member(stream, key: str, size: int) -> np.ndarray:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise InvalidInput(
+            f"the .npz member {key!r} has an unsupported .npy format version {version}", field=key
+        )
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+        raise InvalidInput(f"{key} must hold numbers, got elements of type {dtype.str!r}", field=key)
+    header = stream.tell()
+    expected = math.prod(shape) * dtype.itemsize
+    if header + expected != size:
+        raise InvalidInput(
+            f"{key}: its header says shape {list(shape)} of {dtype.name} ({expected} bytes) but it holds "
+            f"{size - header}",
+            field=key,
+        )
+    data = stream.read(expected)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+    return np.array(array, order="C")  # a writable copy: the body's bytes are read-only
+
+
+def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 # ------------------------------------------------------------------------------------------------ encode
 
 
@@ -231,11 +305,13 @@ __all__ = [
     "MEDIA_TYPES",
     "NAME_HEADER",
     "NPY",
+    "NPZ",
     "PREDICTED_HEADER",
     "RAW",
     "SHAPE_HEADER",
     "VERSION_HEADER",
     "decode_npy",
+    "decode_npz",
     "decode_raw",
     "encode_npy",
     "encode_raw",

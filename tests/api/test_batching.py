@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.api.batching import DynamicBatcher
 from service.core.probability import softmax
 from service.errors import ModelFailed
+from service.serving.batching import DynamicBatcher
 from tests.api.conftest import SHIPPED_MODELS
 from tests.servers import Server
 

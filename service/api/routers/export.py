@@ -17,14 +17,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from service.api.deps import ModelName, ReadAccess, State
-from service.api.routers.inference import PinnedVersion
+from service.api.auth import ReadAccess
+from service.api.deps import ModelName, PinnedVersion, Plane
 from service.api.tensors import VERSION_HEADER
-from service.errors import InvalidInput
-from service.registry import EXPORT_FORMATS, export_torchscript
 
 router = APIRouter(prefix="/v1/models/{name}", tags=["export"], dependencies=ReadAccess)
 
@@ -43,40 +40,17 @@ router = APIRouter(prefix="/v1/models/{name}", tags=["export"], dependencies=Rea
 )
 async def export(
     name: ModelName,
-    state: State,
+    plane: Plane,
     format: Annotated[str, Query(description="the file format: torchscript")] = "torchscript",
     version: PinnedVersion = None,
 ) -> Response:
-    if format not in EXPORT_FORMATS:
-        raise InvalidInput(
-            f"export format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}",
-            field="format",
-        )
-    info = state.model_info(name)
-    model = None
-    if info.get("kind") == "torchscript":
-        state.sync_uploaded_model(name)
-        model = state.registry.get(name)  # ModelFailed (502) for a model that failed to load
-    entry = state.calibrator_for(name, version)
-    metadata = {
-        "model": name,
-        "kind": info.get("kind"),
-        "num_classes": info.get("num_classes"),
-        "class_names": info.get("class_names"),
-        "input": "inputs" if model is not None else "logits",
-        "input_shape": list(model.input_shape) if model is not None and model.input_shape else None,
-        "calibrator_version": entry.version,
-        "calibrator": entry.document,
-    }
-    data = await run_in_threadpool(export_torchscript, entry.calibrator, model=model, metadata=metadata)
-    filename = (
-        f"{name}-calibrated-v{entry.version}.pt" if entry.version is not None else f"{name}-uncalibrated.pt"
-    )
+    data, used = await plane.export(name, version, format)
+    filename = f"{name}-calibrated-v{used}.pt" if used is not None else f"{name}-uncalibrated.pt"
     return Response(
         data,
         media_type="application/octet-stream",
         headers={
             "Content-Disposition": f'attachment; filename="{filename}"',
-            VERSION_HEADER: "none" if entry.version is None else str(entry.version),
+            VERSION_HEADER: "none" if used is None else str(used),
         },
     )

@@ -16,9 +16,9 @@ from fastapi import APIRouter, Request
 from starlette.exceptions import HTTPException
 from starlette.responses import RedirectResponse, Response
 
-from service.api.problems import allowed_methods
+from service.api.errors import allowed_methods
 from service.errors import NotFound
-from service.store import validate_model_name
+from service.names import validate_model_name
 
 router = APIRouter(include_in_schema=False)
 

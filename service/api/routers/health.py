@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter
 from starlette.responses import Response
 
 from service.api.bodies import NumpyJSONResponse
-from service.api.observability import render_metrics
-from service.api.problems import problem
-from service.errors import StoreUnavailable
+from service.api.deps import Plane
+from service.serving.telemetry import render_metrics
 
 router = APIRouter(tags=["health"])
 
@@ -26,27 +24,11 @@ async def healthz() -> Response:
     summary="Readiness: models and store loaded",
     responses={503: {"description": "still loading its models and store"}},
 )
-async def readyz(request: Request) -> Response:
+async def readyz(plane: Plane) -> Response:
     """200 once loaded. A store that cannot be written (read-only volume, disk full) is reported under
     ``store`` but keeps the service ready: calibrate and predict still serve the active calibrators, and an
     orchestrator that took every replica out of rotation for it would turn a failing write into an outage."""
-    state = request.app.state.calibserve
-    if not state.ready:
-        return problem(503, "the service is still loading its models and store", kind="not-ready")
-    try:
-        await run_in_threadpool(state.store.check_writable)  # it fsyncs: never on the event loop
-        store = {"writable": True, "detail": None}
-    except StoreUnavailable as exc:
-        store = {"writable": False, "detail": str(exc)}
-    failing = state.registry.failing()
-    return NumpyJSONResponse(
-        {
-            "status": "ready",
-            "models": sorted(state.registry.names()),
-            "failing_models": failing,
-            "store": store,
-        }
-    )
+    return NumpyJSONResponse(await plane.readiness())
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

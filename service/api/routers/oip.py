@@ -41,19 +41,18 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import workflows
-from service.api import problems
+from service.api.auth import ReadAccess
 from service.api.bodies import LeanRequest, LeanRoute, authorize
+from service.api.deps import ModelName, Plane, Version
 from service.api.routers import fallback
-from service.api.routers.inference import calibrated, check_columns, predicted
-from service.api.state import AppState, ModelView
-from service.errors import CalibserveError, NotFound
-from service.store import validate_model_name
+from service.errors import InvalidInput
+from service.names import parse_version, validate_model_name
+from service.serving.dataplane import DataPlane
+from service.serving.state import ModelInfo
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
@@ -65,61 +64,10 @@ EXTENSIONS = ["binary_tensor_data"]
 MAX_VERSIONS_LISTED = 100
 
 
-class OIPError(Exception):
-    """An error answered as ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps({"error": message}), status, headers=headers, media_type="application/json")
-
-
 def json_response(content: Any, status: int = 200) -> Response:
     return Response(
         orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status, media_type="application/json"
     )
-
-
-def as_oip_error(exc: Exception) -> OIPError:
-    """Map the errors the v1 routes raise to the status they have there."""
-    if isinstance(exc, OIPError):
-        return exc
-    if isinstance(exc, CalibserveError):
-        status, _ = problems.status_of(exc)
-        return OIPError(status, exc.message)
-    if isinstance(exc, HTTPException):
-        return OIPError(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-    if isinstance(exc, RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(part) for part in first.get("loc", ()))
-        return OIPError(400, f"{where}: {first.get('msg', 'invalid')}")
-    raise exc
-
-
-async def guarded(work) -> Response:
-    """Run ``work()`` and answer any error as ``{"error": ...}``."""
-    try:
-        return await work()
-    except (OIPError, CalibserveError, HTTPException, RequestValidationError) as exc:
-        error = as_oip_error(exc)
-        return error_response(error.status, error.message, error.headers)
-
-
-def path_version(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if not 1 <= number <= 2**31 - 1:
-        raise OIPError(400, f"model version must be a calibrator version (a positive integer), got {text!r}")
-    return number
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -136,13 +84,13 @@ class InferRequest:
 
 def _object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise OIPError(400, f"{what} must be a JSON object")
+        raise InvalidInput(f"{what} must be a JSON object")
     return value
 
 
 def _flag(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
-        raise OIPError(400, f"{what} must be true or false, got {value!r}")
+        raise InvalidInput(f"{what} must be true or false, got {value!r}")
     return value
 
 
@@ -152,22 +100,21 @@ def _shape(value: Any, name: str) -> tuple[int, ...]:
         or not value
         or any(isinstance(size, bool) or not isinstance(size, int) or size < 0 for size in value)
     ):
-        raise OIPError(400, f"input {name!r}: shape must be a list of non-negative integers, got {value!r}")
+        raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers, got {value!r}")
     return tuple(value)
 
 
 def _tensor_from_json(data: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if not isinstance(data, list):
-        raise OIPError(400, f"input {name!r}: data must be a list of numbers (flat or nested)")
+        raise InvalidInput(f"input {name!r}: data must be a list of numbers (flat or nested)")
     try:
         array = np.asarray(data)
     except ValueError:
-        raise OIPError(400, f"input {name!r}: nested data must be rectangular") from None
+        raise InvalidInput(f"input {name!r}: nested data must be rectangular") from None
     if array.dtype.kind not in "iuf":
-        raise OIPError(400, f"input {name!r}: data must hold numbers only")
+        raise InvalidInput(f"input {name!r}: data must hold numbers only")
     if array.size != math.prod(shape):
-        raise OIPError(
-            400,
+        raise InvalidInput(
             f"input {name!r}: data has {array.size} elements; shape {list(shape)} needs {math.prod(shape)}",
         )
     with np.errstate(over="ignore"):
@@ -183,60 +130,58 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
         except ValueError:
             length = -1
         if not 0 < length <= len(body):
-            raise OIPError(
-                400, f"{HEADER_LENGTH} {header_length!r} must be a byte count within the body ({len(body)})"
+            raise InvalidInput(
+                f"{HEADER_LENGTH} {header_length!r} must be a byte count within the body ({len(body)})"
             )
         body, binary = body[:length], body[length:]
     if not body:
-        raise OIPError(400, "the request body is empty; send an inference request JSON object")
+        raise InvalidInput("the request body is empty; send an inference request JSON object")
     try:
         request = _object(orjson.loads(body), "the inference request")
     except orjson.JSONDecodeError as exc:
-        raise OIPError(400, f"the inference request is not valid JSON: {exc}") from None
+        raise InvalidInput(f"the inference request is not valid JSON: {exc}") from None
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
-        raise OIPError(400, f"inputs must be a list of exactly one tensor named {', '.join(INPUT_NAMES)}")
+        raise InvalidInput(f"inputs must be a list of exactly one tensor named {', '.join(INPUT_NAMES)}")
     tensor = _object(inputs[0], "inputs[0]")
     name = tensor.get("name")
     if name not in INPUT_NAMES:
-        raise OIPError(400, f"input name must be one of {', '.join(INPUT_NAMES)}, got {name!r}")
+        raise InvalidInput(f"input name must be one of {', '.join(INPUT_NAMES)}, got {name!r}")
     shape = _shape(tensor.get("shape"), name)
     datatype = tensor.get("datatype")
     if datatype not in DATATYPES:
-        raise OIPError(
-            400, f"input {name!r}: datatype must be one of {', '.join(DATATYPES)}, got {datatype!r}"
+        raise InvalidInput(
+            f"input {name!r}: datatype must be one of {', '.join(DATATYPES)}, got {datatype!r}"
         )
     dtype = DATATYPES[datatype]
     parameters = _object(tensor.get("parameters") or {}, f"input {name!r} parameters")
     size = parameters.get("binary_data_size")
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise OIPError(400, f"input {name!r}: binary_data_size must be a byte count, got {size!r}")
+            raise InvalidInput(f"input {name!r}: binary_data_size must be a byte count, got {size!r}")
         if "data" in tensor:
-            raise OIPError(400, f"input {name!r}: give data or binary_data_size, not both")
+            raise InvalidInput(f"input {name!r}: give data or binary_data_size, not both")
         expected = math.prod(shape) * dtype.itemsize
         if size != expected:
-            raise OIPError(
-                400,
+            raise InvalidInput(
                 f"input {name!r}: binary_data_size is {size}; shape {list(shape)} of {datatype} needs {expected}",
             )
         if len(binary) != size:
-            raise OIPError(
-                400,
+            raise InvalidInput(
                 f"input {name!r}: binary_data_size is {size} but the body holds {len(binary)} bytes after "
                 "the JSON header",
             )
         values = np.frombuffer(binary, dtype=dtype).reshape(shape).copy()
     else:
         if binary:
-            raise OIPError(400, "binary data follows the JSON header but no input has binary_data_size")
+            raise InvalidInput("binary data follows the JSON header but no input has binary_data_size")
         if "data" not in tensor:
-            raise OIPError(400, f"input {name!r}: data (or parameters.binary_data_size) is required")
+            raise InvalidInput(f"input {name!r}: data (or parameters.binary_data_size) is required")
         values = _tensor_from_json(tensor["data"], name, shape, dtype)
     if name != "inputs" and values.ndim != 2:
-        raise OIPError(400, f"input {name!r}: shape must be [N, K], got {list(shape)}")
+        raise InvalidInput(f"input {name!r}: shape must be [N, K], got {list(shape)}")
     if name == "inputs" and values.ndim < 2:
-        raise OIPError(400, f"input 'inputs': shape must be [N, ...] (a batch), got {list(shape)}")
+        raise InvalidInput(f"input 'inputs': shape must be [N, ...] (a batch), got {list(shape)}")
 
     request_parameters = _object(request.get("parameters") or {}, "parameters")
     binary_default = _flag(request_parameters.get("binary_data_output", False), "binary_data_output")
@@ -246,22 +191,22 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
         outputs.append(("probabilities", binary_default))
     else:
         if not isinstance(requested, list) or not requested:
-            raise OIPError(400, "outputs must be a non-empty list of {name, parameters}")
+            raise InvalidInput("outputs must be a non-empty list of {name, parameters}")
         for index, item in enumerate(requested):
             item = _object(item, f"outputs[{index}]")
             output_name = item.get("name")
             if output_name not in OUTPUT_NAMES:
-                raise OIPError(
-                    400, f"output name must be one of {', '.join(OUTPUT_NAMES)}, got {output_name!r}"
+                raise InvalidInput(
+                    f"output name must be one of {', '.join(OUTPUT_NAMES)}, got {output_name!r}"
                 )
             output_parameters = _object(item.get("parameters") or {}, f"output {output_name!r} parameters")
             if output_parameters.get("classification"):
-                raise OIPError(400, "the classification extension is not supported; ask for predicted_class")
+                raise InvalidInput("the classification extension is not supported; ask for predicted_class")
             wanted_binary = output_parameters.get("binary_data", binary_default)
             outputs.append((output_name, _flag(wanted_binary, f"output {output_name!r} binary_data")))
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise OIPError(400, f"id must be a string, got {request_id!r}")
+        raise InvalidInput(f"id must be a string, got {request_id!r}")
     return InferRequest(request_id, name, values, datatype, outputs)
 
 
@@ -305,62 +250,43 @@ def infer_response(
     )
 
 
-async def run_infer(
-    state: AppState, name: str, version: int | None, body: bytes, header_length: str | None
-) -> Response:
-    state.require_ready()
-    request = parse_infer(body, header_length)
-    view, entry = state.views.lookup(name, version)
+async def run_infer(plane: DataPlane, name: str, version: int | None, request: InferRequest) -> Response:
     if request.input_name == "inputs":
-        if view.kind != "torchscript":
-            raise OIPError(400, f"model {name!r} is logits-only; send its logits as input 'logits'")
-        logits, probabilities, used = await predicted(state, name, entry, request.values)
-        from_logits = True
+        prediction = await plane.predict(name, version, request.values)
+        logits = prediction.logits
     else:
-        check_columns(view.name, view.num_classes, request.values, request.input_name)
-        logits, from_logits = request.values, request.input_name == "logits"
-        probabilities, used = await calibrated(entry, logits, from_logits)
-    tensors: dict[str, np.ndarray] = {"probabilities": probabilities}
+        prediction = await plane.calibrate(name, version, request.input_name, request.values)
+        logits = request.values
+    tensors: dict[str, np.ndarray] = {"probabilities": prediction.probabilities}
     wanted = {output_name for output_name, _ in request.outputs}
     if "logits" in wanted:
-        if from_logits:
-            tensors["logits"] = logits
-        else:
-            tensors["logits"] = workflows.scores_to_logits(logits, from_logits=False)
+        from_logits = request.input_name != "probabilities"
+        tensors["logits"] = logits if from_logits else workflows.scores_to_logits(logits, from_logits=False)
     if "predicted_class" in wanted:
-        tensors["predicted_class"] = probabilities.argmax(axis=1)
-    return infer_response(name, request, tensors, used)
+        tensors["predicted_class"] = prediction.predicted_class
+    return infer_response(name, request, tensors, prediction.calibrator_version)
 
 
-async def lean_infer(request: LeanRequest) -> Response:
-    async def work() -> Response:
-        authorize(request, "read")
-        state: AppState = request.scope["app"].state.calibserve
-        name = validate_model_name(request.path_params["name"])
-        version = path_version(request.path_params.get("version"))
-        header_length = request.header(HEADER_LENGTH.lower().encode())
-        return await run_infer(
-            state,
-            name,
-            version,
-            await request.body(),
-            header_length.decode("latin-1") if header_length is not None else None,
-        )
-
-    return await guarded(work)
+async def infer(request: LeanRequest) -> Response:
+    """``POST /v2/models/{name}[/versions/{version}]/infer``: decode, calibrate (or predict), encode."""
+    authorize(request, "read")
+    plane: DataPlane = request.scope["app"].state.dataplane
+    name = validate_model_name(request.path_params["name"])
+    version = parse_version(request.path_params.get("version"), field="model version")
+    plane.require_ready()
+    header_length = request.header(HEADER_LENGTH.lower())
+    decoded = parse_infer(
+        await request.body(), header_length.decode("latin-1") if header_length is not None else None
+    )
+    return await run_infer(plane, name, version, decoded)
 
 
-def install_lean_routes(app: FastAPI) -> None:
-    """Put the lean infer routes in front of the documented ones."""
-    app.router.routes[0:0] = [
-        LeanRoute("/v2/models/{name}/infer", lean_infer, methods=["POST"], name="oip_infer"),
-        LeanRoute(
-            "/v2/models/{name}/versions/{version}/infer",
-            lean_infer,
-            methods=["POST"],
-            name="oip_infer_version",
-        ),
-    ]
+ROUTES = [
+    LeanRoute("/v2/models/{name}/infer", infer, methods=["POST"], name="oip_infer"),
+    LeanRoute(
+        "/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"], name="oip_infer_version"
+    ),
+]
 
 
 # -------------------------------------------------------------------------------------- metadata, health
@@ -373,23 +299,23 @@ def _server_version() -> str:
         return "0"
 
 
-def model_metadata(state: AppState, view: ModelView, versions: list[str]) -> dict[str, Any]:
-    columns = view.num_classes if view.num_classes is not None else -1
+def model_metadata(info: ModelInfo, versions: list[str]) -> dict[str, Any]:
+    columns = info.num_classes if info.num_classes is not None else -1
     classes = 2 if columns == 1 else columns
     inputs = [
         {"name": "logits", "datatype": "FP32", "shape": [-1, columns]},
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, columns]},
     ]
-    if view.kind == "torchscript":
-        loaded = state.registry.loaded(view.name)
-        sample = list(loaded.input_shape) if loaded is not None and loaded.input_shape else [-1]
-        input_dtype = loaded.input_dtype if loaded is not None else "float32"
-        datatype = {"float32": "FP32", "float64": "FP64", "float16": "FP16"}.get(input_dtype, "FP32")
+    if info.kind == "torchscript":
+        sample = list(info.input_shape) if info.input_shape else [-1]
+        datatype = {"float32": "FP32", "float64": "FP64", "float16": "FP16"}.get(
+            info.input_dtype or "", "FP32"
+        )
         inputs.insert(0, {"name": "inputs", "datatype": datatype, "shape": [-1, *sample]})
     return {
-        "name": view.name,
+        "name": info.name,
         "versions": versions,
-        "platform": f"calibserve_{view.kind}",
+        "platform": f"calibserve_{info.kind}",
         "inputs": inputs,
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
@@ -397,32 +323,6 @@ def model_metadata(state: AppState, view: ModelView, versions: list[str]) -> dic
             {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
         ],
     }
-
-
-def calibrator_versions(state: AppState, name: str) -> list[str]:
-    try:
-        items, _ = state.store.list_calibrators(name, limit=MAX_VERSIONS_LISTED)
-    except NotFound:  # a shipped model without a record in the store has no calibrators yet
-        return []
-    return [str(item["version"]) for item in items]
-
-
-def _state(request: Request) -> AppState:
-    return request.app.state.calibserve
-
-
-async def _model_request(
-    request: Request, name: str, version: str | None
-) -> tuple[AppState, ModelView, int | None]:
-    authorize(LeanRequest(request.scope, request.receive), "read")
-    state = _state(request)
-    state.require_ready()
-    name = validate_model_name(name)
-    view = state.views.get(name)
-    pinned = path_version(version)
-    if pinned is not None:
-        state.store.get_calibrator(name, pinned)  # NotFound for a version that does not exist
-    return state, view, pinned
 
 
 _ERRORS = {
@@ -443,174 +343,61 @@ async def server_live() -> Response:
 
 
 @router.get("/health/ready", summary="Server readiness (Open Inference Protocol)", responses=_ERRORS)
-async def server_ready(request: Request) -> Response:
-    return json_response(
-        {"ready": True} if _state(request).ready else {"ready": False}, 200 if _state(request).ready else 503
-    )
+async def server_ready(plane: Plane) -> Response:
+    return json_response({"ready": plane.ready}, 200 if plane.ready else 503)
 
 
-@router.get("/models/{name}", summary="Model metadata (Open Inference Protocol)", responses=_ERRORS)
-async def get_model_metadata(name: str, request: Request) -> Response:
-    async def work() -> Response:
-        state, view, _ = await _model_request(request, name, None)
-        return json_response(model_metadata(state, view, calibrator_versions(state, view.name)))
-
-    return await guarded(work)
+@router.get(
+    "/models/{name}",
+    summary="Model metadata (Open Inference Protocol)",
+    responses=_ERRORS,
+    dependencies=ReadAccess,
+)
+async def get_model_metadata(name: ModelName, plane: Plane) -> Response:
+    info = plane.model(name)
+    versions = plane.calibrator_versions(name, limit=MAX_VERSIONS_LISTED)
+    return json_response(model_metadata(info, [str(version) for version in versions]))
 
 
 @router.get(
     "/models/{name}/versions/{version}",
     summary="Model metadata of one calibrator version (Open Inference Protocol)",
     responses=_ERRORS,
+    dependencies=ReadAccess,
 )
-async def get_model_version_metadata(name: str, version: str, request: Request) -> Response:
-    async def work() -> Response:
-        state, view, pinned = await _model_request(request, name, version)
-        return json_response(model_metadata(state, view, [str(pinned)]))
-
-    return await guarded(work)
+async def get_model_version_metadata(name: ModelName, version: Version, plane: Plane) -> Response:
+    info, _ = plane.lookup(name, version)  # NotFound for a version that does not exist
+    return json_response(model_metadata(info, [str(version)]))
 
 
-async def _ready(request: Request, name: str, version: str | None) -> Response:
-    async def work() -> Response:
-        state, view, _ = await _model_request(request, name, version)
-        failing = state.registry.failing().get(view.name)
-        if failing is not None:
-            return json_response({"name": view.name, "ready": False, "reason": failing}, 503)
-        return json_response({"name": view.name, "ready": True})
-
-    return await guarded(work)
+def _ready(plane: DataPlane, name: str, version: int | None) -> Response:
+    info, _ = plane.lookup(name, version)
+    if info.failing is not None:
+        return json_response({"name": name, "ready": False, "reason": info.failing}, 503)
+    return json_response({"name": name, "ready": True})
 
 
-@router.get("/models/{name}/ready", summary="Model readiness (Open Inference Protocol)", responses=_ERRORS)
-async def model_ready(name: str, request: Request) -> Response:
-    return await _ready(request, name, None)
+@router.get(
+    "/models/{name}/ready",
+    summary="Model readiness (Open Inference Protocol)",
+    responses=_ERRORS,
+    dependencies=ReadAccess,
+)
+async def model_ready(name: ModelName, plane: Plane) -> Response:
+    return _ready(plane, name, None)
 
 
 @router.get(
     "/models/{name}/versions/{version}/ready",
     summary="Readiness of one calibrator version (Open Inference Protocol)",
     responses=_ERRORS,
+    dependencies=ReadAccess,
 )
-async def model_version_ready(name: str, version: str, request: Request) -> Response:
-    return await _ready(request, name, version)
-
-
-_INFER_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "parameters": {"type": "object"},
-                        "inputs": {
-                            "type": "array",
-                            "minItems": 1,
-                            "maxItems": 1,
-                            "items": {
-                                "type": "object",
-                                "required": ["name", "shape", "datatype"],
-                                "properties": {
-                                    "name": {"type": "string", "enum": list(INPUT_NAMES)},
-                                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                                    "datatype": {"type": "string", "enum": list(DATATYPES)},
-                                    "parameters": {"type": "object"},
-                                    "data": {"type": "array"},
-                                },
-                            },
-                        },
-                        "outputs": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["name"],
-                                "properties": {
-                                    "name": {"type": "string", "enum": list(OUTPUT_NAMES)},
-                                    "parameters": {"type": "object"},
-                                },
-                            },
-                        },
-                    },
-                },
-                "examples": {
-                    "one row": {
-                        "value": {
-                            "id": "42",
-                            "inputs": [
-                                {
-                                    "name": "logits",
-                                    "shape": [1, 3],
-                                    "datatype": "FP32",
-                                    "data": [2.0, 0.5, -1.0],
-                                }
-                            ],
-                        }
-                    }
-                },
-            },
-            "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"},
-                "description": f"JSON header then tensor bytes; the header's length in {HEADER_LENGTH}",
-            },
-        },
-    },
-    "parameters": [
-        {
-            "name": HEADER_LENGTH,
-            "in": "header",
-            "required": False,
-            "schema": {"type": "integer", "minimum": 0},
-            "description": "binary tensor data extension: length of the JSON header at the start of the body",
-        }
-    ],
-}
-_INFER_ANSWERS = {
-    200: {
-        "description": "the inference response (JSON, or JSON header then binary outputs)",
-        "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    },
-    **_ERRORS,
-    502: {"description": 'a failing TorchScript model: {"error": "..."}'},
-}
-
-
-async def _documented_infer(request: Request) -> Response:
-    return await lean_infer(LeanRequest(request.scope, request.receive))
-
-
-@router.post(
-    "/models/{name}/infer",
-    summary="Inference (Open Inference Protocol): calibrated probabilities",
-    openapi_extra=_INFER_BODY,
-    response_class=Response,
-    responses=_INFER_ANSWERS,
-)
-async def infer(name: str, request: Request) -> Response:
-    return await _documented_infer(request)
-
-
-@router.post(
-    "/models/{name}/versions/{version}/infer",
-    summary="Inference with one calibrator version (Open Inference Protocol)",
-    openapi_extra=_INFER_BODY,
-    response_class=Response,
-    responses=_INFER_ANSWERS,
-)
-async def infer_version(name: str, version: str, request: Request) -> Response:
-    return await _documented_infer(request)
+async def model_version_ready(name: ModelName, version: Version, plane: Plane) -> Response:
+    return _ready(plane, name, version)
 
 
 # Last of this router: /v2 paths that no route answers get the protocol's own error format too.
 @router.api_route("/{rest:path}", methods=fallback.METHODS, include_in_schema=False)
 async def unmatched(request: Request) -> Response:
-    async def work() -> Response:
-        return fallback.check_unmatched(request, b"/v2/models/")
-
-    return await guarded(work)
+    return fallback.check_unmatched(request, b"/v2/models/")

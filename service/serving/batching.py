@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
-from service.api.observability import BATCH_REQUESTS, BATCH_ROWS
+from service.serving.concurrency import in_thread
+from service.serving.telemetry import BATCH_REQUESTS, BATCH_ROWS
 
 Run = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 """A synchronous function from a batch to arrays with one row per batch row (``None`` entries pass)."""
@@ -57,7 +57,7 @@ class DynamicBatcher:
     async def submit(self, key: Hashable, batch: np.ndarray, run: Run) -> tuple[Any, ...]:
         """``run``'s answer for ``batch`` alone, computed together with other requests of the same key."""
         if batch.shape[0] >= self.max_size:
-            return await run_in_threadpool(run, batch)
+            return await in_thread(run, batch)
         queue = self._queues.get(key)
         if queue is not None and queue.rows + batch.shape[0] > self.max_size:
             self._flush(key)
@@ -91,7 +91,7 @@ class DynamicBatcher:
             if len(queue.parts) == 1:
                 answers = [await _settle(queue.run, queue.parts[0])]
             else:
-                answers = await run_in_threadpool(_run_together, queue.run, queue.parts)
+                answers = await in_thread(_run_together, queue.run, queue.parts)
         except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
             answers = [exc] * len(queue.waiters)
         for waiter, answer in zip(queue.waiters, answers, strict=True):
@@ -107,7 +107,7 @@ _running: set[asyncio.Task] = set()
 
 
 async def _settle(run: Run, batch: np.ndarray) -> tuple[Any, ...] | BaseException:
-    return await run_in_threadpool(_run_alone, run, batch)
+    return await in_thread(_run_alone, run, batch)
 
 
 def _run_together(run: Run, parts: list[np.ndarray]) -> list[tuple[Any, ...] | BaseException]:

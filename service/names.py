@@ -1,0 +1,67 @@
+"""The identifiers that reach the disk and the wire: model names and calibrator version numbers.
+
+Both are checked here once, before anything touches the store, by every protocol (v1 path parameters, the
+Open Inference Protocol's model and version segments, CLI arguments) and by the store itself.
+"""
+
+from __future__ import annotations
+
+import re
+
+from service.errors import InvalidInput, InvalidParameter
+
+__all__ = ["MAX_VERSION", "MODEL_NAME_PATTERN", "is_model_name", "parse_version", "validate_model_name"]
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# fullmatch, never match: "$" also matches before a trailing newline.
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+# Versions are allocated by the store from 1 up; the bound keeps them within a signed 32-bit integer, which
+# is what clients in other languages (and the OIP's string version) can round-trip.
+MAX_VERSION = 2**31 - 1
+
+
+def is_model_name(name: str) -> bool:
+    return _MODEL_NAME_RE.fullmatch(name) is not None
+
+
+def validate_model_name(name: object) -> str:
+    """Return ``name`` if it is a valid model name, else raise InvalidInput (field ``"name"``).
+
+    A valid name matches ``^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$``: 1 to 64 ASCII characters, starting with a
+    letter or digit. That rules out ``..``, hidden names, path separators, NUL and newlines, so a valid name
+    is always a single, visible path component directly under the store root.
+    """
+    if not isinstance(name, str):
+        raise InvalidInput(
+            f"invalid model name: it must be a string, got {type(name).__name__}", field="name"
+        )
+    if _MODEL_NAME_RE.fullmatch(name) is None:
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise InvalidInput(
+            f"invalid model name {shown!r}: it must match {MODEL_NAME_PATTERN} "
+            "(1-64 letters, digits, '.', '_' or '-', starting with a letter or digit)",
+            field="name",
+        )
+    return name
+
+
+def parse_version(text: str | None, *, field: str = "version") -> int | None:
+    """A calibrator version from a path segment or query value (None when absent).
+
+    ASCII digits only, 1 to :data:`MAX_VERSION`; anything else raises InvalidParameter naming ``field``.
+    """
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        raise InvalidParameter(
+            f"{field} must be a calibrator version (an integer from 1 to {MAX_VERSION}), got {text[:40]!r}",
+            field=field,
+        )
+    number = int(text)
+    if not 1 <= number <= MAX_VERSION:
+        raise InvalidParameter(
+            f"{field} must be a calibrator version (an integer from 1 to {MAX_VERSION}), got {number}",
+            field=field,
+        )
+    return number

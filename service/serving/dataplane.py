@@ -1,0 +1,445 @@
+"""The use cases of calibserve, once, for every protocol (as KServe's ``DataPlane`` and MLServer's
+``handlers/dataplane.py``): models, calibrators, calibrate, predict, fit-and-store, evaluate, figures, export.
+
+Arguments are numpy arrays, plain values and domain objects; answers are domain objects or plain dicts;
+failures are :mod:`service.errors` exceptions. Codecs (v1 HTTP, the Open Inference Protocol, the CLI's
+local mode) decode their request, call one method here and encode what it returns; how an error becomes a
+status is theirs to say. Blocking work (fits, file writes, large arrays, forward passes) runs in the
+worker's thread pool; small calibrations inline, where a thread hop would cost more than the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service import workflows
+from service.core import losses
+from service.core.probability import softmax
+from service.core.validation import n_label_classes, same_class_count
+from service.errors import Conflict, InvalidInput, ModelFailed, NotFound, StoreUnavailable
+from service.serving.concurrency import compute, in_thread
+from service.serving.state import ActiveCalibrator, AppState, ModelInfo
+from service.serving.telemetry import FITS, MODEL_FAILURES, publish_active
+
+SCORE_KINDS = ("logits", "probabilities")
+LABELLED_KINDS = ("logits", "probabilities", "inputs")
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Calibrated probabilities of one request, with what produced them."""
+
+    model: ModelInfo
+    probabilities: np.ndarray
+    calibrator_version: int | None
+    logits: np.ndarray | None = None
+
+    @property
+    def predicted_class(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    def predicted_labels(self, predicted: np.ndarray | None = None) -> list[str] | None:
+        names = self.model.class_names
+        if not names:
+            return None
+        classes = self.predicted_class if predicted is None else predicted
+        return [names[k] for k in classes.tolist()]
+
+
+@dataclass(frozen=True, slots=True)
+class Labelled:
+    """A labelled set: scores of one kind (logits, probabilities or model inputs), labels, weights."""
+
+    kind: str
+    values: np.ndarray
+    labels: Any
+    sample_weight: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class FitSpec:
+    method: str = "temperature"
+    options: Mapping[str, Any] | None = None
+    activate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateSpec:
+    n_bins: int = 15
+    binning: str = "width"
+    bootstrap: int = 0
+    seed: int = 0
+
+
+def check_columns(model: ModelInfo, scores: np.ndarray, field: str) -> None:
+    """InvalidInput when ``scores`` has a column count that does not fit the model's classes."""
+    expected = model.num_classes
+    if expected is not None and scores.ndim == 2 and not same_class_count(scores.shape[1], expected):
+        raise InvalidInput(
+            f"model {model.name!r} has {expected} classes; {field} has {scores.shape[1]} columns", field=field
+        )
+
+
+def calibrate_array(calibrator: Any | None, scores: Any, *, from_logits: bool) -> np.ndarray:
+    """``workflows.calibrate`` validating the scores once (the calibrator's own check is skipped)."""
+    logits = workflows.scores_to_logits(scores, from_logits=from_logits)
+    if calibrator is None:
+        return softmax(logits)
+    if n_label_classes(logits.shape[1]) != calibrator.num_classes_:
+        return calibrator.transform(logits)  # raises the calibrator's own message
+    return calibrator.transform(logits, validate=False)
+
+
+class DataPlane:
+    """The use cases over one worker's :class:`AppState`."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    # ------------------------------------------------------------------------------------------ health
+
+    @property
+    def ready(self) -> bool:
+        return self.state.ready
+
+    def require_ready(self) -> None:
+        self.state.require_ready()
+
+    async def readiness(self) -> dict[str, Any]:
+        """NotReady until loaded. A store that cannot be written (read-only volume, disk full) is reported
+        under ``store`` but keeps the service ready: calibrate and predict still serve the active
+        calibrators, and an orchestrator that took every replica out of rotation for it would turn a
+        failing write into an outage."""
+        self.state.require_ready()
+        try:
+            await in_thread(self.state.store.check_writable)  # it fsyncs: never on the event loop
+            store = {"writable": True, "detail": None}
+        except StoreUnavailable as exc:
+            store = {"writable": False, "detail": str(exc)}
+        return {
+            "status": "ready",
+            "models": sorted(self.state.registry.names()),
+            "failing_models": self.state.registry.failing(),
+            "store": store,
+        }
+
+    # -------------------------------------------------------------------------------------------- models
+
+    def model(self, name: str) -> ModelInfo:
+        self.state.require_ready()
+        return self.state.model_info(name)
+
+    def model_summary(self, info: ModelInfo) -> dict[str, Any]:
+        """The model's JSON form with a summary of its active calibrator."""
+        active = self.state.active(info.name).document
+        body = info.to_dict()
+        body["active_calibrator"] = (
+            None
+            if active is None
+            else {
+                key: active[key] for key in ("version", "method", "temperature", "fitted_at") if key in active
+            }
+        )
+        return body
+
+    def list_models(self, *, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        self.state.require_ready()
+        names = [name for name in self.state.all_model_names() if cursor is None or name > cursor]
+        page = names[:limit]
+        items = [self.model_summary(self.state.model_info(name)) for name in page]
+        return items, (page[-1] if len(names) > limit else None)
+
+    async def put_model(
+        self, name: str, *, num_classes: int, class_names: list[str] | None, description: str | None
+    ) -> ModelInfo:
+        """Create or update a logits-only model."""
+        self.state.require_ready()
+        if class_names is not None and len(class_names) != num_classes:
+            raise InvalidInput(
+                f"class_names has {len(class_names)} names for {num_classes} classes", field="class_names"
+            )
+        loaded = self.state.registry.loaded(name)
+        if loaded is not None and loaded.num_classes is not None and loaded.num_classes != num_classes:
+            raise Conflict(f"model {name!r} is a TorchScript model with {loaded.num_classes} classes")
+        active = self.state.store.active_calibrator(name) if self.state.store.model_exists(name) else None
+        if active is not None and active.get("num_classes") not in (None, num_classes):
+            raise Conflict(
+                f"model {name!r} has an active calibrator for {active['num_classes']} classes; "
+                "delete the model first to change its class count"
+            )
+        spec = {"num_classes": num_classes, "class_names": class_names, "description": description}
+        metadata = {"kind": "logits", **{key: value for key, value in spec.items() if value is not None}}
+        if self.state.store.model_exists(name):
+            old = self.state.store.get_model(name)
+            metadata = {**old, **metadata, "kind": old.get("kind", "logits")}
+        await in_thread(self.state.store.put_model, name, metadata)
+        return self.state.model_info(name)
+
+    async def put_torchscript(self, name: str, data: bytes, metadata: Mapping[str, Any]) -> ModelInfo:
+        """Upload a TorchScript file: checked first, so a file torch cannot run never replaces a model."""
+        self.state.require_ready()
+        if not data:
+            raise InvalidInput("the request body is empty; send the TorchScript file's bytes", field="body")
+        record = self.state.store.get_model(name) if self.state.store.model_exists(name) else {}
+        record = {**record, **metadata}
+        checked = await in_thread(self.state.registry.check_bytes, name, data, record)
+        record = {**record, "kind": "torchscript", "num_classes": checked.num_classes}
+        await in_thread(self.state.store.put_model, name, record)
+        await in_thread(self.state.store.put_torchscript, name, data)
+        self.state.sync_uploaded_model(name)
+        return self.state.model_info(name)
+
+    async def delete_model(self, name: str) -> None:
+        self.state.require_ready()
+        self.state.model_info(name)  # NotFound for an unknown model
+        store = self.state.store
+        shipped = name in self.state.registry and (
+            not store.model_exists(name) or store.torchscript_path(name) is None
+        )
+        if shipped:
+            raise Conflict(
+                f"model {name!r} is shipped in the models directory; remove its folder there instead"
+            )
+        await in_thread(store.delete_model, name)
+        with contextlib.suppress(NotFound):  # a logits-only model has nothing in the registry
+            self.state.registry.remove(name)
+        self.state.forget(name)
+
+    def calibrator_versions(self, name: str, *, limit: int) -> list[int]:
+        """Versions of ``name``, newest first (none for a shipped model without a store record)."""
+        try:
+            items, _ = self.state.store.list_calibrators(name, limit=limit)
+        except NotFound:
+            return []
+        return [item["version"] for item in items]
+
+    # --------------------------------------------------------------------------------------- calibrators
+
+    def lookup(self, name: str, version: int | None) -> tuple[ModelInfo, ActiveCalibrator]:
+        """The model and the calibrator that serves it (the active one, or ``version``)."""
+        self.state.require_ready()
+        return self.state.lookup(name, version)
+
+    def list_calibrators(self, name: str, *, limit: int, cursor: str | None) -> dict[str, Any]:
+        self.state.require_ready()
+        self.state.model_info(name)
+        items, next_cursor = self.state.store.list_calibrators(name, limit=limit, cursor=cursor)
+        return {
+            "items": items,
+            "next_cursor": next_cursor,
+            "active_version": self.state.store.active_version(name),
+        }
+
+    def get_calibrator(self, name: str, version: int) -> dict[str, Any]:
+        self.state.require_ready()
+        return self.state.store.get_calibrator(name, version)
+
+    async def activate(self, name: str, version: int) -> dict[str, Any]:
+        self.state.require_ready()
+        document = await in_thread(self.state.store.activate, name, version)
+        publish_active(name, document)
+        return document
+
+    async def delete_calibrator(self, name: str, version: int) -> None:
+        self.state.require_ready()
+        await in_thread(self.state.store.delete_calibrator, name, version)
+        self.state.forget(name)
+
+    async def fit(self, name: str, data: Labelled, spec: FitSpec) -> dict[str, Any]:
+        """Fit a calibrator on labelled scores (or inputs run through the model), store it, and (unless
+        ``spec.activate`` is false) activate it; the stored document."""
+        self.state.require_ready()
+        info = self.state.model_info(name)
+        scores, from_logits = await self._scores(info, data)
+        document = await in_thread(
+            workflows.fit_document,
+            scores,
+            data.labels,
+            from_logits=from_logits,
+            method=spec.method,
+            options=spec.options,
+            model=name,
+            num_classes=info.num_classes,
+            sample_weight=data.sample_weight,
+        )
+        stored = await self._store(info, document, activate=spec.activate)
+        FITS.labels(name, spec.method).inc()
+        return stored
+
+    async def upload_calibrator(self, name: str, document: Any, *, activate: bool) -> dict[str, Any]:
+        """Store a calibrator document made elsewhere (e.g. by ``calibserve fit``) as a new version."""
+        self.state.require_ready()
+        calibrator = workflows.load_calibrator(document)  # refuses malformed documents before any write
+        info = self.state.model_info(name)
+        if info.num_classes is not None and document.get("num_classes") not in (None, info.num_classes):
+            raise InvalidInput(
+                f"the calibrator was fitted for {document.get('num_classes')} classes; "
+                f"model {name!r} has {info.num_classes}",
+                field="num_classes",
+            )
+        document = {**document, **calibrator.to_dict(), "format_version": workflows.FORMAT_VERSION}
+        return await self._store(info, document, activate=activate)
+
+    async def _store(self, info: ModelInfo, document: dict[str, Any], *, activate: bool) -> dict[str, Any]:
+        await in_thread(self.state.ensure_record, info)
+        stored = await in_thread(self.state.store.add_calibrator, info.name, document, activate=activate)
+        if activate:
+            publish_active(info.name, stored)
+        return stored
+
+    # ---------------------------------------------------------------------------------------- inference
+
+    async def calibrate(self, name: str, version: int | None, kind: str, scores: np.ndarray) -> Prediction:
+        """Calibrated probabilities for ``scores`` (``kind`` logits or probabilities)."""
+        info, entry = self.lookup(name, version)
+        check_columns(info, scores, kind)
+        probabilities = await compute(
+            calibrate_array, entry.calibrator, scores, from_logits=kind == "logits", size=scores.size
+        )
+        return Prediction(info, probabilities, entry.version)
+
+    async def predict(self, name: str, version: int | None, inputs: np.ndarray) -> Prediction:
+        """The TorchScript model's logits for ``inputs``, calibrated."""
+        info, entry = self.lookup(name, version)
+        if info.kind != "torchscript":
+            raise InvalidInput(f"model {name!r} is logits-only; send its logits to calibrate", field="inputs")
+        logits, probabilities = await self._run_model(name, entry, inputs)
+        if probabilities is None:
+            probabilities = await compute(
+                calibrate_array, entry.calibrator, logits, from_logits=True, size=logits.size
+            )
+        return Prediction(info, probabilities, entry.version, logits)
+
+    async def _run_model(
+        self, name: str, entry: ActiveCalibrator, inputs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(logits, probabilities)`` of TorchScript model ``name``; probabilities None: calibrate on the CPU.
+
+        On a GPU the calibrator runs there, after the forward pass, as one vectorised operation (its exported
+        torch module); on the CPU numpy's exact float64 calibration follows instead. With dynamic batching
+        on, concurrent requests share the forward pass.
+        """
+        state = self.state
+        state.sync_uploaded_model(name)
+        registry = state.registry
+        model, batch = await compute(registry.prepare, name, inputs, size=inputs.size)
+        calibrator = entry.calibrator
+        # A calibrator fitted for another class count is left to the CPU path, which names the mismatch.
+        fits = calibrator is None or calibrator.num_classes_ == model.num_classes
+        on_device = model.device.type != "cpu" and fits
+
+        def run(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            module = registry.calibrator_on_device(model, calibrator) if on_device else None
+            return registry.run(model, rows, module)
+
+        try:
+            if state.batcher is not None:
+                key = (id(model), id(calibrator), on_device)  # both held by `run` while queued: ids unique
+                return await state.batcher.submit(key, batch, run)
+            return await in_thread(run, batch)
+        except ModelFailed:
+            MODEL_FAILURES.labels(name).inc()
+            raise
+
+    async def _scores(self, info: ModelInfo, data: Labelled) -> tuple[np.ndarray, bool]:
+        """Scores of a labelled set: logits/probabilities as sent, or inputs run through the model."""
+        if data.kind != "inputs":
+            return data.values, data.kind == "logits"
+        if info.kind != "torchscript":
+            raise InvalidInput(
+                f"model {info.name!r} is logits-only; send logits or probabilities", field="inputs"
+            )
+        self.state.sync_uploaded_model(info.name)
+        try:
+            logits = await in_thread(self.state.registry.predict, info.name, data.values)
+        except ModelFailed:
+            MODEL_FAILURES.labels(info.name).inc()
+            raise
+        return logits, True
+
+    # ------------------------------------------------------------------------------------------ figures
+
+    async def evaluate(self, name: str, version: int | None, data: Labelled, spec: EvaluateSpec) -> dict:
+        """Figures before and after calibration, and drift against the calibrator's fit-time figures."""
+        info, entry = self.lookup(name, version)
+        scores, from_logits = await self._scores(info, data)
+        check_columns(info, scores, data.kind)
+        report = await in_thread(
+            workflows.evaluate,
+            scores,
+            data.labels,
+            from_logits=from_logits,
+            calibrator=entry.calibrator,
+            calibrator_document=entry.document,
+            n_bins=spec.n_bins,
+            binning=spec.binning,
+            bootstrap=spec.bootstrap,
+            seed=spec.seed,
+        )
+        report["model"] = name
+        if entry.document is not None and entry.document.get("fit") and "drift" not in report:
+            report["drift"] = workflows.drift_against_fit(report, entry.document)
+        return report
+
+    @staticmethod
+    async def figures(data: Labelled, spec: EvaluateSpec, *, with_losses: bool) -> dict[str, Any]:
+        """Stateless: every calibration figure (and the evaluation losses) of labelled scores."""
+        return await in_thread(_figures, data, spec, with_losses)
+
+    # ------------------------------------------------------------------------------------------- export
+
+    async def export(self, name: str, version: int | None, file_format: str) -> tuple[bytes, int | None]:
+        """The model's calibration as one file (TorchScript); ``(bytes, calibrator version)``."""
+        from service.registry import EXPORT_FORMATS, export_torchscript
+
+        if file_format not in EXPORT_FORMATS:
+            raise InvalidInput(
+                f"export format {file_format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}",
+                field="format",
+            )
+        info, entry = self.lookup(name, version)
+        model = None
+        if info.kind == "torchscript":
+            self.state.sync_uploaded_model(name)
+            model = self.state.registry.get(name)  # ModelFailed for a model that failed to load
+        metadata = {
+            "model": name,
+            "kind": info.kind,
+            "num_classes": info.num_classes,
+            "class_names": list(info.class_names) if info.class_names else None,
+            "input": "inputs" if model is not None else "logits",
+            "input_shape": list(model.input_shape) if model is not None and model.input_shape else None,
+            "calibrator_version": entry.version,
+            "calibrator": entry.document,
+        }
+        data = await in_thread(export_torchscript, entry.calibrator, model=model, metadata=metadata)
+        return data, entry.version
+
+
+def _figures(data: Labelled, spec: EvaluateSpec, with_losses: bool) -> dict[str, Any]:
+    from_logits = data.kind == "logits"
+    report = workflows.evaluate(
+        data.values,
+        data.labels,
+        from_logits=from_logits,
+        n_bins=spec.n_bins,
+        binning=spec.binning,
+        bootstrap=spec.bootstrap,
+        seed=spec.seed,
+    )
+    answer = {
+        **report["uncalibrated"],
+        "conventions": report["conventions"],
+        "reliability": report["reliability"]["uncalibrated"],
+    }
+    if "intervals" in report:
+        answer["intervals"] = report["intervals"]["uncalibrated"]
+    if with_losses:
+        logits = workflows.scores_to_logits(data.values, from_logits=from_logits)
+        answer["losses"] = losses.evaluation_losses(logits, data.labels)
+    return answer

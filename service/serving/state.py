@@ -1,0 +1,273 @@
+"""What one worker holds: the store, the model registry, the dynamic batcher, and caches of each model's
+:class:`ModelInfo` and active calibrator for the hot path.
+
+Workers share the store. The caches key what they hold by the store's change stamp of the model
+(:meth:`CalibratorStore.change_stamp`) and by the registry's model object, so a fit or activation made by
+any worker (or replica) is served by all from the next request on, for the price of a ``stat`` or two.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from service import workflows
+from service.config import Settings
+from service.errors import InvalidInput, NotFound, NotReady
+from service.registry import LoadedModel, ModelRegistry
+from service.serving.batching import DynamicBatcher
+from service.store import CalibratorStore
+
+logger = logging.getLogger("calibserve.state")
+
+# The metadata a model record keeps in the store; everything else a model has is known at run time.
+RECORD_KEYS = ("kind", "num_classes", "class_names", "input_shape", "description")
+CACHE_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One model as every protocol sees it: logits-only (a store record) or TorchScript (shipped in the
+    models directory or uploaded to the store), with the reason it fails where it does."""
+
+    name: str
+    kind: str = "logits"
+    num_classes: int | None = None
+    class_names: tuple[str, ...] | None = None
+    description: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str | None = None
+    device: str | None = None
+    failing: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, name: str, record: Mapping[str, Any]) -> ModelInfo:
+        """A model from its store record (``model.json``); keys it does not know are kept in ``extra``."""
+        names, shape = record.get("class_names"), record.get("input_shape")
+        return cls(
+            name=name,
+            kind=record.get("kind", "logits"),
+            num_classes=record.get("num_classes"),
+            class_names=tuple(names) if names else None,
+            description=record.get("description"),
+            input_shape=tuple(shape) if shape else None,
+            extra={key: value for key, value in record.items() if key not in (*RECORD_KEYS, "name")},
+        )
+
+    def with_loaded(self, model: LoadedModel) -> ModelInfo:
+        """This model as the registry loaded it (TorchScript)."""
+        return ModelInfo(
+            name=self.name,
+            kind="torchscript",
+            num_classes=model.num_classes,
+            class_names=model.class_names or self.class_names,
+            description=model.description or self.description,
+            input_shape=model.input_shape or None,
+            input_dtype=model.input_dtype,
+            device=str(model.device),
+            failing=self.failing,
+            extra=self.extra,
+        )
+
+    def record(self) -> dict[str, Any]:
+        """What the store keeps of this model."""
+        values = {
+            "kind": self.kind,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names) if self.class_names else None,
+            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "description": self.description,
+        }
+        return {key: value for key, value in values.items() if value is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form answered by the v1 API."""
+        body: dict[str, Any] = {**self.extra, "name": self.name, **self.record()}
+        body.setdefault("class_names", None)
+        body.setdefault("description", None)
+        if self.kind == "torchscript":
+            body.setdefault("input_shape", None)
+            body["device"] = self.device
+        if self.failing is not None:
+            body["failing"] = self.failing
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveCalibrator:
+    """A loaded calibrator with its document; ``version`` None means no calibrator (plain softmax)."""
+
+    version: int | None
+    calibrator: Any
+    document: dict | None
+
+
+NO_CALIBRATOR = ActiveCalibrator(version=None, calibrator=None, document=None)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: CalibratorStore
+    registry: ModelRegistry
+    ready: bool = False
+    batcher: DynamicBatcher | None = None
+    _views: dict[str, tuple[Any, LoadedModel | None, ModelInfo, ActiveCalibrator]] = field(
+        default_factory=dict
+    )
+    _pinned: dict[tuple[str, int], ActiveCalibrator] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------------------------------ start-up
+
+    def start(self) -> None:
+        self.store.cleanup_temp_files()
+        self.registry.load_all()
+        for name in self.store_torchscript_models():
+            self.sync_uploaded_model(name)
+        self.ready = True
+
+    def store_torchscript_models(self) -> list[str]:
+        names, cursor = [], None
+        while True:
+            items, cursor = self.store.list_models(limit=1000, cursor=cursor)
+            names += [item["name"] for item in items if self.store.torchscript_path(item["name"])]
+            if cursor is None:
+                return names
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise NotReady("the service is still loading its models and store")
+
+    # -------------------------------------------------------------------------------------------- models
+
+    def sync_uploaded_model(self, name: str) -> None:
+        """Load (or reload) a TorchScript model uploaded to the store, when its file changed on disk."""
+        if not self.store.model_exists(name):
+            return
+        path = self.store.torchscript_path(name)
+        if path is None:
+            return
+        try:
+            stamp = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        loaded = self.registry.loaded(name)
+        if loaded is not None and loaded.stamp == stamp:
+            return
+        metadata = self.store.get_model(name)
+        try:
+            model = self.registry.load_file(name, path, metadata)
+            model.stamp = stamp
+        except InvalidInput as exc:  # a bad file on the volume: serve the others, report this one
+            logger.warning("uploaded model %s failed to load: %s", name, exc)
+
+    def ensure_record(self, info: ModelInfo) -> None:
+        """Give a shipped TorchScript model a record in the store, where its calibrators will live."""
+        if not self.store.model_exists(info.name):
+            self.store.put_model(info.name, info.record())
+
+    def lookup(self, name: str, version: int | None = None) -> tuple[ModelInfo, ActiveCalibrator]:
+        """The model ``name`` and its active calibrator, or version ``version`` (NotFound if missing).
+
+        Cached per worker by the store's change stamp of the model and by the registry's model object, so a
+        request costs two ``stat`` s, and a change made by any worker or replica is served from the next
+        request on. The stamp is taken before anything is read: a change in between costs one extra reload,
+        never a stale cache.
+        """
+        stamp = self.store.change_stamp(name)
+        loaded = self.registry.loaded(name)
+        cached = self._views.get(name)
+        if cached is None or cached[0] != stamp or cached[1] is not loaded:
+            info = self._read_model_info(name, loaded, has_record=stamp[0] is not None)
+            active = self._read_active(name) if stamp[1] is not None else NO_CALIBRATOR
+            cached = (stamp, loaded, info, active)
+            with self._lock:
+                if len(self._views) > CACHE_LIMIT:
+                    self._views.clear()
+                self._views[name] = cached
+        return cached[2], (cached[3] if version is None else self.pinned(name, version))
+
+    def model_info(self, name: str) -> ModelInfo:
+        """The model ``name``; NotFound if it exists neither in the store nor in the registry."""
+        return self.lookup(name)[0]
+
+    def _read_model_info(self, name: str, loaded: LoadedModel | None, *, has_record: bool) -> ModelInfo:
+        failing = self.registry.failing().get(name)
+        info = None
+        if has_record:
+            try:
+                info = ModelInfo.from_record(name, self.store.get_model(name))
+            except NotFound:  # deleted since the stamp was taken
+                info = None
+        if loaded is not None:
+            info = (info or ModelInfo(name)).with_loaded(loaded)
+        if info is None:
+            if failing is not None:
+                return ModelInfo(name, kind="torchscript", failing=failing)
+            raise NotFound(f"model {name!r} does not exist")
+        if failing is not None:
+            info = ModelInfo(**{**_fields(info), "failing": failing})
+        return info
+
+    def all_model_names(self) -> list[str]:
+        names: set[str] = set(self.registry.names()) | set(self.registry.failing())
+        cursor = None
+        while True:
+            items, cursor = self.store.list_models(limit=1000, cursor=cursor)
+            names.update(item["name"] for item in items)
+            if cursor is None:
+                return sorted(names)
+
+    # --------------------------------------------------------------------------------------- calibrators
+
+    def active(self, name: str) -> ActiveCalibrator:
+        """The active calibrator of ``name`` (no calibrator for a shipped model without a store record)."""
+        try:
+            return self.lookup(name)[1]
+        except NotFound:
+            if name in self.registry:
+                return NO_CALIBRATOR
+            raise
+
+    def _read_active(self, name: str) -> ActiveCalibrator:
+        # The store's read retries when another worker activates a new version and deletes the old one
+        # between reading the pointer and reading the version.
+        try:
+            document = self.store.active_calibrator(name)
+        except NotFound:  # the model was deleted since the stamp was taken
+            return NO_CALIBRATOR
+        if document is None:
+            return NO_CALIBRATOR
+        return ActiveCalibrator(document["version"], workflows.load_calibrator(document), document)
+
+    def pinned(self, name: str, version: int) -> ActiveCalibrator:
+        """A specific version (``?version=N``); versions are immutable, so they are cached for good."""
+        key = (name, version)
+        cached = self._pinned.get(key)
+        if cached is not None:
+            return cached
+        document = self.store.get_calibrator(name, version)
+        entry = ActiveCalibrator(version, workflows.load_calibrator(document), document)
+        with self._lock:
+            if len(self._pinned) > 1024:
+                self._pinned.clear()
+            self._pinned[key] = entry
+        return entry
+
+    def calibrator_for(self, name: str, version: int | None) -> ActiveCalibrator:
+        return self.active(name) if version is None else self.pinned(name, version)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._views.pop(name, None)
+            for key in [key for key in self._pinned if key[0] == name]:
+                del self._pinned[key]
+
+
+def _fields(info: ModelInfo) -> dict[str, Any]:
+    return {name: getattr(info, name) for name in ModelInfo.__slots__}

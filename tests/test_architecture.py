@@ -1,0 +1,159 @@
+"""The import direction of docs/architecture.md, checked on the source (function-level imports included).
+
+Bottom to top: errors <- names <- core <- store, registry, export <- config, workflows <- serving <- api,
+client <- cli. A layer imports only from layers below it; nothing imports the CLI; only ``api`` imports a
+web framework; ``core`` imports no I/O, settings or web layer.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "service"
+
+# What each module (or package) of service/ may import from service/. The first matching prefix decides.
+ALLOWED: list[tuple[str, set[str]]] = [
+    ("service.errors", set()),
+    ("service.names", {"service.errors"}),
+    ("service.core", {"service.errors", "service.core"}),
+    ("service.store", {"service.errors", "service.names"}),
+    ("service.registry", {"service.errors", "service.names", "service.core", "service.export"}),
+    ("service.export", {"service.errors", "service.core", "service.registry"}),
+    ("service.config", {"service.errors"}),
+    ("service.workflows", {"service.errors", "service.core"}),
+    ("service.io", {"service.errors", "service.core"}),
+    ("service.plots", {"service.errors", "service.core"}),
+    ("service.reports", {"service.errors", "service.core", "service.workflows", "service.plots"}),
+    (
+        "service.serving",
+        {
+            "service.errors",
+            "service.names",
+            "service.core",
+            "service.store",
+            "service.registry",
+            "service.export",
+            "service.config",
+            "service.workflows",
+            "service.serving",
+        },
+    ),
+    (
+        "service.api",
+        {
+            "service.errors",
+            "service.names",
+            "service.core",
+            "service.store",
+            "service.registry",
+            "service.config",
+            "service.workflows",
+            "service.serving",
+            "service.api",
+        },
+    ),
+    ("service.client", {"service.errors", "service.io"}),
+    ("service.cli", {"service"}),  # the top: anything
+    ("service.__main__", {"service.cli"}),
+    ("service", set()),  # service/__init__.py
+]
+WEB = ("fastapi", "starlette", "uvicorn")
+# Third-party imports a layer must not make (beyond what its allowed service modules bring).
+FORBIDDEN_THIRD_PARTY = {
+    "service.core": (*WEB, "pydantic", "pydantic_settings", "httpx", "orjson", "prometheus_client"),
+    "service.serving": WEB,
+    "service.workflows": (*WEB, "pydantic"),
+    "service.store": WEB,
+    "service.registry": WEB,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports(path: Path, name: str | None = None) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    name = name or module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            found.append(target)
+            found += [f"{target}.{alias.name}" for alias in node.names if target == "service"]
+    return found
+
+
+def rule(name: str) -> tuple[str, set[str]]:
+    for prefix, allowed in ALLOWED:
+        if name == prefix or name.startswith(prefix + "."):
+            return prefix, allowed
+    raise AssertionError(f"{name} has no place in the layering; add it to ALLOWED and docs/architecture.md")
+
+
+def within(target: str, allowed: set[str]) -> bool:
+    return any(target == prefix or target.startswith(prefix + ".") for prefix in allowed)
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda path: module_name(path))
+def test_module_imports_only_from_the_layers_below(path):
+    name = module_name(path)
+    prefix, allowed = rule(name)
+    own = {target for target in imports(path) if target == "service" or target.startswith("service.")}
+    wrong = sorted(
+        target
+        for target in own
+        if target != "service" and not within(target, allowed | {prefix}) and not within(target, {name})
+    )
+    assert not wrong, f"{name} imports {wrong}; the layer {prefix} may import only {sorted(allowed)}"
+    forbidden = FORBIDDEN_THIRD_PARTY.get(prefix, ())
+    third = sorted(target for target in imports(path) if target.split(".")[0] in forbidden)
+    assert not third, f"{name} imports {third}, which its layer must not"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda path: module_name(path))
+def test_only_the_http_layer_imports_a_web_framework(path):
+    name = module_name(path)
+    if rule(name)[0] in ("service.api", "service.cli"):
+        return
+    web = sorted(target for target in imports(path) if target.split(".")[0] in WEB)
+    assert not web, f"{name} imports {web}; only service.api speaks HTTP"
+
+
+def test_nothing_imports_the_cli():
+    importers = [
+        module_name(path)
+        for path in MODULES
+        if module_name(path) not in ("service.cli", "service.__main__")
+        and any(within(target, {"service.cli"}) for target in imports(path))
+    ]
+    assert not importers
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    # the check itself can fail: a core module importing the store is caught
+    source = "from service.store import CalibratorStore\nimport fastapi\n"
+    probe = tmp_path / "service" / "core" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text(source)
+    targets = imports(probe, "service.core.probe")
+    assert "service.store" in targets and "fastapi" in targets
+    _, allowed = rule("service.core.probe")
+    assert not within("service.store", allowed | {"service.core"})
