@@ -24,7 +24,7 @@ from service.api.deps import ModelName, ReadAccess, State
 from service.api.routers.inference import PinnedVersion
 from service.api.tensors import VERSION_HEADER
 from service.errors import InvalidInput
-from service.registry import EXPORT_FORMATS, export_torchscript
+from service.export import EXPORT_FORMATS, export_torchscript
 
 router = APIRouter(prefix="/v1/models/{name}", tags=["export"], dependencies=ReadAccess)
 
