@@ -135,6 +135,8 @@ def evaluate(
 
     The answer is the evaluation report (``kind = "calibserve.evaluation"``): its figures sit under
     ``uncalibrated`` and ``calibrated`` by their short names, with the ``conventions`` that produced them.
+    ``drift`` (:func:`drift_against_fit`) is added exactly when ``calibrator_document`` has fit-time figures
+    (:func:`has_fit_figures`): the one rule for every entry point (HTTP, CLI).
     """
     logits = scores_to_logits(scores, from_logits=from_logits)
     logits, y, _ = check_labelled(logits, labels, from_logits=True)
@@ -174,6 +176,8 @@ def evaluate(
         }
     report["thresholds"] = []
     report["summary"] = summarise([])
+    if calibrator_document is not None and has_fit_figures(calibrator_document):
+        report["drift"] = drift_against_fit(report, calibrator_document)
     return report
 
 
@@ -349,6 +353,12 @@ def fit_time_baseline(document: Mapping[str, Any]) -> dict:
     """The fit-time figures of a calibrator as a baseline report (its 'after' are the calibrated figures)."""
     fit = document.get("fit") or {}
     return {"uncalibrated": fit.get("before") or {}, "calibrated": fit.get("after") or {}}
+
+
+def has_fit_figures(document: Mapping[str, Any]) -> bool:
+    """Whether a calibrator document carries its fit-time figures (``fit.before`` or ``fit.after``)."""
+    fit = document.get("fit")
+    return isinstance(fit, Mapping) and bool(fit.get("before") or fit.get("after"))
 
 
 def drift_against_fit(report: dict, document: Mapping[str, Any]) -> dict:

@@ -321,3 +321,38 @@ def test_check_messages_say_what_was_compared():
         reports.check_message(accuracy)
         == "accuracy fell by 0.1 (0.8 against baseline 0.9); allowed fall 0.05"
     )
+
+
+# ------------------------------------------------------------------------------------------ drift rule
+
+
+@pytest.mark.parametrize("fit", ["figures", "absent", "without_figures"])
+def test_evaluate_adds_drift_exactly_when_the_document_has_fit_figures(labelled, tmp_path, fit):
+    """One rule for every entry point: workflows.evaluate decides, and the CLI answers the same."""
+    from service import cli
+
+    logits, labels = labelled
+    document = workflows.fit_document(logits, labels, model="m")
+    if fit == "absent":  # e.g. a document written by hand and uploaded
+        del document["fit"]
+    elif fit == "without_figures":
+        document["fit"] = {"n": document["fit"]["n"]}
+    expected = fit == "figures"
+
+    report = workflows.evaluate(logits, labels, calibrator_document=document)
+    assert ("drift" in report) is expected
+    if expected:
+        assert report["drift"] == workflows.drift_against_fit(report, document)
+        assert set(report["drift"]["change"]) == {"uncalibrated", "calibrated"}
+
+    np.save(tmp_path / "logits.npy", logits)
+    np.save(tmp_path / "labels.npy", labels)
+    (tmp_path / "calibrator.json").write_bytes(orjson.dumps(document))
+    out = tmp_path / "report.json"
+    argv = ["evaluate", "--logits", str(tmp_path / "logits.npy"), "--labels", str(tmp_path / "labels.npy")]
+    assert cli.main([*argv, "--calibrator", str(tmp_path / "calibrator.json"), "--out", str(out)]) == 0
+    from_cli = orjson.loads(out.read_bytes())
+    assert ("drift" in from_cli) is expected
+    if expected:
+        for group, changes in report["drift"]["change"].items():
+            assert from_cli["drift"]["change"][group] == pytest.approx(changes, abs=1e-12)

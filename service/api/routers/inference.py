@@ -347,8 +347,6 @@ async def evaluate(name: ModelName, request: Request, state: State, version: Pin
         seed=body.seed,
     )
     report["model"] = name
-    if entry.document is not None:
-        report["drift"] = workflows.drift_against_fit(report, entry.document)
     return NumpyJSONResponse(report)
 
 

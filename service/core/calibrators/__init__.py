@@ -27,7 +27,8 @@ Modules
 :mod:`.binning` (:class:`IsotonicCalibration`, :class:`HistogramBinning`), :mod:`.torch_modules` (the
 ``torch.nn.Module`` twins that :meth:`BaseCalibrator.torch_module` builds for export). This package
 registers the methods (:data:`CALIBRATORS`, :data:`METHODS`). Torch is imported only by a temperature fit,
-a large temperature transform or an export, never at import.
+a large temperature transform or an export, and scipy.optimize and scikit-learn only by the fits that
+use them: importing the package (e.g. for :data:`METHODS`) stays light.
 
 Document format
 ---------------

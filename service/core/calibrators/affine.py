@@ -7,9 +7,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import log_softmax as _log_softmax
-from threadpoolctl import threadpool_limits
 
 from service.core.calibrators.base import (
     BaseCalibrator,
@@ -67,6 +64,10 @@ class _AffineScaling(BaseCalibrator):
         """Resolve options that depend on the number of classes (before the first objective evaluation)."""
 
     def _fit(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
+        from scipy.optimize import minimize
+        from scipy.special import log_softmax as _log_softmax
+        from threadpoolctl import threadpool_limits
+
         x = self._design(z)
         n_samples, n_classes = x.shape
         self._prepare(n_classes)

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
 
 from service.core.calibrators.base import BaseCalibrator, _doc_array, _doc_curves, _renormalise
 from service.core.probability import softmax
@@ -99,6 +98,8 @@ class IsotonicCalibration(_OneVsRest):
     def _fit_curve(
         self, scores: np.ndarray, targets: np.ndarray, w: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.isotonic import IsotonicRegression
+
         regression = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0)
         regression.fit(scores, targets, sample_weight=w)
         return (

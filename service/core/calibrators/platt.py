@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
 from service.core.calibrators.base import (
@@ -68,6 +67,8 @@ class PlattScaling(BaseCalibrator):
         self.max_iter = check_positive_int(max_iter, "max_iter")
 
     def _fit(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
+        from scipy.optimize import minimize
+
         margin = _binary_margin(z)
         scale = max(1.0, float(np.max(np.abs(margin))))
         x = margin / scale

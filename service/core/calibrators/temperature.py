@@ -8,8 +8,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from sklearn.utils.class_weight import compute_class_weight
 
 from service.core.calibrators.base import BaseCalibrator, _check_real
 from service.core.probability import softmax, two_column_logits
@@ -230,6 +228,8 @@ class TemperatureScaling(BaseCalibrator):
         if class_weight == "balanced":
             present = np.unique(y if w is None else y[w > 0])
             mask = None if w is None else w > 0
+            from sklearn.utils.class_weight import compute_class_weight
+
             balanced = compute_class_weight(
                 "balanced",
                 classes=present,
@@ -368,6 +368,8 @@ class TemperatureScaling(BaseCalibrator):
         t_min, t_max = self.bounds
         log_min, log_max = math.log(t_min), math.log(t_max)
         xatol = max(self.tol, 1e-10)
+        from scipy.optimize import minimize_scalar
+
         found = minimize_scalar(
             loss,
             bounds=(log_min, log_max),
