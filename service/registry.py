@@ -245,7 +245,7 @@ class ModelRegistry:
         """Load every ``models_dir/<name>/model.pt``; a model that fails is recorded, not raised.
 
         Directories whose name is not a valid model name, or without ``model.pt``, are skipped with a log
-        line. Models loaded by :meth:`load_bytes` / :meth:`load_file` from elsewhere are kept.
+        line. Models installed from elsewhere (uploads, :meth:`load_file`) are kept.
         """
         if self.models_dir is None:
             self._ready = True
@@ -299,22 +299,18 @@ class ModelRegistry:
     def load_file(
         self, name: str, path: Path | str, metadata: Mapping[str, Any] | None = None
     ) -> LoadedModel:
-        """Load the TorchScript file at ``path`` as ``name``; see :meth:`load_bytes`."""
+        """Load the TorchScript file at ``path`` as ``name``: :meth:`check_bytes`, then :meth:`install`.
+
+        The file must load with ``torch.jit.load``; when ``input_shape`` is known, a zero batch
+        ``(1, *input_shape)`` must give one finite row of logits whose width matches ``num_classes``. Any
+        failure raises InvalidInput and leaves the previous model of that name in place.
+        """
         path = Path(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise InvalidInput(f"cannot read model file {path}: {exc.strerror or exc}") from None
         return self._load(name, data, metadata, source=path)
-
-    def load_bytes(self, name: str, data: bytes, metadata: Mapping[str, Any] | None = None) -> LoadedModel:
-        """Check a TorchScript file's bytes and, if they pass, make them model ``name``.
-
-        The file must load with ``torch.jit.load``; when ``input_shape`` is known, a zero batch
-        ``(1, *input_shape)`` must give one finite row of logits whose width matches ``num_classes``. Any
-        failure raises InvalidInput and leaves the previous model of that name in place.
-        """
-        return self.install(self.check_bytes(name, data, metadata))
 
     def _load(
         self, name: str, data: bytes, metadata: Mapping[str, Any] | None, *, source: Path | None
