@@ -29,11 +29,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+# The method names come from the calibrators' registry (numpy and scipy.special only: the fits' heavier
+# imports, scipy.optimize, scikit-learn and torch, wait for a fit).
+from service.core.calibrators import METHODS
 from service.errors import CalibserveError
 
 PROG = "calibserve"
 DEFAULT_MAX_INCREASE = "ece=0.01"
-METHODS = ("temperature", "vector", "matrix", "platt", "isotonic", "histogram")
 EXIT_OK, EXIT_BREACHED, EXIT_FAILED = 0, 1, 2
 
 logger = logging.getLogger("calibserve.cli")
@@ -340,9 +342,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 bootstrap=args.bootstrap,
                 seed=args.seed,
                 progress=progress,
-            )
-            if document is not None and document.get("fit"):
-                report["drift"] = workflows.drift_against_fit(report, document)
+            )  # with a document that has fit-time figures, the report holds its drift against them
     finally:
         progress.close()
 

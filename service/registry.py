@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import re
 import threading
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.core.calibrators import calibrator_module
 from service.errors import InvalidInput, ModelFailed, NotFound
 from service.names import validate_model_name as check_model_name
 
@@ -245,7 +245,7 @@ class ModelRegistry:
         """Load every ``models_dir/<name>/model.pt``; a model that fails is recorded, not raised.
 
         Directories whose name is not a valid model name, or without ``model.pt``, are skipped with a log
-        line. Models loaded by :meth:`load_bytes` / :meth:`load_file` from elsewhere are kept.
+        line. Models installed from elsewhere (uploads, :meth:`load_file`) are kept.
         """
         if self.models_dir is None:
             self._ready = True
@@ -299,22 +299,18 @@ class ModelRegistry:
     def load_file(
         self, name: str, path: Path | str, metadata: Mapping[str, Any] | None = None
     ) -> LoadedModel:
-        """Load the TorchScript file at ``path`` as ``name``; see :meth:`load_bytes`."""
+        """Load the TorchScript file at ``path`` as ``name``: :meth:`check_bytes`, then :meth:`install`.
+
+        The file must load with ``torch.jit.load``; when ``input_shape`` is known, a zero batch
+        ``(1, *input_shape)`` must give one finite row of logits whose width matches ``num_classes``. Any
+        failure raises InvalidInput and leaves the previous model of that name in place.
+        """
         path = Path(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise InvalidInput(f"cannot read model file {path}: {exc.strerror or exc}") from None
         return self._load(name, data, metadata, source=path)
-
-    def load_bytes(self, name: str, data: bytes, metadata: Mapping[str, Any] | None = None) -> LoadedModel:
-        """Check a TorchScript file's bytes and, if they pass, make them model ``name``.
-
-        The file must load with ``torch.jit.load``; when ``input_shape`` is known, a zero batch
-        ``(1, *input_shape)`` must give one finite row of logits whose width matches ``num_classes``. Any
-        failure raises InvalidInput and leaves the previous model of that name in place.
-        """
-        return self.install(self.check_bytes(name, data, metadata))
 
     def _load(
         self, name: str, data: bytes, metadata: Mapping[str, Any] | None, *, source: Path | None
@@ -505,7 +501,8 @@ class ModelRegistry:
         return array, probabilities
 
     def calibrator_on_device(self, model: LoadedModel, calibrator: Any | None) -> torch.nn.Module | None:
-        """:func:`calibrator_module` of ``calibrator`` on ``model``'s device, built once per calibrator.
+        """:func:`~service.core.calibrators.calibrator_module` of ``calibrator`` (the plain softmax for None)
+        on ``model``'s device, built once per calibrator.
 
         Fitted calibrators are immutable and the serving state keeps one object per version, so the
         object itself is the key (held, so that its ``id`` cannot be reused while cached). None when the
@@ -627,221 +624,29 @@ def _first_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Export: the active calibrator (after the model, for TorchScript models) as one TorchScript module
-#
-# Each module maps logits (N, C) to probabilities (N, K) exactly as ``service.core.calibrators`` does: in
-# float64, one logit column read as the binary ``[0, z]``, the same formulas. Answers are float64 for
-# float64 logits, float32 otherwise. Every method can be exported: the one-vs-rest curves (isotonic,
-# histogram) are stored as padded per-class tensors and evaluated with ``torch.searchsorted``.
-
-EXPORT_FORMATS = ("torchscript",)
-EXPORT_METADATA_FILE = "calibserve.json"
+# TorchScript for service.export (this module is the only one that calls torch's jit)
 
 
-def _export_answer(probabilities: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    if logits.dtype == torch.float64:
-        return probabilities
-    return probabilities.to(torch.float32)
+def script_module(module: torch.nn.Module) -> torch.jit.ScriptModule:
+    """``module`` compiled to TorchScript; InvalidInput (its first line) when it cannot be."""
+    try:
+        return torch.jit.script(module)
+    except Exception as exc:  # e.g. a model whose TorchScript cannot be embedded
+        raise InvalidInput(f"the calibrated module could not be scripted: {_first_line(exc)}") from None
 
 
-def _export_two_columns(z: torch.Tensor) -> torch.Tensor:
-    if z.shape[1] == 1:
-        return torch.cat([torch.zeros_like(z), z], dim=1)
-    return z
+def save_module(module: torch.jit.ScriptModule, extra_files: Mapping[str, str] | None = None) -> bytes:
+    """A TorchScript file (bytes) of ``module``, with ``extra_files`` stored beside it by name."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer, _extra_files=dict(extra_files or {}))
+    return buffer.getvalue()
 
 
-def _export_margin(z: torch.Tensor) -> torch.Tensor:
-    if z.shape[1] == 1:
-        return z[:, 0]
-    return z[:, 1] - z[:, 0]
-
-
-class _SoftmaxExport(torch.nn.Module):
-    """No calibrator: the plain softmax (identity calibration)."""
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        z = _export_two_columns(logits.to(torch.float64))
-        return _export_answer(torch.softmax(z, dim=1), logits)
-
-
-class _TemperatureExport(torch.nn.Module):
-    """``softmax(z / T)``."""
-
-    def __init__(self, temperature: float) -> None:
-        super().__init__()
-        self.inverse_temperature = 1.0 / float(temperature)
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        z = _export_two_columns(logits.to(torch.float64))
-        return _export_answer(torch.softmax(z * self.inverse_temperature, dim=1), logits)
-
-
-class _AffineExport(torch.nn.Module):
-    """``softmax(W x + b)`` (matrix) or ``softmax(w * x + b)`` (vector); ``x = [0, z1 - z0]`` for binary."""
-
-    def __init__(self, weights: np.ndarray, bias: np.ndarray, *, full: bool) -> None:
-        super().__init__()
-        self.full = full
-        self.register_buffer("weights", torch.as_tensor(np.asarray(weights, dtype=np.float64)))
-        self.register_buffer("bias", torch.as_tensor(np.asarray(bias, dtype=np.float64)))
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        z = logits.to(torch.float64)
-        if z.shape[1] <= 2:
-            margin = _export_margin(z)
-            x = torch.stack([torch.zeros_like(margin), margin], dim=1)
-        else:
-            x = z
-        scores = x @ self.weights.T + self.bias if self.full else x * self.weights + self.bias
-        return _export_answer(torch.softmax(scores, dim=1), logits)
-
-
-class _PlattExport(torch.nn.Module):
-    """``P(y = 1) = sigmoid(a (z1 - z0) + b)``."""
-
-    def __init__(self, slope: float, intercept: float) -> None:
-        super().__init__()
-        self.slope = float(slope)
-        self.intercept = float(intercept)
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        positive = torch.sigmoid(self.slope * _export_margin(logits.to(torch.float64)) + self.intercept)
-        return _export_answer(torch.stack([1.0 - positive, positive], dim=1), logits)
-
-
-def _padded_rows(
-    rows: list[np.ndarray], *, fill_last: bool, minimum: int, pad: float = math.inf
-) -> torch.Tensor:
-    """Stack 1-D arrays of different lengths, padding each with its last value (or ``pad``)."""
-    width = max(minimum, max((row.size for row in rows), default=0))
-    out = np.full((len(rows), width), pad, dtype=np.float64)
-    for k, row in enumerate(rows):
-        out[k, : row.size] = row
-        if fill_last and row.size:
-            out[k, row.size :] = row[-1]
-    return torch.as_tensor(out)
-
-
-class _OneVsRestExport(torch.nn.Module):
-    """Per-class curves on the softmax probabilities, one-vs-rest (isotonic or histogram binning).
-
-    Isotonic: :func:`numpy.interp` on the knots (clipped beyond them); the knot rows are padded with their
-    last knot, which changes nothing. Histogram: bin ``searchsorted(inner_edges, p, side="left")``; the
-    inner edges are padded with ``+inf``, which no probability reaches. Binary models map ``P(y = 1)``
-    only; otherwise rows are renormalised, and a row that maps to all zeros keeps its softmax row.
-    """
-
-    def __init__(self, method: str, xs: list[np.ndarray], ys: list[np.ndarray]) -> None:
-        super().__init__()
-        self.isotonic = method == "isotonic"
-        if self.isotonic:
-            self.register_buffer("knots", _padded_rows(xs, fill_last=True, minimum=2))
-            self.register_buffer("values", _padded_rows(ys, fill_last=True, minimum=2))
-        else:
-            inner = [edges[1:-1] for edges in xs]
-            self.register_buffer("knots", _padded_rows(inner, fill_last=False, minimum=1))
-            self.register_buffer("values", _padded_rows(ys, fill_last=True, minimum=1))
-
-    def _curves(self, scores: torch.Tensor) -> torch.Tensor:
-        """``scores`` (C, N) -> calibrated (C, N), curve c applied to row c."""
-        if not self.isotonic:
-            index = torch.searchsorted(self.knots, scores.contiguous(), right=False)
-            return torch.gather(self.values, 1, index)
-        n_knots = self.knots.shape[1]
-        upper = torch.searchsorted(self.knots, scores.contiguous(), right=True).clamp(1, n_knots - 1)
-        lower = upper - 1
-        x0 = torch.gather(self.knots, 1, lower)
-        x1 = torch.gather(self.knots, 1, upper)
-        y0 = torch.gather(self.values, 1, lower)
-        y1 = torch.gather(self.values, 1, upper)
-        width = x1 - x0
-        step = torch.where(
-            width > 0, (scores - x0) / torch.where(width > 0, width, torch.ones_like(width)), 0.0
-        )
-        out = y0 + step * (y1 - y0)
-        first = self.knots[:, :1]
-        last = self.knots[:, n_knots - 1 :]
-        out = torch.where(scores <= first, self.values[:, :1], out)
-        return torch.where(scores >= last, self.values[:, n_knots - 1 :], out)
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(_export_two_columns(logits.to(torch.float64)), dim=1)
-        if p.shape[1] == 2:
-            positive = self._curves(p[:, 1].unsqueeze(0))[0]
-            return _export_answer(torch.stack([1.0 - positive, positive], dim=1), logits)
-        calibrated = self._curves(p.T).T
-        sums = calibrated.sum(dim=1, keepdim=True)
-        calibrated = torch.where(sums <= 0, p, calibrated)
-        return _export_answer(calibrated / calibrated.sum(dim=1, keepdim=True), logits)
-
-
-class _ModelThenCalibrator(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, calibrator: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.calibrator = calibrator
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.calibrator(self.model(inputs))
-
-
-def calibrator_module(calibrator: Any | None) -> torch.nn.Module:
-    """A ``torch.nn.Module`` mapping logits to the probabilities ``calibrator.transform`` gives.
-
-    ``calibrator`` is a fitted calibrator of :mod:`service.core.calibrators`, or None for the plain
-    softmax. Raises InvalidInput for a method this function does not know.
-    """
-    if calibrator is None:
-        return _SoftmaxExport()
-    method = getattr(calibrator, "method", None)
-    if method == "temperature":
-        return _TemperatureExport(calibrator.temperature_)
-    if method == "vector":
-        return _AffineExport(calibrator.scale_, calibrator.bias_, full=False)
-    if method == "matrix":
-        return _AffineExport(calibrator.weights_, calibrator.bias_, full=True)
-    if method == "platt":
-        return _PlattExport(calibrator.slope_, calibrator.intercept_)
-    if method == "isotonic":
-        return _OneVsRestExport(method, calibrator.x_thresholds_, calibrator.y_thresholds_)
-    if method == "histogram":
-        return _OneVsRestExport(method, calibrator.bin_edges_, calibrator.bin_values_)
-    raise InvalidInput(f"calibration method {method!r} cannot be exported to TorchScript")
-
-
-def _cpu_copy(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """The serving module stays where it is; the export gets its own CPU copy."""
+def cpu_copy(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """A CPU copy of a loaded model's module, in eval mode (the serving module stays where it is)."""
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
     buffer.seek(0)
     copy = torch.jit.load(buffer, map_location="cpu")
     copy.eval()
     return copy
-
-
-def export_torchscript(
-    calibrator: Any | None,
-    *,
-    model: LoadedModel | None = None,
-    metadata: Mapping[str, Any] | None = None,
-) -> bytes:
-    """A TorchScript file (bytes) applying ``calibrator``: after ``model``'s module when one is given.
-
-    Without a model the module takes logits ``(N, C)``; with one it takes what the model takes
-    (``(N, *input_shape)``, not the flattened form ``predict`` also accepts). It returns probabilities
-    ``(N, K)``: float64 for float64 logits, float32 otherwise. The module runs on the CPU; move it with
-    ``.to(device)`` after loading. ``metadata`` is stored in the file as ``calibserve.json`` (read it back
-    with ``torch.jit.load(f, _extra_files={"calibserve.json": ""})``).
-    """
-    module = calibrator_module(calibrator)
-    if model is not None:
-        module = _ModelThenCalibrator(_cpu_copy(model.module), module)
-    module.eval()
-    try:
-        scripted = torch.jit.script(module)
-    except Exception as exc:  # a model whose TorchScript cannot be embedded
-        raise InvalidInput(f"the calibrated module could not be scripted: {_first_line(exc)}") from None
-    buffer = io.BytesIO()
-    extra = {EXPORT_METADATA_FILE: json.dumps(dict(metadata or {}), default=str)}
-    torch.jit.save(scripted, buffer, _extra_files=extra)
-    return buffer.getvalue()

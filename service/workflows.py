@@ -25,6 +25,9 @@ from service.errors import InvalidInput
 FORMAT_VERSION = 1
 REPORT_KIND = "calibserve.evaluation"
 HEADLINE_FIGURES = ("ece", "mce", "brier", "nll", "accuracy")
+# Calibrated probabilities are floored here before their log (a true class of probability 0 costs a finite
+# 690.8 nats in the fit-time and evaluation NLL, not infinity).
+_PROBABILITY_FLOOR = 1e-300
 
 
 def data_sha256(scores: np.ndarray, labels: np.ndarray) -> str:
@@ -32,7 +35,7 @@ def data_sha256(scores: np.ndarray, labels: np.ndarray) -> str:
     digest = hashlib.sha256()
     for array in (np.ascontiguousarray(scores), np.ascontiguousarray(labels)):
         digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
+        digest.update(memoryview(array).cast("B"))  # the bytes tobytes() gives, without copying them
     return digest.hexdigest()
 
 
@@ -64,8 +67,16 @@ def fit_document(
     num_classes: int | None = None,
     sample_weight: Any = None,
 ) -> dict:
-    """Fit a calibrator and return its document (the one format used by CLI files, the store and the API)."""
-    logits = scores_to_logits(scores, from_logits=from_logits)
+    """Fit a calibrator and return its document (the one format used by CLI files, the store and the API).
+
+    The data is validated once; the fit-time figures are :func:`figures` of the logits (``before``) and
+    of the calibrated probabilities (``after``), computed from the probabilities themselves: the same
+    values as ``figures(calibrated_logits(calibrator, logits), labels)`` (the softmax of those log
+    probabilities is the calibrated answer again, with probabilities floored at 1e-300), without the
+    round trip through logits.
+    """
+    # logits are checked by check_labelled (once); probabilities by scores_to_logits, which maps them
+    logits = scores if from_logits else scores_to_logits(scores, from_logits=False)
     logits, y, weight = check_labelled(logits, labels, from_logits=True, sample_weight=sample_weight)
     if num_classes is not None and not same_class_count(logits.shape[1], num_classes):
         raise InvalidInput(
@@ -73,7 +84,11 @@ def fit_document(
             field="logits",
         )
     calibrator = make_calibrator(method, **dict(options or {}))
-    calibrator.fit(logits, y, sample_weight=weight)
+    calibrator.fit(logits, y, sample_weight=weight, validate=False)
+    before = metrics.calibration_report_checked(softmax(logits), y, logits=logits)
+    after = metrics.calibration_report_checked(
+        calibrator.transform(logits, validate=False), y, probability_floor=_PROBABILITY_FLOOR
+    )
     document = {
         "format_version": FORMAT_VERSION,
         "model": model,
@@ -83,8 +98,8 @@ def fit_document(
         "fit": {
             "n": int(logits.shape[0]),
             "data_sha256": data_sha256(logits, y),
-            "before": figures(logits, y),
-            "after": figures(calibrated_logits(calibrator, logits), y),
+            "before": before,
+            "after": after,
         },
     }
     return document
@@ -93,7 +108,7 @@ def fit_document(
 def calibrated_logits(calibrator: Any, logits: np.ndarray) -> np.ndarray:
     """Log of the calibrated probabilities: a logit matrix whose softmax is the calibrated answer."""
     with np.errstate(divide="ignore"):
-        return np.log(np.clip(calibrator.transform(logits), 1e-300, None))
+        return np.log(np.clip(calibrator.transform(logits), _PROBABILITY_FLOOR, None))
 
 
 def load_calibrator(document: Mapping[str, Any]) -> Any:
@@ -135,6 +150,8 @@ def evaluate(
 
     The answer is the evaluation report (``kind = "calibserve.evaluation"``): its figures sit under
     ``uncalibrated`` and ``calibrated`` by their short names, with the ``conventions`` that produced them.
+    ``drift`` (:func:`drift_against_fit`) is added exactly when ``calibrator_document`` has fit-time figures
+    (:func:`has_fit_figures`): the one rule for every entry point (HTTP, CLI).
     """
     logits = scores_to_logits(scores, from_logits=from_logits)
     logits, y, _ = check_labelled(logits, labels, from_logits=True)
@@ -174,6 +191,8 @@ def evaluate(
         }
     report["thresholds"] = []
     report["summary"] = summarise([])
+    if calibrator_document is not None and has_fit_figures(calibrator_document):
+        report["drift"] = drift_against_fit(report, calibrator_document)
     return report
 
 
@@ -349,6 +368,12 @@ def fit_time_baseline(document: Mapping[str, Any]) -> dict:
     """The fit-time figures of a calibrator as a baseline report (its 'after' are the calibrated figures)."""
     fit = document.get("fit") or {}
     return {"uncalibrated": fit.get("before") or {}, "calibrated": fit.get("after") or {}}
+
+
+def has_fit_figures(document: Mapping[str, Any]) -> bool:
+    """Whether a calibrator document carries its fit-time figures (``fit.before`` or ``fit.after``)."""
+    fit = document.get("fit")
+    return isinstance(fit, Mapping) and bool(fit.get("before") or fit.get("after"))
 
 
 def drift_against_fit(report: dict, document: Mapping[str, Any]) -> dict:

@@ -127,3 +127,20 @@ def test_batching_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
         assert cells[-1] == "0 / 0"  # no request failed on either server
         if cells[1] == "1":  # one request at a time: every forward pass serves exactly one
             assert cells[-2] == "1.00"
+
+
+def test_fit_document_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
+    # tiny sizes, short budget: only that it runs, agrees on T and writes its section is checked
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    command = [sys.executable, str(BENCH / "bench_fit_document.py"), "--sizes", "2000x5", "300x1000"]
+    command += ["--budget", "0.1", "--write", "--readme", str(readme)]
+    subprocess.run(command, check=True, capture_output=True, timeout=240)
+    text = readme.read_text()
+    assert "<!-- other:start -->\nkept\n<!-- other:end -->" in text
+    assert "<!-- bench_fit_document:start -->\n## Fit document cost" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| 2,000 x 5 ", "| 300 x 1000 "))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[4].endswith("x")  # document / fit

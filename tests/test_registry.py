@@ -18,7 +18,13 @@ from service import registry as registry_module
 from service.core.calibrators import make_calibrator
 from service.core.probability import softmax
 from service.errors import InvalidInput, ModelFailed, NotFound
-from service.registry import FAILURE_THRESHOLD, ModelRegistry, check_model_name, resolve_device
+from service.registry import (
+    FAILURE_THRESHOLD,
+    LoadedModel,
+    ModelRegistry,
+    check_model_name,
+    resolve_device,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models"
@@ -114,6 +120,11 @@ def script_bytes(module: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+def load_bytes(registry: ModelRegistry, name: str, data: bytes, metadata: dict | None = None) -> LoadedModel:
+    """Check a TorchScript file's bytes and, if they pass, make them model ``name`` (as an upload does)."""
+    return registry.install(registry.check_bytes(name, data, metadata))
+
+
 SHAPE_META = {"input_shape": [N_FEATURES], "num_classes": N_CLASSES}
 INPUTS = np.random.default_rng(0).normal(size=(7, N_FEATURES)).astype(np.float32)
 
@@ -131,7 +142,7 @@ def registry() -> ModelRegistry:
 
 @pytest.fixture
 def good(registry: ModelRegistry) -> ModelRegistry:
-    registry.load_bytes("good", script_bytes(Linear(seed=0)), SHAPE_META)
+    load_bytes(registry, "good", script_bytes(Linear(seed=0)), SHAPE_META)
     return registry
 
 
@@ -277,7 +288,7 @@ def test_load_all_without_models_dir_is_ready_and_empty(tmp_path: Path) -> None:
 def test_load_all_keeps_uploaded_models(tmp_path: Path) -> None:
     write_model(tmp_path / "shipped", script_bytes(Linear()), SHAPE_META)
     registry = ModelRegistry(tmp_path, device="cpu")
-    registry.load_bytes("uploaded", script_bytes(Linear(seed=2)), SHAPE_META)
+    load_bytes(registry, "uploaded", script_bytes(Linear(seed=2)), SHAPE_META)
     registry.load_all()
     assert registry.names() == ["shipped", "uploaded"]
 
@@ -296,21 +307,21 @@ def test_predict_matches_the_eager_module(good: ModelRegistry) -> None:
 
 
 def test_num_classes_comes_from_the_smoke_check_when_metadata_lacks_it(registry: ModelRegistry) -> None:
-    model = registry.load_bytes("five", script_bytes(Linear(n_out=5)), {"input_shape": [N_FEATURES]})
+    model = load_bytes(registry, "five", script_bytes(Linear(n_out=5)), {"input_shape": [N_FEATURES]})
     assert model.num_classes == 5 and model.output_columns == 5
-    model = registry.load_bytes("named", script_bytes(Linear()), {"class_names": ["x", "y", "z"]})
+    model = load_bytes(registry, "named", script_bytes(Linear()), {"class_names": ["x", "y", "z"]})
     assert model.num_classes == 3
 
 
 def test_single_logit_column_is_a_binary_model(registry: ModelRegistry) -> None:
-    model = registry.load_bytes("binary", script_bytes(SingleLogit()), {"input_shape": [N_FEATURES]})
+    model = load_bytes(registry, "binary", script_bytes(SingleLogit()), {"input_shape": [N_FEATURES]})
     assert model.num_classes == 2 and model.output_columns == 1
-    registry.load_bytes(
-        "binary2", script_bytes(SingleLogit()), {"input_shape": [N_FEATURES], "num_classes": 2}
+    load_bytes(
+        registry, "binary2", script_bytes(SingleLogit()), {"input_shape": [N_FEATURES], "num_classes": 2}
     )
     np.testing.assert_allclose(registry.predict("binary2", INPUTS)[:, 0], INPUTS.sum(axis=1), rtol=1e-6)
     with pytest.raises(InvalidInput, match="returns 1 logit columns but its metadata says num_classes=3"):
-        registry.load_bytes("binary3", script_bytes(SingleLogit()), SHAPE_META)
+        load_bytes(registry, "binary3", script_bytes(SingleLogit()), SHAPE_META)
 
 
 def test_load_file_records_its_source(registry: ModelRegistry, tmp_path: Path) -> None:
@@ -325,7 +336,7 @@ def test_load_file_records_its_source(registry: ModelRegistry, tmp_path: Path) -
 
 def test_predict_returns_memory_of_its_own(registry: ModelRegistry) -> None:
     """An identity model hands back its input tensor; the caller's array must not alias the result."""
-    registry.load_bytes("identity", script_bytes(Identity()), {"input_shape": [N_FEATURES]})
+    load_bytes(registry, "identity", script_bytes(Identity()), {"input_shape": [N_FEATURES]})
     inputs = INPUTS.copy()
     logits = registry.predict("identity", inputs)
     np.testing.assert_array_equal(logits, INPUTS)
@@ -334,7 +345,7 @@ def test_predict_returns_memory_of_its_own(registry: ModelRegistry) -> None:
 
 
 def test_multi_dimensional_inputs_accept_the_flat_form(registry: ModelRegistry) -> None:
-    registry.load_bytes("image", script_bytes(Image()), {"input_shape": [1, 2, 2]})
+    load_bytes(registry, "image", script_bytes(Image()), {"input_shape": [1, 2, 2]})
     pixels = np.arange(8, dtype=np.float32).reshape(2, 4)
     np.testing.assert_array_equal(registry.predict("image", pixels.reshape(2, 1, 2, 2)), pixels)
     np.testing.assert_array_equal(registry.predict("image", pixels), pixels)
@@ -375,7 +386,7 @@ def test_corrupt_upload_is_invalid_and_keeps_the_old_model(good: ModelRegistry, 
     old = good.get("good")
     data = CORRUPT_UPLOADS[kind](script_bytes(Linear(seed=9)))
     with pytest.raises(InvalidInput, match="'good': not a TorchScript file") as caught:
-        good.load_bytes("good", data, SHAPE_META)
+        load_bytes(good, "good", data, SHAPE_META)
     assert "miniz" not in str(caught.value)
     assert good.get("good") is old
     np.testing.assert_array_equal(good.predict("good", INPUTS), before)
@@ -402,7 +413,7 @@ def test_upload_failing_its_checks_keeps_the_old_model(
 ) -> None:
     before = good.predict("good", INPUTS)
     with pytest.raises(InvalidInput, match=message):
-        good.load_bytes("good", script_bytes(module), metadata)
+        load_bytes(good, "good", script_bytes(module), metadata)
     np.testing.assert_array_equal(good.predict("good", INPUTS), before)
 
 
@@ -412,12 +423,12 @@ def test_smoke_check_catches_nan_on_zero_input(registry: ModelRegistry) -> None:
             return torch.log(x[:, :3]) - torch.log(x[:, :3])
 
     with pytest.raises(InvalidInput, match="smoke check on a zero input: model 'nan' returned NaN at row 0"):
-        registry.load_bytes("nan", script_bytes(NaNOnZero()), SHAPE_META)
+        load_bytes(registry, "nan", script_bytes(NaNOnZero()), SHAPE_META)
     assert registry.names() == []
 
 
 def test_replacing_a_model_serves_the_new_one(good: ModelRegistry) -> None:
-    good.load_bytes("good", script_bytes(Linear(seed=7)), SHAPE_META)
+    load_bytes(good, "good", script_bytes(Linear(seed=7)), SHAPE_META)
     np.testing.assert_allclose(good.predict("good", INPUTS), eager_logits(Linear(seed=7), INPUTS), atol=1e-6)
 
 
@@ -437,21 +448,21 @@ def test_replacing_a_model_serves_the_new_one(good: ModelRegistry) -> None:
 )
 def test_bad_metadata_is_invalid_input(registry: ModelRegistry, metadata: dict, field: str) -> None:
     with pytest.raises(InvalidInput) as caught:
-        registry.load_bytes("m", script_bytes(Linear()), metadata)
+        load_bytes(registry, "m", script_bytes(Linear()), metadata)
     assert caught.value.field == field
     assert registry.names() == []
 
 
 def test_unknown_metadata_keys_are_ignored(registry: ModelRegistry) -> None:
     metadata = {**SHAPE_META, "training": {"epochs": 3}, "created_at": "2025-01-01", "input_shape": [4]}
-    assert registry.load_bytes("m", script_bytes(Linear()), metadata).num_classes == N_CLASSES
+    assert load_bytes(registry, "m", script_bytes(Linear()), metadata).num_classes == N_CLASSES
 
 
 # ------------------------------------------------------------------------------------ model failures
 
 
 def test_model_that_raises_is_model_failed_with_its_message(registry: ModelRegistry) -> None:
-    registry.load_bytes("raiser", script_bytes(RaisesOnLargeInput()), SHAPE_META)
+    load_bytes(registry, "raiser", script_bytes(RaisesOnLargeInput()), SHAPE_META)
     registry.predict("raiser", INPUTS)  # fine on ordinary inputs
     with pytest.raises(
         ModelFailed, match="model 'raiser' raised: RuntimeError: activation overflow in layer 2"
@@ -460,7 +471,7 @@ def test_model_that_raises_is_model_failed_with_its_message(registry: ModelRegis
 
 
 def test_nan_output_names_the_row(registry: ModelRegistry) -> None:
-    registry.load_bytes("nan", script_bytes(NaNOnNegativeFirstFeature()), SHAPE_META)
+    load_bytes(registry, "nan", script_bytes(NaNOnNegativeFirstFeature()), SHAPE_META)
     inputs = np.abs(INPUTS)
     inputs[3, 0] = -1.0
     inputs[5, 0] = -1.0
@@ -469,7 +480,7 @@ def test_nan_output_names_the_row(registry: ModelRegistry) -> None:
 
 
 def test_inf_output_names_the_row(registry: ModelRegistry) -> None:
-    registry.load_bytes("inf", script_bytes(InfOnLargeInput()), SHAPE_META)
+    load_bytes(registry, "inf", script_bytes(InfOnLargeInput()), SHAPE_META)
     inputs = INPUTS.copy()
     inputs[6, 0] = 500.0
     with pytest.raises(ModelFailed, match=r"model 'inf' returned Inf at row 6$"):
@@ -477,7 +488,7 @@ def test_inf_output_names_the_row(registry: ModelRegistry) -> None:
 
 
 def test_wrong_row_count_is_model_failed(registry: ModelRegistry) -> None:
-    registry.load_bytes("drops", script_bytes(DropsRows()), SHAPE_META)
+    load_bytes(registry, "drops", script_bytes(DropsRows()), SHAPE_META)
     assert registry.predict("drops", INPUTS[:1]).shape == (1, N_CLASSES)
     with pytest.raises(ModelFailed, match="model 'drops' returned 1 rows of logits for 7 input rows"):
         registry.predict("drops", INPUTS)
@@ -485,16 +496,16 @@ def test_wrong_row_count_is_model_failed(registry: ModelRegistry) -> None:
 
 def test_shapes_unchecked_at_load_are_checked_at_inference(registry: ModelRegistry) -> None:
     """Without input_shape there is no smoke check; predict still catches the model's bad output."""
-    registry.load_bytes("flat", script_bytes(OneDimensional()))
+    load_bytes(registry, "flat", script_bytes(OneDimensional()))
     with pytest.raises(ModelFailed, match=r"model 'flat' returned a 1-D tensor of shape \(7,\)"):
         registry.predict("flat", INPUTS)
-    registry.load_bytes("wide", script_bytes(Linear(n_out=5)), {"num_classes": 3})
+    load_bytes(registry, "wide", script_bytes(Linear(n_out=5)), {"num_classes": 3})
     with pytest.raises(ModelFailed, match="model 'wide' returned 5 logit columns, expected 3"):
         registry.predict("wide", INPUTS)
 
 
 def test_failing_after_consecutive_failures_and_recovery(registry: ModelRegistry) -> None:
-    registry.load_bytes("raiser", script_bytes(RaisesOnLargeInput()), SHAPE_META)
+    load_bytes(registry, "raiser", script_bytes(RaisesOnLargeInput()), SHAPE_META)
     for _ in range(FAILURE_THRESHOLD - 1):
         with pytest.raises(ModelFailed):
             registry.predict("raiser", INPUTS + 1000.0)
@@ -522,12 +533,12 @@ def test_failing_after_consecutive_failures_and_recovery(registry: ModelRegistry
 
 
 def test_replacing_a_failing_model_clears_its_record(registry: ModelRegistry) -> None:
-    registry.load_bytes("raiser", script_bytes(RaisesOnLargeInput()), SHAPE_META)
+    load_bytes(registry, "raiser", script_bytes(RaisesOnLargeInput()), SHAPE_META)
     for _ in range(FAILURE_THRESHOLD):
         with pytest.raises(ModelFailed):
             registry.predict("raiser", INPUTS + 1000.0)
     assert "raiser" in registry.failing()
-    registry.load_bytes("raiser", script_bytes(Linear()), SHAPE_META)
+    load_bytes(registry, "raiser", script_bytes(Linear()), SHAPE_META)
     assert registry.failing() == {}
 
 
@@ -536,7 +547,7 @@ def test_replacing_a_load_failure_clears_it(tmp_path: Path) -> None:
     registry = ModelRegistry(tmp_path, device="cpu")
     registry.load_all()
     assert list(registry.failing()) == ["later-fixed"]
-    registry.load_bytes("later-fixed", script_bytes(Linear()), SHAPE_META)
+    load_bytes(registry, "later-fixed", script_bytes(Linear()), SHAPE_META)
     assert registry.failing() == {} and registry.names() == ["later-fixed"]
 
 
@@ -581,8 +592,8 @@ def test_inputs_are_converted_to_the_declared_dtype(registry: ModelRegistry) -> 
                 raise RuntimeError("expected float64")
             return x.float()
 
-    registry.load_bytes(
-        "f64", script_bytes(DtypeProbe()), {"input_shape": [N_FEATURES], "input_dtype": "float64"}
+    load_bytes(
+        registry, "f64", script_bytes(DtypeProbe()), {"input_shape": [N_FEATURES], "input_dtype": "float64"}
     )
     np.testing.assert_array_equal(registry.predict("f64", INPUTS.tolist()), INPUTS)
     np.testing.assert_array_equal(registry.predict("f64", np.ones((2, N_FEATURES), dtype=np.int64)), 1.0)
@@ -595,7 +606,7 @@ def test_invalid_names_are_rejected_everywhere(registry: ModelRegistry, name: ob
     with pytest.raises(InvalidInput, match="invalid model name"):
         check_model_name(name)
     with pytest.raises(InvalidInput, match="invalid model name"):
-        registry.load_bytes(name, script_bytes(Linear()))  # type: ignore[arg-type]
+        load_bytes(registry, name, script_bytes(Linear()))  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="invalid model name"):
         registry.get(name)  # type: ignore[arg-type]
     assert registry.names() == []
@@ -635,10 +646,10 @@ def test_concurrent_predictions_during_swaps_see_one_whole_model(registry: Model
     """Readers racing with replacements get either model's exact answer, never an error or a mix."""
     first, second = script_bytes(Linear(seed=0)), script_bytes(Linear(seed=1))
     expected = [eager_logits(Linear(seed=0), INPUTS), eager_logits(Linear(seed=1), INPUTS)]
-    registry.load_bytes("swap", first, SHAPE_META)
+    load_bytes(registry, "swap", first, SHAPE_META)
 
     def swap(i: int) -> None:
-        registry.load_bytes("swap", second if i % 2 else first, SHAPE_META)
+        load_bytes(registry, "swap", second if i % 2 else first, SHAPE_META)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         swaps = [pool.submit(swap, i) for i in range(10)]
@@ -763,7 +774,7 @@ def test_cuda_predictions_equal_cpu() -> None:
     on_gpu = gpu.predict("digits-mlp", inputs)
     assert isinstance(on_gpu, np.ndarray) and on_gpu.dtype == np.float32
     np.testing.assert_allclose(on_gpu, cpu.predict("digits-mlp", inputs), rtol=0, atol=1e-5)
-    gpu.load_bytes("small", script_bytes(Linear()), SHAPE_META)
+    load_bytes(gpu, "small", script_bytes(Linear()), SHAPE_META)
     np.testing.assert_allclose(gpu.predict("small", INPUTS), eager_logits(Linear(), INPUTS), atol=1e-5)
 
 

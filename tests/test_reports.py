@@ -321,3 +321,98 @@ def test_check_messages_say_what_was_compared():
         reports.check_message(accuracy)
         == "accuracy fell by 0.1 (0.8 against baseline 0.9); allowed fall 0.05"
     )
+
+
+# ------------------------------------------------------------------------------------------ drift rule
+
+
+@pytest.mark.parametrize("fit", ["figures", "absent", "without_figures"])
+def test_evaluate_adds_drift_exactly_when_the_document_has_fit_figures(labelled, tmp_path, fit):
+    """One rule for every entry point: workflows.evaluate decides, and the CLI answers the same."""
+    from service import cli
+
+    logits, labels = labelled
+    document = workflows.fit_document(logits, labels, model="m")
+    if fit == "absent":  # e.g. a document written by hand and uploaded
+        del document["fit"]
+    elif fit == "without_figures":
+        document["fit"] = {"n": document["fit"]["n"]}
+    expected = fit == "figures"
+
+    report = workflows.evaluate(logits, labels, calibrator_document=document)
+    assert ("drift" in report) is expected
+    if expected:
+        assert report["drift"] == workflows.drift_against_fit(report, document)
+        assert set(report["drift"]["change"]) == {"uncalibrated", "calibrated"}
+
+    np.save(tmp_path / "logits.npy", logits)
+    np.save(tmp_path / "labels.npy", labels)
+    (tmp_path / "calibrator.json").write_bytes(orjson.dumps(document))
+    out = tmp_path / "report.json"
+    argv = ["evaluate", "--logits", str(tmp_path / "logits.npy"), "--labels", str(tmp_path / "labels.npy")]
+    assert cli.main([*argv, "--calibrator", str(tmp_path / "calibrator.json"), "--out", str(out)]) == 0
+    from_cli = orjson.loads(out.read_bytes())
+    assert ("drift" in from_cli) is expected
+    if expected:
+        for group, changes in report["drift"]["change"].items():
+            assert from_cli["drift"]["change"][group] == pytest.approx(changes, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------- fit-time figures
+
+
+def _figures_the_long_way(document: dict, logits: np.ndarray, labels: np.ndarray) -> tuple[dict, dict]:
+    """What fit_document stored before it computed the figures from the probabilities: figures of the
+    logits, and of the log of the calibrated probabilities (floored at 1e-300), each validated again."""
+    calibrator = workflows.load_calibrator(document)
+    before = workflows.figures(logits, labels)
+    after = workflows.figures(workflows.calibrated_logits(calibrator, logits), labels)
+    return before, after
+
+
+def _assert_same_figures(stored: dict, expected: dict) -> None:
+    assert stored.keys() == expected.keys()
+    for name, value in expected.items():
+        if isinstance(value, float):
+            assert stored[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+        else:
+            assert stored[name] == value, name
+
+
+@pytest.mark.parametrize(
+    ("method", "n_columns"),
+    [
+        ("temperature", 4),
+        ("temperature", 1),
+        ("vector", 4),
+        ("matrix", 3),
+        ("platt", 2),
+        ("isotonic", 4),
+        ("histogram", 4),
+    ],
+)
+def test_fit_time_figures_equal_the_figures_of_the_calibrated_logits(method, n_columns):
+    rng = np.random.default_rng(11)
+    n = 3000
+    logits = (rng.normal(0.0, 3.0, size=(n, n_columns))).astype(np.float32)
+    labels = rng.integers(0, max(n_columns, 2), size=n)
+    # rows so extreme that a calibrated true-class probability underflows to 0 (the 1e-300 floor counts)
+    logits[:3] = 0.0
+    logits[:3, 0] = 3e4
+    labels[:3] = 1
+    document = workflows.fit_document(logits, labels, method=method)
+    before, after = _figures_the_long_way(document, logits, labels)
+    _assert_same_figures(document["fit"]["before"], before)
+    _assert_same_figures(document["fit"]["after"], after)
+    assert document["fit"]["data_sha256"] == workflows.data_sha256(logits, labels)
+
+
+def test_fit_time_figures_from_probabilities_equal_the_long_way(labelled):
+    logits, labels = labelled
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    document = workflows.fit_document(probabilities, labels, from_logits=False)
+    mapped = workflows.scores_to_logits(probabilities, from_logits=False)
+    before, after = _figures_the_long_way(document, mapped, labels)
+    _assert_same_figures(document["fit"]["before"], before)
+    _assert_same_figures(document["fit"]["after"], after)

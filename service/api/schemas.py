@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from service.api.bodies import array
-from service.core.calibrators import CALIBRATORS
+from service.core.calibrators import METHODS
 from service.errors import InvalidInput
 from service.serving.dataplane import Labelled
 
@@ -25,7 +25,7 @@ Matrix = Annotated[
 Vector = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "number"}})]
 Labels = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "integer", "minimum": 0}})]
 
-Method = Literal[tuple(CALIBRATORS)]  # type: ignore[valid-type]
+Method = Literal[METHODS]  # type: ignore[valid-type]
 
 
 class Strict(BaseModel):

@@ -1,5 +1,5 @@
 """Evaluation losses practitioners compare models with: focal, class-weighted cross-entropy, soft F1, AnyLoss
-and the multiclass hinge, plus a classification report.
+and the multiclass hinge.
 
 Every loss is a pure function ``(logits, labels, *, sample_weight=None, ...) -> float``: the inputs are
 checked with :mod:`service.core.validation` (finite 2-D logits, integer labels in range, non-negative
@@ -9,27 +9,21 @@ dtype, so logits of ``+-1e4`` give finite values and no warnings.
 
 ``sample_weight`` multiplies each sample's contribution to every sum: a loss that is a mean becomes the
 weighted mean ``sum_i s_i l_i / sum_i s_i``; a loss built on a (soft) confusion matrix weights every cell.
-
-``torch_focal_loss`` and ``torch_soft_f1_loss`` are differentiable twins for training scripts; torch is only
-imported when they are called. Their values equal the numpy functions' on the same inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from scipy.special import expit
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from service.core.probability import log_softmax, two_column_logits, two_column_probabilities
+from service.core.probability import log_softmax, two_column_logits
 from service.core.validation import (
     check_choice,
     check_labels,
     check_logits,
     check_sample_weight,
-    check_scores,
     n_label_classes,
 )
 from service.errors import InvalidInput
@@ -41,13 +35,10 @@ __all__ = [
     "SOFT_F1_AVERAGES",
     "anyloss",
     "anyloss_scores",
-    "classification_report",
     "evaluation_losses",
     "focal_loss",
     "multiclass_hinge_loss",
     "soft_f1_loss",
-    "torch_focal_loss",
-    "torch_soft_f1_loss",
     "weighted_cross_entropy",
 ]
 
@@ -573,100 +564,6 @@ def multiclass_hinge_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# classification report
-
-
-def _check_class_names(class_names: Any, n_classes: int) -> list[str] | None:
-    if class_names is None:
-        return None
-    if isinstance(class_names, str) or not isinstance(class_names, Sequence | np.ndarray):
-        raise InvalidInput("class_names must be a list of strings, one per class", field="class_names")
-    names = [str(name) for name in class_names]
-    if len(names) != n_classes:
-        raise InvalidInput(
-            f"class_names has {len(names)} entries but there are {n_classes} classes", field="class_names"
-        )
-    return names
-
-
-def classification_report(
-    probabilities: Any, labels: Any, *, from_logits: bool = False, class_names: Any = None
-) -> dict[str, Any]:
-    r"""Precision, recall, F1 and support per class, their macro and weighted averages, accuracy and the
-    confusion matrix of the ``argmax`` predictions, as plain JSON-ready values.
-
-    Computed with ``sklearn.metrics.precision_recall_fscore_support(labels, argmax, labels=range(K),
-    zero_division=0)`` and ``sklearn.metrics.confusion_matrix``: every one of the ``K`` classes is reported,
-    including classes absent from ``labels`` and never predicted (all their figures 0). The macro average is
-    the unweighted mean over the ``K`` classes, the weighted average weights each class by its support.
-
-    Parameters
-    ----------
-    probabilities : array-like of shape (n_samples, n_classes)
-        Class probabilities, or logits when ``from_logits``; a single column is class 1 of a binary model.
-    labels : array-like of shape (n_samples,)
-        Integer classes.
-    from_logits : bool, default=False
-        Read the first argument as logits (the prediction is the same ``argmax``).
-    class_names : sequence of str, default=None
-        One name per class, copied into each class' entry.
-
-    Returns
-    -------
-    dict
-        ``{"classes": [{"class", "name", "precision", "recall", "f1", "support"}, ...],
-        "macro_avg": {...}, "weighted_avg": {...}, "accuracy", "n_samples", "confusion_matrix",
-        "conventions"}``; ``confusion_matrix[i][j]`` counts samples of true class ``i`` predicted ``j``.
-    """
-    scores = check_scores(probabilities, from_logits=from_logits)
-    y = check_labels(labels, scores.shape[0], scores.shape[1])
-    # argmax of softmax(z) is argmax of z; expanding one column keeps the binary convention.
-    full = two_column_logits(scores) if from_logits else two_column_probabilities(scores)
-    n_classes = full.shape[1]
-    names = _check_class_names(class_names, n_classes)
-    predicted = np.argmax(full, axis=1)
-    classes = np.arange(n_classes)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y, predicted, labels=classes, average=None, zero_division=0.0
-    )
-    matrix = confusion_matrix(y, predicted, labels=classes)
-    n_samples = int(y.shape[0])
-
-    def averaged(weights: np.ndarray | None) -> dict[str, float | int]:
-        return {
-            "precision": float(np.average(precision, weights=weights)),
-            "recall": float(np.average(recall, weights=weights)),
-            "f1": float(np.average(f1, weights=weights)),
-            "support": n_samples,
-        }
-
-    return {
-        "classes": [
-            {
-                "class": int(k),
-                "name": None if names is None else names[k],
-                "precision": float(precision[k]),
-                "recall": float(recall[k]),
-                "f1": float(f1[k]),
-                "support": int(support[k]),
-            }
-            for k in classes
-        ],
-        "macro_avg": averaged(None),
-        "weighted_avg": averaged(support.astype(np.float64)),
-        "accuracy": float(np.trace(matrix) / n_samples),
-        "n_samples": n_samples,
-        "confusion_matrix": matrix.tolist(),
-        "conventions": {
-            "prediction": "argmax over classes (first class on ties)",
-            "zero_division": 0,
-            "averages": "macro: unweighted mean over all classes; weighted: by support",
-            "confusion_matrix": "rows are true classes, columns predicted classes",
-        },
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
 # all losses at once (the /v1/metrics route)
 
 
@@ -698,80 +595,3 @@ def evaluation_losses(logits: Any, labels: Any, *, sample_weight: Any = None) ->
         "anyloss_balanced_accuracy": 1.0 - anyloss_figures["balanced_accuracy"],
         "hinge": _hinge_from_logits(z, y, 1.0, w),
     }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# differentiable torch twins (training scripts)
-
-
-def _torch_inputs(logits: Any, labels: Any) -> tuple[Any, Any]:
-    import torch
-
-    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise InvalidInput("logits and labels must be torch tensors", field="logits")
-    if logits.ndim != 2 or logits.shape[1] == 0:
-        raise InvalidInput(
-            f"logits must be 2-D (n_samples, n_classes), got shape {tuple(logits.shape)}", field="logits"
-        )
-    if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
-        raise InvalidInput(
-            f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}", field="labels"
-        )
-    if labels.dtype.is_floating_point or labels.dtype.is_complex:
-        raise InvalidInput(f"labels must be an integer tensor, got {labels.dtype}", field="labels")
-    if logits.shape[1] == 1:
-        logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
-    return logits, labels.long()
-
-
-def torch_focal_loss(logits: Any, labels: Any, gamma: float = 2.0, weight: Any = None) -> Any:
-    r"""Differentiable :func:`focal_loss` for training: a 0-d tensor of the logits' dtype and device.
-
-    :math:`\frac{1}{n}\sum_i \alpha_{y_i} (1 - p_{i,y_i})^\gamma (-\log p_{i,y_i})` with
-    :math:`\log p = \mathrm{log\_softmax}(z)` computed by torch in the logits' dtype; ``weight`` is the
-    per-class :math:`\alpha` (a tensor or sequence of ``n_classes`` numbers, or None). Equal to
-    ``focal_loss(logits, labels, gamma=gamma, class_weight=weight)`` up to the dtype's rounding.
-    The gradient is finite for ``gamma == 0`` or ``gamma >= 1``.
-
-    References
-    ----------
-    T.-Y. Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
-    """
-    import torch
-
-    z, y = _torch_inputs(logits, labels)
-    gamma = _check_real(gamma, "gamma", minimum=0.0)
-    log_p_true = torch.log_softmax(z, dim=1).gather(1, y[:, None])[:, 0]
-    terms = -log_p_true
-    if gamma != 0.0:
-        terms = terms * (-torch.expm1(log_p_true)).clamp(0.0, 1.0) ** gamma
-    if weight is not None:
-        alpha = torch.as_tensor(weight, dtype=z.dtype, device=z.device)
-        if alpha.ndim != 1 or alpha.shape[0] != z.shape[1]:
-            raise InvalidInput(
-                f"weight has {alpha.numel()} entries but there are {z.shape[1]} classes", field="weight"
-            )
-        terms = terms * alpha[y]
-    return terms.mean()
-
-
-def torch_soft_f1_loss(logits: Any, labels: Any, *, average: str = "binary") -> Any:
-    r"""Differentiable :func:`soft_f1_loss` for training: ``1 - soft F1`` of ``softmax(logits)``.
-
-    Per class :math:`F1_k = 2\,\mathrm{TP}_k / (\sum_i p_{ik} + \sum_i [y_i = k])` with
-    :math:`\mathrm{TP}_k = \sum_i p_{ik} [y_i = k]`; class 1 for ``average="binary"``, the mean over classes
-    for ``average="macro"``. Equal to ``soft_f1_loss(logits, labels, average=average)`` up to the dtype's
-    rounding.
-    """
-    import torch
-
-    z, y = _torch_inputs(logits, labels)
-    average = _check_average(average, z.shape[1])
-    probabilities = torch.softmax(z, dim=1)
-    one_hot = torch.nn.functional.one_hot(y, z.shape[1]).to(probabilities.dtype)
-    true_positive = (probabilities * one_hot).sum(dim=0)
-    denominator = probabilities.sum(dim=0) + one_hot.sum(dim=0)
-    # Where the denominator is 0 the numerator is 0 too: clamping gives F1 = 0 without a NaN gradient.
-    f1 = 2.0 * true_positive / denominator.clamp_min(torch.finfo(probabilities.dtype).tiny)
-    score = f1[1] if average == "binary" else f1.mean()
-    return 1.0 - score

@@ -382,8 +382,6 @@ class DataPlane:
             seed=spec.seed,
         )
         report["model"] = name
-        if entry.document is not None and entry.document.get("fit") and "drift" not in report:
-            report["drift"] = workflows.drift_against_fit(report, entry.document)
         return report
 
     @staticmethod
@@ -395,7 +393,7 @@ class DataPlane:
 
     async def export(self, name: str, version: int | None, file_format: str) -> tuple[bytes, int | None]:
         """The model's calibration as one file (TorchScript); ``(bytes, calibrator version)``."""
-        from service.registry import EXPORT_FORMATS, export_torchscript
+        from service.export import EXPORT_FORMATS, export_torchscript  # torch: only where a file is made
 
         if file_format not in EXPORT_FORMATS:
             raise InvalidInput(

@@ -7,7 +7,6 @@ AnyLoss authors' closed forms), so a shared mistake would have to be made twice 
 from __future__ import annotations
 
 import itertools
-import json
 import warnings
 
 import numpy as np
@@ -20,24 +19,19 @@ from hypothesis.extra import numpy as hnp
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
-    confusion_matrix,
     f1_score,
     hinge_loss,
     log_loss,
-    precision_recall_fscore_support,
 )
 from sklearn.utils.class_weight import compute_class_weight
 
 from service.core.losses import (
     anyloss,
     anyloss_scores,
-    classification_report,
     evaluation_losses,
     focal_loss,
     multiclass_hinge_loss,
     soft_f1_loss,
-    torch_focal_loss,
-    torch_soft_f1_loss,
     weighted_cross_entropy,
 )
 from service.errors import InvalidInput
@@ -219,47 +213,6 @@ def test_hinge_margin_scales_with_the_logits() -> None:
 # classification report
 
 
-def test_classification_report_matches_sklearn() -> None:
-    logits, labels = _problem(700, 6, seed=17)
-    labels[labels == 5] = 4  # class 5 absent from labels: still reported, with support 0
-    probabilities = _softmax(logits)
-    report = classification_report(probabilities, labels, class_names=[f"c{i}" for i in range(6)])
-    predicted = probabilities.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=range(6), zero_division=0
-    )
-    assert [c["precision"] for c in report["classes"]] == pytest.approx(precision, abs=1e-15)
-    assert [c["recall"] for c in report["classes"]] == pytest.approx(recall, abs=1e-15)
-    assert [c["f1"] for c in report["classes"]] == pytest.approx(f1, abs=1e-15)
-    assert [c["support"] for c in report["classes"]] == support.tolist()
-    assert [c["name"] for c in report["classes"]] == ["c0", "c1", "c2", "c3", "c4", "c5"]
-    for key, average in (("macro_avg", "macro"), ("weighted_avg", "weighted")):
-        p, r, f, _ = precision_recall_fscore_support(
-            labels, predicted, labels=range(6), average=average, zero_division=0
-        )
-        assert [report[key]["precision"], report[key]["recall"], report[key]["f1"]] == pytest.approx(
-            [p, r, f], abs=1e-15
-        )
-    assert report["accuracy"] == pytest.approx(accuracy_score(labels, predicted), abs=1e-15)
-    assert report["confusion_matrix"] == confusion_matrix(labels, predicted, labels=range(6)).tolist()
-    assert report["n_samples"] == 700
-    assert json.loads(json.dumps(report)) == report
-    assert classification_report(logits, labels, from_logits=True, class_names=list("abcdef"))["classes"][0][
-        "f1"
-    ] == pytest.approx(f1[0], abs=1e-15)
-
-
-def test_classification_report_single_column_is_binary() -> None:
-    logits, labels = _problem(300, 1, seed=18)
-    from_logits = classification_report(logits, labels, from_logits=True)
-    probabilities = 1.0 / (1.0 + np.exp(-logits))
-    from_probabilities = classification_report(probabilities, labels)
-    predicted = (logits[:, 0] > 0).astype(int)
-    assert from_logits == from_probabilities
-    assert from_logits["confusion_matrix"] == confusion_matrix(labels, predicted).tolist()
-    assert from_logits["classes"][1]["f1"] == pytest.approx(f1_score(labels, predicted), abs=1e-15)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # soft F1 and AnyLoss
 
@@ -366,36 +319,6 @@ def test_anyloss_large_amplification_thresholds_probabilities_at_one_half() -> N
 # torch twins
 
 
-@pytest.mark.parametrize("k", [1, 2, 5])
-def test_torch_losses_equal_numpy_ones_and_have_finite_gradients(k: int) -> None:
-    logits, labels = _problem(256, k, seed=26)
-    logits[:3] *= 1e4  # extreme rows must not break values or gradients
-    weight = np.linspace(0.5, 2.0, max(k, 2))
-    average = "macro" if k > 2 else "binary"
-    for dtype, rel in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        z = torch.tensor(logits, dtype=dtype, requires_grad=True)
-        y = torch.as_tensor(labels)
-        focal = torch_focal_loss(z, y, 2.0, torch.as_tensor(weight))
-        soft_f1 = torch_soft_f1_loss(z, y, average=average)
-        (focal + soft_f1).backward()
-        assert z.grad is not None and torch.isfinite(z.grad).all()
-        assert z.grad.abs().sum() > 0
-        assert focal.dtype == dtype
-        assert focal.item() == pytest.approx(
-            focal_loss(logits, labels, gamma=2.0, class_weight=weight), rel=rel
-        )
-        assert soft_f1.item() == pytest.approx(soft_f1_loss(logits, labels, average=average), rel=rel)
-
-
-def test_torch_focal_gradient_matches_cross_entropy_at_gamma_zero() -> None:
-    logits, labels = _problem(64, 4, seed=27)
-    a = torch.tensor(logits, requires_grad=True)
-    b = torch.tensor(logits, requires_grad=True)
-    torch_focal_loss(a, torch.as_tensor(labels), 0.0).backward()
-    F.cross_entropy(b, torch.as_tensor(labels)).backward()
-    torch.testing.assert_close(a.grad, b.grad)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # properties
 
@@ -492,12 +415,10 @@ def test_extreme_logits_give_finite_values_without_warnings() -> None:
     with warnings.catch_warnings(), np.errstate(divide="raise", over="raise", invalid="raise"):
         warnings.simplefilter("error")
         figures = evaluation_losses(logits, labels)
-        report = classification_report(logits, labels, from_logits=True)
         binary = evaluation_losses(np.array([[1e4], [-1e4]]), [0, 0])
     assert figures["focal"] == pytest.approx(2e4 / 3)  # one row wrong by 2e4 nats, (1 - 0)^2 = 1
     assert figures["hinge"] == pytest.approx((1 + 2e4) / 3)
     assert figures["anyloss_accuracy"] == pytest.approx(1 / 3)
-    assert report["accuracy"] == pytest.approx(2 / 3)
     assert binary["focal"] == pytest.approx(5e3) and binary["soft_f1"] == 1.0
     assert all(np.isfinite(list(binary.values())))
 
@@ -534,8 +455,6 @@ def test_bad_options_are_rejected_with_clear_messages() -> None:
         anyloss_scores(logits, labels, amplification=0)
     with pytest.raises(InvalidInput, match=r"margin must be a number, got 'wide'"):
         multiclass_hinge_loss(logits, labels, margin="wide")
-    with pytest.raises(InvalidInput, match=r"class_names has 2 entries but there are 4 classes"):
-        classification_report(logits, labels, from_logits=True, class_names=["a", "b"])
 
 
 def test_bad_data_is_rejected_with_the_row() -> None:
@@ -547,19 +466,5 @@ def test_bad_data_is_rejected_with_the_row() -> None:
         assert caught.value.row == 7
     with pytest.raises(InvalidInput, match=r"labels\[2\] = 3 is outside \[0, 3\)"):
         soft_f1_loss(np.zeros((4, 3)), [0, 1, 3, 2], average="macro")
-    with pytest.raises(InvalidInput, match=r"probabilities row 0 sums to 2"):
-        classification_report([[1.0, 1.0]], [0])
     with pytest.raises(InvalidInput, match=r"sample_weight\[1\] must be finite and >= 0"):
         focal_loss(np.zeros((3, 2)), [0, 1, 0], sample_weight=[1.0, -2.0, 1.0])
-
-
-def test_torch_twins_reject_bad_shapes() -> None:
-    z = torch.zeros(4, 3)
-    with pytest.raises(InvalidInput, match=r"labels must have shape \(4,\), got \(3,\)"):
-        torch_focal_loss(z, torch.zeros(3, dtype=torch.long))
-    with pytest.raises(InvalidInput, match=r"labels must be an integer tensor"):
-        torch_soft_f1_loss(z, torch.zeros(4), average="macro")
-    with pytest.raises(InvalidInput, match=r"weight has 2 entries but there are 3 classes"):
-        torch_focal_loss(z, torch.zeros(4, dtype=torch.long), 2.0, torch.ones(2))
-    with pytest.raises(InvalidInput, match=r"average='binary' needs 2 classes"):
-        torch_soft_f1_loss(z, torch.zeros(4, dtype=torch.long))

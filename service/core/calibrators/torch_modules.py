@@ -1,0 +1,159 @@
+"""The torch side of the calibrators: ``torch.nn.Module`` twins of their transforms, for TorchScript export.
+
+Each calibrator's :meth:`~service.core.calibrators.base.BaseCalibrator.torch_module` builds one of these from
+its fitted parameters (this module is imported only then, so that fitting and serving logits never import
+torch through it). Every module maps logits ``(N, C)`` to probabilities ``(N, K)`` exactly as the numpy
+``transform`` does: in float64, one logit column read as the binary ``[0, z]``, the same formulas. Answers
+are float64 for float64 logits, float32 otherwise. The one-vs-rest curves (isotonic, histogram) are stored as
+padded per-class tensors and evaluated with ``torch.searchsorted``. All of them can be compiled to
+TorchScript (:mod:`service.export` does, through :mod:`service.registry`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def answer_dtype(probabilities: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``probabilities`` in float64 for float64 logits, float32 otherwise."""
+    if logits.dtype == torch.float64:
+        return probabilities
+    return probabilities.to(torch.float32)
+
+
+def two_columns(z: torch.Tensor) -> torch.Tensor:
+    """One logit column ``z`` read as the binary ``[0, z]``; other widths unchanged."""
+    if z.shape[1] == 1:
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+    return z
+
+
+def binary_margin(z: torch.Tensor) -> torch.Tensor:
+    """The binary logit ``z1 - z0`` (or the single column)."""
+    if z.shape[1] == 1:
+        return z[:, 0]
+    return z[:, 1] - z[:, 0]
+
+
+def float64_buffer(values: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.float64))
+
+
+def padded_rows(
+    rows: list[np.ndarray], *, fill_last: bool, minimum: int, pad: float = math.inf
+) -> torch.Tensor:
+    """Stack 1-D arrays of different lengths, padding each with its last value (or ``pad``)."""
+    width = max(minimum, max((row.size for row in rows), default=0))
+    out = np.full((len(rows), width), pad, dtype=np.float64)
+    for k, row in enumerate(rows):
+        out[k, : row.size] = row
+        if fill_last and row.size:
+            out[k, row.size :] = row[-1]
+    return torch.as_tensor(out)
+
+
+class SoftmaxModule(torch.nn.Module):
+    """No calibrator: the plain softmax (identity calibration)."""
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        z = two_columns(logits.to(torch.float64))
+        return answer_dtype(torch.softmax(z, dim=1), logits)
+
+
+class TemperatureModule(torch.nn.Module):
+    """``softmax(z / T)``."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.inverse_temperature = 1.0 / float(temperature)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        z = two_columns(logits.to(torch.float64))
+        return answer_dtype(torch.softmax(z * self.inverse_temperature, dim=1), logits)
+
+
+class AffineModule(torch.nn.Module):
+    """``softmax(W x + b)`` (``full``, matrix) or ``softmax(w * x + b)`` (vector); ``x = [0, z1 - z0]`` for
+    binary models."""
+
+    def __init__(self, weights: np.ndarray, bias: np.ndarray, *, full: bool) -> None:
+        super().__init__()
+        self.full = full
+        self.register_buffer("weights", float64_buffer(weights))
+        self.register_buffer("bias", float64_buffer(bias))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        z = logits.to(torch.float64)
+        if z.shape[1] <= 2:
+            margin = binary_margin(z)
+            x = torch.stack([torch.zeros_like(margin), margin], dim=1)
+        else:
+            x = z
+        scores = x @ self.weights.T + self.bias if self.full else x * self.weights + self.bias
+        return answer_dtype(torch.softmax(scores, dim=1), logits)
+
+
+class PlattModule(torch.nn.Module):
+    """``P(y = 1) = sigmoid(a (z1 - z0) + b)``."""
+
+    def __init__(self, slope: float, intercept: float) -> None:
+        super().__init__()
+        self.slope = float(slope)
+        self.intercept = float(intercept)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        positive = torch.sigmoid(self.slope * binary_margin(logits.to(torch.float64)) + self.intercept)
+        return answer_dtype(torch.stack([1.0 - positive, positive], dim=1), logits)
+
+
+class OneVsRestModule(torch.nn.Module):
+    """Per-class curves on the softmax probabilities, one-vs-rest (isotonic regression or histogram binning).
+
+    ``knots`` and ``values`` are ``(curves, width)`` float64 tensors (see :func:`padded_rows`).
+    ``interpolate=True`` (isotonic): :func:`numpy.interp` on the knots (clipped beyond them); rows padded
+    with their last knot, which changes nothing. ``interpolate=False`` (histogram): ``knots`` are the inner
+    bin edges, bin ``searchsorted(inner_edges, p, side="left")``, padded with ``+inf``, which no probability
+    reaches. Binary models map ``P(y = 1)`` only; otherwise rows are renormalised, and a row that maps to all
+    zeros keeps its softmax row.
+    """
+
+    def __init__(self, knots: torch.Tensor, values: torch.Tensor, *, interpolate: bool) -> None:
+        super().__init__()
+        self.interpolate = interpolate
+        self.register_buffer("knots", knots)
+        self.register_buffer("values", values)
+
+    def _curves(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` (C, N) -> calibrated (C, N), curve c applied to row c."""
+        if not self.interpolate:
+            index = torch.searchsorted(self.knots, scores.contiguous(), right=False)
+            return torch.gather(self.values, 1, index)
+        n_knots = self.knots.shape[1]
+        upper = torch.searchsorted(self.knots, scores.contiguous(), right=True).clamp(1, n_knots - 1)
+        lower = upper - 1
+        x0 = torch.gather(self.knots, 1, lower)
+        x1 = torch.gather(self.knots, 1, upper)
+        y0 = torch.gather(self.values, 1, lower)
+        y1 = torch.gather(self.values, 1, upper)
+        width = x1 - x0
+        step = torch.where(
+            width > 0, (scores - x0) / torch.where(width > 0, width, torch.ones_like(width)), 0.0
+        )
+        out = y0 + step * (y1 - y0)
+        first = self.knots[:, :1]
+        last = self.knots[:, n_knots - 1 :]
+        out = torch.where(scores <= first, self.values[:, :1], out)
+        return torch.where(scores >= last, self.values[:, n_knots - 1 :], out)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(two_columns(logits.to(torch.float64)), dim=1)
+        if p.shape[1] == 2:
+            positive = self._curves(p[:, 1].unsqueeze(0))[0]
+            return answer_dtype(torch.stack([1.0 - positive, positive], dim=1), logits)
+        calibrated = self._curves(p.T).T
+        sums = calibrated.sum(dim=1, keepdim=True)
+        calibrated = torch.where(sums <= 0, p, calibrated)
+        return answer_dtype(calibrated / calibrated.sum(dim=1, keepdim=True), logits)

@@ -1,0 +1,59 @@
+"""Export: a fitted calibrator (after its model, for TorchScript models) as one self-contained TorchScript file.
+
+The calibrators build their own torch modules (:meth:`service.core.calibrators.BaseCalibrator.torch_module`;
+:func:`calibrator_module` gives the plain softmax for no calibrator); this module composes them with a model
+and writes the file. Compiling and saving go through :func:`service.registry.script_module`,
+:func:`~service.registry.save_module` and :func:`~service.registry.cpu_copy`, so that the registry stays the
+one module that calls torch's jit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from service.core.calibrators import calibrator_module
+from service.registry import LoadedModel, cpu_copy, save_module, script_module
+
+__all__ = ["EXPORT_FORMATS", "EXPORT_METADATA_FILE", "calibrator_module", "export_torchscript"]
+
+EXPORT_FORMATS = ("torchscript",)
+EXPORT_METADATA_FILE = "calibserve.json"
+
+
+class _ModelThenCalibrator(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, calibrator: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.calibrator = calibrator
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.calibrator(self.model(inputs))
+
+
+def export_torchscript(
+    calibrator: Any | None,
+    *,
+    model: LoadedModel | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> bytes:
+    """A TorchScript file (bytes) applying ``calibrator``: after ``model``'s module when one is given.
+
+    Without a model the module takes logits ``(N, C)``; with one it takes what the model takes
+    (``(N, *input_shape)``, not the flattened form ``predict`` also accepts). It returns probabilities
+    ``(N, K)``: float64 for float64 logits, float32 otherwise. The module runs on the CPU; move it with
+    ``.to(device)`` after loading. ``metadata`` is stored in the file as ``calibserve.json`` (read it back
+    by passing ``_extra_files={"calibserve.json": ""}`` to torch's TorchScript loader).
+
+    Raises InvalidInput for a method that cannot be exported, or a model that cannot be embedded.
+    """
+    module = calibrator_module(calibrator)
+    if model is not None:
+        module = _ModelThenCalibrator(cpu_copy(model.module), module)
+    module.eval()
+    scripted = script_module(module)
+    extra = {EXPORT_METADATA_FILE: json.dumps(dict(metadata or {}), default=str)}
+    return save_module(scripted, extra)
