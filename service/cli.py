@@ -499,9 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 thresholds hold, 1 a threshold is breached, 2 the command failed",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no status lines on stderr")
+    # -q also after the command (`calibserve fit -q ...`); SUPPRESS keeps a -q given before it
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    fit = commands.add_parser("fit", help="fit a calibrator and write its document")
+    fit = commands.add_parser("fit", help="fit a calibrator and write its document", parents=[quiet])
     _add_scores(fit, labels=True)
     fit.add_argument("--method", choices=METHODS, default="temperature", help="calibration method")
     fit.add_argument(
@@ -515,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client(fit)
     fit.set_defaults(handler=cmd_fit)
 
-    apply = commands.add_parser("apply", help="write calibrated probabilities")
+    apply = commands.add_parser("apply", help="write calibrated probabilities", parents=[quiet])
     _add_scores(apply, labels=False)
     apply.add_argument("--calibrator", metavar="FILE", help="calibrator document (from calibserve fit)")
     apply.add_argument("--version", type=int, help="with --server: use this calibrator version")
@@ -523,21 +528,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client(apply)
     apply.set_defaults(handler=cmd_apply)
 
-    evaluate = commands.add_parser("evaluate", help="figures before/after calibration, thresholds, reports")
+    evaluate = commands.add_parser(
+        "evaluate", help="figures before/after calibration, thresholds, reports", parents=[quiet]
+    )
     _add_scores(evaluate, labels=True)
     _add_evaluation(evaluate, baseline_required=False)
     _add_client(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     drift = commands.add_parser(
-        "drift", help=f"evaluate against a baseline report (default --max-increase {DEFAULT_MAX_INCREASE})"
+        "drift",
+        help=f"evaluate against a baseline report (default --max-increase {DEFAULT_MAX_INCREASE})",
+        parents=[quiet],
     )
     _add_scores(drift, labels=True)
     _add_evaluation(drift, baseline_required=True)
     _add_client(drift)
     drift.set_defaults(handler=cmd_evaluate)
 
-    serve = commands.add_parser("serve", help="run the HTTP service (flags win over CALIBSERVE_* variables)")
+    serve = commands.add_parser(
+        "serve", help="run the HTTP service (flags win over CALIBSERVE_* variables)", parents=[quiet]
+    )
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
@@ -547,7 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="debug, info, warning, error")
     serve.set_defaults(handler=cmd_serve)
 
-    export = commands.add_parser("export", help="download a model from a service (client mode only)")
+    export = commands.add_parser(
+        "export", help="download a model from a service (client mode only)", parents=[quiet]
+    )
     export.add_argument("--format", default="torchscript", help="export format (default torchscript)")
     export.add_argument("--out", required=True, metavar="FILE", help="output file")
     _add_client(export, required=True)

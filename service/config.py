@@ -69,13 +69,27 @@ class Settings(BaseSettings):
 
 
 def parse_api_keys(value: str) -> dict[str, str]:
-    """Parse ``"key1:admin,key2:read"`` into ``{key: role}``; a bad entry raises ValueError."""
+    """Parse ``"key1:admin,key2:read"`` into ``{key: role}``; a bad entry raises ValueError.
+
+    Messages name the entry by its position, never by its text: the text is a secret.
+    """
     roles: dict[str, str] = {}
-    for entry in filter(None, (part.strip() for part in value.split(","))):
+    entries = [part.strip() for part in value.split(",")]
+    for position, entry in enumerate(entries, start=1):
+        if not entry:
+            continue
         key, sep, role = entry.rpartition(":")
-        if not sep or not key or role not in ROLES:
+        if not sep:
+            raise ValueError(f'API key entry {position} has no role: write it as "key:read" or "key:admin"')
+        if not key:
+            raise ValueError(f"API key entry {position} has an empty key before ':{role}'")
+        if role not in ROLES:
             raise ValueError(
-                f'API key entry must be "key:read" or "key:admin", got {entry.split(":")[-1]!r} role'
+                f'API key entry {position} has role {role[:20]!r}; the roles are "read" and "admin"'
+            )
+        if key in roles:
+            raise ValueError(
+                f"API key entry {position} repeats an earlier key; give each key once, with one role"
             )
         roles[key] = role
     return roles

@@ -15,10 +15,17 @@ supervisor (restarts, signals) is kept: it passes its socket to each worker it s
 the socket given to it (:class:`PerWorkerListener`) reserves the port in the supervisor and unpickles as a
 new ``SO_REUSEPORT`` listener in each worker. A worker that dies drops the connections still queued on
 its own listener (the shared listener kept them for the others): the price of the balance.
+
+``SO_REUSEPORT`` would also let a second server of the same user join the port and split the traffic
+between two stores. Before binding, :func:`claim_port` takes a lock file per address (another calibserve
+holds it) and binds a probe without ``SO_REUSEPORT`` (any other listener holds the port): either refuses
+to start, naming the port.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import gc
 import logging
 import os
@@ -26,11 +33,13 @@ import shutil
 import socket
 import tempfile
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
 from service.config import Settings, get_settings
+from service.errors import CalibserveError
 
 logger = logging.getLogger("calibserve.server")
 
@@ -116,10 +125,43 @@ class PerWorkerListener(socket.socket):
         return sock
 
 
+class PortInUse(CalibserveError):
+    """The address is served by another process: starting would split requests between two services."""
+
+
+def claim_port(host: str, port: int) -> int | None:
+    """Refuse an address another process serves; the open lock file to hold while serving (None: port 0).
+
+    The lock file (``<tmp>/calibserve-<host>-<port>.lock``, ``flock`` ed) stops a second calibserve even
+    while both start at once; the probe (bound without ``SO_REUSEPORT``) stops any other listener.
+    """
+    if port == 0:
+        return None
+    lock_path = Path(tempfile.gettempdir()) / f"calibserve-{host.replace(':', '_')}-{port}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PortInUse(f"{host}:{port} is already served by another calibserve (lock {lock_path})") from None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are no owner
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(f"{host}:{port} is already in use by another process") from None
+            raise
+    return fd
+
+
 def serve(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM; refuses a non-local bind without keys (``check_bind_is_safe``)."""
 
     settings.check_bind_is_safe()
+    lock = claim_port(settings.host, settings.port)
     os.environ.update(settings_environment(settings))
     get_settings.cache_clear()
     metrics_dir = None
@@ -131,6 +173,8 @@ def serve(settings: Settings) -> None:
     finally:
         if metrics_dir is not None:  # the workers' metric files die with the server
             shutil.rmtree(metrics_dir, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
 def _run(settings: Settings) -> None:

@@ -156,8 +156,8 @@ class DataPlane:
 
     async def put_model(
         self, name: str, *, num_classes: int, class_names: list[str] | None, description: str | None
-    ) -> ModelInfo:
-        """Create or update a logits-only model."""
+    ) -> tuple[ModelInfo, bool]:
+        """Create or update a logits-only model; ``(the model, whether it was created)``."""
         self.state.require_ready()
         if class_names is not None and len(class_names) != num_classes:
             raise InvalidInput(
@@ -174,11 +174,12 @@ class DataPlane:
             )
         spec = {"num_classes": num_classes, "class_names": class_names, "description": description}
         metadata = {"kind": "logits", **{key: value for key, value in spec.items() if value is not None}}
-        if self.state.store.model_exists(name):
+        existed = self.state.store.model_exists(name)
+        if existed:
             old = self.state.store.get_model(name)
             metadata = {**old, **metadata, "kind": old.get("kind", "logits")}
         await in_thread(self.state.store.put_model, name, metadata)
-        return self.state.model_info(name)
+        return self.state.model_info(name), not existed and loaded is None
 
     async def put_torchscript(self, name: str, data: bytes, metadata: Mapping[str, Any]) -> ModelInfo:
         """Upload a TorchScript file: checked first, so a file torch cannot run never replaces a model."""
@@ -198,10 +199,7 @@ class DataPlane:
         self.state.require_ready()
         self.state.model_info(name)  # NotFound for an unknown model
         store = self.state.store
-        shipped = name in self.state.registry and (
-            not store.model_exists(name) or store.torchscript_path(name) is None
-        )
-        if shipped:
+        if self.state.is_shipped(name):
             raise Conflict(
                 f"model {name!r} is shipped in the models directory; remove its folder there instead"
             )

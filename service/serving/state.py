@@ -8,6 +8,7 @@ any worker (or replica) is served by all from the next request on, for the price
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping
@@ -166,9 +167,20 @@ class AppState:
         except InvalidInput as exc:  # a bad file on the volume: serve the others, report this one
             logger.warning("uploaded model %s failed to load: %s", name, exc)
 
+    def is_shipped(self, name: str, loaded: LoadedModel | None = None) -> bool:
+        """Whether ``name`` is a TorchScript model of the models directory (trusted, not in the store)."""
+        loaded = loaded if loaded is not None else self.registry.loaded(name)
+        if loaded is None:
+            return name in self.registry.failing() and not self.store.model_exists(name)
+        return loaded.source is None or not loaded.source.resolve().is_relative_to(self.store.root.resolve())
+
     def ensure_record(self, info: ModelInfo) -> None:
-        """Give a shipped TorchScript model a record in the store, where its calibrators will live."""
-        if not self.store.model_exists(info.name):
+        """Give a shipped TorchScript model a record in the store, where its calibrators will live.
+
+        Only shipped models: a model whose record is gone was deleted (perhaps while a fit ran), and a
+        fit must not bring it back.
+        """
+        if self.is_shipped(info.name) and not self.store.model_exists(info.name):
             self.store.put_model(info.name, info.record())
 
     def lookup(self, name: str, version: int | None = None) -> tuple[ModelInfo, ActiveCalibrator]:
@@ -197,6 +209,11 @@ class AppState:
         return self.lookup(name)[0]
 
     def _read_model_info(self, name: str, loaded: LoadedModel | None, *, has_record: bool) -> ModelInfo:
+        if loaded is not None and not has_record and not self.is_shipped(name, loaded):
+            # An uploaded model whose record another worker (or replica) deleted: forget it here too.
+            with contextlib.suppress(NotFound):
+                self.registry.remove(name)
+            loaded = None
         failing = self.registry.failing().get(name)
         info = None
         if has_record:

@@ -11,7 +11,7 @@ GOOD = [[1.0, 0.0, -1.0], [0.5, 0.2, 0.1]]
 
 @pytest.fixture
 def three(client):
-    assert client.put("/v1/models/three", json={"num_classes": 3}).status_code == 200
+    assert client.put("/v1/models/three", json={"num_classes": 3}).status_code == 201
     return client
 
 

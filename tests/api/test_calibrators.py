@@ -13,7 +13,7 @@ from tests.api.conftest import assert_problem
 
 @pytest.fixture
 def cifar_client(client):
-    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
     return client
 
 
@@ -109,7 +109,7 @@ def test_binary_platt_on_one_logit_column(client):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 400)
     logits = (labels * 2.0 - 1.0 + rng.normal(0, 1.5, 400))[:, None] * 4
-    assert client.put("/v1/models/bin", json={"num_classes": 1}).status_code == 200
+    assert client.put("/v1/models/bin", json={"num_classes": 1}).status_code == 201
     body = {"logits": logits.tolist(), "labels": labels.tolist(), "method": "platt"}
     assert client.post("/v1/models/bin/fit", json=body).status_code == 201
     served = client.post("/v1/models/bin/calibrate", json={"logits": [[0.0], [8.0]]}).json()
@@ -158,7 +158,7 @@ def test_binary_models_accept_one_or_two_logit_columns(client, declared, columns
     labels = rng.integers(0, 2, 200)
     margin = (labels * 2.0 - 1.0 + rng.normal(0, 1.0, 200)) * 3
     logits = margin[:, None] if columns == 1 else np.stack([np.zeros(200), margin], axis=1)
-    assert client.put("/v1/models/b", json={"num_classes": declared}).status_code == 200
+    assert client.put("/v1/models/b", json={"num_classes": declared}).status_code == 201
     fitted = client.post("/v1/models/b/fit", json={"logits": logits.tolist(), "labels": labels.tolist()})
     assert fitted.status_code == 201, fitted.text
     served = client.post("/v1/models/b/calibrate", json={"logits": logits[:3].tolist()}).json()

@@ -17,7 +17,7 @@ def test_fit_survives_restart(tmp_path, cifar10):
     store = tmp_path / "store"
     rows = {"logits": cifar10["logits_test"][:16].tolist()}
     with Server(store) as server, server.client() as http:
-        assert http.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+        assert http.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
         fitted = http.post("/v1/models/wrn/fit", json=fit_body(cifar10))
         assert fitted.status_code == 201, fitted.text
         temperature = fitted.json()["temperature"]
@@ -36,7 +36,7 @@ def test_two_processes_on_one_store_see_each_others_fits(tmp_path, cifar10):
     store = tmp_path / "store"
     rows = {"logits": cifar10["logits_test"][:4].tolist()}
     with Server(store) as first, Server(store) as second, first.client() as a, second.client() as b:
-        assert a.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+        assert a.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
         assert b.get("/v1/models/wrn").status_code == 200
         one = a.post("/v1/models/wrn/fit", json=fit_body(cifar10)).json()
         assert b.post("/v1/models/wrn/calibrate", json=rows).json()["calibrator_version"] == one["version"]
@@ -54,7 +54,7 @@ def test_two_processes_on_one_store_see_each_others_fits(tmp_path, cifar10):
 def test_several_workers_share_the_store_and_metrics(tmp_path, cifar10):
     store = tmp_path / "store"
     with Server(store, workers=2) as server, server.client() as http:
-        assert http.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+        assert http.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
         fitted = http.post("/v1/models/wrn/fit", json=fit_body(cifar10)).json()
         rows = {"logits": cifar10["logits_test"][:2].tolist()}
         for _ in range(20):  # new connections land on either worker

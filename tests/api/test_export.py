@@ -24,7 +24,7 @@ def load(response) -> tuple[torch.jit.ScriptModule, dict]:
 
 @pytest.fixture
 def cifar_model(client, cifar10):
-    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
     return client
 
 
@@ -64,7 +64,7 @@ def test_binary_single_column_models_export(client, method):
     margin = rng.normal(size=(400, 1)) * 3
     labels = (rng.random(400) < 1 / (1 + np.exp(-0.5 * margin[:, 0]))).astype(int)
     # the v1 API counts logit columns here: a single-logit binary model is num_classes 1
-    assert client.put("/v1/models/binary", json={"num_classes": 1}).status_code == 200
+    assert client.put("/v1/models/binary", json={"num_classes": 1}).status_code == 201
     fitted = client.post(
         "/v1/models/binary/fit", json={"logits": margin.tolist(), "labels": labels.tolist(), "method": method}
     )

@@ -20,7 +20,7 @@ ROWS = 64
 @pytest.fixture
 def fitted(client, cifar10):
     """A 10-class logits-only model with a temperature fitted on real CIFAR-10 logits."""
-    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
     response = client.post(
         "/v1/models/wrn/fit",
         json={"logits": cifar10["logits_val"].tolist(), "labels": cifar10["labels_val"].tolist()},
@@ -183,7 +183,7 @@ NaN_ROW = np.array([[1.0, 2.0, 3.0], [0.0, np.nan, 1.0]], dtype=np.float32)
     ],
 )
 def test_bad_binary_requests_are_problems(client, headers, content, status, needles):
-    assert client.put("/v1/models/three", json={"num_classes": 3}).status_code == 200
+    assert client.put("/v1/models/three", json={"num_classes": 3}).status_code == 201
     response = client.post("/v1/models/three/calibrate", content=content, headers=headers)
     assert_problem(response, status, *needles)
 
@@ -191,7 +191,7 @@ def test_bad_binary_requests_are_problems(client, headers, content, status, need
 def test_lean_routes_keep_auth_metrics_and_the_version_query(make_client):
     client = make_client(api_keys="adm:admin,rd:read")
     admin = {"X-API-Key": "adm"}
-    assert client.put("/v1/models/three", json={"num_classes": 3}, headers=admin).status_code == 200
+    assert client.put("/v1/models/three", json={"num_classes": 3}, headers=admin).status_code == 201
     body = {"json": {"logits": [[1.0, 0.0, -1.0]]}}
     assert_problem(client.post("/v1/models/three/calibrate", **body), 401)
     assert_problem(client.post("/v1/models/three/calibrate", **body, headers={"X-API-Key": "nope"}), 401)
@@ -220,7 +220,7 @@ def test_lean_routes_keep_auth_metrics_and_the_version_query(make_client):
 def test_a_change_made_by_another_worker_is_served_from_the_next_request(make_client, tmp_path, cifar10):
     """Two apps on one store stand for two workers: each caches model views by stat stamps."""
     first, second = make_client(), make_client()
-    assert first.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+    assert first.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
     logits = {"json": {"logits": cifar10["logits_test"][:3].tolist()}}
     assert second.post("/v1/models/wrn/calibrate", **logits).json()["calibrator_version"] is None
     names = [f"class{k}" for k in range(10)]

@@ -21,7 +21,7 @@ def npz(**arrays) -> bytes:
 
 @pytest.fixture
 def wrn(client, cifar10):
-    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
     return client
 
 

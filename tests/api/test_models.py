@@ -21,10 +21,11 @@ def test_shipped_model_is_listed_and_described(client):
 
 def test_create_read_update_delete_logits_model(client, tmp_path):
     created = client.put("/v1/models/cifar10", json={"num_classes": 10, "description": "wrn"})
-    assert created.status_code == 200, created.text
+    assert created.status_code == 201, created.text  # created: 201; the same PUT again updates: 200
     assert created.json()["num_classes"] == 10 and created.json()["kind"] == "logits"
     assert (tmp_path / "store" / "cifar10" / "model.json").is_file()
     updated = client.put("/v1/models/cifar10", json={"num_classes": 10, "class_names": list("abcdefghij")})
+    assert updated.status_code == 200, updated.text
     assert updated.json()["class_names"][0] == "a" and updated.json()["description"] == "wrn"
     assert client.delete("/v1/models/cifar10").status_code == 204
     assert not (tmp_path / "store" / "cifar10").exists()
@@ -57,7 +58,7 @@ def test_bad_model_bodies(client):
 
 def test_paging_walks_every_model_once(client):
     for index in range(7):
-        assert client.put(f"/v1/models/m{index}", json={"num_classes": 2}).status_code == 200
+        assert client.put(f"/v1/models/m{index}", json={"num_classes": 2}).status_code == 201
     seen, cursor = [], None
     while True:
         params = {"limit": 3} | ({"cursor": cursor} if cursor else {})

@@ -16,7 +16,7 @@ ROWS = 16
 @pytest.fixture
 def wrn(client, cifar10):
     """A 10-class model with two fitted temperatures: version 1 on half the data, version 2 (active) on all."""
-    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
     temperatures = []
     for count in (300, 2000):
         fitted = client.post(
@@ -331,7 +331,7 @@ def test_trailing_slashes_redirect_to_the_served_path_and_head_of_nothing_is_404
 def live(tmp_path_factory):
     with Server(tmp_path_factory.mktemp("oip-store")) as server:
         with server.client() as http:
-            assert http.put("/v1/models/three", json={"num_classes": 3}).status_code == 200
+            assert http.put("/v1/models/three", json={"num_classes": 3}).status_code == 201
         yield server
 
 

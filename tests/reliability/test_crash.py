@@ -120,7 +120,7 @@ def test_sigkill_at_random_moments_loses_and_tears_nothing(tmp_path, servers, di
     server = servers(store, workers=2)
     with server.client() as http:
         for model in MODELS:
-            assert http.put(f"/v1/models/{model}", json={"num_classes": 10}).status_code == 200
+            assert http.put(f"/v1/models/{model}", json={"num_classes": 10}).status_code == 201
     for cycle in range(kills):
         stop = threading.Event()
         clients = [

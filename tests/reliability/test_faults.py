@@ -93,7 +93,7 @@ def test_store_not_writable_answers_503_and_keeps_serving(
         store = volume / "store"
         server = servers(store, workers=1)
         http = server.client()
-        assert http.put("/v1/models/m", json={"num_classes": 10}).status_code == 200
+        assert http.put("/v1/models/m", json={"num_classes": 10}).status_code == 201
         first = http.post("/v1/models/m/fit", json=fit_body)
         assert first.status_code == 201
         temperature = first.json()["temperature"]
@@ -260,7 +260,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_leaves_no_temp
     # With a concurrency limit of 1, "/healthz answers 503" is proof that our fit is in flight.
     server = servers(store, workers=1, env={"CALIBSERVE_MAX_CONCURRENCY": "1"})
     with server.client() as http:
-        assert http.put("/v1/models/m", json={"num_classes": 10}).status_code == 200
+        assert http.put("/v1/models/m", json={"num_classes": 10}).status_code == 201
     body = httpx.Request(
         "POST",
         "http://x/",

@@ -48,8 +48,8 @@ def test_schemathesis_finds_no_5xx_and_no_contract_violation(tmp_path, servers, 
     examples = 350 if soak else 8
     server = servers(tmp_path / "store", workers=1, env={"CALIBSERVE_API_KEYS": f"{ADMIN}:admin"})
     with server.client(headers={"X-API-Key": ADMIN}) as http:
-        assert http.put("/v1/models/ten", json={"num_classes": 10}).status_code == 200
-        assert http.put("/v1/models/two", json={"num_classes": 2}).status_code == 200
+        assert http.put("/v1/models/ten", json={"num_classes": 10}).status_code == 201
+        assert http.put("/v1/models/two", json={"num_classes": 2}).status_code == 201
         for name in ("ten", "digits-mlp"):
             for activate in (True, False):
                 assert (

@@ -68,7 +68,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
         env={"CALIBSERVE_MAX_BODY_BYTES": str(LIMIT), "CALIBSERVE_API_KEYS": f"{ADMIN}:admin,{READ}:read"},
     )
     with running.client(headers=AUTH) as http:
-        assert http.put("/v1/models/two", json={"num_classes": 2}).status_code == 200
+        assert http.put("/v1/models/two", json={"num_classes": 2}).status_code == 201
     yield running
     running.stop()
 

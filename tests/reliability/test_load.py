@@ -206,7 +206,7 @@ def test_beyond_the_concurrency_limit_the_answer_is_503_at_once(tmp_path, server
     limit, extra = 2, 6
     server = servers(tmp_path / "store", workers=1, env={"CALIBSERVE_MAX_CONCURRENCY": str(limit)})
     with server.client() as http:
-        assert http.put("/v1/models/m", json={"num_classes": 2}).status_code == 200
+        assert http.put("/v1/models/m", json={"num_classes": 2}).status_code == 201
     body = orjson.dumps({"logits": [[0.5, -0.5]] * 50})
     head = request_head(
         "POST",
@@ -255,7 +255,7 @@ def test_request_bodies_in_flight_are_bounded_by_the_body_limit(tmp_path, server
     limit = 1 << 20
     server = servers(tmp_path / "store", workers=1, env={"CALIBSERVE_MAX_BODY_BYTES": str(limit)})
     with server.client() as http:
-        assert http.put("/v1/models/m", json={"num_classes": 2}).status_code == 200
+        assert http.put("/v1/models/m", json={"num_classes": 2}).status_code == 201
     rows = int(0.6 * limit) // len(b"[0.5,-0.5],")
     big = orjson.dumps({"logits": [[0.5, -0.5]] * rows})
     assert 0.5 * limit < len(big) < limit

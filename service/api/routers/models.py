@@ -30,15 +30,18 @@ async def list_models(
     "/{name}",
     summary="Create or update a logits-only model",
     dependencies=AdminAccess,
-    responses={409: {"description": "a TorchScript model or the active calibrator has another class count"}},
+    responses={
+        201: {"description": "the model was created"},
+        409: {"description": "a TorchScript model or the active calibrator has another class count"},
+    },
     openapi_extra=json_body(ModelSpec, examples={"cifar10": {"num_classes": 10}}),
 )
 async def put_model(name: ModelName, request: Request, plane: Plane) -> NumpyJSONResponse:
     spec = await read_json(request, ModelSpec)
-    info = await plane.put_model(
+    info, created = await plane.put_model(
         name, num_classes=spec.num_classes, class_names=spec.class_names, description=spec.description
     )
-    return NumpyJSONResponse(plane.model_summary(info))
+    return NumpyJSONResponse(plane.model_summary(info), status_code=201 if created else 200)
 
 
 def _upload_metadata(request: Request) -> dict:

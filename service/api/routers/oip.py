@@ -26,10 +26,10 @@ and the output does not say otherwise; the answer is then ``application/octet-st
 header's length in ``Inference-Header-Content-Length`` and each binary output's
 ``parameters.binary_data_size``.
 
-Errors are ``{"error": "<message>"}`` (``application/json``) with the status of the same error on the v1
-routes: 400 bad request or tensor, 401/403 auth, 404 unknown model or version, 502 a failing TorchScript
-model, 503 not ready. Only the limits middleware answers before these routes (413 body too large, 503
-overloaded) and keeps its problem+json body.
+Errors are ``{"error": "<message>"}`` (``application/json``), written by the one exception handler
+(:mod:`service.api.errors`) with the status of the same error on the v1 routes, except that a malformed
+request is always 400 here (422 there): 400 bad request or tensor, 401/403 auth, 404 unknown model or
+version, 413 body too large, 502 a failing TorchScript model, 503 not ready or overloaded.
 """
 
 from __future__ import annotations
