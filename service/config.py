@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     batch_max_delay_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="dynamic batching: longest wait of a batch's first request"
     )
+    max_work_seconds: float | None = Field(
+        120.0, gt=0, description="longest fit, evaluation or figures computation; then 504 (None: no limit)"
+    )
     log_level: str = "info"
 
     @field_validator("api_keys")

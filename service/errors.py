@@ -83,3 +83,11 @@ class UnsupportedMediaType(CalibserveError):
 
 class NotAcceptable(CalibserveError):
     """The client accepts no format the operation can answer in."""
+
+
+class WorkTimeout(CalibserveError):
+    """A computation took longer than its configured limit and was stopped."""
+
+
+class WorkCancelled(CalibserveError):
+    """A computation was stopped because nobody waits for its answer any more (the client went away)."""

@@ -13,7 +13,9 @@ too, auth calls the same role check, and the errors raised here reach the one ex
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -26,6 +28,7 @@ from starlette.routing import Match, Route
 
 from service.api import auth
 from service.api.deps import single_values
+from service.core.cancellation import Budget
 from service.errors import InvalidInput, InvalidParameter
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -88,6 +91,27 @@ def validate_object(data: dict[str, Any], model: type[ModelT]) -> ModelT:
         raise InvalidParameter(
             f"{first['field']}: {first['message']}", field=first["field"], details=details
         ) from None
+
+
+@asynccontextmanager
+async def cancelled_on_disconnect(request: Request, budget: Budget) -> AsyncIterator[Budget]:
+    """Cancel ``budget`` when the client goes away while the ``with`` body computes its answer.
+
+    Call it once the body is read: the server's next receive message is then the disconnect, or nothing.
+    """
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                budget.cancel("the client disconnected")
+                return
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        yield budget
+    finally:
+        watcher.cancel()
 
 
 async def read_object(request: Request) -> dict[str, Any]:

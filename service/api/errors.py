@@ -40,6 +40,8 @@ STATUS_OF: tuple[tuple[type[errors.CalibserveError], int, str], ...] = (
     (errors.PayloadTooLarge, 413, "content-too-large"),
     (errors.UnsupportedMediaType, 415, "unsupported-media-type"),
     (errors.ModelFailed, 502, "model-failed"),
+    (errors.WorkTimeout, 504, "work-timeout"),
+    (errors.WorkCancelled, 503, "work-cancelled"),
     (errors.StoreUnavailable, 503, "store-unavailable"),
     (errors.NotReady, 503, "not-ready"),
     (errors.Overloaded, 503, "overloaded"),
@@ -59,6 +61,7 @@ TITLES = {
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
 
 

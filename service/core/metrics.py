@@ -62,6 +62,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from service.core import cancellation
 from service.core.probability import softmax, two_column_logits, two_column_probabilities
 from service.core.validation import (
     ARGMAX_MIN_COLUMNS,
@@ -928,7 +929,11 @@ def bootstrap_interval(
                 return math.nan
             return float(metric(values[rows], y[rows], sample_weight=weights[rows], **metric_kwargs))
 
-    statistics = np.array([resampled(rng.integers(0, n_samples, n_samples)) for _ in range(n_resamples)])
+    def one_resample() -> float:
+        cancellation.check()
+        return resampled(rng.integers(0, n_samples, n_samples))
+
+    statistics = np.array([one_resample() for _ in range(n_resamples)])
     statistics = statistics[~np.isnan(statistics)]
     if statistics.size == 0:
         raise InvalidInput("every bootstrap resample had zero total sample_weight", field="sample_weight")

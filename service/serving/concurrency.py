@@ -6,9 +6,19 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import anyio
 import anyio.to_thread
 
+from service.core import cancellation
+from service.core.cancellation import Budget
+from service.errors import WorkCancelled, WorkTimeout
+from service.serving.telemetry import WORK_STOPPED
+
 T = TypeVar("T")
+
+# How long past its deadline a computation that does not check its budget is waited for before the
+# caller gets its answer (the thread itself runs to its end: a thread cannot be stopped from outside).
+GRACE_S = 1.0
 
 # Below this many numbers a calibration is cheaper than handing it to a thread.
 INLINE_WORK_LIMIT = 65_536
@@ -24,3 +34,31 @@ async def compute(function: Callable[..., T], *args: Any, size: int, **kwargs: A
     if size <= INLINE_WORK_LIMIT:
         return function(*args, **kwargs)
     return await in_thread(function, *args, **kwargs)
+
+
+async def bounded(budget: Budget, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``function(*args, **kwargs)`` in the thread pool under ``budget``: its loops stop at the deadline or on
+    :meth:`Budget.cancel` (WorkTimeout / WorkCancelled), and the caller is answered by the deadline
+    (plus :data:`GRACE_S`) even if the function does not check its budget."""
+
+    def run() -> T:
+        with cancellation.scope(budget):
+            try:
+                return function(*args, **kwargs)
+            except WorkTimeout:
+                WORK_STOPPED.labels("timeout").inc()
+                raise
+            except WorkCancelled:
+                WORK_STOPPED.labels("cancelled").inc()
+                raise
+
+    if budget.seconds is None:
+        return await anyio.to_thread.run_sync(run)
+    try:
+        with anyio.fail_after(budget.seconds + GRACE_S):
+            return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except TimeoutError:
+        budget.cancel("its time limit passed")
+        raise WorkTimeout(
+            f"the work took longer than its limit of {budget.seconds:g} s (CALIBSERVE_MAX_WORK_SECONDS)"
+        ) from None

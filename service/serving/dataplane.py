@@ -19,10 +19,11 @@ import numpy as np
 
 from service import workflows
 from service.core import losses
+from service.core.cancellation import Budget
 from service.core.probability import softmax
 from service.core.validation import n_label_classes, same_class_count
 from service.errors import Conflict, InvalidInput, ModelFailed, NotFound, StoreUnavailable
-from service.serving.concurrency import compute, in_thread
+from service.serving.concurrency import bounded, compute, in_thread
 from service.serving.state import ActiveCalibrator, AppState, ModelInfo
 from service.serving.telemetry import FITS, MODEL_FAILURES, publish_active
 
@@ -224,11 +225,13 @@ class DataPlane:
         return self.state.lookup(name, version)
 
     def list_calibrators(self, name: str, *, limit: int, cursor: str | None) -> dict[str, Any]:
+        """One page of versions, newest first, as summaries (:func:`calibrator_summary`): a document can
+        weigh megabytes (a histogram's bins, a matrix), and the full one is a request away."""
         self.state.require_ready()
         self.state.model_info(name)
         items, next_cursor = self.state.store.list_calibrators(name, limit=limit, cursor=cursor)
         return {
-            "items": items,
+            "items": [calibrator_summary(item) for item in items],
             "next_cursor": next_cursor,
             "active_version": self.state.store.active_version(name),
         }
@@ -248,13 +251,21 @@ class DataPlane:
         await in_thread(self.state.store.delete_calibrator, name, version)
         self.state.forget(name)
 
-    async def fit(self, name: str, data: Labelled, spec: FitSpec) -> dict[str, Any]:
+    def budget(self) -> Budget:
+        """The time a fit, evaluation or figures computation may take (``CALIBSERVE_MAX_WORK_SECONDS``); a
+        codec may :meth:`~Budget.cancel` it when its client goes away."""
+        return Budget(self.state.settings.max_work_seconds)
+
+    async def fit(
+        self, name: str, data: Labelled, spec: FitSpec, budget: Budget | None = None
+    ) -> dict[str, Any]:
         """Fit a calibrator on labelled scores (or inputs run through the model), store it, and (unless
         ``spec.activate`` is false) activate it; the stored document."""
         self.state.require_ready()
         info = self.state.model_info(name)
         scores, from_logits = await self._scores(info, data)
-        document = await in_thread(
+        document = await bounded(
+            budget or self.budget(),
             workflows.fit_document,
             scores,
             data.labels,
@@ -362,12 +373,15 @@ class DataPlane:
 
     # ------------------------------------------------------------------------------------------ figures
 
-    async def evaluate(self, name: str, version: int | None, data: Labelled, spec: EvaluateSpec) -> dict:
+    async def evaluate(
+        self, name: str, version: int | None, data: Labelled, spec: EvaluateSpec, budget: Budget | None = None
+    ) -> dict:
         """Figures before and after calibration, and drift against the calibrator's fit-time figures."""
         info, entry = self.lookup(name, version)
         scores, from_logits = await self._scores(info, data)
         check_columns(info, scores, data.kind)
-        report = await in_thread(
+        report = await bounded(
+            budget or self.budget(),
             workflows.evaluate,
             scores,
             data.labels,
@@ -382,10 +396,11 @@ class DataPlane:
         report["model"] = name
         return report
 
-    @staticmethod
-    async def figures(data: Labelled, spec: EvaluateSpec, *, with_losses: bool) -> dict[str, Any]:
+    async def figures(
+        self, data: Labelled, spec: EvaluateSpec, *, with_losses: bool, budget: Budget | None = None
+    ) -> dict[str, Any]:
         """Stateless: every calibration figure (and the evaluation losses) of labelled scores."""
-        return await in_thread(_figures, data, spec, with_losses)
+        return await bounded(budget or self.budget(), _figures, data, spec, with_losses)
 
     # ------------------------------------------------------------------------------------------- export
 
@@ -415,6 +430,23 @@ class DataPlane:
         }
         data = await in_thread(export_torchscript, entry.calibrator, model=model, metadata=metadata)
         return data, entry.version
+
+
+SUMMARY_KEYS = ("version", "model", "method", "num_classes", "temperature", "fitted_at")
+
+
+def calibrator_summary(document: Mapping[str, Any]) -> dict[str, Any]:
+    """What a listing shows of a calibrator version: its identity, method, fit time and fit-time headline
+    figures (``ece``, ``nll`` before and after), never its parameters."""
+    summary = {key: document[key] for key in SUMMARY_KEYS if key in document}
+    fit = document.get("fit")
+    if isinstance(fit, Mapping):
+        summary["fit"] = {"n": fit.get("n")}
+        for group in ("before", "after"):
+            figures = fit.get(group)
+            if isinstance(figures, Mapping):
+                summary["fit"][group] = {key: figures.get(key) for key in ("ece", "nll", "accuracy")}
+    return summary
 
 
 def _figures(data: Labelled, spec: EvaluateSpec, with_losses: bool) -> dict[str, Any]:

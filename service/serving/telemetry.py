@@ -38,6 +38,11 @@ BATCH_ROWS = Histogram(
     "Rows of one forward pass of dynamic batching",
     buckets=(1, 4, 16, 64, 256, 1024, 4096),
 )
+WORK_STOPPED = Counter(
+    "calibserve_work_stopped_total",
+    "Fits, evaluations and figures stopped before their end (reason: timeout, or cancelled: nobody waited)",
+    ["reason"],
+)
 MODEL_FAILURES = Counter(
     "calibserve_model_failures_total", "TorchScript model failures (raised, NaN or wrong shape)", ["model"]
 )

@@ -133,3 +133,22 @@ def test_one_version_rule_on_every_protocol(client, text):
         v2 = client.post(f"/v2/models/digits-mlp/versions/{text}/infer", json=body)
         assert v2.status_code == 400
         assert "calibrator version" in v2.json()["error"]
+
+
+def test_listings_hold_summaries_and_the_full_document_is_one_request_away(client):
+    assert client.put("/v1/models/hist", json={"num_classes": 3}).status_code == 201
+    rng = np.random.default_rng(1)
+    body = {
+        "logits": rng.normal(size=(600, 3)).tolist(),
+        "labels": rng.integers(0, 3, size=600).tolist(),
+        "method": "histogram",
+        "options": {"n_bins": 200},
+    }
+    document = client.post("/v1/models/hist/fit", json=body).json()
+    listing = client.get("/v1/models/hist/calibrators")
+    (item,) = listing.json()["items"]
+    assert "params" not in item and item["version"] == document["version"] and item["method"] == "histogram"
+    assert item["fit"]["n"] == 600 and item["fit"]["after"]["ece"] == document["fit"]["after"]["ece"]
+    assert len(listing.content) * 10 < len(
+        client.get(f"/v1/models/hist/calibrators/{item['version']}").content
+    )

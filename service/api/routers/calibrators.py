@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from service.api.auth import AdminAccess, ReadAccess
-from service.api.bodies import NumpyJSONResponse, json_body, read_object
+from service.api.bodies import NumpyJSONResponse, cancelled_on_disconnect, json_body, read_object
 from service.api.deps import ModelName, Plane, Version
 from service.api.labelled import labelled_bodies, read_labelled
 from service.api.schemas import FitRequest, labelled
@@ -37,7 +37,8 @@ _FIT_EXAMPLE = {
 async def fit(name: ModelName, request: Request, plane: Plane) -> NumpyJSONResponse:
     body = await read_labelled(request, FitRequest)
     spec = FitSpec(method=body.method, options=body.options, activate=body.activate)
-    stored = await plane.fit(name, labelled(body, ("logits", "probabilities", "inputs")), spec)
+    async with cancelled_on_disconnect(request, plane.budget()) as budget:
+        stored = await plane.fit(name, labelled(body, ("logits", "probabilities", "inputs")), spec, budget)
     return NumpyJSONResponse(stored, status_code=201)
 
 

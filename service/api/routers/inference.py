@@ -24,6 +24,7 @@ from service.api.bodies import (
     NumpyJSONResponse,
     array,
     authorize,
+    cancelled_on_disconnect,
     json_body,
     parse_object,
     validate_object,
@@ -165,5 +166,7 @@ ROUTES = [
 async def evaluate(name: ModelName, request: Request, plane: Plane, version: PinnedVersion = None):
     body = await read_labelled(request, EvaluateRequest, route_parameters=("version",))
     spec = EvaluateSpec(n_bins=body.n_bins, binning=body.binning, bootstrap=body.bootstrap, seed=body.seed)
-    report = await plane.evaluate(name, version, labelled(body, ("logits", "probabilities", "inputs")), spec)
+    data = labelled(body, ("logits", "probabilities", "inputs"))
+    async with cancelled_on_disconnect(request, plane.budget()) as budget:
+        report = await plane.evaluate(name, version, data, spec, budget)
     return NumpyJSONResponse(report)

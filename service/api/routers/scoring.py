@@ -6,10 +6,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.api.auth import ReadAccess
-from service.api.bodies import NumpyJSONResponse, json_body
+from service.api.bodies import NumpyJSONResponse, cancelled_on_disconnect, json_body
+from service.api.deps import Plane
 from service.api.labelled import labelled_bodies, read_labelled
 from service.api.schemas import MetricsRequest, labelled
-from service.serving.dataplane import DataPlane, EvaluateSpec
+from service.serving.dataplane import EvaluateSpec
 
 router = APIRouter(prefix="/v1", tags=["metrics"], dependencies=ReadAccess)
 
@@ -23,10 +24,10 @@ router = APIRouter(prefix="/v1", tags=["metrics"], dependencies=ReadAccess)
         other_content=labelled_bodies(MetricsRequest),
     ),
 )
-async def figures(request: Request) -> NumpyJSONResponse:
+async def figures(request: Request, plane: Plane) -> NumpyJSONResponse:
     body = await read_labelled(request, MetricsRequest)
     spec = EvaluateSpec(n_bins=body.n_bins, binning=body.binning, bootstrap=body.bootstrap, seed=body.seed)
-    answer = await DataPlane.figures(
-        labelled(body, ("logits", "probabilities")), spec, with_losses=body.losses
-    )
+    data = labelled(body, ("logits", "probabilities"))
+    async with cancelled_on_disconnect(request, plane.budget()) as budget:
+        answer = await plane.figures(data, spec, with_losses=body.losses, budget=budget)
     return NumpyJSONResponse(answer)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.core import cancellation
 from service.core.calibrators.base import (
     BaseCalibrator,
     _binary_margin,
@@ -91,6 +92,7 @@ class _AffineScaling(BaseCalibrator):
         scale = np.sqrt(np.where(curvature > 0.0, curvature, 1.0))
 
         def preconditioned(u: np.ndarray) -> tuple[float, np.ndarray]:
+            cancellation.check()
             value, gradient = loss_and_gradient(u / scale)
             return value, gradient / scale
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from service.core import cancellation
 from service.core.calibrators.base import BaseCalibrator, _doc_array, _doc_curves, _renormalise
 from service.core.probability import softmax
 from service.core.validation import check_choice, check_positive_int
@@ -45,7 +46,10 @@ class _OneVsRest(BaseCalibrator):
         if p.shape[1] == 2:
             curves = [self._fit_curve(p[:, 1], (y == 1).astype(np.float64), w)]
         else:
-            curves = [self._fit_curve(p[:, k], (y == k).astype(np.float64), w) for k in range(p.shape[1])]
+            curves = []
+            for k in range(p.shape[1]):
+                cancellation.check()
+                curves.append(self._fit_curve(p[:, k], (y == k).astype(np.float64), w))
         self._set_curves(curves)
         self.convergence_ = {"converged": True, "method": self._fit_method}
 
