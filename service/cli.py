@@ -108,9 +108,11 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def _scores_kind(args: argparse.Namespace) -> tuple[str, str]:
-    """(kind, spec): whether the scores are logits or probabilities, as the user's flag says."""
+    """(kind, spec): logits, probabilities or (TorchScript) model inputs, as the user's flag says."""
     if args.logits is not None:
         return "logits", args.logits
+    if getattr(args, "inputs", None) is not None:
+        return "inputs", args.inputs
     return "probabilities", args.probabilities
 
 
@@ -125,14 +127,40 @@ def _read_scores(args: argparse.Namespace) -> tuple[Any, bool]:
         progress.close()
 
 
-def _read_labelled(args: argparse.Namespace) -> tuple[Any, Any, bool]:
-    """Scores and labels, validated here (numpy only) so that bad data fails before the numerics load."""
+def _model_logits(args: argparse.Namespace, inputs: Any) -> Any:
+    """Logits of TorchScript model ``--model`` of ``--models-dir`` for ``inputs``, run here on the CPU."""
+    from service.errors import NotFound
+    from service.registry import ModelRegistry
+
+    if not args.model:
+        raise CommandError(
+            "--inputs needs --model NAME (a TorchScript model of --models-dir, or with --server)"
+        )
+    registry = ModelRegistry(args.models_dir, device="cpu")
+    registry.load_all()
+    try:
+        return registry.predict(args.model, inputs)
+    except NotFound:
+        raise CommandError(
+            f"--models-dir {args.models_dir} has no TorchScript model {args.model!r}"
+        ) from None
+
+
+def _read_labelled(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """Scores, labels and their kind (logits, probabilities, or inputs for the server to run), validated
+    here (numpy only) so that bad data fails before the numerics load. Local ``--inputs`` are run through
+    the model here and come back as logits."""
     from service.core.validation import check_labelled
 
-    scores, from_logits = _read_scores(args)
+    kind, _ = _scores_kind(args)
+    scores, _ = _read_scores(args)
     labels = _read_labels(args)
-    scores, labels, _ = check_labelled(scores, labels, from_logits=from_logits)
-    return scores, labels, from_logits
+    if kind == "inputs":
+        if args.server:
+            return scores, labels, kind
+        scores, kind = _model_logits(args, scores), "logits"
+    scores, labels, _ = check_labelled(scores, labels, from_logits=kind == "logits")
+    return scores, labels, kind
 
 
 def _read_labels(args: argparse.Namespace) -> Any:
@@ -190,7 +218,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     _check_client_flags(args, local_model=True)
     options = dict(_parse_option(text) for text in args.option or [])
-    scores, labels, from_logits = _read_labelled(args)
+    scores, labels, kind = _read_labelled(args)
     if args.server:
         with _client(args) as client:
             document = client.fit(
@@ -199,13 +227,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 method=args.method,
                 activate=not args.no_activate,
                 options=options or None,
-                **{"logits" if from_logits else "probabilities": scores},
+                **{kind: scores},
             )
     else:
         from service.workflows import fit_document
 
         document = fit_document(
-            scores, labels, from_logits=from_logits, method=args.method, options=options, model=args.model
+            scores,
+            labels,
+            from_logits=kind == "logits",
+            method=args.method,
+            options=options,
+            model=args.model,
         )
     _write_bytes(args.out, orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
     fit = document.get("fit") or {}
@@ -289,7 +322,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``evaluate`` and ``drift`` (which only makes ``--baseline`` required)."""
     from service import reports
 
-    _check_client_flags(args)
+    _check_client_flags(args, local_model=getattr(args, "inputs", None) is not None)
     if args.max_increase and not args.baseline:
         raise CommandError("--max-increase needs --baseline REPORT")
     if args.calibrator and args.server:
@@ -301,7 +334,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     outputs = _outputs(args)
     document = reports.load_json(args.calibrator) if args.calibrator else None
     baseline_document = reports.load_json(args.baseline) if args.baseline else None
-    scores, labels, from_logits = _read_labelled(args)
+    scores, labels, kind = _read_labelled(args)
+    from_logits = kind == "logits"
 
     from service import workflows
 
@@ -328,7 +362,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     binning=args.binning,
                     bootstrap=args.bootstrap,
                     seed=args.seed,
-                    **{"logits" if from_logits else "probabilities": scores},
+                    **{kind: scores},
                 )
         else:
             report = workflows.evaluate(
@@ -348,6 +382,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     checks = workflows.check_thresholds(report, args.fail_on or [])
     if baseline is not None:
+        if baseline.get("calibrated") and not report.get("calibrated"):
+            logger.warning(
+                "the baseline has calibrated figures but this run has none (give --calibrator FILE, or "
+                "--server): drift is checked on the uncalibrated figures against the baseline's uncalibrated ones"
+            )
         checks += workflows.check_drift(report, baseline, max_increase)
     report = workflows.apply_checks(report, checks)
 
@@ -412,7 +451,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ parser
 
 
-def _add_scores(parser: argparse.ArgumentParser, *, labels: bool) -> None:
+def _add_scores(parser: argparse.ArgumentParser, *, labels: bool, inputs: bool = False) -> None:
     scores = parser.add_mutually_exclusive_group(required=True)
     scores.add_argument(
         "--logits", metavar="FILE", help="logits: .npy, .npz (FILE.npz:KEY, default key logits), .csv, .jsonl"
@@ -422,6 +461,20 @@ def _add_scores(parser: argparse.ArgumentParser, *, labels: bool) -> None:
         metavar="FILE",
         help="probabilities instead of logits (rows sum to 1; one column = P(class 1) of a binary model)",
     )
+    if inputs:
+        scores.add_argument(
+            "--inputs",
+            metavar="FILE",
+            help="inputs of TorchScript model --model (default .npz key inputs): run by the service with "
+            "--server, else here from --models-dir",
+        )
+        parser.add_argument(
+            "--models-dir",
+            type=Path,
+            default=Path("models"),
+            metavar="DIR",
+            help="TorchScript model repository for local --inputs (default: models)",
+        )
     if labels:
         parser.add_argument(
             "--labels",
@@ -507,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fit = commands.add_parser("fit", help="fit a calibrator and write its document", parents=[quiet])
-    _add_scores(fit, labels=True)
+    _add_scores(fit, labels=True, inputs=True)
     fit.add_argument("--method", choices=METHODS, default="temperature", help="calibration method")
     fit.add_argument(
         "--option",
@@ -531,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="figures before/after calibration, thresholds, reports", parents=[quiet]
     )
-    _add_scores(evaluate, labels=True)
+    _add_scores(evaluate, labels=True, inputs=True)
     _add_evaluation(evaluate, baseline_required=False)
     _add_client(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
@@ -541,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"evaluate against a baseline report (default --max-increase {DEFAULT_MAX_INCREASE})",
         parents=[quiet],
     )
-    _add_scores(drift, labels=True)
+    _add_scores(drift, labels=True, inputs=True)
     _add_evaluation(drift, baseline_required=True)
     _add_client(drift)
     drift.set_defaults(handler=cmd_evaluate)

@@ -35,7 +35,7 @@ import orjson
 
 from service.errors import InvalidInput
 
-SCORE_KINDS = ("logits", "probabilities")
+SCORE_KINDS = ("logits", "probabilities", "inputs")  # inputs: what a TorchScript model takes
 LABELS_KEY = "labels"
 READ_SUFFIXES = (".npy", ".npz", ".csv", ".jsonl")
 WRITE_SUFFIXES = (".npy", ".csv", ".jsonl")
@@ -211,7 +211,7 @@ def read_scores(spec: str | Path, *, kind: str = "logits", progress: Progress | 
     ----------
     spec : str or Path
         A file path, or ``FILE.npz:KEY``.
-    kind : {"logits", "probabilities"}
+    kind : {"logits", "probabilities", "inputs"}
         What the file holds; it selects the default ``.npz`` key and the ``.jsonl`` record field.
     progress : callable, optional
         ``progress(done_bytes, total_bytes)`` while a text file is parsed.

@@ -360,7 +360,7 @@ def test_a_failed_evaluation_exits_2_with_one_line(runs, case):
 
 def test_a_usage_error_exits_2(runs):
     assert runs["usage"].returncode == 2
-    assert "one of the arguments --logits --probabilities is required" in runs["usage"].stderr
+    assert "one of the arguments --logits --probabilities --inputs is required" in runs["usage"].stderr
 
 
 # --------------------------------------------------------------------------------------------- in-process
