@@ -1,14 +1,14 @@
-"""Fixtures shared by every test package: the real classifier outputs under ``tests/data``."""
+"""Fixtures shared by every test package: the real classifier outputs under ``tests/data`` and the shipped
+digits model's splits (loaders in ``tests/helpers/data.py``). Arrays are shared: read-only."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-DATA_DIR = Path(__file__).parent / "data"
+from tests.helpers.data import CIFAR10, DATA_DIR, digits_splits, load_arrays
 
 
 @pytest.fixture(scope="session")
@@ -19,11 +19,19 @@ def reference_data() -> Callable[[str], dict[str, np.ndarray]]:
 
     def load(name: str) -> dict[str, np.ndarray]:
         if name not in cache:
-            with np.load(DATA_DIR / name) as archive:
-                arrays = {key: archive[key] for key in archive.files}
-            for array in arrays.values():
-                array.flags.writeable = False
-            cache[name] = arrays
+            cache[name] = load_arrays(DATA_DIR / name)
         return cache[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def cifar10(reference_data) -> dict[str, np.ndarray]:
+    """WideResNet-16-4 on CIFAR-10 (see tests/data/README.md): real over-confident logits."""
+    return reference_data(CIFAR10.name)
+
+
+@pytest.fixture(scope="session")
+def digits() -> dict[str, dict[str, np.ndarray]]:
+    """The shipped digits MLP's held-out splits (inputs, labels, logits)."""
+    return digits_splits()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from service.api.server import loop_and_parser
-from tests.servers import Server
+from tests.helpers.servers import Server
 
 SYS_PIDFD_GETFD = 438  # x86_64 and aarch64
 CONNECTIONS = 8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 GOOD = [[1.0, 0.0, -1.0], [0.5, 0.2, 0.1]]
 

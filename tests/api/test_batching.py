@@ -14,8 +14,8 @@ import torch
 from service.api.batching import DynamicBatcher
 from service.core.probability import softmax
 from service.errors import ModelFailed
-from tests.api.conftest import SHIPPED_MODELS
-from tests.servers import Server
+from tests.helpers.data import SHIPPED_MODELS
+from tests.helpers.servers import Server
 
 
 class RecordingRun:

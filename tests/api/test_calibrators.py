@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 METHODS = ["temperature", "vector", "matrix", "isotonic", "histogram"]
 

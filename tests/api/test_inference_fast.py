@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 from scipy.special import softmax
 
 from service.api import tensors
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 ROWS = 64
 

@@ -8,7 +8,7 @@ import pytest
 import tritonclient.http as httpclient  # a dev dependency: the real client, not our reading of it
 from scipy.special import softmax
 
-from tests.servers import Server
+from tests.helpers.servers import Server
 
 ROWS = 16
 

@@ -24,7 +24,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.reliability.conftest import check_store, record_figures, softmax_t
+from tests.helpers.figures import record_figures
+from tests.helpers.numerics import softmax_t
+from tests.helpers.stores import check_store
 
 MODELS = ("alpha", "beta", "gamma")
 CLIENT_THREADS = 4

@@ -23,7 +23,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.reliability.conftest import record_figures
+from tests.helpers.figures import record_figures
 
 ADMIN = "fuzz-admin-key"
 CONFIG = """

@@ -26,16 +26,10 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.reliability.conftest import (
-    connect,
-    open_fds,
-    read_response,
-    record_figures,
-    request_head,
-    serving_pids,
-    softmax_t,
-    status_kib,
-)
+from tests.helpers.figures import record_figures
+from tests.helpers.numerics import softmax_t
+from tests.helpers.processes import open_fds, serving_pids, status_kib
+from tests.helpers.rawhttp import connect, read_response, request_head
 
 MODEL = "digits-mlp"
 CLIENTS = 64
