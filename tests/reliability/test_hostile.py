@@ -29,7 +29,7 @@ from service.api import create_app
 from service.api.limits import DRAIN_LIMIT_BYTES
 from service.config import Settings
 from tests.helpers.data import SHIPPED_MODELS
-from tests.helpers.problems import assert_oip_error
+from tests.helpers.problems import assert_oip_error, assert_problem
 from tests.helpers.processes import serving_pids, status_kib
 from tests.helpers.rawhttp import connect, raw_request, read_response, request_head
 from tests.helpers.servers import Server
@@ -97,7 +97,7 @@ def assert_error(response, status: int, *needles: str, path: str = "/v1") -> Non
     if path.startswith("/v2"):
         assert_oip_error(response, status, *needles)
     else:
-        assert_error(response, status, *needles)
+        assert_problem(response, status, *needles)
 
 
 def connection_closed(sock: socket.socket) -> bool:
