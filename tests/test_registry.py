@@ -19,14 +19,13 @@ from service.core.calibrators import make_calibrator
 from service.core.probability import softmax
 from service.errors import InvalidInput, ModelFailed, NotFound
 from service.registry import FAILURE_THRESHOLD, ModelRegistry, check_model_name, resolve_device
-from tests.helpers.data import DIGITS_DIR, REPO, SHIPPED_MODELS
+from tests.helpers.data import DIGITS_DIR, DIGITS_LOGIT_ULPS, REPO, SHIPPED_MODELS
 from tests.helpers.numerics import assert_float32_close, float32_tolerance
 from tests.helpers.torchscript import Linear, scripted
 
 SHIPPED = SHIPPED_MODELS
 DIGITS = DIGITS_DIR
-# The digits MLP's logits are two chained length-64 float32 dot products: see the shipped-model test.
-DIGITS_ULPS = 16
+DIGITS_ULPS = DIGITS_LOGIT_ULPS  # see tests/helpers/data.py and the shipped-model test
 # The tiny modules' logits are length-4 dot products plus a bias; scripted and eager modules, or CPU and GPU,
 # may take different kernels (fused addmm or not): a few ulps of the row's largest logit.
 SMALL_ULPS = 8

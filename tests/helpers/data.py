@@ -10,6 +10,10 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED_MODELS = REPO / "models"
 DIGITS_DIR = SHIPPED_MODELS / "digits-mlp"
 DATA_DIR = REPO / "tests" / "data"
+# The digits MLP's logits are two chained length-64 float32 dot products, whose rounding depends on the kernels
+# the CPU (its SIMD width), the batch size or the GPU select: about sqrt(64) = 8 ulps of the row's largest logit
+# (seen: 4 ulps at |z| = 45 between two x86 machines); tests allow twice that.
+DIGITS_LOGIT_ULPS = 16
 # WideResNet-16-4 on CIFAR-10 (tests/data/README.md): real, over-confident logits
 CIFAR10 = DATA_DIR / "netcal_wrn16-4_c10.npz"
 
