@@ -115,7 +115,8 @@ def verify(server, store, ledger: Ledger, data: dict) -> int:
 @pytest.mark.timeout(3600)
 def test_sigkill_at_random_moments_loses_and_tears_nothing(tmp_path, servers, digits_logits, soak):
     kills = 100 if soak else 3
-    seed = random.SystemRandom().randrange(2**32)
+    # quick: the same kill moments and client operations every run (make test is no lottery); soak: fresh ones
+    seed = random.SystemRandom().randrange(2**32) if soak else 20260
     rng = random.Random(seed)
     store = tmp_path / "store"
     ledger = Ledger()
