@@ -128,9 +128,12 @@ def test_server_batches_concurrent_predicts_and_answers_each_exactly(tmp_path, d
 
     server = Server(
         tmp_path / "store",
+        # 48 rows = all 16 requests: a batch runs the moment the last one arrives; the longest delay allowed
+        # (1 s) is only a fallback, so that a loaded machine that spreads the requests out still batches some
+        # of them (with 100 ms, 16 requests more than 100 ms apart would each have run alone)
         env={
-            "CALIBSERVE_BATCH_MAX_SIZE": "64",
-            "CALIBSERVE_BATCH_MAX_DELAY_MS": "100",
+            "CALIBSERVE_BATCH_MAX_SIZE": "48",
+            "CALIBSERVE_BATCH_MAX_DELAY_MS": "1000",
             "CALIBSERVE_DEVICE": "cpu",
         },
     )
