@@ -41,3 +41,10 @@ def make_client(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., Test
 @pytest.fixture
 def client(make_client) -> TestClient:
     return make_client()
+
+
+@pytest.fixture
+def cifar_model(client) -> TestClient:
+    """The client, with a 10-class logits-only model ``wrn`` (for the CIFAR-10 logits) and no calibrator yet."""
+    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
+    return client

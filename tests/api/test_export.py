@@ -24,12 +24,6 @@ def load(response) -> tuple[torch.jit.ScriptModule, dict]:
     return module, json.loads(extra["calibserve.json"])
 
 
-@pytest.fixture
-def cifar_model(client, cifar10):
-    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 200
-    return client
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_exported_calibrator_equals_the_service(cifar_model, cifar10, method):
     client = cifar_model
