@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from tests.helpers.servers import Server
@@ -30,6 +31,16 @@ def serving_pids(server: Server) -> list[int]:
     # sorted: /proc lists tasks and children in no promised order, and callers compare these lists
     workers = sorted(pid for pid in tree[1:] if b"spawn_main" in _cmdline(pid))
     return workers or tree[:1]
+
+
+def wait_for_workers(server: Server, count: int, timeout: float = 60.0) -> list[int]:
+    """:func:`serving_pids` once ``count`` workers run: /readyz answers as soon as the first worker is up, while
+    the others may still be importing torch. Fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(workers := serving_pids(server)) != count:
+        assert time.monotonic() < deadline, f"{count} workers expected, found {workers}"
+        time.sleep(0.05)
+    return workers
 
 
 def _cmdline(pid: int) -> bytes:
