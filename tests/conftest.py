@@ -3,12 +3,21 @@ digits model's splits (loaders in ``tests/helpers/data.py``). Arrays are shared:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from tests.helpers.data import CIFAR10, DATA_DIR, digits_splits, load_arrays
+
+# Property tests: `make test` draws the same examples every run (derandomised, so no example database either),
+# so that it fails on a change in the code and not on the draw; `make soak` (CALIBSERVE_SOAK=1) draws fresh
+# examples each run and explores. A failure prints the example that reproduces it in either mode.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile("explore" if os.environ.get("CALIBSERVE_SOAK") == "1" else "deterministic")
 
 
 @pytest.fixture(scope="session")
