@@ -38,7 +38,8 @@ def test_exported_calibrator_equals_the_service(cifar_model, cifar10, method):
         },
     )
     assert fitted.status_code == 201, fitted.text
-    logits = cifar10["logits_test"][:500]
+    # a writable copy: the session's arrays are read-only, which torch.from_numpy warns about
+    logits = cifar10["logits_test"][:500].copy()
     served = np.asarray(
         client.post("/v1/models/wrn/calibrate", json={"logits": logits.tolist()}).json()["probabilities"]
     )
@@ -96,13 +97,13 @@ def test_torchscript_model_exports_model_then_calibrator(client, digits):
         exported, served["probabilities"], logits, ulps=DIGITS_LOGIT_ULPS, temperature=temperature
     )
     # the temperature really is in the file: without it the answer is the model's plain softmax
-    plain = torch.softmax(torch.from_numpy(test["logits"][:100]).double(), dim=1).numpy()
+    plain = torch.softmax(torch.from_numpy(test["logits"][:100].copy()).double(), dim=1).numpy()
     assert np.abs(exported - plain).max() > 1e-3
 
 
 def test_version_pin_no_calibrator_and_bad_requests(cifar_model, cifar10):
     client = cifar_model
-    logits = cifar10["logits_test"][:50]
+    logits = cifar10["logits_test"][:50].copy()
     module, metadata = load(client.get("/v1/models/wrn/export"))
     assert metadata["calibrator_version"] is None
     softmax = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
