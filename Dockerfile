@@ -17,10 +17,13 @@ RUN groupadd --system --gid 10001 calibserve \
     && useradd --system --uid 10001 --gid calibserve --home-dir /app --shell /usr/sbin/nologin calibserve
 
 WORKDIR /app
-RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
-COPY pyproject.toml README.md ./
+# torch alone from its index (CPU or CUDA build; --no-deps: its dependencies come from PyPI below, at the
+# locked versions). requirements.lock pins torch without a local label, so 2.13.0+cpu or +cu128 both match.
+RUN pip install --no-deps --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+# The same lock as `make install` (refreshed by `make lock`): every dependency at the version the tests ran.
+COPY requirements.lock pyproject.toml README.md ./
 COPY service ./service
-RUN pip install .
+RUN pip install -c requirements.lock .
 COPY models ./models
 
 RUN mkdir -p /data && chown calibserve:calibserve /data

@@ -1,14 +1,23 @@
-"""Fixtures shared by every test package: the real classifier outputs under ``tests/data``."""
+"""Fixtures shared by every test package: the real classifier outputs under ``tests/data`` and the shipped
+digits model's splits (loaders in ``tests/helpers/data.py``). Arrays are shared: read-only."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
-DATA_DIR = Path(__file__).parent / "data"
+from tests.helpers.data import CIFAR10, DATA_DIR, digits_splits, load_arrays
+
+# Property tests: `make test` draws the same examples every run (derandomised, so no example database either),
+# so that it fails on a change in the code and not on the draw; `make soak` (CALIBSERVE_SOAK=1) draws fresh
+# examples each run and explores. A failure prints the example that reproduces it in either mode.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile("explore" if os.environ.get("CALIBSERVE_SOAK") == "1" else "deterministic")
 
 
 @pytest.fixture(scope="session")
@@ -19,11 +28,19 @@ def reference_data() -> Callable[[str], dict[str, np.ndarray]]:
 
     def load(name: str) -> dict[str, np.ndarray]:
         if name not in cache:
-            with np.load(DATA_DIR / name) as archive:
-                arrays = {key: archive[key] for key in archive.files}
-            for array in arrays.values():
-                array.flags.writeable = False
-            cache[name] = arrays
+            cache[name] = load_arrays(DATA_DIR / name)
         return cache[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def cifar10(reference_data) -> dict[str, np.ndarray]:
+    """WideResNet-16-4 on CIFAR-10 (see tests/data/README.md): real over-confident logits."""
+    return reference_data(CIFAR10.name)
+
+
+@pytest.fixture(scope="session")
+def digits() -> dict[str, dict[str, np.ndarray]]:
+    """The shipped digits MLP's held-out splits (inputs, labels, logits)."""
+    return digits_splits()

@@ -17,6 +17,8 @@ import pytest
 from scipy.special import softmax
 from sklearn.metrics import log_loss
 
+from tests.helpers.numerics import EPS32
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -82,7 +84,8 @@ def test_ece_implementations_agree(bench_core: ModuleType, case) -> None:
     values = bench_core.compare_ece(case, quick=True).values
     assert 0.2 < values["ours"] < 1.0  # three times too sharp: far from calibrated
     assert values["bin_loop"] == pytest.approx(values["ours"], abs=1e-6)
-    assert values["torchmetrics"] == pytest.approx(values["ours"], abs=1e-5)
+    # torchmetrics sums float32 confidences in float32: a few EPS32 at N = 2,000 (see tests/core/test_metrics.py)
+    assert values["torchmetrics"] == pytest.approx(values["ours"], abs=32 * EPS32)
 
 
 def test_render_lists_every_case_and_target(bench_core: ModuleType, case, fit_result) -> None:

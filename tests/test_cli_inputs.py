@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.cli import main
-from tests.servers import Server
+from tests.helpers.servers import Server
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "models" / "digits-mlp"

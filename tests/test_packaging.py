@@ -3,11 +3,104 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+import shutil
+import subprocess
+import tomllib
 
+import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.data import REPO
+
+LOCK = REPO / "requirements.lock"
+
+
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def declared_requirements() -> dict[str, list[Requirement]]:
+    """pyproject's requirements: ``{"": runtime dependencies, extra: that extra's}``."""
+    project = pyproject()["project"]
+    groups = {"": project["dependencies"], **project.get("optional-dependencies", {})}
+    return {group: [Requirement(line) for line in lines] for group, lines in groups.items()}
+
+
+def locked() -> dict[str, Version]:
+    """requirements.lock as ``{canonical name: version}``; every line must be an exact ``name==version`` pin."""
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][0-9A-Za-z.+!-]*)", line.strip())
+        assert match, f"requirements.lock: not an exact pin: {line!r}"
+        name = canonicalize_name(match.group(1))
+        assert name not in pins, f"requirements.lock pins {name} twice"
+        pins[name] = Version(match.group(2))
+    return pins
+
+
+def make_commands(target: str) -> list[str]:
+    """The commands ``make`` would run for ``target`` (``-n -B``: printed, not run, as if nothing were built)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    listed = subprocess.run(
+        ["make", "-n", "-B", target, "PYTHON=python3"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return listed.stdout.replace("\\\n", " ").splitlines()
+
+
+def test_the_lock_pins_every_declared_dependency_within_its_range():
+    pins = locked()
+    assert "calibserve" not in pins  # the project itself is installed editable, never pinned
+    for group, requirements in declared_requirements().items():
+        for requirement in requirements:
+            name = canonicalize_name(requirement.name)
+            where = f"{requirement} ({'dependencies' if not group else f'extra {group!r}'})"
+            assert name in pins, f"requirements.lock does not pin {where}: run make lock"
+            assert requirement.specifier.contains(pins[name], prereleases=True), (
+                f"requirements.lock has {name}=={pins[name]}, outside {where}: run make lock"
+            )
+    # torch without a local label (+cpu, +cu128): the pin must match whichever build an index serves
+    assert pins["torch"].local is None
+    # the ranges stay ranges for people installing calibserve into their own environment
+    runtime = {canonicalize_name(r.name): r for r in declared_requirements()[""]}
+    assert not all(str(r.specifier).startswith("==") for r in runtime.values())
+
+
+def test_make_install_installs_every_extra_with_the_lock_as_constraints():
+    commands = [c for c in make_commands("install") if " install " in f" {c} " and "pip" in c]
+    installs = [c for c in commands if "--upgrade pip" not in c]
+    assert installs, commands
+    for command in installs:
+        assert "-c requirements.lock" in command, command
+    assert any("torch==" in command for command in installs)
+    editable = [c for c in installs if " -e " in c]
+    assert len(editable) == 1, installs
+    extras = re.search(r"\.\[([^\]]*)\]", editable[0]).group(1).split(",")
+    assert sorted(extras) == sorted(group for group in declared_requirements() if group)
+
+
+def test_make_lock_resolves_the_unpinned_ranges_in_a_fresh_environment():
+    script = " ".join(make_commands("lock"))
+    assert "-m venv" in script and "mktemp -d" in script  # a throw-away environment, not .venv
+    assert 'pip" freeze --exclude-editable' in script and "requirements.lock" in script
+    assert "-c requirements.lock" not in script  # the lock is the output, not an input
+    assert re.search(r"install --quiet -e '\.\[[^\]]+\]'", script)
+
+
+def test_the_dockerfile_installs_from_the_lock():
+    text = (REPO / "Dockerfile").read_text()
+    copied = [name for line in re.findall(r"^COPY (.+)$", text, re.M) for name in line.split()[:-1]]
+    assert "requirements.lock" in copied
+    installs = [line for line in text.splitlines() if re.match(r"^RUN pip install\b", line)]
+    project = [line for line in installs if re.search(r"pip install .*\s\.(\[|$)", line)]
+    assert project and all("-c requirements.lock" in line for line in project), installs
+    torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1)
+    assert Version(torch) == locked()["torch"]
 
 
 def test_compose_runs_two_replicas_on_one_named_volume_with_readiness_checks():

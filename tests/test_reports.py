@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import re
-import struct
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -15,14 +14,7 @@ from hypothesis import strategies as st
 
 from service import io, plots, reports, workflows
 from service.errors import InvalidInput
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    """Width and height from a PNG's IHDR chunk (which must come first)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
-    length, chunk = struct.unpack(">I4s", data[8:16])
-    assert (length, chunk) == (13, b"IHDR")
-    return struct.unpack(">II", data[16:24])
+from tests.helpers.images import png_size
 
 
 @pytest.fixture(scope="module")

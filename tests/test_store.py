@@ -40,7 +40,7 @@ def _tree(root: Path) -> list[tuple[str, bytes | None]]:
 
 
 def _temp_files(root: Path) -> list[str]:
-    return [str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(".tmp")]
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(".tmp"))
 
 
 @pytest.fixture

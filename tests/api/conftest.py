@@ -6,16 +6,12 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from service.api import create_app
 from service.config import Settings
-
-REPO = Path(__file__).resolve().parents[2]
-SHIPPED_MODELS = REPO / "models"
-DATA = REPO / "tests" / "data"
+from tests.helpers.data import SHIPPED_MODELS
 
 
 @pytest.fixture
@@ -47,29 +43,8 @@ def client(make_client) -> TestClient:
     return make_client()
 
 
-@pytest.fixture(scope="session")
-def cifar10() -> dict[str, np.ndarray]:
-    """WideResNet-16-4 on CIFAR-10 (see tests/data/README.md): real over-confident logits."""
-    with np.load(DATA / "netcal_wrn16-4_c10.npz") as data:
-        return {key: data[key] for key in data.files}
-
-
-@pytest.fixture(scope="session")
-def digits() -> dict[str, dict[str, np.ndarray]]:
-    """The shipped digits MLP's held-out splits (inputs, labels, logits)."""
-    out = {}
-    for split in ("validation", "test"):
-        with np.load(SHIPPED_MODELS / "digits-mlp" / f"{split}.npz") as data:
-            out[split] = {key: data[key] for key in data.files}
-    return out
-
-
-def assert_problem(response, status: int, *needles: str) -> dict:
-    """The response is problem+json with ``status`` and a detail that mentions every needle."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["type"]
-    for needle in needles:
-        assert needle in body["detail"], (needle, body["detail"])
-    return body
+@pytest.fixture
+def cifar_model(client) -> TestClient:
+    """The client, with a 10-class logits-only model ``wrn`` (for the CIFAR-10 logits) and no calibrator yet."""
+    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
+    return client

@@ -10,7 +10,7 @@ import pytest
 from service.api import create_app
 from service.api.limits import ConcurrencyLimitMiddleware
 from service.config import Settings
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 KEYS = "adm-secret:admin,rd-secret:read"
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 GOOD = [[1.0, 0.0, -1.0], [0.5, 0.2, 0.1]]
 
@@ -95,3 +95,23 @@ def test_logits_only_model_cannot_predict(three):
 def test_not_json_and_empty_bodies(three):
     assert_problem(three.post("/v1/models/three/calibrate", content=b""), 400, "empty")
     assert_problem(three.post("/v1/models/three/calibrate", content=b"\xff\xfe"), 400, "JSON")
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "parameter"),
+    [
+        ("GET", "/v1/models?cursor=a&cursor=b", "cursor"),
+        ("GET", "/v1/models?limit=1&limit=2", "limit"),
+        ("POST", "/v1/models/three/calibrate?version=1&version=2", "version"),
+    ],
+    ids=["cursor", "limit", "version"],
+)
+def test_a_repeated_query_parameter_is_422_naming_it(three, method, url, parameter):
+    # found by the fuzz test: the last (or first) value won silently and the answer was 200. Both versions
+    # exist, so that either value alone would be served: only the repetition is wrong.
+    for _ in range(2):
+        fitted = three.post("/v1/models/three/fit", json={"logits": GOOD, "labels": [0, 1]})
+        assert fitted.status_code == 201, fitted.text
+    response = three.request(method, url, json={"logits": GOOD} if method == "POST" else None)
+    body = assert_problem(response, 422)
+    assert parameter in body["detail"] or parameter in str(body.get("errors")), body

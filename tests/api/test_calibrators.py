@@ -8,13 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from tests.api.conftest import assert_problem
-
-
-@pytest.fixture
-def cifar_client(client):
-    assert client.put("/v1/models/wrn", json={"num_classes": 10}).status_code == 201
-    return client
+from tests.helpers.problems import assert_problem
 
 
 def fit(client, data, **extra):
@@ -24,8 +18,8 @@ def fit(client, data, **extra):
     return response.json()
 
 
-def test_fit_reproduces_reference_temperature_and_figures(cifar_client, cifar10):
-    document = fit(cifar_client, cifar10)
+def test_fit_reproduces_reference_temperature_and_figures(cifar_model, cifar10):
+    document = fit(cifar_model, cifar10)
     # shared/data/README.md: T = 2.03915 for this model
     assert document["temperature"] == pytest.approx(2.03915, abs=1e-4)
     assert document["params"]["temperature"] == document["temperature"]
@@ -34,13 +28,13 @@ def test_fit_reproduces_reference_temperature_and_figures(cifar_client, cifar10)
     before, after = document["fit"]["before"], document["fit"]["after"]
     assert after["nll"] < before["nll"] and after["ece"] < before["ece"]
     assert len(document["fit"]["data_sha256"]) == 64
-    assert cifar_client.get("/v1/models/wrn").json()["active_calibrator"]["version"] == 1
+    assert cifar_model.get("/v1/models/wrn").json()["active_calibrator"]["version"] == 1
 
 
-def test_calibrate_answers_softmax_over_temperature(cifar_client, cifar10):
-    document = fit(cifar_client, cifar10)
+def test_calibrate_answers_softmax_over_temperature(cifar_model, cifar10):
+    document = fit(cifar_model, cifar10)
     rows = cifar10["logits_test"][:32]
-    response = cifar_client.post("/v1/models/wrn/calibrate", json={"logits": rows.tolist()})
+    response = cifar_model.post("/v1/models/wrn/calibrate", json={"logits": rows.tolist()})
     assert response.status_code == 200, response.text
     body = response.json()
     expected = softmax(rows.astype(np.float64) / document["temperature"], axis=1)
@@ -49,56 +43,56 @@ def test_calibrate_answers_softmax_over_temperature(cifar_client, cifar10):
     assert body["calibrator_version"] == 1
 
 
-def test_versions_activate_rollback_and_pin(cifar_client, cifar10):
-    first = fit(cifar_client, cifar10)
+def test_versions_activate_rollback_and_pin(cifar_model, cifar10):
+    first = fit(cifar_model, cifar10)
     sharp = {"logits": (cifar10["logits_val"] * 3).tolist(), "labels": cifar10["labels_val"].tolist()}
-    second = cifar_client.post("/v1/models/wrn/fit", json={**sharp, "activate": False}).json()
+    second = cifar_model.post("/v1/models/wrn/fit", json={**sharp, "activate": False}).json()
     assert second["version"] == 2 and second["temperature"] > first["temperature"] * 2.5
     rows = cifar10["logits_test"][:4].tolist()
 
     def served(**params):
-        return cifar_client.post("/v1/models/wrn/calibrate", json={"logits": rows}, params=params).json()
+        return cifar_model.post("/v1/models/wrn/calibrate", json={"logits": rows}, params=params).json()
 
     assert served()["calibrator_version"] == 1  # staged, not active
     assert served(version=2)["calibrator_version"] == 2
-    listing = cifar_client.get("/v1/models/wrn/calibrators").json()
+    listing = cifar_model.get("/v1/models/wrn/calibrators").json()
     assert [item["version"] for item in listing["items"]] == [2, 1] and listing["active_version"] == 1
-    assert cifar_client.post("/v1/models/wrn/calibrators/2/activate").status_code == 200
+    assert cifar_model.post("/v1/models/wrn/calibrators/2/activate").status_code == 200
     assert served()["calibrator_version"] == 2
-    assert_problem(cifar_client.delete("/v1/models/wrn/calibrators/2"), 409, "active")
-    assert cifar_client.post("/v1/models/wrn/calibrators/1/activate").status_code == 200
-    assert cifar_client.delete("/v1/models/wrn/calibrators/2").status_code == 204
-    assert_problem(cifar_client.get("/v1/models/wrn/calibrators/2"), 404)
-    third = fit(cifar_client, cifar10)
+    assert_problem(cifar_model.delete("/v1/models/wrn/calibrators/2"), 409, "active")
+    assert cifar_model.post("/v1/models/wrn/calibrators/1/activate").status_code == 200
+    assert cifar_model.delete("/v1/models/wrn/calibrators/2").status_code == 204
+    assert_problem(cifar_model.get("/v1/models/wrn/calibrators/2"), 404)
+    third = fit(cifar_model, cifar10)
     assert third["version"] == 3  # numbers are never reused
-    assert_problem(cifar_client.post("/v1/models/wrn/calibrators/99/activate"), 404)
+    assert_problem(cifar_model.post("/v1/models/wrn/calibrators/99/activate"), 404)
 
 
-def test_uploaded_document_round_trips(cifar_client, cifar10):
-    document = fit(cifar_client, cifar10)
-    exported = cifar_client.get("/v1/models/wrn/calibrators/1").json()
+def test_uploaded_document_round_trips(cifar_model, cifar10):
+    document = fit(cifar_model, cifar10)
+    exported = cifar_model.get("/v1/models/wrn/calibrators/1").json()
     assert exported == document
-    uploaded = cifar_client.post("/v1/models/wrn/calibrators", content=json.dumps(exported))
+    uploaded = cifar_model.post("/v1/models/wrn/calibrators", content=json.dumps(exported))
     assert uploaded.status_code == 201, uploaded.text
     assert uploaded.json()["version"] == 2 and uploaded.json()["temperature"] == document["temperature"]
     broken = {**exported, "temperature": -1.0, "params": {"temperature": -1.0}}
-    assert_problem(cifar_client.post("/v1/models/wrn/calibrators", json=broken), 400)
+    assert_problem(cifar_model.post("/v1/models/wrn/calibrators", json=broken), 400)
     wrong_k = {**exported, "num_classes": 3}
-    assert cifar_client.post("/v1/models/wrn/calibrators", json=wrong_k).status_code == 400
+    assert cifar_model.post("/v1/models/wrn/calibrators", json=wrong_k).status_code == 400
 
 
 @pytest.mark.parametrize("method", ["temperature", "vector", "matrix", "isotonic", "histogram"])
-def test_every_multiclass_method_fits_and_serves(cifar_client, cifar10, method):
+def test_every_multiclass_method_fits_and_serves(cifar_model, cifar10, method):
     n = 1500
     body = {
         "logits": cifar10["logits_val"][:n].tolist(),
         "labels": cifar10["labels_val"][:n].tolist(),
         "method": method,
     }
-    response = cifar_client.post("/v1/models/wrn/fit", json=body)
+    response = cifar_model.post("/v1/models/wrn/fit", json=body)
     assert response.status_code == 201, response.text
     assert response.json()["method"] == method
-    served = cifar_client.post(
+    served = cifar_model.post(
         "/v1/models/wrn/calibrate", json={"logits": cifar10["logits_test"][:8].tolist()}
     )
     probabilities = np.array(served.json()["probabilities"])
@@ -116,17 +110,17 @@ def test_binary_platt_on_one_logit_column(client):
     assert np.array(served["probabilities"]).shape == (2, 2)
 
 
-def test_calibrate_without_a_calibrator_is_plain_softmax(cifar_client, cifar10):
+def test_calibrate_without_a_calibrator_is_plain_softmax(cifar_model, cifar10):
     rows = cifar10["logits_test"][:3]
-    body = cifar_client.post("/v1/models/wrn/calibrate", json={"logits": rows.tolist()}).json()
+    body = cifar_model.post("/v1/models/wrn/calibrate", json={"logits": rows.tolist()}).json()
     assert body["calibrator_version"] is None
     np.testing.assert_allclose(body["probabilities"], softmax(rows.astype(np.float64), axis=1), atol=1e-6)
 
 
-def test_evaluate_reports_before_after_and_drift(cifar_client, cifar10):
-    fit(cifar_client, cifar10)
+def test_evaluate_reports_before_after_and_drift(cifar_model, cifar10):
+    fit(cifar_model, cifar10)
     body = {"logits": cifar10["logits_test"].tolist(), "labels": cifar10["labels_test"].tolist()}
-    report = cifar_client.post("/v1/models/wrn/evaluate", json=body).json()
+    report = cifar_model.post("/v1/models/wrn/evaluate", json=body).json()
     # shared/data/README.md reference figures on the test half
     assert report["uncalibrated"]["ece"] == pytest.approx(0.055219, abs=1e-6)
     assert report["calibrated"]["ece"] == pytest.approx(0.006447, abs=1e-5)

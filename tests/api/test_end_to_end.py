@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from tests.servers import Server
+from tests.helpers.servers import Server
 
 
 def fit_body(data, scale: float = 1.0) -> dict:

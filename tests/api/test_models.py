@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 BAD_NAMES = [".hidden", "a%2Fb", "..%2Fetc", "a\\b", "a%00b", "x" * 300, "-lead", "sp ace", "%2E%2E"]
 

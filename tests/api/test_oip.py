@@ -8,7 +8,13 @@ import pytest
 import tritonclient.http as httpclient  # a dev dependency: the real client, not our reading of it
 from scipy.special import softmax
 
-from tests.servers import Server
+from tests.helpers.numerics import EPS32
+from tests.helpers.servers import Server
+
+# The service calibrates in float64 and answers FP32 (or FP64) tensors: an FP32 probability is the float64 one
+# rounded to float32, within half an ulp of it (relative, so tiny probabilities are checked as closely as
+# large ones); FP64 answers are far closer.
+OUTPUT_RTOL = EPS32
 
 ROWS = 16
 
@@ -101,7 +107,7 @@ def test_json_infer_matches_calibrate(wrn, datatype, nested):
     assert output["name"] == "probabilities" and output["shape"] == [ROWS, 10]
     assert output["datatype"] == ("FP64" if datatype == "FP64" else "FP32")
     expected = softmax(sent.astype(np.float64) / temperatures[1], axis=1)
-    np.testing.assert_allclose(np.reshape(output["data"], (ROWS, 10)), expected, atol=1e-6)
+    np.testing.assert_allclose(np.reshape(output["data"], (ROWS, 10)), expected, rtol=OUTPUT_RTOL, atol=1e-15)
 
 
 @pytest.mark.parametrize("datatype", ["FP32", "FP64", "FP16"])
@@ -118,7 +124,7 @@ def test_binary_infer_round_trip(wrn, datatype):
         8 if datatype == "FP64" else 4
     )
     expected = softmax(sent.astype(np.float64) / temperatures[1], axis=1)
-    np.testing.assert_allclose(arrays["probabilities"], expected, atol=1e-6)
+    np.testing.assert_allclose(arrays["probabilities"], expected, rtol=OUTPUT_RTOL, atol=1e-15)
 
 
 def test_requested_outputs_mix_binary_and_json(wrn):
@@ -139,7 +145,7 @@ def test_requested_outputs_mix_binary_and_json(wrn):
     ]
     assert "data" in document["outputs"][1] and "data" not in document["outputs"][2]
     expected = softmax(logits.astype(np.float64) / temperatures[1], axis=1)
-    np.testing.assert_allclose(arrays["probabilities"], expected, atol=1e-6)
+    np.testing.assert_allclose(arrays["probabilities"], expected, rtol=OUTPUT_RTOL, atol=1e-15)
     np.testing.assert_array_equal(arrays["predicted_class"], expected.argmax(axis=1))
     assert arrays["predicted_class"].dtype == np.int64
     np.testing.assert_allclose(arrays["logits"], logits, rtol=1e-6)
@@ -151,7 +157,9 @@ def test_versions_path_pins_a_calibrator(wrn):
     pinned = client.post("/v2/models/wrn/versions/1/infer", json=request).json()
     assert pinned["model_version"] == "1"
     expected = softmax(logits.astype(np.float64) / temperatures[0], axis=1)
-    np.testing.assert_allclose(np.reshape(pinned["outputs"][0]["data"], (ROWS, 10)), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        np.reshape(pinned["outputs"][0]["data"], (ROWS, 10)), expected, rtol=OUTPUT_RTOL, atol=1e-15
+    )
     missing = client.post("/v2/models/wrn/versions/9/infer", json=request)
     assert missing.status_code == 404 and "9" in missing.json()["error"]
     assert client.get("/v2/models/wrn/versions/1/ready").json() == {"name": "wrn", "ready": True}
@@ -168,7 +176,7 @@ def test_probabilities_input_and_torchscript_inputs(wrn, digits):
     assert response.status_code == 200, response.text
     expected = softmax(np.log(probabilities) / temperatures[1], axis=1)
     np.testing.assert_allclose(
-        np.reshape(response.json()["outputs"][0]["data"], (ROWS, 10)), expected, atol=1e-6
+        np.reshape(response.json()["outputs"][0]["data"], (ROWS, 10)), expected, rtol=OUTPUT_RTOL, atol=1e-15
     )
 
     inputs = digits["test"]["inputs"][:8].astype(np.float32)
@@ -177,7 +185,9 @@ def test_probabilities_input_and_torchscript_inputs(wrn, digits):
     assert response.status_code == 200, response.text
     _, arrays = split_binary(response)
     predicted = client.post("/v1/models/digits-mlp/predict", json={"inputs": inputs.tolist()}).json()
-    np.testing.assert_allclose(arrays["probabilities"], predicted["probabilities"], atol=1e-6)
+    np.testing.assert_allclose(
+        arrays["probabilities"], predicted["probabilities"], rtol=OUTPUT_RTOL, atol=1e-15
+    )
 
 
 def test_metadata_and_health(wrn):
@@ -271,7 +281,7 @@ def test_auth_and_unknown_models_answer_error_objects(make_client):
     client = make_client(api_keys="adm:admin,rd:read")
     assert (
         client.put("/v1/models/three", json={"num_classes": 3}, headers={"X-API-Key": "adm"}).status_code
-        == 200
+        == 201
     )
     request = {"inputs": [{"name": "logits", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]}
     for path in ("/v2/models/three/infer", "/v2/models/three/versions/1/infer"):
@@ -365,7 +375,9 @@ def test_exact_tritonclient_wire_format_over_http(live):
     assert response.status_code == 200, response.text
     document, arrays = split_binary(response)
     assert document["id"] == "w1"
-    np.testing.assert_allclose(arrays["probabilities"], softmax(LOGITS.astype(np.float64), axis=1), atol=1e-6)
+    np.testing.assert_allclose(
+        arrays["probabilities"], softmax(LOGITS.astype(np.float64), axis=1), rtol=OUTPUT_RTOL, atol=1e-15
+    )
 
 
 def test_tritonclient_http_infers_against_a_live_server(live):
@@ -383,7 +395,9 @@ def test_tritonclient_http_infers_against_a_live_server(live):
             ]
             result = client.infer("three", [tensor_input], outputs=outputs, request_id="t1")
             expected = softmax(LOGITS.astype(np.float64), axis=1)
-            np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+            np.testing.assert_allclose(
+                result.as_numpy("probabilities"), expected, rtol=OUTPUT_RTOL, atol=1e-15
+            )
             np.testing.assert_array_equal(result.as_numpy("predicted_class"), expected.argmax(axis=1))
             assert result.get_response()["id"] == "t1"
         tensor_input = httpclient.InferInput("logits", [1, 2], "FP32")

@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from scipy.special import softmax
 
-from tests.api.conftest import assert_problem
+from tests.helpers.data import DIGITS_LOGIT_ULPS
+from tests.helpers.numerics import assert_float32_close, assert_softmax_close
+from tests.helpers.problems import assert_problem
+from tests.helpers.torchscript import Linear, Raises, ReturnsNaN, scripted
 
-
-class Raises(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 1:
-            raise RuntimeError("boom")
-        return torch.zeros(x.shape[0], 3)
-
-
-class ReturnsNaN(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], 3)
-        if x.shape[0] > 1:
-            out[1, 0] = float("nan")
-        return out
-
-
-class Linear3(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
-def scripted_bytes(module: torch.nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(module), buffer)
-    return buffer.getvalue()
+DIGITS_ULPS = DIGITS_LOGIT_ULPS  # float32 rounding of the digits MLP's logits: see tests/helpers/data.py
 
 
 def test_predict_matches_the_shipped_model_and_calibrates(client, digits):
@@ -49,10 +22,10 @@ def test_predict_matches_the_shipped_model_and_calibrates(client, digits):
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    np.testing.assert_allclose(body["logits"], test["logits"], atol=1e-4)
-    np.testing.assert_allclose(
-        body["probabilities"], softmax(test["logits"].astype(np.float64), axis=1), atol=1e-5
-    )
+    # this machine's float32 forward pass against the stored one: equal up to float32 rounding (see DIGITS_ULPS)
+    assert_float32_close(body["logits"], test["logits"], ulps=DIGITS_ULPS)
+    expected = softmax(test["logits"].astype(np.float64), axis=1)
+    assert_softmax_close(body["probabilities"], expected, test["logits"], ulps=DIGITS_ULPS)
     assert body["predicted_label"][0] == str(body["predicted_class"][0])
     accuracy = np.mean(np.array(body["predicted_class"]) == test["labels"])
     assert accuracy > 0.9
@@ -68,8 +41,9 @@ def test_fit_on_inputs_then_predict_uses_the_temperature(client, digits):
     temperature = fitted.json()["temperature"]
     rows = digits["test"]["inputs"][:5]
     body = client.post("/v1/models/digits-mlp/predict", json={"inputs": rows.tolist()}).json()
-    expected = softmax(digits["test"]["logits"][:5].astype(np.float64) / temperature, axis=1)
-    np.testing.assert_allclose(body["probabilities"], expected, atol=1e-5)
+    logits = digits["test"]["logits"][:5]
+    expected = softmax(logits.astype(np.float64) / temperature, axis=1)
+    assert_softmax_close(body["probabilities"], expected, logits, ulps=DIGITS_ULPS, temperature=temperature)
     assert body["calibrator_version"] == 1
 
 
@@ -85,7 +59,7 @@ def test_bad_inputs_to_predict(client):
     ids=["empty", "text", "zip-header", "truncated"],
 )
 def test_corrupt_upload_is_refused_and_the_old_model_keeps_serving(client, payload):
-    good = scripted_bytes(Linear3())
+    good = scripted(Linear(seed=0))
     assert (
         client.put(
             "/v1/models/up/torchscript", content=good, headers={"X-Model-Input-Shape": "4"}
@@ -102,7 +76,7 @@ def test_corrupt_upload_is_refused_and_the_old_model_keeps_serving(client, paylo
 
 def test_models_that_fail_at_inference_get_502_and_show_in_readyz(client):
     for name, module in (("raises", Raises()), ("nan", ReturnsNaN())):
-        assert client.put(f"/v1/models/{name}/torchscript", content=scripted_bytes(module)).status_code == 200
+        assert client.put(f"/v1/models/{name}/torchscript", content=scripted(module)).status_code == 200
         for _ in range(3):
             response = client.post(f"/v1/models/{name}/predict", json={"inputs": [[1.0], [2.0]]})
             assert_problem(response, 502, name)
@@ -132,7 +106,7 @@ def test_models_live_on_the_gpu_when_asked(make_client, digits):
         "/v1/models/digits-mlp/predict",
         json={"inputs": digits["test"]["inputs"][:16].tolist(), "return_logits": True},
     ).json()
-    np.testing.assert_allclose(body["logits"], digits["test"]["logits"][:16], atol=1e-4)
+    assert_float32_close(body["logits"], digits["test"]["logits"][:16], ulps=DIGITS_ULPS)
 
 
 @pytest.mark.cuda
@@ -155,7 +129,14 @@ def test_predict_on_the_gpu_calibrates_there_like_the_cpu(make_client, digits, t
         assert fitted.status_code == 201, fitted.text
         body = client.post("/v1/models/digits-mlp/predict", json={"inputs": rows.tolist()}).json()
         answers.append((np.array(body["probabilities"]), body["predicted_class"]))
-    # the same float32 logits calibrated in float64 on either device (the model's own logits differ by
-    # float32 rounding between devices, hence not bit for bit)
-    np.testing.assert_allclose(answers[1][0], answers[0][0], atol=1e-5)
-    assert answers[1][1] == answers[0][1]
+    # the model's own logits differ by float32 rounding between devices; calibration is in float64 on either.
+    # Temperature and matrix scaling are smooth, so the probabilities move only as much as that rounding moves
+    # them; isotonic is a step function, whose steps a rounding may cross: there only the argmax is compared.
+    logits = digits["test"]["logits"][:40]
+    if method != "isotonic":
+        assert_softmax_close(answers[1][0], answers[0][0], logits, ulps=4 * DIGITS_ULPS)
+    # the same class wherever the CPU's top two probabilities are not a near-tie
+    top_two = np.sort(answers[0][0], axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 1e-3
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(np.array(answers[1][1])[clear], np.array(answers[0][1])[clear])

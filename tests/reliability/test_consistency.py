@@ -12,26 +12,12 @@ import time
 
 import httpx
 import numpy as np
-import torch
 
 from service.cli import main as cli_main
 from service.config import parse_api_keys
-from tests.servers import REPO, Server, free_port
-
-
-class Linear3(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
-def scripted() -> bytes:
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(Linear3()), buffer)
-    return buffer.getvalue()
+from tests.helpers.data import REPO
+from tests.helpers.servers import Server, free_port
+from tests.helpers.torchscript import Linear, scripted
 
 
 def fresh_request(url: str, method: str, path: str, **kwargs) -> httpx.Response:
@@ -42,7 +28,7 @@ def fresh_request(url: str, method: str, path: str, **kwargs) -> httpx.Response:
 
 def test_a_deleted_uploaded_model_is_gone_from_every_worker(tmp_path):
     with Server(tmp_path / "store", workers=2) as server:
-        put = fresh_request(server.url, "PUT", "/v1/models/mwts/torchscript", content=scripted())
+        put = fresh_request(server.url, "PUT", "/v1/models/mwts/torchscript", content=scripted(Linear()))
         assert put.status_code == 200, put.text
         body = {"inputs": [[1.0, 2.0, 3.0, 4.0]]}
         served = [fresh_request(server.url, "POST", "/v1/models/mwts/predict", json=body) for _ in range(20)]

@@ -24,7 +24,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.reliability.conftest import check_store, record_figures, softmax_t
+from tests.helpers.figures import record_figures
+from tests.helpers.numerics import softmax_t
+from tests.helpers.stores import check_store
 
 MODELS = ("alpha", "beta", "gamma")
 CLIENT_THREADS = 4
@@ -113,7 +115,8 @@ def verify(server, store, ledger: Ledger, data: dict) -> int:
 @pytest.mark.timeout(3600)
 def test_sigkill_at_random_moments_loses_and_tears_nothing(tmp_path, servers, digits_logits, soak):
     kills = 100 if soak else 3
-    seed = random.SystemRandom().randrange(2**32)
+    # quick: the same kill moments and client operations every run (make test is no lottery); soak: fresh ones
+    seed = random.SystemRandom().randrange(2**32) if soak else 20260
     rng = random.Random(seed)
     store = tmp_path / "store"
     ledger = Ledger()

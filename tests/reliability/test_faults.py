@@ -15,7 +15,6 @@ multi-worker server left its ``PROMETHEUS_MULTIPROC_DIR`` behind after SIGTERM.
 
 from __future__ import annotations
 
-import io
 import os
 import resource
 import signal
@@ -25,32 +24,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 
-from tests.reliability.conftest import (
-    SHIPPED_MODELS,
-    connect,
-    read_response,
-    remount,
-    request_head,
-    serving_pids,
-    softmax_t,
-    store_entries,
-    temp_files,
-    tmpfs,
-)
+from tests.helpers.data import SHIPPED_MODELS
+from tests.helpers.numerics import softmax_t
+from tests.helpers.problems import assert_problem
+from tests.helpers.processes import serving_pids
+from tests.helpers.rawhttp import connect, read_response, request_head
+from tests.helpers.stores import remount, store_entries, temp_files, tmpfs
+from tests.helpers.torchscript import Raises, ReturnsNaN, WrongShape, scripted
 
 DIGITS_MODEL = (SHIPPED_MODELS / "digits-mlp" / "model.pt").read_bytes()
-
-
-def assert_problem(response: httpx.Response, status: int, *needles: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["type"]
-    for needle in needles:
-        assert needle in body["detail"], (needle, body["detail"])
-    return body
 
 
 # ------------------------------------------------------------------------------------ store not writable
@@ -165,32 +148,6 @@ def test_store_not_writable_answers_503_and_keeps_serving(
 
 
 # ---------------------------------------------------------------------------------- failing TorchScript
-
-
-class Raises(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 1:
-            raise RuntimeError("the model's own bug")
-        return torch.zeros(x.shape[0], 3)
-
-
-class WrongShape(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(x.shape[0], 3 if x.shape[0] == 1 else 5)
-
-
-class ReturnsNaN(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], 3)
-        if x.shape[0] > 1:
-            out[1, 2] = float("nan")
-        return out
-
-
-def scripted(module: torch.nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(module), buffer)
-    return buffer.getvalue()
 
 
 def test_failing_models_get_502_show_in_readyz_and_do_not_stop_the_others(tmp_path, servers, digits_logits):

@@ -28,17 +28,12 @@ import pytest
 from service.api import create_app
 from service.api.limits import DRAIN_LIMIT_BYTES
 from service.config import Settings
-from tests.reliability.conftest import (
-    SHIPPED_MODELS,
-    connect,
-    raw_request,
-    read_response,
-    request_head,
-    serving_pids,
-    status_kib,
-    store_entries,
-)
-from tests.servers import Server
+from tests.helpers.data import SHIPPED_MODELS
+from tests.helpers.problems import assert_oip_error, assert_problem
+from tests.helpers.processes import serving_pids, status_kib
+from tests.helpers.rawhttp import connect, raw_request, read_response, request_head
+from tests.helpers.servers import Server
+from tests.helpers.stores import store_entries
 
 LIMIT = 1 << 20
 ADMIN, READ = "hostile-admin-key", "hostile-read-key"
@@ -97,19 +92,12 @@ def assert_healthy(server: Server) -> None:
     assert answer.status == 200, answer
 
 
-def assert_problem(response, status: int, *needles: str, path: str = "/v1") -> None:
+def assert_error(response, status: int, *needles: str, path: str = "/v1") -> None:
     """A problem+json error; under /v2 the Open Inference Protocol's own ``{"error": message}`` instead."""
-    assert response.status == status, response
-    body = response.json()
     if path.startswith("/v2"):
-        assert response.headers["content-type"].startswith("application/json"), response.headers
-        detail = body["error"]
+        assert_oip_error(response, status, *needles)
     else:
-        assert response.headers["content-type"].startswith("application/problem+json"), response.headers
-        assert body["status"] == status
-        detail = body["detail"]
-    for needle in needles:
-        assert needle in detail, detail
+        assert_problem(response, status, *needles)
 
 
 def connection_closed(sock: socket.socket) -> bool:
@@ -134,7 +122,7 @@ def test_over_the_limit_with_content_length_is_413_without_buffering_the_body(se
             sent += len(piece)
         response = read_response(sock)
         assert connection_closed(sock)
-    assert_problem(response, 413, str(LIMIT), "CALIBSERVE_MAX_BODY_BYTES")
+    assert_error(response, 413, str(LIMIT), "CALIBSERVE_MAX_BODY_BYTES")
     assert growth[0] < 16 * 1024, f"peak RSS grew by {growth[0] // 1024} MiB for a {size >> 20} MiB body"
     assert_healthy(server)
 
@@ -153,7 +141,7 @@ def test_over_the_limit_chunked_is_413_without_buffering_the_body(server, worker
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server may stop reading once it has refused: the answer is already on its way
         response = read_response(sock)
-    assert_problem(response, 413, str(LIMIT))
+    assert_error(response, 413, str(LIMIT))
     assert growth[0] < 16 * 1024, f"peak RSS grew by {growth[0] // 1024} MiB for a {size >> 20} MiB body"
     assert_healthy(server)
 
@@ -196,7 +184,7 @@ def test_a_body_that_never_ends_is_cut_off_after_the_bounded_drain(server):
 def test_deeply_nested_or_overflowing_json_is_400(server, body, path):
     method = "PUT" if path == "/v1/models/x" else "POST"
     response = raw_request(server.port, method, path, body, {**AUTH, "Content-Type": "application/json"})
-    assert_problem(response, 400, path=path)
+    assert_error(response, 400, path=path)
 
 
 @pytest.mark.parametrize(
@@ -315,10 +303,10 @@ def test_every_route_in_the_route_table_needs_a_key_with_the_right_role(server):
         concrete = path.replace("{name}", "digits-mlp").replace("{version}", "1")
         needs_admin = method in {"PUT", "DELETE", "PATCH"} or (method == "POST" and path not in READ_POSTS)
         for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
-            assert_problem(raw_request(server.port, method, concrete, b"", headers), 401, path=path)
+            assert_error(raw_request(server.port, method, concrete, b"", headers), 401, path=path)
         as_reader = raw_request(server.port, method, concrete, b"", {"X-API-Key": READ})
         if needs_admin:
-            assert_problem(as_reader, 403, "admin", path=path)
+            assert_error(as_reader, 403, "admin", path=path)
         else:
             assert as_reader.status not in (401, 403), (method, path, as_reader)
         as_admin = raw_request(server.port, method, concrete, b"", {"Authorization": f"Bearer {ADMIN}"})
@@ -350,5 +338,5 @@ def test_405_lists_every_method_the_path_serves(server):
     }.items():
         for method in ("OPTIONS", "PATCH"):  # PATCH used to fall through to the catch-all's 404
             response = raw_request(server.port, method, path, b"", AUTH)
-            assert_problem(response, 405)
+            assert_error(response, 405)
             assert set(response.headers["allow"].split(", ")) - {"HEAD"} == expected, response.headers

@@ -26,16 +26,10 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.reliability.conftest import (
-    connect,
-    open_fds,
-    read_response,
-    record_figures,
-    request_head,
-    serving_pids,
-    softmax_t,
-    status_kib,
-)
+from tests.helpers.figures import record_figures
+from tests.helpers.numerics import softmax_t
+from tests.helpers.processes import open_fds, serving_pids, status_kib, wait_for_workers
+from tests.helpers.rawhttp import connect, read_response, request_head
 
 MODEL = "digits-mlp"
 CLIENTS = 64
@@ -326,8 +320,7 @@ def test_soak_200k_calibrations_memory_and_fds_stay_flat(tmp_path, servers, digi
         )
         assert fitted.status_code == 201
     payload = orjson.dumps({"logits": digits_logits["logits"][:4].tolist()})
-    workers = serving_pids(server)
-    assert len(workers) == 2
+    workers = wait_for_workers(server, 2)  # the second may still be starting after the first answered
 
     def run(requests: int) -> tuple[list[float], list[str]]:
         latencies: list[float] = []

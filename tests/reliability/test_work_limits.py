@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.api import create_app
 from service.config import Settings
-from tests.servers import Server
+from tests.helpers.servers import Server
 
 
 def _stopped(url: str, reason: str) -> float:

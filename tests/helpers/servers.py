@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.data import REPO, SHIPPED_MODELS
 
 
 def free_port() -> int:
@@ -21,27 +21,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 class Server:
     """A `calibserve serve` process; `stop()` sends SIGTERM (or SIGKILL) and waits."""
 
     def __init__(self, store: Path, *, models: Path | None = None, workers: int = 1, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--port",
-            str(self.port),
-            "--store-dir",
-            str(store),
-        ]
-        command += ["--models-dir", str(models or REPO / "models"), "--workers", str(workers)]
         environment = {**os.environ, "CALIBSERVE_LOG_LEVEL": "warning", **(env or {})}
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.process = subprocess.Popen(command, env=environment, cwd=REPO, start_new_session=True)
-        self.wait_ready()
+        # A free port is only free until someone else binds it (other test processes share the machine): if
+        # the server exits because its port was taken in between, start it again on another one.
+        for attempt in range(3):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            command = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
+            command += ["--store-dir", str(store), "--models-dir", str(models or SHIPPED_MODELS)]
+            command += ["--workers", str(workers)]
+            self.process = subprocess.Popen(command, env=environment, cwd=REPO, start_new_session=True)
+            try:
+                self.wait_ready()
+                return
+            except RuntimeError:
+                if attempt == 2 or self.process.poll() is None or port_is_free(self.port):
+                    raise
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,46 @@
+"""The shared comparison helpers pass what float32 rounding explains and fail what it does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.helpers.numerics import EPS32, assert_float32_close, assert_softmax_close, softmax_t
+
+
+def ulps_away(values: np.ndarray, ulps: int) -> np.ndarray:
+    """``values`` (float32) moved ``ulps`` units in the last place away from zero."""
+    moved = values.astype(np.float32)
+    for _ in range(ulps):
+        moved = np.nextafter(moved, np.copysign(np.float32(np.inf), moved))
+    return moved
+
+
+def test_float32_logits_a_few_ulps_apart_pass_and_a_wrong_row_fails():
+    logits = np.array([[45.0, -3.0, 0.001], [1.0, 2.0, 3.0]], dtype=np.float32)
+    # issue #10: 4 ulps at |z| = 45 on another CPU
+    assert_float32_close(ulps_away(logits, 4), logits, ulps=16)
+    # near 0 in a row of magnitude 45 the rounding is the row's: 8 ulps of 45 is fine at 0.001
+    shifted = logits.copy()
+    shifted[0, 2] += np.float32(8 * EPS32 * 45)
+    assert_float32_close(shifted, logits, ulps=16)
+    wrong = logits.copy()
+    wrong[1, 0] += 1e-3
+    with pytest.raises(AssertionError, match="1 of 6 elements"):
+        assert_float32_close(wrong, logits, ulps=16)
+    with pytest.raises(AssertionError):
+        assert_float32_close(logits[:, ::-1], logits, ulps=16)
+
+
+def test_softmax_of_rounded_logits_passes_and_another_temperature_fails():
+    logits = np.array([[12.0, -30.0, 4.0], [0.5, 0.25, 0.0]], dtype=np.float32)
+    expected = softmax_t(logits, 2.0)
+    assert_softmax_close(softmax_t(ulps_away(logits, 8), 2.0), expected, logits, ulps=16, temperature=2.0)
+    with pytest.raises(AssertionError, match="softmax"):
+        assert_softmax_close(softmax_t(logits, 2.001), expected, logits, ulps=16, temperature=2.0)
+    # tiny probabilities are held relative to themselves, not to 1
+    assert expected[0, 1] < 1e-9
+    bumped = expected.copy()
+    bumped[0, 1] *= 1.01
+    with pytest.raises(AssertionError):
+        assert_softmax_close(bumped, expected, logits, ulps=16, temperature=2.0)
