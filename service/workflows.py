@@ -85,7 +85,7 @@ def fit_document(
         )
     calibrator = make_calibrator(method, **dict(options or {}))
     calibrator.fit(logits, y, sample_weight=weight, validate=False)
-    before = metrics.calibration_report_checked(softmax(logits), y, logits=logits)
+    before = metrics.calibration_report_checked(None, y, logits=logits)
     after = metrics.calibration_report_checked(
         calibrator.transform(logits, validate=False), y, probability_floor=_PROBABILITY_FLOOR
     )

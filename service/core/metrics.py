@@ -102,6 +102,8 @@ DEFAULT_N_BINS = 15
 
 # Elements per chunk of the binning loops' reused buffers (256 KiB of float32: well inside L2).
 _CHUNK = 1 << 16
+# Rows per block of the transposed softmax of narrow logits.
+_NARROW_ROWS = 1 << 14
 
 
 # ----------------------------------------------------------------------------------------- shared inputs
@@ -230,6 +232,58 @@ def _top_label(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return argmax, maxima
     predictions = probabilities.argmax(axis=1)
     return predictions, np.take_along_axis(probabilities, predictions[:, None], axis=1)[:, 0]
+
+
+def _softmax_top_label(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(softmax(logits) in float64, argmax, max)`` of each row; argmax and max None for wide rows.
+
+    The softmax of :func:`service.core.probability.softmax` (up to the order of each row's sum). For
+    narrow rows the work runs on cache-sized blocks transposed into reused buffers, as in
+    :func:`service.core.validation.scan_narrow`: along rows of a few elements numpy pays its set-up per row
+    (1M x 10: softmax 220 ms as whole-matrix passes), and the top label falls out of the same blocks.
+    """
+    z = two_column_logits(logits)
+    n_samples, n_classes = z.shape
+    out = np.empty((n_samples, n_classes))
+    if n_classes >= ARGMAX_MIN_COLUMNS:
+        # wide rows: in place in the answer, block by block (50k x 1000: whole-matrix temporaries of
+        # 400 MB each made softmax 2.5 s)
+        rows = max(1, _CHUNK // n_classes)
+        row_values = np.empty((min(rows, n_samples), 1))
+        for start in range(0, n_samples, rows):
+            block = out[start : start + rows]
+            values = row_values[: block.shape[0]]
+            np.copyto(block, z[start : start + rows])
+            np.maximum.reduce(block, axis=1, out=values[:, 0])
+            block -= values
+            np.exp(block, out=block)
+            np.add.reduce(block, axis=1, out=values[:, 0])
+            block /= values
+        return out, None, None
+    rows = min(n_samples, _NARROW_ROWS)
+    columns = np.empty((n_classes, rows))
+    row_values = np.empty(rows)
+    is_max = np.empty((n_classes, rows), dtype=np.uint8)
+    weights = np.arange(n_classes, 0, -1, dtype=np.uint8)[:, None]
+    maxima = np.empty(n_samples)
+    argmax = np.empty(n_samples, dtype=np.uint8)
+    for start in range(0, n_samples, rows):
+        width = min(rows, n_samples - start)
+        block, values, block_is_max = columns[:, :width], row_values[:width], is_max[:, :width]
+        part = slice(start, start + width)
+        np.copyto(block, z[part].T)
+        np.maximum.reduce(block, axis=0, out=values)
+        block -= values
+        np.exp(block, out=block)
+        np.add.reduce(block, axis=0, out=values)
+        block /= values
+        out[part] = block.T
+        np.maximum.reduce(block, axis=0, out=maxima[part])
+        np.equal(block, maxima[part], out=block_is_max.view(np.bool_))
+        np.multiply(block_is_max, weights, out=block_is_max)
+        np.maximum.reduce(block_is_max, axis=0, out=argmax[part])
+    np.subtract(n_classes, argmax, out=argmax)
+    return out, argmax, maxima
 
 
 # --------------------------------------------------------------------------------------------- binning
@@ -382,6 +436,8 @@ def _classwise_flat_ids(ids: np.ndarray, n_bins: int) -> np.ndarray:
 def _binned_classwise(scores: _Scores, weights: np.ndarray | None, *, binning: str, n_bins: int) -> _BinSums:
     probabilities, labels = scores.probabilities, scores.labels
     n_samples, n_classes = probabilities.shape
+    if binning == "width" and weights is None and ("classwise", n_bins) not in scores._bin_ids:
+        return _binned_classwise_width(probabilities, labels, n_bins)
     if binning == "width":
         flat_ids = scores.width_bin_ids("classwise", n_bins)
         edges = np.broadcast_to(_width_edges(n_bins), (n_classes, n_bins + 1))
@@ -413,6 +469,36 @@ def _binned_classwise(scores: _Scores, weights: np.ndarray | None, *, binning: s
         outcome=outcome.reshape(shape),
         counts=counts.reshape(shape),
         edges=np.asarray(edges),
+    )
+
+
+def _binned_classwise_width(probabilities: np.ndarray, labels: np.ndarray, n_bins: int) -> _BinSums:
+    """Unweighted classwise sums on equal-width bins, in row chunks: no N x K array of bin ids (1M x 10:
+    80 MB written and read three times over) and each chunk's ids stay in cache for the three bincounts."""
+    n_samples, n_classes = probabilities.shape
+    n_bins_total = n_classes * n_bins
+    offsets = np.arange(n_classes) * n_bins
+    counts = np.zeros(n_bins_total, dtype=np.intp)
+    confidence = np.zeros(n_bins_total)
+    outcome = np.zeros(n_bins_total, dtype=np.intp)
+    rows = max(1, _CHUNK // n_classes)
+    for start in range(0, n_samples, rows):
+        part = slice(start, start + rows)
+        chunk = probabilities[part]
+        ids = _width_bin_ids(chunk, n_bins)
+        ids += offsets
+        flat = ids.ravel()
+        counts += np.bincount(flat, minlength=n_bins_total)
+        confidence += np.bincount(flat, weights=chunk.ravel(), minlength=n_bins_total)
+        # the outcome 1[y = k] is 1 only at the label's entry
+        outcome += np.bincount(ids[np.arange(chunk.shape[0]), labels[part]], minlength=n_bins_total)
+    shape = (n_classes, n_bins)
+    return _BinSums(
+        mass=counts.astype(np.float64).reshape(shape),
+        confidence=confidence.reshape(shape),
+        outcome=outcome.astype(np.float64).reshape(shape),
+        counts=counts.reshape(shape),
+        edges=np.asarray(np.broadcast_to(_width_edges(n_bins), (n_classes, n_bins + 1))),
     )
 
 
@@ -969,7 +1055,7 @@ def calibration_report(
 
 
 def calibration_report_checked(
-    probabilities: np.ndarray,
+    probabilities: np.ndarray | None,
     labels: np.ndarray,
     *,
     logits: np.ndarray | None = None,
@@ -984,12 +1070,25 @@ def calibration_report_checked(
     probabilities they computed from them (a fit's before/after figures): ``probabilities`` is a float
     ``(N, K)`` numpy array with ``K >= 2`` whose rows sum to 1, ``labels`` int in ``[0, K)``, ``logits`` the
     ``(N, K)`` or binary ``(N, 1)`` logits the probabilities are the softmax of (then NLL comes from them, as
-    with ``from_logits=True``), ``sample_weight`` as ``check_sample_weight`` returns it. With
+    with ``from_logits=True``; ``probabilities=None`` computes that softmax here, with the top label in the
+    same pass), ``sample_weight`` as ``check_sample_weight`` returns it. With
     ``probability_floor`` (and no logits), NLL is that of the probabilities floored there: ``-log(max(p_y,
     floor))``, finite where a true class has probability 0.
     """
     options = _binning_options(n_bins, binning, "top_label")
-    scores = _Scores(probabilities, labels, logits=logits, probability_floor=probability_floor)
+    predictions = maxima = None
+    if probabilities is None:
+        if logits is None:
+            raise ValueError("calibration_report_checked needs probabilities or logits")
+        probabilities, predictions, maxima = _softmax_top_label(logits)
+    scores = _Scores(
+        probabilities,
+        labels,
+        logits=logits,
+        predictions=predictions,
+        maxima=maxima,
+        probability_floor=probability_floor,
+    )
     return _report(scores, sample_weight, options)
 
 

@@ -805,3 +805,48 @@ def test_rows_of_zero_weight_do_not_count() -> None:
         assert function(probabilities, labels, sample_weight=weights) == pytest.approx(
             function(probabilities[kept], labels[kept]), rel=1e-12
         ), function.__name__
+
+
+# ------------------------------------------------------------------------ the checked report's fast paths
+
+
+@pytest.mark.parametrize("n_columns", [1, 2, 3, 10, 12, 20])
+def test_blocked_softmax_with_top_label_equals_softmax_and_argmax(n_columns):
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(0.0, 4.0, size=(40_000, n_columns))).astype(np.float32)
+    logits[:50] = 1.5  # tied rows: the argmax is the lowest column
+    probabilities, predictions, maxima = metrics._softmax_top_label(logits)
+    expected = softmax(logits)
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-14, atol=0)
+    if predictions is not None:
+        np.testing.assert_array_equal(predictions, expected.argmax(axis=1))
+        np.testing.assert_array_equal(maxima, probabilities.max(axis=1))
+
+
+@pytest.mark.parametrize("n_classes", [2, 7, 30])
+def test_chunked_classwise_sums_equal_the_whole_array_ones(n_classes):
+    rng = np.random.default_rng(6)
+    probabilities = rng.dirichlet(np.full(n_classes, 0.3), size=50_000)
+    probabilities[:20, 0] = 1.0 / 15  # on a bin edge
+    probabilities[:20] /= probabilities[:20].sum(axis=1, keepdims=True)
+    labels = rng.integers(0, n_classes, size=50_000)
+    chunked = expected_calibration_error(probabilities, labels, kind="classwise")
+    # unit weights take the path that bins the whole N x K array at once
+    whole = expected_calibration_error(probabilities, labels, kind="classwise", sample_weight=np.ones(50_000))
+    assert chunked == pytest.approx(whole, rel=1e-12, abs=1e-15)
+    report = metrics.calibration_report(probabilities, labels)
+    assert report["ece_classwise"] == pytest.approx(whole, rel=1e-12, abs=1e-15)
+
+
+def test_checked_report_equals_the_validating_one():
+    rng = np.random.default_rng(7)
+    logits = (rng.normal(0.0, 3.0, size=(20_000, 6))).astype(np.float32)
+    labels = rng.integers(0, 6, size=20_000)
+    checked = metrics.calibration_report_checked(None, labels, logits=logits)
+    validated = metrics.calibration_report(logits, labels, from_logits=True)
+    assert checked.keys() == validated.keys()
+    for name, value in validated.items():
+        if isinstance(value, float):
+            assert checked[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+        else:
+            assert checked[name] == value, name
