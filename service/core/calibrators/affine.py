@@ -25,10 +25,11 @@ if TYPE_CHECKING:  # torch is imported only where a module is built
 AFFINE_MAX_ITER = 10_000
 """Most L-BFGS-B iterations of vector and matrix scaling: each evaluates the objective once or a few times
 (an ``N x K x K`` product for matrix scaling); fits converge in tens to hundreds (K = 100: 127)."""
-AFFINE_MAX_PARAMETER = 1e6
+AFFINE_MAX_PARAMETER = 1e12
 """Largest magnitude of a fitted (or uploaded) scale, weight or bias. With logits of at most
-``MAX_ABS_LOGIT = 1e100`` and ``K <= MATRIX_MAX_CLASSES`` the scores ``W z + b`` stay below 1e110, so the
-softmax of any accepted logits is finite; fitted values are O(1) (the penalty pulls them to the identity)."""
+``MAX_ABS_LOGIT = 1e100`` and ``K <= MATRIX_MAX_CLASSES`` the scores ``W z + b`` stay below 1e116, so the
+softmax of any accepted logits is finite; fitted values are O(1) (the penalty pulls them to the identity),
+and the margin up to 1e12 leaves room for unpenalised fits (``reg=0``) on separable data."""
 MAX_REG = 1e6
 """Largest L2 penalty (``reg``, ``off_diagonal_reg``): beyond it the penalty pins the map to the identity
 anyway, and 1e300 overflowed the objective."""

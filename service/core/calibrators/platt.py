@@ -25,10 +25,11 @@ if TYPE_CHECKING:  # torch is imported only where a module is built
 
 PLATT_MAX_ITER = 1_000
 """Most trust-region iterations of a Platt fit (each one pass over the margins; fits take about 10)."""
-PLATT_MAX_PARAMETER = 1e6
-"""Largest magnitude of a fitted or uploaded slope and intercept. Fits run on margins rescaled to
-``|d| <= 1``, where even separable data stops at a slope of a few tens; 1e6 keeps ``a d + b`` finite for every
-accepted logit (``|d| <= 2e100``)."""
+PLATT_MAX_PARAMETER = 1e12
+"""Largest magnitude of a fitted or uploaded slope and intercept; it keeps ``a d + b`` finite for every
+accepted logit (``|d| <= 2e100``). Fits run on margins rescaled to ``|d| <= 1``, where even separable data
+stops at a slope of a few tens there: in logit units about ``30 / gap`` for the smallest gap between the
+classes' margins, so 1e12 is only reached by classes separated by less than 1e-10."""
 
 
 class PlattScaling(BaseCalibrator):
