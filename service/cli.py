@@ -32,6 +32,7 @@ from typing import Any, TextIO
 # The method names come from the calibrators' registry (numpy and scipy.special only: the fits' heavier
 # imports, scipy.optimize, scikit-learn and torch, wait for a fit).
 from service.core.calibrators import METHODS
+from service.core.metrics import MAX_BOOTSTRAP_RESAMPLES, MAX_BOOTSTRAP_WORK, MAX_N_BINS
 from service.errors import CalibserveError
 
 PROG = "calibserve"
@@ -500,7 +501,9 @@ def _add_client(parser: argparse.ArgumentParser, *, required: bool = False) -> N
 def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool) -> None:
     parser.add_argument("--calibrator", metavar="FILE", help="calibrator document (from calibserve fit)")
     parser.add_argument("--version", type=int, help="with --server: evaluate this calibrator version")
-    parser.add_argument("--bins", type=int, default=15, help="number of ECE bins (default 15)")
+    parser.add_argument(
+        "--bins", type=int, default=15, help=f"number of ECE bins (default 15, at most {MAX_N_BINS:,})"
+    )
     parser.add_argument(
         "--binning", choices=("width", "mass"), default="width", help="equal-width or equal-mass bins"
     )
@@ -509,7 +512,8 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
         type=int,
         default=0,
         metavar="N",
-        help="bootstrap resamples for 95%% intervals (0: none)",
+        help=f"bootstrap resamples for 95%% intervals (0: none; at most {MAX_BOOTSTRAP_RESAMPLES:,}, and "
+        f"resamples x rows at most {MAX_BOOTSTRAP_WORK:,})",
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument(

@@ -155,6 +155,10 @@ def evaluate(
     """
     logits = scores_to_logits(scores, from_logits=from_logits)
     logits, y, _ = check_labelled(logits, labels, from_logits=True)
+    # the option limits, before any figure is computed
+    metrics.check_binning(n_bins, binning, logits.shape[1])
+    if bootstrap:
+        metrics.check_bootstrap(bootstrap, logits.shape[0])
     groups = {"uncalibrated": logits}
     if calibrator is None and calibrator_document is not None:
         calibrator = load_calibrator(calibrator_document)
@@ -329,15 +333,17 @@ def check_drift(report: dict, baseline: Mapping[str, Any], max_increase: Mapping
         if current is None or reference is None:
             raise InvalidInput(f"figure {metric_name!r} is missing from the report or the baseline ({group})")
         increase = float(current) - float(reference)
-        # accuracy drifts downwards: a fall is the breach
-        change = -increase if metric_name == "accuracy" else increase
+        # accuracy drifts downwards: a fall is the breach, and the check says so
+        falls = metric_name == "accuracy"
+        change = -increase if falls else increase
+        direction = "decrease" if falls else "increase"
         results.append(
             {
-                "name": f"{metric_name} increase <= {allowed:g}",
+                "name": f"{metric_name} {direction} <= {allowed:g}",
                 "kind": "max_increase",
                 "group": group,
                 "metric": metric_name,
-                "op": "increase>",
+                "op": f"{direction}>",
                 "limit": float(allowed),
                 "value": float(current),
                 "baseline": float(reference),

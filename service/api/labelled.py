@@ -14,6 +14,7 @@ format carried it.
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -47,9 +48,28 @@ async def read_labelled(
                 value = orjson.loads(value)
             except orjson.JSONDecodeError as exc:
                 raise InvalidParameter(f"options: not valid JSON: {exc}", field="options") from None
-        data[key] = value
+        data[key] = _query_scalar(model, key, value)
     data.update(tensors.decode_npz(body, max_bytes=request.app.state.settings.max_body_bytes))
     return validate_object(data, model)
+
+
+_BOOLEANS = {"true": True, "false": False}
+_INTEGER = re.compile(r"^[+-]?[0-9]{1,19}$")
+
+
+def _query_scalar(model: type[BaseModel], key: str, value: Any) -> Any:
+    """A query-string value as its field's type, where the text is unambiguous: ``true``/``false`` for a
+    boolean field, digits for an integer field. Anything else stays text, and the body model (strict) words
+    the problem as it does for JSON."""
+    field = model.model_fields.get(key)
+    if field is None or not isinstance(value, str):
+        return value
+    annotation = field.annotation
+    if annotation is bool and value.lower() in _BOOLEANS:
+        return _BOOLEANS[value.lower()]
+    if annotation is int and _INTEGER.match(value):
+        return int(value)
+    return value
 
 
 def labelled_bodies(model: type[BaseModel]) -> dict[str, Any]:

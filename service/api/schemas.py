@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from service.api.bodies import array
 from service.core.calibrators import METHODS
+from service.core.metrics import MAX_BOOTSTRAP_RESAMPLES, MAX_N_BINS
+from service.core.validation import MAX_NUM_CLASSES
 from service.errors import InvalidInput
 from service.serving.dataplane import Labelled
 
@@ -28,15 +30,32 @@ Labels = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "inte
 Method = Literal[METHODS]  # type: ignore[valid-type]
 
 
+MAX_CLASS_NAME_LENGTH = 256
+"""Longest class name accepted (characters): names are labels, echoed in every answer's ``predicted_label``."""
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields refused, and no coercion: ``true`` is not 1, ``"3"`` is not 3, ``"yes"`` is not true.
+
+    Query-string values of ``.npz`` bodies are converted to their field's type first (``service.api.labelled``).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+ClassName = Annotated[str, Field(min_length=1, max_length=MAX_CLASS_NAME_LENGTH)]
 
 
 class ModelSpec(Strict):
-    """A logits-only model (the sidecar case): its class count and optional class names."""
+    """A logits-only model (the sidecar case): its class count and optional class names.
 
-    num_classes: int = Field(ge=1, le=100_000)
-    class_names: list[str] | None = None
+    ``num_classes`` is at most ``MAX_NUM_CLASSES`` (:mod:`service.core.validation`); ``class_names`` holds one
+    name per class, each 1 to ``MAX_CLASS_NAME_LENGTH`` characters (so a model's names are at most
+    ``MAX_NUM_CLASSES * MAX_CLASS_NAME_LENGTH`` characters, about 25 MB at the largest).
+    """
+
+    num_classes: int = Field(ge=1, le=MAX_NUM_CLASSES)
+    class_names: list[ClassName] | None = Field(None, max_length=MAX_NUM_CLASSES)
     description: str | None = Field(None, max_length=2000)
 
 
@@ -68,9 +87,9 @@ class FitRequest(ScoresBody):
 
 class EvaluateRequest(ScoresBody):
     labels: Labels
-    n_bins: int = Field(15, ge=1, le=1000)
+    n_bins: int = Field(15, ge=1, le=MAX_N_BINS)
     binning: Literal["width", "mass"] = "width"
-    bootstrap: int = Field(0, ge=0, le=10_000)
+    bootstrap: int = Field(0, ge=0, le=MAX_BOOTSTRAP_RESAMPLES)
     seed: int = 0
 
 
@@ -78,10 +97,10 @@ class MetricsRequest(Strict):
     logits: Matrix | None = None
     probabilities: Matrix | None = None
     labels: Labels
-    n_bins: int = Field(15, ge=1, le=1000)
+    n_bins: int = Field(15, ge=1, le=MAX_N_BINS)
     binning: Literal["width", "mass"] = "width"
     losses: bool = True
-    bootstrap: int = Field(0, ge=0, le=10_000)
+    bootstrap: int = Field(0, ge=0, le=MAX_BOOTSTRAP_RESAMPLES)
     seed: int = 0
 
 

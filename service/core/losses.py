@@ -113,7 +113,16 @@ def _class_weight_vector(
         counts = np.bincount(labels, weights=sample_weight, minlength=n_classes).astype(np.float64)
         present = counts > 0
         weights = np.zeros(n_classes, dtype=np.float64)
-        weights[present] = counts.sum() / (np.count_nonzero(present) * counts[present])
+        with np.errstate(over="ignore"):
+            weights[present] = counts.sum() / (np.count_nonzero(present) * counts[present])
+        if not np.isfinite(weights).all():
+            # a class whose weighted count is subnormal next to the total (weights of 5e-324 beside 1.0)
+            k = int(np.flatnonzero(~np.isfinite(weights))[0])
+            raise InvalidInput(
+                f"class_weight='balanced' cannot balance class {k}: its weighted count {counts[k]:.3g} is too "
+                f"small next to the total {counts.sum():.3g}; rescale sample_weight or give class_weight",
+                field="class_weight",
+            )
         return weights
     if hasattr(class_weight, "detach") and hasattr(class_weight, "cpu"):  # a torch tensor
         class_weight = class_weight.detach().cpu().numpy()

@@ -72,6 +72,7 @@ from service.core.validation import (
     check_positive_int,
     check_probabilities_top_label,
     check_sample_weight,
+    check_work,
     scan_narrow,
 )
 from service.errors import InvalidInput
@@ -87,6 +88,8 @@ __all__ = [
     "brier_score",
     "calibration_report",
     "calibration_report_checked",
+    "check_binning",
+    "check_bootstrap",
     "expected_calibration_error",
     "maximum_calibration_error",
     "negative_log_likelihood",
@@ -99,6 +102,21 @@ BINNINGS = ("width", "mass")
 KINDS = ("top_label", "classwise", "positive_class")
 NORMS = ("l1", "l2", "max")
 DEFAULT_N_BINS = 15
+MAX_N_BINS = 10_000
+"""Most bins of ECE, MCE and reliability figures (``n_bins``; HTTP ``n_bins``, CLI ``--bins``). Each binned
+figure keeps a few float64 arrays of ``n_bins`` (top-label) or ``K x n_bins`` (classwise) entries; at
+10,000 bins a top-label figure is ~0.5 MB, and far more bins than samples only leaves bins empty. 1e8 bins
+(~4 GB of bin arrays) killed the CLI."""
+MAX_CLASSWISE_BINS = 10_000_000
+"""Most bins of a classwise figure, ``K x n_bins`` (every report computes ``ece_classwise``): six float64 or
+intp arrays of that length are ~480 MB at the limit (K = 666,666 columns at 15 bins)."""
+MAX_BOOTSTRAP_RESAMPLES = 10_000
+"""Most bootstrap resamples (``n_resamples``; HTTP ``bootstrap``, CLI ``--bootstrap``)."""
+MAX_BOOTSTRAP_WORK = 10_000_000
+"""Most ``n_resamples x n_samples`` of one bootstrap interval. A resample costs about 0.05 us per row and
+figure on these machines, and an evaluation draws intervals of five figures (twice with a calibrator): at
+the limit about 2.5 s of CPU per group (10,000 resamples of 3,600 rows, 3.6e7, cost 9 s). 1,000 resamples
+of 10,000 rows is the largest that fits."""
 
 # Elements per chunk of the binning loops' reused buffers (256 KiB of float32: well inside L2).
 _CHUNK = 1 << 16
@@ -436,6 +454,7 @@ def _classwise_flat_ids(ids: np.ndarray, n_bins: int) -> np.ndarray:
 def _binned_classwise(scores: _Scores, weights: np.ndarray | None, *, binning: str, n_bins: int) -> _BinSums:
     probabilities, labels = scores.probabilities, scores.labels
     n_samples, n_classes = probabilities.shape
+    check_work(n_classes * n_bins, MAX_CLASSWISE_BINS, "n_bins", "classwise bins (classes x n_bins)")
     if binning == "width" and weights is None and ("classwise", n_bins) not in scores._bin_ids:
         return _binned_classwise_width(probabilities, labels, n_bins)
     if binning == "width":
@@ -551,10 +570,18 @@ def _binning_options(
     n_bins: Any = DEFAULT_N_BINS, binning: Any = "width", kind: Any = "top_label"
 ) -> dict[str, Any]:
     return {
-        "n_bins": check_positive_int(n_bins, "n_bins"),
+        "n_bins": check_positive_int(n_bins, "n_bins", maximum=MAX_N_BINS),
         "binning": check_choice(binning, "binning", BINNINGS),
         "kind": check_choice(kind, "kind", KINDS),
     }
+
+
+def check_binning(n_bins: Any, binning: Any, n_classes: int) -> None:
+    """The binning options of a report on ``n_classes`` columns, against ``MAX_N_BINS`` and
+    ``MAX_CLASSWISE_BINS``, before any figure is computed; InvalidInput naming the limit."""
+    n_bins = _binning_options(n_bins, binning)["n_bins"]
+    classes = max(n_classes, 2)
+    check_work(classes * n_bins, MAX_CLASSWISE_BINS, "n_bins", "classwise bins (classes x n_bins)")
 
 
 def _ece_options(
@@ -948,6 +975,19 @@ _FAST_PATHS: dict[Callable[..., float], tuple[Callable[..., dict[str, Any]], Cal
 }
 
 
+def check_bootstrap(n_resamples: Any, n_samples: int) -> int:
+    """``n_resamples`` checked against ``MAX_BOOTSTRAP_RESAMPLES`` and ``n_resamples x n_samples`` against
+    ``MAX_BOOTSTRAP_WORK``; InvalidInput naming the limit."""
+    n_resamples = check_positive_int(n_resamples, "n_resamples", maximum=MAX_BOOTSTRAP_RESAMPLES)
+    check_work(
+        n_resamples * n_samples,
+        MAX_BOOTSTRAP_WORK,
+        "bootstrap",
+        f"bootstrap work ({n_resamples:,} resamples x {n_samples:,} rows)",
+    )
+    return n_resamples
+
+
 def bootstrap_interval(
     metric: Callable[..., float],
     probabilities: Any,
@@ -976,7 +1016,7 @@ def bootstrap_interval(
     BootstrapInterval
         ``(low, high)``.
     """
-    n_resamples = check_positive_int(n_resamples, "n_resamples")
+    n_resamples = check_positive_int(n_resamples, "n_resamples", maximum=MAX_BOOTSTRAP_RESAMPLES)
     if isinstance(confidence, bool) or not isinstance(confidence, float | int | np.floating):
         raise InvalidInput(f"confidence must be a number in (0, 1), got {confidence!r}", field="confidence")
     if not 0.0 < float(confidence) < 1.0:
@@ -994,6 +1034,7 @@ def bootstrap_interval(
             probabilities, labels, from_logits=from_logits, sample_weight=sample_weight
         )
         n_samples = scores.n_samples
+        check_bootstrap(n_resamples, n_samples)
 
         def resampled(rows: np.ndarray) -> float:
             frequency = np.bincount(rows, minlength=n_samples).astype(np.float64)
@@ -1007,6 +1048,7 @@ def bootstrap_interval(
             probabilities, labels, from_logits=from_logits, sample_weight=sample_weight
         )
         n_samples = values.shape[0]
+        check_bootstrap(n_resamples, n_samples)
 
         def resampled(rows: np.ndarray) -> float:
             if weights is None:

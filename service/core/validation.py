@@ -29,6 +29,9 @@ ARGMAX_MIN_COLUMNS = 13
 """From this many columns on, numpy's argmax along each row beats :func:`scan_narrow`'s transposed blocks."""
 # Rows per block of scan_narrow: 16,384 rows x 10 float32 columns is 640 KiB, within one core's L2 cache.
 _NARROW_BLOCK_ROWS = 1 << 14
+MAX_NUM_CLASSES = 100_000
+"""Most classes of a model (``PUT /v1/models``): a softmax row of 100,000 float64 is 800 KB, and every
+per-class bound of a method (matrix scaling's ``K``, one-vs-rest curves) is lower than this one."""
 SAMPLE_WEIGHT_TOTAL_RANGE = (1e-100, 1e100)
 """Bounds of the sum of ``sample_weight``: weighted sums of losses (up to ~1e100 each) stay finite, and
 weighted means keep their precision (a total of 1e-320 is a subnormal with a few significant bits)."""
@@ -244,7 +247,15 @@ def n_label_classes(n_columns: int) -> int:
 
 
 def check_labels(labels: Any, n_samples: int, n_classes: int, name: str = "labels") -> np.ndarray:
-    """Validate integer class labels in ``[0, n_label_classes(n_classes))``, one per sample, as int64."""
+    """Validate integer class labels in ``[0, n_label_classes(n_classes))``, one per sample, as int64.
+
+    Booleans are refused (``true`` is not class 1): a boolean array, or a list or object array holding one.
+    """
+    if isinstance(labels, list | tuple) and any(type(value) is bool for value in labels):
+        row = next(i for i, value in enumerate(labels) if type(value) is bool)
+        raise InvalidInput(
+            f"{name}[{row}] = {labels[row]!r} is a boolean, not an integer class", field=name, row=row
+        )
     array = _to_numpy(labels, name)
     if array.ndim != 1:
         raise InvalidInput(f"{name} must be 1-D, got {array.ndim}-D with shape {array.shape}", field=name)
@@ -253,8 +264,15 @@ def check_labels(labels: Any, n_samples: int, n_classes: int, name: str = "label
             f"{name} has {array.shape[0]} entries but the scores have {n_samples} rows", field=name
         )
     if array.dtype == np.bool_:
-        array = array.astype(np.int64)
-    elif array.dtype.kind == "f" or array.dtype.kind == "O":
+        raise InvalidInput(f"{name} must be integers, got booleans", field=name)
+    if array.dtype.kind == "O":
+        boolean = np.frompyfunc(lambda value: isinstance(value, bool | np.bool_), 1, 1)(array).astype(bool)
+        if boolean.any():
+            row = _first_row(boolean)
+            raise InvalidInput(
+                f"{name}[{row}] = {array[row]!r} is a boolean, not an integer class", field=name, row=row
+            )
+    if array.dtype.kind == "f" or array.dtype.kind == "O":
         try:
             as_float = array.astype(np.float64)
         except (ValueError, TypeError, OverflowError):
@@ -314,11 +332,25 @@ def check_labelled(
     return array, y, w
 
 
-def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    """Validate an integer option such as ``n_bins``."""
+def check_positive_int(value: Any, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """Validate an integer option such as ``n_bins``: ``minimum <= value`` (and ``<= maximum`` when given).
+
+    Size-like options have a ``maximum`` (a named constant next to the option, stating the memory or time
+    it bounds); the message names it.
+    """
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise InvalidInput(f"{name} must be an integer >= {minimum}, got {value!r}", field=name)
+    if maximum is not None and value > maximum:
+        raise InvalidInput(
+            f"{name} must be at most {maximum:,} (the limit of this option), got {int(value):,}", field=name
+        )
     return int(value)
+
+
+def check_work(amount: int, limit: int, name: str, what: str) -> None:
+    """InvalidInput naming ``limit`` when ``amount`` (a product of sizes, e.g. resamples x rows) exceeds it."""
+    if amount > limit:
+        raise InvalidInput(f"{what} is {amount:,}, above the limit of {limit:,}", field=name)
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:

@@ -329,7 +329,7 @@ def test_classwise_is_the_mean_of_per_class_positive_class_errors() -> None:
             per_class = [
                 expected_calibration_error(
                     probabilities[:, [k]],
-                    labels == k,
+                    (labels == k).astype(np.int64),
                     kind="positive_class",
                     binning=binning,
                     norm=norm,

@@ -18,9 +18,27 @@ from service.core.calibrators.base import (
     _normalised_weights,
 )
 from service.core.validation import check_choice, check_positive_int
+from service.errors import InvalidInput
 
 if TYPE_CHECKING:  # torch is imported only where a module is built
     import torch
+
+AFFINE_MAX_ITER = 10_000
+"""Most L-BFGS-B iterations of vector and matrix scaling: each evaluates the objective once or a few times
+(an ``N x K x K`` product for matrix scaling); fits converge in tens to hundreds (K = 100: 127)."""
+AFFINE_MAX_PARAMETER = 1e12
+"""Largest magnitude of a fitted (or uploaded) scale, weight or bias. With logits of at most
+``MAX_ABS_LOGIT = 1e100`` and ``K <= MATRIX_MAX_CLASSES`` the scores ``W z + b`` stay below 1e116, so the
+softmax of any accepted logits is finite; fitted values are O(1) (the penalty pulls them to the identity),
+and the margin up to 1e12 leaves room for unpenalised fits (``reg=0``) on separable data."""
+MAX_REG = 1e6
+"""Largest L2 penalty (``reg``, ``off_diagonal_reg``): beyond it the penalty pins the map to the identity
+anyway, and 1e300 overflowed the objective."""
+MATRIX_MAX_CLASSES = 1_000
+"""Most classes of matrix scaling (``K``). It has ``K^2 + K`` parameters: one ``K x K`` float64 array is
+8 MB at K = 1,000, the fit holds about 25 of them (L-BFGS-B's 10 correction pairs, gradient, curvature,
+preconditioner), ~200 MB, and each iteration multiplies ``N x K`` by ``K x K``. K = 20,000 would need
+3.2 GB per array."""
 
 
 class _AffineScaling(BaseCalibrator):
@@ -64,6 +82,9 @@ class _AffineScaling(BaseCalibrator):
     def _prepare(self, n_classes: int) -> None:
         """Resolve options that depend on the number of classes (before the first objective evaluation)."""
 
+    def _check_classes(self, n_classes: int) -> None:
+        """InvalidInput when the method cannot be fitted or loaded for ``n_classes`` (matrix scaling's K)."""
+
     def _fit(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
         from scipy.optimize import minimize
         from scipy.special import log_softmax as _log_softmax
@@ -71,6 +92,7 @@ class _AffineScaling(BaseCalibrator):
 
         x = self._design(z)
         n_samples, n_classes = x.shape
+        self._check_classes(n_classes)
         self._prepare(n_classes)
         coefficients = _normalised_weights(w, n_samples)
         rows = np.arange(n_samples)
@@ -107,7 +129,14 @@ class _AffineScaling(BaseCalibrator):
                 options={"maxiter": self.max_iter, "gtol": 1e-9, "ftol": 1e-12},
             )
         improved = found.fun <= start_value
-        self._store(found.x / scale if improved else theta0, n_classes)
+        theta = found.x / scale if improved else theta0
+        if not np.isfinite(theta).all() or np.abs(theta).max() > AFFINE_MAX_PARAMETER:
+            raise InvalidInput(
+                f"{self._label} diverged: a fitted parameter is outside [-{AFFINE_MAX_PARAMETER:g}, "
+                f"{AFFINE_MAX_PARAMETER:g}]; raise reg",
+                field="options",
+            )
+        self._store(theta, n_classes)
         self.convergence_ = {
             "iterations": int(found.nit),
             "gradient": float(np.max(np.abs(found.jac * scale))),
@@ -141,9 +170,11 @@ class VectorScaling(_AffineScaling):
     Parameters
     ----------
     reg : float, default=1e-4
-        L2 penalty pulling ``w`` to 1 and ``b`` to 0.
+        L2 penalty pulling ``w`` to 1 and ``b`` to 0; at most :data:`MAX_REG`.
     max_iter : int, default=1000
-        Most L-BFGS-B iterations.
+        Most L-BFGS-B iterations; at most :data:`AFFINE_MAX_ITER`.
+
+    Fitted and uploaded scales and biases lie within ``[-AFFINE_MAX_PARAMETER, AFFINE_MAX_PARAMETER]``.
 
     Attributes
     ----------
@@ -163,8 +194,8 @@ class VectorScaling(_AffineScaling):
     bias_: np.ndarray
 
     def __init__(self, *, reg: float = 1e-4, max_iter: int = 1000) -> None:
-        self.reg = _check_real(reg, "reg", minimum=0.0)
-        self.max_iter = check_positive_int(max_iter, "max_iter")
+        self.reg = _check_real(reg, "reg", minimum=0.0, maximum=MAX_REG)
+        self.max_iter = check_positive_int(max_iter, "max_iter", maximum=AFFINE_MAX_ITER)
 
     def _initial(self, n_classes: int) -> np.ndarray:
         return np.concatenate([np.ones(n_classes), np.zeros(n_classes)])
@@ -205,8 +236,11 @@ class VectorScaling(_AffineScaling):
         return {"scale": self.scale_.tolist(), "bias": self.bias_.tolist()}
 
     def _load_fitted(self, document: Mapping[str, Any], params: Mapping[str, Any], num_classes: int) -> None:
-        self.scale_ = _doc_shape(_doc_array(params["scale"], "scale", 1), "scale", (num_classes,))
-        self.bias_ = _doc_shape(_doc_array(params["bias"], "bias", 1), "bias", (num_classes,))
+        limit = AFFINE_MAX_PARAMETER
+        self.scale_ = _doc_shape(
+            _doc_array(params["scale"], "scale", 1, max_abs=limit), "scale", (num_classes,)
+        )
+        self.bias_ = _doc_shape(_doc_array(params["bias"], "bias", 1, max_abs=limit), "bias", (num_classes,))
 
 
 class MatrixScaling(_AffineScaling):
@@ -231,7 +265,11 @@ class MatrixScaling(_AffineScaling):
         real sets in ``tests/data`` the best test NLL came with about 0.1 for K = 10 and 1.0 for K = 100
         (K = 100 with 0.01 overfits: test NLL 1.12 against 0.84).
     max_iter : int, default=1000
-        Most L-BFGS-B iterations.
+        Most L-BFGS-B iterations; at most :data:`AFFINE_MAX_ITER`.
+
+    ``K`` is at most :data:`MATRIX_MAX_CLASSES` (1,000: ~200 MB of ``K x K`` arrays during a fit), on fit
+    and on upload; fitted and uploaded weights and biases lie within ``[-AFFINE_MAX_PARAMETER,
+    AFFINE_MAX_PARAMETER]``.
 
     Attributes
     ----------
@@ -255,12 +293,22 @@ class MatrixScaling(_AffineScaling):
     def __init__(
         self, *, reg: float = 1e-3, off_diagonal_reg: float | str = "auto", max_iter: int = 1000
     ) -> None:
-        self.reg = _check_real(reg, "reg", minimum=0.0)
+        self.reg = _check_real(reg, "reg", minimum=0.0, maximum=MAX_REG)
         if isinstance(off_diagonal_reg, str):
             self.off_diagonal_reg: float | str = check_choice(off_diagonal_reg, "off_diagonal_reg", ("auto",))
         else:
-            self.off_diagonal_reg = _check_real(off_diagonal_reg, "off_diagonal_reg", minimum=0.0)
-        self.max_iter = check_positive_int(max_iter, "max_iter")
+            self.off_diagonal_reg = _check_real(
+                off_diagonal_reg, "off_diagonal_reg", minimum=0.0, maximum=MAX_REG
+            )
+        self.max_iter = check_positive_int(max_iter, "max_iter", maximum=AFFINE_MAX_ITER)
+
+    def _check_classes(self, n_classes: int) -> None:
+        if n_classes > MATRIX_MAX_CLASSES:
+            raise InvalidInput(
+                f"matrix scaling is limited to {MATRIX_MAX_CLASSES:,} classes (its K x K matrix); got "
+                f"{n_classes:,}: use vector or temperature scaling",
+                field="num_classes",
+            )
 
     def _prepare(self, n_classes: int) -> None:
         if self.off_diagonal_reg == "auto":
@@ -315,8 +363,10 @@ class MatrixScaling(_AffineScaling):
         return {"weights": self.weights_.tolist(), "bias": self.bias_.tolist()}
 
     def _load_fitted(self, document: Mapping[str, Any], params: Mapping[str, Any], num_classes: int) -> None:
+        self._check_classes(num_classes)
+        limit = AFFINE_MAX_PARAMETER
         self.weights_ = _doc_shape(
-            _doc_array(params["weights"], "weights", 2), "weights", (num_classes, num_classes)
+            _doc_array(params["weights"], "weights", 2, max_abs=limit), "weights", (num_classes, num_classes)
         )
-        self.bias_ = _doc_shape(_doc_array(params["bias"], "bias", 1), "bias", (num_classes,))
+        self.bias_ = _doc_shape(_doc_array(params["bias"], "bias", 1, max_abs=limit), "bias", (num_classes,))
         self._prepare(num_classes)

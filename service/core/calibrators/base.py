@@ -55,18 +55,35 @@ def _check_real(
     *,
     minimum: float | None = None,
     strict: bool = False,
+    maximum: float | None = None,
     where: str = "option",
 ) -> float:
-    """A finite real number (bools refused), optionally ``>= minimum`` (``> minimum`` when ``strict``)."""
+    """A finite real number (bools refused), optionally ``>= minimum`` (``> minimum`` when ``strict``) and
+    ``<= maximum``."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise InvalidInput(f"{where} {name} must be a number, got {value!r}", field=name)
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a Python int beyond float64
+        raise InvalidInput(f"{where} {name} must be finite, got {value!r}", field=name) from None
     if not math.isfinite(number):
         raise InvalidInput(f"{where} {name} must be finite, got {value!r}", field=name)
     if minimum is not None and (number <= minimum if strict else number < minimum):
         relation = ">" if strict else ">="
         raise InvalidInput(f"{where} {name} must be {relation} {minimum:g}, got {value!r}", field=name)
+    if maximum is not None and number > maximum:
+        raise InvalidInput(f"{where} {name} must be <= {maximum:g}, got {value!r}", field=name)
     return number
+
+
+def _check_magnitude(value: float, name: str, limit: float, *, where: str = "calibrator document") -> float:
+    """``value`` with ``|value| <= limit`` (a fitted parameter's range); InvalidInput naming the limit."""
+    if not abs(value) <= limit:
+        raise InvalidInput(
+            f"{where} {name} = {value:g} is outside [-{limit:g}, {limit:g}], the range of this parameter",
+            field=name,
+        )
+    return value
 
 
 def _check_bool(value: Any, name: str) -> bool:
@@ -75,11 +92,12 @@ def _check_bool(value: Any, name: str) -> bool:
     return bool(value)
 
 
-def _doc_array(value: Any, name: str, ndim: int) -> np.ndarray:
-    """A finite float64 array of ``ndim`` dimensions read from a document's ``params``."""
+def _doc_array(value: Any, name: str, ndim: int, *, max_abs: float | None = None) -> np.ndarray:
+    """A finite float64 array of ``ndim`` dimensions read from a document's ``params`` (entries within
+    ``[-max_abs, max_abs]`` when given)."""
     try:
         array = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise InvalidInput(
             f"calibrator document params.{name} must be a rectangular list of numbers", field=name
         ) from None
@@ -89,6 +107,12 @@ def _doc_array(value: Any, name: str, ndim: int) -> np.ndarray:
         )
     if not np.isfinite(array).all():
         raise InvalidInput(f"calibrator document params.{name} holds NaN or Inf", field=name)
+    if max_abs is not None and array.size and np.abs(array).max() > max_abs:
+        raise InvalidInput(
+            f"calibrator document params.{name} holds {np.abs(array).max():g} in magnitude, outside "
+            f"[-{max_abs:g}, {max_abs:g}], the range of this parameter",
+            field=name,
+        )
     return array
 
 
@@ -100,8 +124,11 @@ def _doc_shape(array: np.ndarray, name: str, shape: tuple[int, ...]) -> np.ndarr
     return array
 
 
-def _doc_curves(params: Mapping[str, Any], x_name: str, y_name: str, n_curves: int) -> tuple[list, list]:
-    """Per-class piecewise curves (knots ``x`` increasing in [0, 1], values ``y`` in [0, 1]) of a document."""
+def _doc_curves(
+    params: Mapping[str, Any], x_name: str, y_name: str, n_curves: int, *, monotone: bool = False
+) -> tuple[list, list]:
+    """Per-class piecewise curves (knots ``x`` increasing in [0, 1], values ``y`` in [0, 1], non-decreasing
+    too when ``monotone``) of a document."""
     xs, ys = params[x_name], params[y_name]
     for name, value in ((x_name, xs), (y_name, ys)):
         if not isinstance(value, list | tuple) or len(value) != n_curves:
@@ -120,8 +147,18 @@ def _doc_curves(params: Mapping[str, Any], x_name: str, y_name: str, n_curves: i
             )
         if (np.diff(x) < 0).any():
             raise InvalidInput(f"calibrator document params.{x_name}[{k}] must be sorted", field=x_name)
+        if (x < 0).any() or (x > 1).any():
+            raise InvalidInput(
+                f"calibrator document params.{x_name}[{k}] must lie in [0, 1] (they are probabilities)",
+                field=x_name,
+            )
         if (y < 0).any() or (y > 1).any():
             raise InvalidInput(f"calibrator document params.{y_name}[{k}] must lie in [0, 1]", field=y_name)
+        if monotone and (np.diff(y) < 0).any():
+            raise InvalidInput(
+                f"calibrator document params.{y_name}[{k}] must be non-decreasing (an isotonic map is monotone)",
+                field=y_name,
+            )
         x_curves.append(x)
         y_curves.append(y)
     return x_curves, y_curves
@@ -274,7 +311,12 @@ class BaseCalibrator(ABC):
         """
         self._check_fitted()
         z = self._check_transform_input(logits) if validate else logits
-        return self._transform(z)
+        probabilities = self._transform(z)
+        # One sum over the answer: a NaN or Inf anywhere makes it non-finite. Parameters and logits are
+        # bounded so that this cannot happen; should it, the row is named instead of answered.
+        if not math.isfinite(float(probabilities.sum())):
+            _raise_non_finite(probabilities, self._label)
+        return probabilities
 
     def fit_transform(self, logits: Any, labels: Any, *, sample_weight: Any = None) -> np.ndarray:
         """``fit`` then ``transform`` on the same logits."""
@@ -371,6 +413,17 @@ class BaseCalibrator(ABC):
     def _load_fitted(
         self, document: Mapping[str, Any], params: Mapping[str, Any], num_classes: int
     ) -> None: ...
+
+
+def _raise_non_finite(probabilities: np.ndarray, label: str) -> None:
+    bad = ~np.isfinite(probabilities)
+    rows = np.flatnonzero(bad.any(axis=1)) if bad.any() else np.array([0])
+    row = int(rows[0])
+    raise InvalidInput(
+        f"{label} cannot calibrate logits row {row}: the calibrated probabilities overflow there",
+        field="logits",
+        row=row,
+    )
 
 
 _SCALING_METHODS = frozenset({"temperature", "vector", "matrix", "platt"})

@@ -11,11 +11,24 @@ import numpy as np
 from service.core import cancellation
 from service.core.calibrators.base import BaseCalibrator, _doc_array, _doc_curves, _renormalise
 from service.core.probability import softmax
-from service.core.validation import check_choice, check_positive_int
+from service.core.validation import check_choice, check_positive_int, check_work
 from service.errors import InvalidInput
 
 if TYPE_CHECKING:  # torch is imported only where a module is built
     import torch
+
+ONE_VS_REST_MAX_CLASSES = 1_000
+"""Most classes of isotonic regression and histogram binning: one curve is fitted per class, each with a
+fixed overhead (about 0.7 ms for scikit-learn's isotonic regression: 100,000 classes took over 70 s), and
+the document holds every curve."""
+ONE_VS_REST_MAX_WORK = 25_000_000
+"""Most ``rows x curves`` of a one-vs-rest fit: its float64 softmax is 8 bytes per entry (200 MB at the
+limit), and each curve sorts its column (50,000 x 500 or 25,000 x 1,000: a few seconds)."""
+HISTOGRAM_MAX_BINS = 1_000
+"""Most bins of histogram binning (``n_bins``). Each bin is an edge and a value in the document, about
+40 bytes of JSON: 1,000 bins x ``ONE_VS_REST_MAX_CLASSES`` curves is ~40 MB, within the 64 MiB upload
+limit (1e6 bins made a 77 MB document for one curve, and 1e9 grew the server to 23 GB). Beyond a few
+hundred bins most bins hold no fit sample anyway."""
 
 
 class _OneVsRest(BaseCalibrator):
@@ -42,6 +55,14 @@ class _OneVsRest(BaseCalibrator):
     def _set_curves(self, curves: list[tuple[Any, Any]]) -> None: ...
 
     def _fit(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
+        n_curves = self._n_curves(max(z.shape[1], 2))
+        self._check_curves(n_curves)
+        check_work(
+            z.shape[0] * n_curves,
+            ONE_VS_REST_MAX_WORK,
+            "logits",
+            f"{self._label} work ({z.shape[0]:,} rows x {n_curves:,} classes)",
+        )
         p = self._probabilities(z)
         if p.shape[1] == 2:
             curves = [self._fit_curve(p[:, 1], (y == 1).astype(np.float64), w)]
@@ -68,6 +89,14 @@ class _OneVsRest(BaseCalibrator):
     @staticmethod
     def _n_curves(num_classes: int) -> int:
         return 1 if num_classes == 2 else num_classes
+
+    def _check_curves(self, n_curves: int) -> None:
+        if n_curves > ONE_VS_REST_MAX_CLASSES:
+            raise InvalidInput(
+                f"{self._label} is limited to {ONE_VS_REST_MAX_CLASSES:,} classes (one curve each); got "
+                f"{n_curves:,}: use temperature or vector scaling",
+                field="num_classes",
+            )
 
 
 class IsotonicCalibration(_OneVsRest):
@@ -136,7 +165,10 @@ class IsotonicCalibration(_OneVsRest):
         }
 
     def _load_fitted(self, document: Mapping[str, Any], params: Mapping[str, Any], num_classes: int) -> None:
-        xs, ys = _doc_curves(params, "x_thresholds", "y_thresholds", self._n_curves(num_classes))
+        self._check_curves(self._n_curves(num_classes))
+        xs, ys = _doc_curves(
+            params, "x_thresholds", "y_thresholds", self._n_curves(num_classes), monotone=True
+        )
         self._set_curves(list(zip(xs, ys, strict=True)))
 
 
@@ -156,6 +188,7 @@ class HistogramBinning(_OneVsRest):
     Parameters
     ----------
     n_bins : int, default=15
+        At most :data:`HISTOGRAM_MAX_BINS`, on fit and on upload (bins per class in the document).
     binning : {"width", "mass"}, default="width"
 
     Attributes
@@ -178,7 +211,7 @@ class HistogramBinning(_OneVsRest):
     bin_values_: list[np.ndarray]
 
     def __init__(self, *, n_bins: int = 15, binning: str = "width") -> None:
-        self.n_bins = check_positive_int(n_bins, "n_bins")
+        self.n_bins = check_positive_int(n_bins, "n_bins", maximum=HISTOGRAM_MAX_BINS)
         self.binning = check_choice(binning, "binning", _BINNINGS)
 
     @property
@@ -233,6 +266,7 @@ class HistogramBinning(_OneVsRest):
 
     def _load_fitted(self, document: Mapping[str, Any], params: Mapping[str, Any], num_classes: int) -> None:
         n_curves = self._n_curves(num_classes)
+        self._check_curves(n_curves)
         for name in ("bin_edges", "bin_values"):
             if not isinstance(params[name], list | tuple) or len(params[name]) != n_curves:
                 raise InvalidInput(
@@ -248,9 +282,20 @@ class HistogramBinning(_OneVsRest):
                     f"(len(bin_edges[{k}]) - 1 = {edges.size - 1}), got {values.size}",
                     field="bin_values",
                 )
+            if values.size > HISTOGRAM_MAX_BINS:
+                raise InvalidInput(
+                    f"calibrator document params.bin_values[{k}] has {values.size:,} bins, above the limit "
+                    f"of {HISTOGRAM_MAX_BINS:,}",
+                    field="bin_values",
+                )
             if (np.diff(edges) < 0).any():
                 raise InvalidInput(
                     f"calibrator document params.bin_edges[{k}] must be sorted", field="bin_edges"
+                )
+            if edges[0] < 0 or edges[-1] > 1:
+                raise InvalidInput(
+                    f"calibrator document params.bin_edges[{k}] must lie in [0, 1] (they are probabilities)",
+                    field="bin_edges",
                 )
             if (values < 0).any() or (values > 1).any():
                 raise InvalidInput(

@@ -13,13 +13,23 @@ from service.core.calibrators.base import (
     BaseCalibrator,
     _binary_margin,
     _check_bool,
+    _check_magnitude,
     _check_real,
     _normalised_weights,
 )
 from service.core.validation import check_positive_int
+from service.errors import InvalidInput
 
 if TYPE_CHECKING:  # torch is imported only where a module is built
     import torch
+
+PLATT_MAX_ITER = 1_000
+"""Most trust-region iterations of a Platt fit (each one pass over the margins; fits take about 10)."""
+PLATT_MAX_PARAMETER = 1e12
+"""Largest magnitude of a fitted or uploaded slope and intercept; it keeps ``a d + b`` finite for every
+accepted logit (``|d| <= 2e100``). Fits run on margins rescaled to ``|d| <= 1``, where even separable data
+stops at a slope of a few tens there: in logit units about ``30 / gap`` for the smallest gap between the
+classes' margins, so 1e12 is only reached by classes separated by less than 1e-10."""
 
 
 class PlattScaling(BaseCalibrator):
@@ -39,7 +49,9 @@ class PlattScaling(BaseCalibrator):
         this). Perfectly separable data has no finite maximum-likelihood slope: plain MLE then stops at a
         large slope where the loss is numerically 0 (probabilities of 0 and 1).
     max_iter : int, default=100
-        Most trust-region iterations.
+        Most trust-region iterations; at most :data:`PLATT_MAX_ITER`.
+
+    The fitted (or uploaded) slope and intercept lie within ``[-PLATT_MAX_PARAMETER, PLATT_MAX_PARAMETER]``.
 
     Attributes
     ----------
@@ -64,7 +76,7 @@ class PlattScaling(BaseCalibrator):
 
     def __init__(self, *, smooth_targets: bool = False, max_iter: int = 100) -> None:
         self.smooth_targets = _check_bool(smooth_targets, "smooth_targets")
-        self.max_iter = check_positive_int(max_iter, "max_iter")
+        self.max_iter = check_positive_int(max_iter, "max_iter", maximum=PLATT_MAX_ITER)
 
     def _fit(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
         from scipy.optimize import minimize
@@ -106,8 +118,14 @@ class PlattScaling(BaseCalibrator):
             method="trust-exact",
             options={"gtol": 1e-12, "maxiter": self.max_iter},
         )
-        self.slope_ = float(found.x[0] / scale)
-        self.intercept_ = float(found.x[1])
+        slope, intercept = float(found.x[0] / scale), float(found.x[1])
+        if not (abs(slope) <= PLATT_MAX_PARAMETER and abs(intercept) <= PLATT_MAX_PARAMETER):
+            raise InvalidInput(
+                f"Platt scaling diverged (slope {slope:g}, intercept {intercept:g}, outside "
+                f"[-{PLATT_MAX_PARAMETER:g}, {PLATT_MAX_PARAMETER:g}]); try smooth_targets=true",
+                field="options",
+            )
+        self.slope_, self.intercept_ = slope, intercept
         self.convergence_ = {
             "iterations": int(found.nit),
             "gradient": float(np.max(np.abs(found.jac))),
@@ -132,5 +150,10 @@ class PlattScaling(BaseCalibrator):
         return {"slope": self.slope_, "intercept": self.intercept_}
 
     def _load_fitted(self, document: Mapping[str, Any], params: Mapping[str, Any], num_classes: int) -> None:
-        self.slope_ = _check_real(params["slope"], "slope", where="calibrator document")
-        self.intercept_ = _check_real(params["intercept"], "intercept", where="calibrator document")
+        where = "calibrator document"
+        self.slope_ = _check_magnitude(
+            _check_real(params["slope"], "slope", where=where), "slope", PLATT_MAX_PARAMETER
+        )
+        self.intercept_ = _check_magnitude(
+            _check_real(params["intercept"], "intercept", where=where), "intercept", PLATT_MAX_PARAMETER
+        )

@@ -11,7 +11,7 @@ import numpy as np
 
 from service.core.calibrators.base import BaseCalibrator, _check_real
 from service.core.probability import softmax, two_column_logits
-from service.core.validation import check_choice, check_positive_int
+from service.core.validation import MAX_NUM_CLASSES, check_choice, check_positive_int
 from service.errors import InvalidInput
 
 if TYPE_CHECKING:  # torch is imported only by a fit, a large transform or an export
@@ -108,6 +108,18 @@ def _safeguarded_newton(
 
 
 _TEMPERATURE_OBJECTIVES = ("nll", "weighted_nll", "focal", "brier")
+TEMPERATURE_RANGE = (1e-3, 1e3)
+"""Every temperature (fitted, uploaded, and both ``bounds``) lies in this range. Logits are at most
+``MAX_ABS_LOGIT = 1e100`` in magnitude, so ``z / T`` stays below 1e103, far from float64's end (T = 2e-300
+turned 1e99 into Inf and answered NaN). Fitted temperatures of real classifiers lie within [0.05, 20]; at
+T = 1e-3 a logit gap of 0.1 is already a one-hot answer, and at T = 1e3 a gap of 100 is a near-uniform one,
+so the range loses no useful calibration."""
+TEMPERATURE_MAX_ITER = 1_000
+"""Most Newton iterations (or Brent evaluations) of a temperature fit: one pass over the logits each (1M x
+10: ~50 ms); Newton converges in under 10, so the limit only stops a runaway request (~50 s at 1M x 10)."""
+MAX_GAMMA = 100.0
+"""Largest focusing parameter of the focal objective (published values are 0.5 to 5; ``(1 - p)**gamma``
+underflows to 0 for every row long before 100)."""
 
 
 class TemperatureScaling(BaseCalibrator):
@@ -143,14 +155,14 @@ class TemperatureScaling(BaseCalibrator):
     gamma : float, default=2.0
         Focusing parameter of the focal objective (``gamma = 0`` is NLL).
     bounds : (float, float), default=(0.05, 100.0)
-        Allowed range of ``T``.
+        Allowed range of ``T``; both within :data:`TEMPERATURE_RANGE` ``(1e-3, 1e3)``.
     tol : float, default=1e-12
         Relative accuracy of ``beta = 1 / T``. Newton stops at a step in ``beta`` below
         ``sqrt(tol) * beta`` and takes it (its error after a step of relative size ``s`` is of order
         ``s**2``); ``convergence_["gradient"]`` is the gradient before that last step. Brent's ``xatol``
         on ``log T`` is ``max(tol, 1e-10)``.
     max_iter : int, default=100
-        Most Newton iterations (Brent: most evaluations, at least 50).
+        Most Newton iterations (Brent: most evaluations, at least 50); at most :data:`TEMPERATURE_MAX_ITER`.
 
     Attributes
     ----------
@@ -192,16 +204,23 @@ class TemperatureScaling(BaseCalibrator):
     ) -> None:
         self.objective = check_choice(objective, "objective", _TEMPERATURE_OBJECTIVES)
         self.class_weight = self._check_class_weight(class_weight)
-        self.gamma = _check_real(gamma, "gamma", minimum=0.0)
+        self.gamma = _check_real(gamma, "gamma", minimum=0.0, maximum=MAX_GAMMA)
         if not isinstance(bounds, list | tuple | np.ndarray) or len(bounds) != 2:
             raise InvalidInput(f"option bounds must be a pair (T_min, T_max), got {bounds!r}", field="bounds")
         low = _check_real(bounds[0], "bounds[0]", minimum=0.0, strict=True)
         high = _check_real(bounds[1], "bounds[1]", minimum=0.0, strict=True)
+        t_min, t_max = TEMPERATURE_RANGE
+        if not (t_min <= low <= t_max and t_min <= high <= t_max):
+            raise InvalidInput(
+                f"option bounds must lie within [{t_min:g}, {t_max:g}] (the range of temperatures), got "
+                f"{list(bounds)!r}",
+                field="bounds",
+            )
         if not low < high:
             raise InvalidInput(f"option bounds must satisfy T_min < T_max, got {bounds!r}", field="bounds")
         self.bounds = (low, high)
-        self.tol = _check_real(tol, "tol", minimum=0.0, strict=True)
-        self.max_iter = check_positive_int(max_iter, "max_iter")
+        self.tol = _check_real(tol, "tol", minimum=0.0, strict=True, maximum=1.0)
+        self.max_iter = check_positive_int(max_iter, "max_iter", maximum=TEMPERATURE_MAX_ITER)
 
     @staticmethod
     def _check_class_weight(class_weight: Any) -> str | tuple[float, ...] | None:
@@ -212,8 +231,15 @@ class TemperatureScaling(BaseCalibrator):
                 f"option class_weight must be None, 'balanced' or a list of weights, got {class_weight!r}",
                 field="class_weight",
             )
+        if len(class_weight) > MAX_NUM_CLASSES:
+            raise InvalidInput(
+                f"option class_weight has {len(class_weight):,} entries, above the limit of "
+                f"{MAX_NUM_CLASSES:,} classes",
+                field="class_weight",
+            )
         weights = tuple(
-            _check_real(v, f"class_weight[{k}]", minimum=0.0) for k, v in enumerate(np.asarray(class_weight))
+            _check_real(v, f"class_weight[{k}]", minimum=0.0, maximum=1e100)
+            for k, v in enumerate(np.asarray(class_weight))
         )
         if not weights or sum(weights) <= 0:
             raise InvalidInput("option class_weight must hold positive weights", field="class_weight")
@@ -258,6 +284,11 @@ class TemperatureScaling(BaseCalibrator):
         else:
             temperature, convergence = self._fit_brent(objective)
         t_min, t_max = self.bounds
+        if not math.isfinite(temperature):
+            raise InvalidInput(
+                f"the temperature fit did not give a finite temperature ({temperature!r}); check the logits",
+                field="logits",
+            )
         self.temperature_ = float(min(max(temperature, t_min), t_max))
         self.convergence_ = convergence
         if convergence["at_bound"] is not None:
@@ -431,5 +462,13 @@ class TemperatureScaling(BaseCalibrator):
                     f"calibrator document temperature {top!r} disagrees with params.temperature {temperature!r}",
                     field="temperature",
                 )
+        # Its own bounds when the document states them, else the range of every temperature.
+        t_min, t_max = self.bounds if "bounds" in params else TEMPERATURE_RANGE
+        if not t_min <= temperature <= t_max:
+            where = "its bounds params.bounds" if "bounds" in params else "the range of temperatures"
+            raise InvalidInput(
+                f"calibrator document temperature {temperature!r} lies outside {where} [{t_min:g}, {t_max:g}]",
+                field="temperature",
+            )
         self.temperature_ = temperature
         self.class_weight_ = None

@@ -4,7 +4,8 @@ Each calibrator's :meth:`~service.core.calibrators.base.BaseCalibrator.torch_mod
 its fitted parameters (this module is imported only then, so that fitting and serving logits never import
 torch through it). Every module maps logits ``(N, C)`` to probabilities ``(N, K)`` exactly as the numpy
 ``transform`` does: in float64, one logit column read as the binary ``[0, z]``, the same formulas. Answers
-are float64 for float64 logits, float32 otherwise. The one-vs-rest curves (isotonic, histogram) are stored as
+are float64 for float64 logits, float32 otherwise. Rows beyond ``MAX_ABS_LOGIT`` (which the service refuses)
+are scaled into it by :func:`into_domain`, so every finite input gives finite rows that sum to 1. The one-vs-rest curves (isotonic, histogram) are stored as
 padded per-class tensors and evaluated with ``torch.searchsorted``. All of them can be compiled to
 TorchScript (:mod:`service.export` does, through :mod:`service.registry`).
 """
@@ -15,6 +16,29 @@ import math
 
 import numpy as np
 import torch
+
+DOMAIN_LIMIT = 1e100
+"""The limit :func:`into_domain` scales rows into: ``service.core.validation.MAX_ABS_LOGIT``."""
+
+
+def into_domain(z: torch.Tensor) -> torch.Tensor:
+    """float64 logits with every row of magnitude above ``MAX_ABS_LOGIT`` scaled by a power of two into it.
+
+    The service refuses such rows (InvalidInput naming the row); an exported module cannot answer an error
+    per row, and without this ``z / T``, ``W z`` or ``z1 - z0`` of logits near 1e308 overflow to Inf and the
+    softmax answers NaN. A power of two scales exactly, so the row keeps its order and ratios. At that
+    scale any two distinct logits of a row differ by more than 1e84, so softmax, temperature scaling and
+    the one-vs-rest curves answer the same one-hot (or tied) row as they would on the unscaled logits;
+    vector, matrix and Platt scaling's biases weigh relatively more after scaling, which can only matter
+    where the scaled scores tie. float32 logits (at most 3.4e38) are never scaled.
+    """
+    limit = 1e100  # MAX_ABS_LOGIT (TorchScript cannot read a global; a test checks they agree)
+    magnitude = z.abs().amax(dim=1, keepdim=True)
+    outside = (magnitude > limit) & torch.isfinite(magnitude)
+    if not bool(outside.any()):
+        return z
+    exponent = torch.ceil(torch.log2(torch.where(outside, magnitude, torch.ones_like(magnitude)) / limit))
+    return z * torch.exp2(-exponent)
 
 
 def answer_dtype(probabilities: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -59,7 +83,7 @@ class SoftmaxModule(torch.nn.Module):
     """No calibrator: the plain softmax (identity calibration)."""
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        z = two_columns(logits.to(torch.float64))
+        z = two_columns(into_domain(logits.to(torch.float64)))
         return answer_dtype(torch.softmax(z, dim=1), logits)
 
 
@@ -71,7 +95,9 @@ class TemperatureModule(torch.nn.Module):
         self.inverse_temperature = 1.0 / float(temperature)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        z = two_columns(logits.to(torch.float64))
+        z = two_columns(into_domain(logits.to(torch.float64)))
+        # the row maximum first: z - max(z) is at most 0, so a small T cannot overflow it to Inf
+        z = z - z.amax(dim=1, keepdim=True)
         return answer_dtype(torch.softmax(z * self.inverse_temperature, dim=1), logits)
 
 
@@ -86,7 +112,7 @@ class AffineModule(torch.nn.Module):
         self.register_buffer("bias", float64_buffer(bias))
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        z = logits.to(torch.float64)
+        z = into_domain(logits.to(torch.float64))
         if z.shape[1] <= 2:
             margin = binary_margin(z)
             x = torch.stack([torch.zeros_like(margin), margin], dim=1)
@@ -105,7 +131,9 @@ class PlattModule(torch.nn.Module):
         self.intercept = float(intercept)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        positive = torch.sigmoid(self.slope * binary_margin(logits.to(torch.float64)) + self.intercept)
+        positive = torch.sigmoid(
+            self.slope * binary_margin(into_domain(logits.to(torch.float64))) + self.intercept
+        )
         return answer_dtype(torch.stack([1.0 - positive, positive], dim=1), logits)
 
 
@@ -149,7 +177,7 @@ class OneVsRestModule(torch.nn.Module):
         return torch.where(scores >= last, self.values[:, n_knots - 1 :], out)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(two_columns(logits.to(torch.float64)), dim=1)
+        p = torch.softmax(two_columns(into_domain(logits.to(torch.float64))), dim=1)
         if p.shape[1] == 2:
             positive = self._curves(p[:, 1].unsqueeze(0))[0]
             return answer_dtype(torch.stack([1.0 - positive, positive], dim=1), logits)
