@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     body_grace_s: float = Field(
         10.0, ge=0.0, le=3600.0, description="seconds a body may arrive at any pace before the rate counts"
     )
+    cors_origins: str = Field(
+        "",
+        description="comma-separated browser origins allowed to call (and write to) the service; '*' for "
+        "any; empty: CORS off and cross-origin writes refused",
+    )
     batch_max_size: int = Field(
         0, ge=0, le=1_000_000, description="dynamic batching of /predict: rows per batch (0: off)"
     )

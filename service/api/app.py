@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from service.api import errors, openapi
+from service.api.browsers import EXPOSED_HEADERS, CrossOriginGuard, cors_origins
 from service.api.deps import no_repeated_query
 from service.api.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from service.api.observability import MetricsMiddleware
@@ -78,4 +80,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ConcurrencyLimitMiddleware, max_concurrency=settings.max_concurrency)
+    origins = cors_origins(settings.cors_origins)
+    app.add_middleware(CrossOriginGuard, allowed_origins=origins)
+    if origins:  # outermost: preflights are answered, and refusals carry the CORS headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+        )
     return app

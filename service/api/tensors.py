@@ -96,6 +96,37 @@ def request_type(header: bytes | str | None) -> str:
     )
 
 
+def body_type(header: bytes | str | None, allowed: tuple[str, ...], default: str | None = None) -> str:
+    """The media type of a request body, one of ``allowed``; else 415 naming them.
+
+    Without a Content-Type the body is read as ``default`` (the route's first type unless given), as
+    non-browser clients often send none; browsers send one (text/plain, a form) or, when they send none,
+    an ``Origin`` that the cross-origin guard (:mod:`service.api.browsers`) refuses unless allowed.
+    """
+    if not header:
+        return default or allowed[0]
+    kind = media_type(header)
+    if kind == "application/npy" and NPY in allowed:
+        return NPY
+    if kind in allowed:
+        return kind
+    raise UnsupportedMediaType(
+        f"Content-Type {kind[:100]!r} is not supported here; send {' or '.join(allowed)}"
+    )
+
+
+def require_json_answer(accept: bytes | str | None) -> None:
+    """406 unless ``Accept`` admits JSON (the answer, or its problem+json errors)."""
+    if not accept:
+        return
+    if isinstance(accept, bytes):
+        accept = accept.decode("latin-1")
+    for _, _, kind in _accepted(accept):
+        if kind in (JSON, "application/problem+json", "*/*", "application/*"):
+            return
+    raise NotAcceptable(f"cannot answer {accept[:100]!r}; this route answers {JSON}")
+
+
 def _accepted(header: str) -> Iterable[tuple[float, int, str]]:
     for position, part in enumerate(header.split(",")):
         pieces = [piece.strip() for piece in part.split(";")]

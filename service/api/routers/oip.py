@@ -49,7 +49,7 @@ from service.api.auth import ReadAccess
 from service.api.bodies import LeanRequest, LeanRoute, authorize
 from service.api.deps import ModelName, Plane, Version
 from service.api.routers import fallback
-from service.api.tensors import check_shape
+from service.api.tensors import JSON, RAW, body_type, check_shape
 from service.errors import InvalidInput
 from service.names import parse_version, validate_model_name
 from service.serving.dataplane import DataPlane
@@ -271,6 +271,8 @@ async def infer(request: LeanRequest) -> Response:
     name = validate_model_name(request.path_params["name"])
     version = parse_version(request.path_params.get("version"), field="model version")
     plane.require_ready()
+    # JSON, or (binary extension) JSON followed by tensor bytes, which some clients label octet-stream
+    body_type(request.header("content-type"), (JSON, RAW))
     header_length = request.header(HEADER_LENGTH.lower())
     decoded = parse_infer(
         await request.body(), header_length.decode("latin-1") if header_length is not None else None

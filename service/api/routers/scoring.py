@@ -7,11 +7,12 @@ from fastapi import APIRouter, Request
 
 from service.api.auth import ReadAccess
 from service.api.bodies import NumpyJSONResponse, json_body
+from service.api.deps import JSONAnswer
 from service.api.labelled import labelled_bodies, read_labelled
 from service.api.schemas import MetricsRequest, labelled
 from service.serving.dataplane import DataPlane, EvaluateSpec
 
-router = APIRouter(prefix="/v1", tags=["metrics"], dependencies=ReadAccess)
+router = APIRouter(prefix="/v1", tags=["metrics"], dependencies=[*ReadAccess, *JSONAnswer])
 
 
 @router.post(
