@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from service.api import errors, openapi
+from service.api import docs, errors, openapi
 from service.api.browsers import EXPOSED_HEADERS, CrossOriginGuard, cors_origins
 from service.api.deps import no_repeated_query
 from service.api.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
@@ -66,10 +66,13 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         responses=openapi.COMMON_RESPONSES,
         dependencies=[Depends(no_repeated_query)],
+        docs_url=None,  # served from the package by docs.install, not from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.dataplane = plane
     errors.install(app)
+    docs.install(app)
     app.router.routes.extend([*inference.ROUTES, *oip.ROUTES])  # the hot paths, as plain ASGI routes
     for router in (health.router, models.router, calibrators.router, inference.router, scoring.router):
         app.include_router(router)
