@@ -222,7 +222,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.body_timer = None
         if self.refused or self.transport.is_closing():
             return
-        if not self.flow.read_paused:  # paused: the service is not reading, the client is not to blame
+        # Time counts only while the client is the one to wait for: not while reading is paused (the
+        # application has not asked for more), nor before "100 Continue" went out to a client that asked.
+        waiting_for_us = self.flow.read_paused or (
+            self.cycle is not None and self.cycle.waiting_for_100_continue
+        )
+        if not waiting_for_us:
             self.body_active_s += TICK_S
         guard = self.guard
         if (
