@@ -182,3 +182,41 @@ def test_kept_alive_connections_serve_many_requests(server):
             sock.sendall(head + BODY)
             assert read_response(sock).status == 200
             time.sleep(0.3)  # pauses between requests are the keep-alive timeout's business, not the head's
+
+
+def test_malformed_tensor_headers_are_400_and_keep_the_connection(server):
+    """Issue #11 part 3 on a real server: these were 500s that logged two tracebacks and dropped the
+    connection; now 400 in the path's format, and the same connection serves the next request."""
+    npy_f1 = b"\x93NUMPY\x01\x00" + (76).to_bytes(2, "little")
+    npy_f1 += b"{'descr': '<f1', 'fortran_order': False, 'shape': (0,), }".ljust(75) + b"\n"
+    oip = orjson.dumps({"inputs": [{"name": "logits", "datatype": "FP32", "shape": [0, 10**19], "data": []}]})
+    cases = [
+        (
+            "/v1/models/m/calibrate",
+            {"Content-Type": "application/octet-stream", "X-Tensor-Shape": "1,\xb3"},
+            b"\0" * 8,
+        ),
+        (
+            "/v1/models/m/calibrate",
+            {"Content-Type": "application/octet-stream", "X-Tensor-Shape": "0,99999999999999999999999"},
+            b"",
+        ),
+        ("/v1/models/m/calibrate", {"Content-Type": "application/x-npy"}, npy_f1),
+        ("/v2/models/m/infer", {"Content-Type": "application/json"}, oip),
+    ]
+    follow = request_head(
+        "POST",
+        "/v1/models/m/calibrate",
+        {"Content-Type": "application/json", "Content-Length": str(len(BODY))},
+    )
+    for path, headers, body in cases:
+        with connect(server.port) as sock:
+            sock.sendall(request_head("POST", path, {**headers, "Content-Length": str(len(body))}) + body)
+            answer = read_response(sock)
+            assert answer.status == 400, (path, headers, answer)
+            if path.startswith("/v2"):
+                assert answer.json().keys() == {"error"}
+            else:
+                assert answer.headers["content-type"] == "application/problem+json"
+            sock.sendall(follow + BODY)
+            assert read_response(sock).status == 200
