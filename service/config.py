@@ -34,6 +34,27 @@ class Settings(BaseSettings):
     auth: Literal["auto", "on", "off"] = "auto"
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_concurrency: int = Field(1024, ge=1)
+    # Connection guards (service/api/connections.py, which says why these defaults).
+    max_connections: int = Field(
+        1024, ge=1, description="open connections per worker; beyond it a new one gets 503 and is closed"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, le=3600.0, description="seconds a request's line and headers may take to arrive (408)"
+    )
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, le=16 * 1024 * 1024, description="bytes of request line and headers (431)"
+    )
+    body_min_rate: int = Field(
+        1024, ge=0, description="bytes/s a request body must average after the grace period (408; 0: off)"
+    )
+    body_grace_s: float = Field(
+        10.0, ge=0.0, le=3600.0, description="seconds a body may arrive at any pace before the rate counts"
+    )
+    cors_origins: str = Field(
+        "",
+        description="comma-separated browser origins allowed to call (and write to) the service; '*' for "
+        "any; empty: CORS off and cross-origin writes refused",
+    )
     batch_max_size: int = Field(
         0, ge=0, le=1_000_000, description="dynamic batching of /predict: rows per batch (0: off)"
     )

@@ -65,6 +65,14 @@ class Overloaded(CalibserveError):
     """More requests (or request bytes) are in flight than the configured limits allow; retry shortly."""
 
 
+class RequestTimeout(CalibserveError):
+    """A request's headers, or its body, did not arrive in time (too slowly, or not at all)."""
+
+
+class HeadersTooLarge(CalibserveError):
+    """A request's line and headers are larger than the configured limit."""
+
+
 class PayloadTooLarge(CalibserveError):
     """A request body (or message) is larger than the configured limit."""
 

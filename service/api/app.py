@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
-from service.api import errors, openapi
+from service.api import docs, errors, openapi
+from service.api.browsers import EXPOSED_HEADERS, CrossOriginGuard, cors_origins
 from service.api.deps import no_repeated_query
 from service.api.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from service.api.observability import MetricsMiddleware
@@ -64,10 +66,13 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         responses=openapi.COMMON_RESPONSES,
         dependencies=[Depends(no_repeated_query)],
+        docs_url=None,  # served from the package by docs.install, not from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.dataplane = plane
     errors.install(app)
+    docs.install(app)
     app.router.routes.extend([*inference.ROUTES, *oip.ROUTES])  # the hot paths, as plain ASGI routes
     for router in (health.router, models.router, calibrators.router, inference.router, scoring.router):
         app.include_router(router)
@@ -78,4 +83,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ConcurrencyLimitMiddleware, max_concurrency=settings.max_concurrency)
+    origins = cors_origins(settings.cors_origins)
+    app.add_middleware(CrossOriginGuard, allowed_origins=origins)
+    if origins:  # outermost: preflights are answered, and refusals carry the CORS headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+        )
     return app

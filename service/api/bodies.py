@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
-from service.api import auth
+from service.api import auth, tensors
 from service.api.deps import single_values
 from service.core.cancellation import Budget
 from service.errors import InvalidInput, InvalidParameter
@@ -115,7 +115,8 @@ async def cancelled_on_disconnect(request: Request, budget: Budget) -> AsyncIter
 
 
 async def read_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object (orjson); 400 naming the problem otherwise."""
+    """The request body as a JSON object (orjson); 415 for another Content-Type, 400 for a bad body."""
+    tensors.body_type(request.headers.get("content-type"), (tensors.JSON,))
     return parse_object(await request.body())
 
 

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 from fastapi import Depends, Path, Query, Request
 from pydantic import WithJsonSchema
 
+from service.api.tensors import require_json_answer
 from service.errors import InvalidParameter
 from service.names import MAX_VERSION, parse_version, validate_model_name
 from service.serving.dataplane import DataPlane
@@ -40,6 +41,14 @@ def single_values(query_string: bytes | str, names: frozenset[str] | None = None
 
 async def no_repeated_query(request: Request) -> None:
     single_values(request.scope.get("query_string", b""))
+
+
+async def json_answer(request: Request) -> None:
+    """406 unless the client accepts JSON: the routes that answer only JSON say so instead of ignoring it."""
+    require_json_answer(request.headers.get("accept"))
+
+
+JSONAnswer = [Depends(json_answer)]
 
 
 async def model_name(name: str) -> str:

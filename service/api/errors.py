@@ -17,6 +17,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service import errors
@@ -36,9 +37,11 @@ STATUS_OF: tuple[tuple[type[errors.CalibserveError], int, str], ...] = (
     (errors.PermissionDenied, 403, "forbidden"),
     (errors.NotFound, 404, "not-found"),
     (errors.NotAcceptable, 406, "not-acceptable"),
+    (errors.RequestTimeout, 408, "request-timeout"),
     (errors.Conflict, 409, "conflict"),
     (errors.PayloadTooLarge, 413, "content-too-large"),
     (errors.UnsupportedMediaType, 415, "unsupported-media-type"),
+    (errors.HeadersTooLarge, 431, "request-header-fields-too-large"),
     (errors.ModelFailed, 502, "model-failed"),
     (errors.WorkTimeout, 504, "work-timeout"),
     (errors.WorkCancelled, 503, "work-cancelled"),
@@ -54,9 +57,11 @@ TITLES = {
     404: "Not Found",
     405: "Method Not Allowed",
     406: "Not Acceptable",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",
+    431: "Request Header Fields Too Large",
     422: "Unprocessable Content",
     500: "Internal Server Error",
     502: "Bad Gateway",
@@ -114,6 +119,10 @@ def from_exception(exc: Exception) -> HTTPError | None:
         return from_domain(exc)
     if isinstance(exc, RequestValidationError):
         return from_validation(exc)
+    if isinstance(exc, ClientDisconnect):  # nobody reads the answer; no traceback for it either
+        return HTTPError(
+            400, "the client disconnected before sending the whole request body", "invalid-input"
+        )
     if isinstance(exc, StarletteHTTPException):
         headers = dict(getattr(exc, "headers", None) or {}) or None
         return HTTPError(exc.status_code, str(exc.detail), headers=headers)

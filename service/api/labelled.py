@@ -34,8 +34,9 @@ async def read_labelled(
 ) -> ModelT:
     """The body of a labelled route as ``model``; ``route_parameters`` are query parameters the route itself
     declares (``version``), which are not body fields."""
+    kind = tensors.body_type(request.headers.get("content-type"), (tensors.JSON, tensors.NPZ))
     body = await request.body()
-    if tensors.media_type(request.headers.get("content-type")) != tensors.NPZ:
+    if kind != tensors.NPZ:
         return validate_object(parse_object(body), model)
     data: dict[str, Any] = {}
     for key, value in parse_qsl(

@@ -28,6 +28,10 @@ class BodyTooLarge(Exception):
     """Raised inside ``receive`` when a streamed body passes the limit."""
 
 
+class BodyOverBudget(Exception):
+    """Raised inside ``receive`` when a chunk would take the bodies in flight past the limit."""
+
+
 async def send_error(scope: Scope, send: Send, exc: CalibserveError, *, close: bool = False) -> None:
     """Answer ``exc`` as the one exception handler would, from outside the application."""
     status, body, media_type, headers = rendered(scope.get("path", ""), from_domain(exc))
@@ -60,10 +64,13 @@ class BodyLimitMiddleware:
 
     The second limit bounds memory, not bandwidth: parsing a JSON body into Python objects and numpy costs
     up to ~40 bytes per byte of body (a list of one-number rows is the worst), so without it a few dozen
-    concurrent maximal bodies would take a worker's memory by the tens of gigabytes. One request is always
-    admitted whatever its size (within the limit), and small bodies barely count, so only concurrent large
-    uploads meet it. A body declared by Content-Length counts from the start; a chunked one as it arrives
-    (it weighs on the others' admission, but is not refused itself once it has started).
+    concurrent maximal bodies would take a worker's memory by the tens of gigabytes. Bytes count as they
+    arrive, not as declared: a client that declares 64 MiB and sends one byte holds one byte of the budget
+    (and is dropped by the body rate guard, :mod:`service.api.connections`), so it cannot refuse everyone
+    else's requests. A request is refused up front when the bytes already held plus its declared length
+    pass the limit, and while streaming when its next chunk would take the total past it; one request
+    alone is always served whatever its size (within the limit), and small bodies barely count, so only
+    concurrent large uploads meet it.
     """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
@@ -74,6 +81,12 @@ class BodyLimitMiddleware:
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(
             f"request body is larger than the limit of {self.max_body_bytes} bytes (CALIBSERVE_MAX_BODY_BYTES)"
+        )
+
+    def _overloaded(self) -> Overloaded:
+        return Overloaded(
+            f"request bodies in flight would exceed {self.max_body_bytes} bytes (CALIBSERVE_MAX_BODY_BYTES); "
+            "retry shortly"
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,29 +110,23 @@ class BodyLimitMiddleware:
         # requests without a declared body (GET, probes, chunked uploads) are never refused here
         if declared and self.bytes_in_flight and self.bytes_in_flight + declared > limit:
             await drain(receive)
-            await send_error(
-                scope,
-                send,
-                Overloaded(
-                    f"request bodies in flight would exceed {limit} bytes (CALIBSERVE_MAX_BODY_BYTES); retry shortly"
-                ),
-            )
+            await send_error(scope, send, self._overloaded())
             return
 
         received = 0
-        counted = declared
         response_started = False
         body_complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received, counted, body_complete
+            nonlocal received, body_complete
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
                 body_complete = not message.get("more_body", False)
-                if received > counted:  # chunked, or more than declared (the server refuses that itself)
-                    self.bytes_in_flight += received - counted
-                    counted = received
+                if size and self.bytes_in_flight > received and self.bytes_in_flight + size > limit:
+                    raise BodyOverBudget  # others hold the rest of the budget: this one cannot grow
+                received += size
+                self.bytes_in_flight += size
                 if received > limit:
                     raise BodyTooLarge
             return message
@@ -130,17 +137,17 @@ class BodyLimitMiddleware:
                 response_started = True
             await send(message)
 
-        self.bytes_in_flight += declared
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyOverBudget) as exc:
             if response_started:
                 raise
             if not body_complete:  # past the last chunk, receive() would wait for a disconnect
                 await drain(receive)
-            await send_error(scope, send, self._too_large(), close=True)
+            error = self._too_large() if isinstance(exc, BodyTooLarge) else self._overloaded()
+            await send_error(scope, send, error, close=True)
         finally:
-            self.bytes_in_flight -= counted
+            self.bytes_in_flight -= received
 
 
 class ConcurrencyLimitMiddleware:

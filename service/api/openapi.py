@@ -169,8 +169,10 @@ _INFER_ANSWERS = {
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "bad input (problem+json)"},
     401: {"description": "missing or unknown API key"},
-    403: {"description": "API key lacks the role"},
+    403: {"description": "API key lacks the role, or a write from a foreign browser origin"},
+    408: {"description": "headers or body too slow (CALIBSERVE_HEADER_TIMEOUT_S, CALIBSERVE_BODY_MIN_RATE)"},
     413: {"description": "body over CALIBSERVE_MAX_BODY_BYTES"},
+    431: {"description": "request headers over CALIBSERVE_MAX_HEADER_BYTES"},
     503: {"description": "not ready, store not writable, or overloaded"},
 }
 
@@ -284,6 +286,10 @@ def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
                 responses.setdefault("404", {"description": "no such model (or calibrator version)"})
             if "requestBody" in operation or parameters:
                 responses.setdefault("422", {"description": "a field or parameter fails validation"})
+            if "requestBody" in operation:
+                responses.setdefault("415", {"description": "a Content-Type this route does not read"})
+            if path.startswith("/v1/") and not path.endswith("/export"):
+                responses.setdefault("406", {"description": "Accept names no type this route answers"})
             for status, response in responses.items():
                 if status.isdigit() and int(status) >= 400:
                     response["content"] = _PROBLEM_CONTENT

@@ -77,6 +77,19 @@ def loop_and_parser() -> tuple[str, str]:
     return loop, http
 
 
+def http_protocol(http: str) -> str | type:
+    """uvicorn's ``http``: the guarded httptools protocol (:mod:`service.api.connections`), or h11."""
+    if http != "httptools":
+        logger.warning(
+            "httptools is not installed: header time, body rate and connection guards are off "
+            "(only CALIBSERVE_MAX_HEADER_BYTES and CALIBSERVE_MAX_CONNECTIONS apply, through h11)"
+        )
+        return http
+    from service.api.connections import GuardedHttpToolsProtocol
+
+    return GuardedHttpToolsProtocol
+
+
 def reuse_port_socket(family: int, address: tuple[Any, ...]) -> socket.socket:
     """A TCP socket bound to ``address`` with ``SO_REUSEADDR`` and ``SO_REUSEPORT``."""
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -187,13 +200,16 @@ def _run(settings: Settings) -> None:
         "port": settings.port,
         "workers": settings.workers,
         "loop": loop,
-        "http": http,
+        "http": http_protocol(http),
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": 30,
         # A worker answers the supervisor's health pings only once torch and the app are imported, which
         # takes longer than uvicorn's default 5 s on a busy small machine: it was killed and respawned.
         "timeout_worker_healthcheck": 60,
     }
+    if http == "h11":  # h11 bounds an unfinished head itself; the other guards need httptools
+        options["h11_max_incomplete_event_size"] = settings.max_header_bytes
+        options["limit_concurrency"] = settings.max_connections
     if settings.workers == 1 or not hasattr(socket, "SO_REUSEPORT"):
         uvicorn.run("service.api.server:app_factory", **options)
         return

@@ -27,11 +27,12 @@ the float64 values. Without an ``Accept`` header (or with ``*/*``) the answer ta
 
 from __future__ import annotations
 
+import ast
 import io
 import math
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -50,6 +51,13 @@ VERSION_HEADER = "X-Calibrator-Version"
 PREDICTED_HEADER = "X-Predicted-Class"
 MAX_PREDICTED_CLASS_ROWS = 1024
 MAX_DIMENSIONS = 8
+# Bounds of every shape a request declares (header, .npy, .npz member, OIP tensor), checked before any
+# allocation: a dimension fits in an int32 (what torch and most clients index with), and so does the
+# number of elements of the non-zero dimensions (2**31 float32 values are 8 GiB, far past any body limit).
+MAX_DIMENSION = 2**31 - 1
+MAX_ELEMENTS = 2**31 - 1
+MAX_DIGITS = 10
+_DIGITS = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
 
 # Element types accepted in raw bodies, by their X-Tensor-Dtype name; always little-endian on the wire.
 RAW_DTYPES: dict[str, np.dtype] = {
@@ -60,8 +68,11 @@ RAW_DTYPES: dict[str, np.dtype] = {
 _NPY_MAGIC = b"\x93NUMPY"
 # The header np.save writes for a plain C-ordered array; anything else goes through np.load.
 _NPY_SIMPLE_HEADER = re.compile(
-    rb"\{'descr': '(?P<descr>[<|=]?[fiu][1248])', 'fortran_order': False, 'shape': \((?P<shape>[0-9, ]*)\), \}"
+    rb"\{'descr': '(?P<descr>[<|=]?[a-z][0-9]{1,2})', 'fortran_order': False, 'shape': \((?P<shape>[0-9, ]*)\), \}"
 )
+# Element types of .npy bodies and .npz members: numbers and booleans (read in the machine's byte order).
+_NPY_DESCR = re.compile(r"[<>=|]?(?:f[248]|[iu][1248]|b1)")
+MAX_NPY_HEADER_BYTES = 10_000  # numpy's own default bound (np.lib.format's max_header_size)
 
 
 def media_type(header: bytes | str | None) -> str:
@@ -83,6 +94,37 @@ def request_type(header: bytes | str | None) -> str:
     raise UnsupportedMediaType(
         f"Content-Type {kind!r} is not supported; send one of {', '.join(MEDIA_TYPES)}"
     )
+
+
+def body_type(header: bytes | str | None, allowed: tuple[str, ...], default: str | None = None) -> str:
+    """The media type of a request body, one of ``allowed``; else 415 naming them.
+
+    Without a Content-Type the body is read as ``default`` (the route's first type unless given), as
+    non-browser clients often send none; browsers send one (text/plain, a form) or, when they send none,
+    an ``Origin`` that the cross-origin guard (:mod:`service.api.browsers`) refuses unless allowed.
+    """
+    if not header:
+        return default or allowed[0]
+    kind = media_type(header)
+    if kind == "application/npy" and NPY in allowed:
+        return NPY
+    if kind in allowed:
+        return kind
+    raise UnsupportedMediaType(
+        f"Content-Type {kind[:100]!r} is not supported here; send {' or '.join(allowed)}"
+    )
+
+
+def require_json_answer(accept: bytes | str | None) -> None:
+    """406 unless ``Accept`` admits JSON (the answer, or its problem+json errors)."""
+    if not accept:
+        return
+    if isinstance(accept, bytes):
+        accept = accept.decode("latin-1")
+    for _, _, kind in _accepted(accept):
+        if kind in (JSON, "application/problem+json", "*/*", "application/*"):
+            return
+    raise NotAcceptable(f"cannot answer {accept[:100]!r}; this route answers {JSON}")
 
 
 def _accepted(header: str) -> Iterable[tuple[float, int, str]]:
@@ -122,18 +164,60 @@ def response_type(accept: bytes | str | None, request_kind: str) -> str:
 # ------------------------------------------------------------------------------------------------ decode
 
 
+def check_shape(
+    dims: Sequence[int], what: str, *, min_dims: int = 1, field: str | None = None
+) -> tuple[int, ...]:
+    """``dims`` if they make a shape this service reads: ``min_dims`` to :data:`MAX_DIMENSIONS` non-negative
+    integers, each at most :data:`MAX_DIMENSION`, the non-zero ones multiplying to at most
+    :data:`MAX_ELEMENTS`; else 400 naming ``what`` (and ``field``, ``what`` by default). Checked before
+    anything is allocated for the array."""
+    field = field or what
+    if not min_dims <= len(dims) <= MAX_DIMENSIONS:
+        raise InvalidInput(
+            f"{what} must have {min_dims} to {MAX_DIMENSIONS} dimensions, got {len(dims)}", field=field
+        )
+    elements = 1
+    for size in dims:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidInput(f"{what}: dimensions must be non-negative integers, got {size!r}", field=field)
+        if size > MAX_DIMENSION:
+            raise InvalidInput(f"{what}: dimension {size} is over the limit of {MAX_DIMENSION}", field=field)
+        elements *= max(size, 1)
+        if elements > MAX_ELEMENTS:
+            raise InvalidInput(
+                f"{what}: shape {list(dims)} holds more than {MAX_ELEMENTS} elements", field=field
+            )
+    return tuple(dims)
+
+
+def shape_from_text(
+    text: str, what: str, *, min_dims: int = 1, trailing_comma: bool = False, field: str | None = None
+) -> tuple[int, ...]:
+    """The one parser of shapes written as text (``"64,1000"``; ``"64, 1000,"`` in ``.npy`` headers with
+    ``trailing_comma``): ASCII digits only (``str.isdigit`` also takes ``'³'``), at most
+    :data:`MAX_DIGITS` of them per dimension, then :func:`check_shape`. 400 naming ``what`` otherwise."""
+    field = field or what
+    parts = [part.strip(" ") for part in text.split(",")]
+    if trailing_comma and len(parts) > 1 and parts[-1] == "":
+        parts.pop()  # "(3,)" and "(3, 4,)" as Python writes tuples; "(1,,3)" stays malformed
+    if parts == [""]:
+        parts = []
+    if not all(_DIGITS.fullmatch(part) for part in parts):
+        raise InvalidInput(
+            f"{what} must be {min_dims} to {MAX_DIMENSIONS} comma-separated non-negative integers "
+            f"(at most {MAX_DIGITS} digits each), got {text[:100]!r}",
+            field=field,
+        )
+    return check_shape([int(part) for part in parts], what, min_dims=min_dims, field=field)
+
+
 def parse_shape(text: bytes | str | None, *, header: str = SHAPE_HEADER) -> tuple[int, ...]:
     """``"64,1000"`` -> ``(64, 1000)``; 400 naming the header for anything else."""
     if text is None:
         raise InvalidInput(f"a raw tensor body needs its shape in the {header} header, e.g. '64,1000'")
     if isinstance(text, bytes):
         text = text.decode("latin-1")
-    parts = [part.strip() for part in text.split(",")]
-    if not 1 <= len(parts) <= MAX_DIMENSIONS or not all(part.isdigit() for part in parts):
-        raise InvalidInput(
-            f"{header} must be 1 to {MAX_DIMENSIONS} comma-separated non-negative integers, got {text!r}"
-        )
-    return tuple(int(part) for part in parts)
+    return shape_from_text(text, header)
 
 
 def raw_dtype(text: bytes | str | None) -> np.dtype:
@@ -150,26 +234,78 @@ def raw_dtype(text: bytes | str | None) -> np.dtype:
         ) from None
 
 
-def decode_raw(body: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def decode_raw(
+    body: bytes | memoryview,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    *,
+    fortran_order: bool = False,
+    what: str = "body",
+) -> np.ndarray:
     """``body`` as a ``shape`` array of ``dtype`` (a writable copy); 400 on a size mismatch."""
-    count = 1
-    for size in shape:
-        count *= size
-    expected = count * dtype.itemsize
+    check_shape(shape, what, min_dims=0)
+    expected = math.prod(shape) * dtype.itemsize
     if len(body) != expected:
         raise InvalidInput(
-            f"the body has {len(body)} bytes; shape {','.join(map(str, shape))} of {dtype.name} needs "
-            f"{expected}",
-            field="body",
+            f"the {'body' if what == 'body' else what} has {len(body)} bytes; shape "
+            f"{','.join(map(str, shape))} of {dtype.name} needs {expected}",
+            field=what,
         )
     # a copy: a view of the immutable body would be read-only, which torch.from_numpy warns about
-    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
+    array = np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+    return array.astype(dtype.newbyteorder("="), order="C", copy=True)
 
 
-def decode_npy(body: bytes) -> np.ndarray:
-    """The array in a ``.npy`` body; never unpickles. 400 for anything that is not one numeric array."""
-    if not body.startswith(_NPY_MAGIC) or len(body) < 10:
-        raise InvalidInput("the body is not a .npy file (it lacks the \\x93NUMPY magic)", field="body")
+def npy_dtype(descr: object, what: str) -> np.dtype:
+    """The element type of a ``.npy`` ``descr``: numbers and booleans only (``'<f1'`` is no type at all)."""
+    if not isinstance(descr, str) or not _NPY_DESCR.fullmatch(descr):
+        raise InvalidInput(
+            f"{what}: a .npy array must hold numbers (float16/32/64, signed or unsigned integers, "
+            f"booleans), got elements of type {str(descr)[:40]!r}",
+            field=what,
+        )
+    return np.dtype(descr)
+
+
+def read_npy_header(header: bytes, what: str) -> tuple[np.dtype, bool, tuple[int, ...]]:
+    """``(dtype, fortran_order, shape)`` of a ``.npy`` header dictionary, parsed strictly.
+
+    The header np.save writes is matched directly; any other spelling is read with ``ast.literal_eval``
+    (a literal, never code) after a bound on its length. Either way the element type must be one of
+    :func:`npy_dtype`'s and the shape passes :func:`check_shape` before anything is allocated.
+    """
+    match = _NPY_SIMPLE_HEADER.match(header)
+    if match is not None:
+        dtype = npy_dtype(match["descr"].decode("ascii"), what)
+        shape = shape_from_text(
+            match["shape"].decode("ascii"),
+            f"{what}: the .npy shape",
+            min_dims=0,
+            trailing_comma=True,
+            field=what,
+        )
+        return dtype, False, shape
+    if len(header) > MAX_NPY_HEADER_BYTES:
+        raise InvalidInput(f"{what}: the .npy header is over {MAX_NPY_HEADER_BYTES} bytes", field=what)
+    try:
+        fields = ast.literal_eval(header.decode("latin-1"))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        fields = None
+    if not isinstance(fields, dict) or set(fields) != {"descr", "fortran_order", "shape"}:
+        raise InvalidInput(
+            f"{what}: the .npy header is not a dictionary of descr, fortran_order and shape", field=what
+        )
+    shape, fortran_order = fields["shape"], fields["fortran_order"]
+    if not isinstance(fortran_order, bool) or not isinstance(shape, tuple):
+        raise InvalidInput(f"{what}: the .npy header's fortran_order or shape is malformed", field=what)
+    shape = check_shape(shape, f"{what}: the .npy shape", min_dims=0, field=what)
+    return npy_dtype(fields["descr"], what), fortran_order, shape
+
+
+def _npy_parts(body: bytes | memoryview, what: str) -> tuple[np.dtype, bool, tuple[int, ...], int]:
+    """``(dtype, fortran_order, shape, offset of the data)`` of a ``.npy`` file's bytes."""
+    if bytes(body[:6]) != _NPY_MAGIC or len(body) < 10:
+        raise InvalidInput(f"{what} is not a .npy file (it lacks the \\x93NUMPY magic)", field=what)
     major = body[6]
     if major == 1:
         header_length = int.from_bytes(body[8:10], "little")
@@ -178,22 +314,17 @@ def decode_npy(body: bytes) -> np.ndarray:
         header_length = int.from_bytes(body[8:12], "little")
         start = 12
     else:
-        raise InvalidInput(f"unsupported .npy format version {major}", field="body")
-    header = body[start : start + header_length]
-    # np.load parses the header with ast.literal_eval (tens of microseconds); the header np.save writes
-    # for a C-ordered numeric array is matched directly instead, and everything else goes to np.load.
-    match = _NPY_SIMPLE_HEADER.match(header)
-    if match is not None:
-        dtype = np.dtype(match["descr"].decode())
-        shape = tuple(int(size) for size in match["shape"].decode().replace(" ", "").split(",") if size)
-        return decode_raw(memoryview(body)[start + header_length :], shape, dtype)
-    try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError, SyntaxError) as exc:
-        raise InvalidInput(f"the body is not a readable .npy array: {exc}", field="body") from None
-    if not isinstance(array, np.ndarray):
-        raise InvalidInput("the body must hold one .npy array, not an .npz archive", field="body")
-    return array
+        raise InvalidInput(f"{what}: unsupported .npy format version {major}", field=what)
+    if start + header_length > len(body):
+        raise InvalidInput(f"{what}: the .npy header runs past the end of the data", field=what)
+    dtype, fortran_order, shape = read_npy_header(bytes(body[start : start + header_length]), what)
+    return dtype, fortran_order, shape, start + header_length
+
+
+def decode_npy(body: bytes) -> np.ndarray:
+    """The array in a ``.npy`` body; never unpickles. 400 for anything that is not one numeric array."""
+    dtype, fortran_order, shape, offset = _npy_parts(body, "body")
+    return decode_raw(memoryview(body)[offset:], shape, dtype, fortran_order=fortran_order)
 
 
 def decode_npz(body: bytes, *, max_bytes: int) -> dict[str, np.ndarray]:
@@ -228,6 +359,8 @@ def decode_npz(body: bytes, *, max_bytes: int) -> dict[str, np.ndarray]:
         try:
             with archive.open(member) as stream:
                 arrays[key] = _read_npz_member(stream, key, member.file_size)
+        except InvalidInput:
+            raise
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             raise InvalidInput(
                 f"the .npz member {key!r} is not a readable .npy array: {exc}", field=key
@@ -236,28 +369,24 @@ def decode_npz(body: bytes, *, max_bytes: int) -> dict[str, np.ndarray]:
 
 
 def _read_npz_member(stream, key: str, size: int) -> np.ndarray:
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-    elif version in ((2, 0), (3, 0)):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
-    else:
-        raise InvalidInput(
-            f"the .npz member {key!r} has an unsupported .npy format version {version}", field=key
-        )
-    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
-        raise InvalidInput(f"{key} must hold numbers, got elements of type {dtype.str!r}", field=key)
-    header = stream.tell()
+    # Read the magic and header length, then the header itself, and check the shape against the member's
+    # size before reading its data: the member's size is bounded (by the archive's total) and so is the read.
+    prefix = stream.read(12)
+    major = prefix[6] if len(prefix) > 6 else 0
+    header_length = int.from_bytes(prefix[8:10] if major == 1 else prefix[8:12], "little")
+    start = 10 if major == 1 else 12
+    if header_length > MAX_NPY_HEADER_BYTES or start + header_length > size:
+        raise InvalidInput(f"the .npz member {key!r} is not a readable .npy array", field=key)
+    head = prefix + stream.read(start + header_length - len(prefix))
+    dtype, fortran_order, shape, offset = _npy_parts(head, key)
     expected = math.prod(shape) * dtype.itemsize
-    if header + expected != size:
+    if offset + expected != size:
         raise InvalidInput(
             f"{key}: its header says shape {list(shape)} of {dtype.name} ({expected} bytes) but it holds "
-            f"{size - header}",
+            f"{size - offset}",
             field=key,
         )
-    data = stream.read(expected)
-    array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
-    return np.array(array, order="C")  # a writable copy: the body's bytes are read-only
+    return decode_raw(stream.read(expected), shape, dtype, fortran_order=fortran_order, what=key)
 
 
 def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:

@@ -134,7 +134,7 @@ def test_hostile_archives_are_refused_before_allocation(wrn):
     with zipfile.ZipFile(liar, "w") as archive:
         archive.writestr("logits.npy", member)
         archive.writestr("labels.npy", member)
-    _problem(wrn.post("/v1/metrics", content=liar.getvalue(), headers=NPZ), 400, "holds")
+    _problem(wrn.post("/v1/metrics", content=liar.getvalue(), headers=NPZ), 400, "1000000000000")
     # a small compressed archive that expands past the body limit (64 MiB here)
     bomb = io.BytesIO()
     np.savez_compressed(bomb, logits=np.zeros((9_000_000, 1)), labels=np.zeros(1, int))

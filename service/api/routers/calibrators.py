@@ -9,12 +9,12 @@ from starlette.responses import Response
 
 from service.api.auth import AdminAccess, ReadAccess
 from service.api.bodies import NumpyJSONResponse, cancelled_on_disconnect, json_body, read_object
-from service.api.deps import ModelName, Plane, Version
+from service.api.deps import JSONAnswer, ModelName, Plane, Version
 from service.api.labelled import labelled_bodies, read_labelled
 from service.api.schemas import FitRequest, labelled
 from service.serving.dataplane import FitSpec
 
-router = APIRouter(prefix="/v1/models/{name}", tags=["calibrators"])
+router = APIRouter(prefix="/v1/models/{name}", tags=["calibrators"], dependencies=JSONAnswer)
 
 _FIT_EXAMPLE = {
     "logits": [[2.0, 0.5, -1.0], [0.1, 1.2, 0.3], [-0.5, 0.0, 3.1]],

@@ -19,6 +19,10 @@ async def healthz() -> Response:
     return Response(_ALIVE, media_type="application/json")
 
 
+# HEAD answers as GET does (headers only); probes and load balancers use it. Not a separate operation.
+router.head("/healthz", include_in_schema=False, response_class=Response)(healthz)
+
+
 @router.get(
     "/readyz",
     summary="Readiness: models and store loaded",
@@ -29,6 +33,9 @@ async def readyz(plane: Plane) -> Response:
     ``store`` but keeps the service ready: calibrate and predict still serve the active calibrators, and an
     orchestrator that took every replica out of rotation for it would turn a failing write into an outage."""
     return NumpyJSONResponse(await plane.readiness())
+
+
+router.head("/readyz", include_in_schema=False)(readyz)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -29,14 +29,14 @@ from service.api.bodies import (
     parse_object,
     validate_object,
 )
-from service.api.deps import ModelName, PinnedVersion, Plane
+from service.api.deps import JSONAnswer, ModelName, PinnedVersion, Plane
 from service.api.labelled import labelled_bodies, read_labelled
 from service.api.schemas import CalibrateRequest, EvaluateRequest, PredictRequest, labelled, one_of
 from service.errors import InvalidInput
 from service.names import parse_version, validate_model_name
 from service.serving.dataplane import DataPlane, EvaluateSpec, Prediction
 
-router = APIRouter(prefix="/v1/models/{name}", tags=["inference"], dependencies=ReadAccess)
+router = APIRouter(prefix="/v1/models/{name}", tags=["inference"], dependencies=[*ReadAccess, *JSONAnswer])
 
 HeaderGetter = Callable[[str], "str | bytes | None"]
 

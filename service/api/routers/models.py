@@ -7,13 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
+from service.api import tensors
 from service.api.auth import AdminAccess, ReadAccess
 from service.api.bodies import NumpyJSONResponse, json_body, read_json
-from service.api.deps import ModelName, Plane
+from service.api.deps import JSONAnswer, ModelName, Plane
 from service.api.schemas import ModelSpec
-from service.errors import InvalidInput
+from service.api.tensors import shape_from_text
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=JSONAnswer)
 
 
 @router.get("", summary="List models with their active calibrator", dependencies=ReadAccess)
@@ -52,12 +53,8 @@ def _upload_metadata(request: Request) -> dict:
         if header:
             metadata[key] = header.split(",") if key == "class_names" else header
     if "input_shape" in metadata:
-        try:
-            metadata["input_shape"] = [int(part) for part in metadata["input_shape"].split(",")]
-        except ValueError:
-            raise InvalidInput(
-                "X-Model-Input-Shape must be comma-separated integers", field="input_shape"
-            ) from None
+        shape = shape_from_text(metadata["input_shape"], "X-Model-Input-Shape", field="input_shape")
+        metadata["input_shape"] = list(shape)
     return metadata
 
 
@@ -73,6 +70,7 @@ def _upload_metadata(request: Request) -> dict:
     },
 )
 async def put_torchscript(name: ModelName, request: Request, plane: Plane) -> NumpyJSONResponse:
+    tensors.body_type(request.headers.get("content-type"), (tensors.RAW,))
     info = await plane.put_torchscript(name, await request.body(), _upload_metadata(request))
     return NumpyJSONResponse(plane.model_summary(info))
 

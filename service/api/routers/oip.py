@@ -49,6 +49,7 @@ from service.api.auth import ReadAccess
 from service.api.bodies import LeanRequest, LeanRoute, authorize
 from service.api.deps import ModelName, Plane, Version
 from service.api.routers import fallback
+from service.api.tensors import JSON, RAW, body_type, check_shape
 from service.errors import InvalidInput
 from service.names import parse_version, validate_model_name
 from service.serving.dataplane import DataPlane
@@ -95,13 +96,9 @@ def _flag(value: Any, what: str) -> bool:
 
 
 def _shape(value: Any, name: str) -> tuple[int, ...]:
-    if (
-        not isinstance(value, list)
-        or not value
-        or any(isinstance(size, bool) or not isinstance(size, int) or size < 0 for size in value)
-    ):
+    if not isinstance(value, list) or not value:
         raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers, got {value!r}")
-    return tuple(value)
+    return check_shape(value, f"input {name!r} shape")
 
 
 def _tensor_from_json(data: Any, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -274,6 +271,8 @@ async def infer(request: LeanRequest) -> Response:
     name = validate_model_name(request.path_params["name"])
     version = parse_version(request.path_params.get("version"), field="model version")
     plane.require_ready()
+    # JSON, or (binary extension) JSON followed by tensor bytes, which some clients label octet-stream
+    body_type(request.header("content-type"), (JSON, RAW))
     header_length = request.header(HEADER_LENGTH.lower())
     decoded = parse_infer(
         await request.body(), header_length.decode("latin-1") if header_length is not None else None

@@ -7,12 +7,12 @@ from fastapi import APIRouter, Request
 
 from service.api.auth import ReadAccess
 from service.api.bodies import NumpyJSONResponse, cancelled_on_disconnect, json_body
-from service.api.deps import Plane
+from service.api.deps import JSONAnswer, Plane
 from service.api.labelled import labelled_bodies, read_labelled
 from service.api.schemas import MetricsRequest, labelled
 from service.serving.dataplane import EvaluateSpec
 
-router = APIRouter(prefix="/v1", tags=["metrics"], dependencies=ReadAccess)
+router = APIRouter(prefix="/v1", tags=["metrics"], dependencies=[*ReadAccess, *JSONAnswer])
 
 
 @router.post(
