@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     batch_max_delay_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="dynamic batching: longest wait of a batch's first request"
     )
+    model_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="longest a TorchScript forward pass (or an upload's smoke check) may run; "
+        "past it the request answers 504 and the model is marked stalled",
+    )
     log_level: str = "info"
 
     @field_validator("api_keys")

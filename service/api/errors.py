@@ -39,6 +39,7 @@ STATUS_OF: tuple[tuple[type[errors.CalibserveError], int, str], ...] = (
     (errors.Conflict, 409, "conflict"),
     (errors.PayloadTooLarge, 413, "content-too-large"),
     (errors.UnsupportedMediaType, 415, "unsupported-media-type"),
+    (errors.ModelTimeout, 504, "model-timeout"),
     (errors.ModelFailed, 502, "model-failed"),
     (errors.StoreUnavailable, 503, "store-unavailable"),
     (errors.NotReady, 503, "not-ready"),
@@ -59,6 +60,7 @@ TITLES = {
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
 
 
