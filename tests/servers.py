@@ -24,7 +24,15 @@ def free_port() -> int:
 class Server:
     """A `calibserve serve` process; `stop()` sends SIGTERM (or SIGKILL) and waits."""
 
-    def __init__(self, store: Path, *, models: Path | None = None, workers: int = 1, env: dict | None = None):
+    def __init__(
+        self,
+        store: Path,
+        *,
+        models: Path | None = None,
+        workers: int = 1,
+        env: dict | None = None,
+        wait_loaded: bool = True,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
@@ -41,15 +49,17 @@ class Server:
         environment = {**os.environ, "CALIBSERVE_LOG_LEVEL": "warning", **(env or {})}
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.process = subprocess.Popen(command, env=environment, cwd=REPO, start_new_session=True)
-        self.wait_ready()
+        self.wait_ready(loaded=wait_loaded)
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0, *, loaded: bool = True) -> None:
+        """Wait for /readyz to answer 200 and, with ``loaded``, to list no pending (still loading) models."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                response = httpx.get(self.url + "/readyz", timeout=1.0)
+                if response.status_code == 200 and not (loaded and response.json().get("pending_models")):
                     return
             except httpx.HTTPError:
                 pass

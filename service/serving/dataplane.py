@@ -110,6 +110,11 @@ class DataPlane:
     def require_ready(self) -> None:
         self.state.require_ready()
 
+    def stalled_models(self) -> dict[str, str]:
+        """Models with a forward pass past the time limit that has not returned (it holds a thread of the
+        model's own until it does): name -> reason."""
+        return self.state.registry.stalled()
+
     async def readiness(self) -> dict[str, Any]:
         """NotReady until loaded. A store that cannot be written (read-only volume, disk full) is reported
         under ``store`` but keeps the service ready: calibrate and predict still serve the active
@@ -125,6 +130,7 @@ class DataPlane:
             "status": "ready",
             "models": sorted(self.state.registry.names()),
             "failing_models": self.state.registry.failing(),
+            "pending_models": self.state.pending(),
             "store": store,
         }
 
@@ -191,7 +197,7 @@ class DataPlane:
         record = {**record, "kind": "torchscript", "num_classes": checked.num_classes}
         await in_thread(self.state.store.put_model, name, record)
         await in_thread(self.state.store.put_torchscript, name, data)
-        self.state.sync_uploaded_model(name)
+        self.state.install_uploaded(checked)
         return self.state.model_info(name)
 
     async def delete_model(self, name: str) -> None:
@@ -325,7 +331,7 @@ class DataPlane:
         on, concurrent requests share the forward pass.
         """
         state = self.state
-        state.sync_uploaded_model(name)
+        await self._sync_uploaded(name)
         registry = state.registry
         model, batch = await compute(registry.prepare, name, inputs, size=inputs.size)
         calibrator = entry.calibrator
@@ -346,6 +352,12 @@ class DataPlane:
             MODEL_FAILURES.labels(name).inc()
             raise
 
+    async def _sync_uploaded(self, name: str) -> None:
+        """Load an uploaded model whose file changed (another worker's upload) in a thread: a load runs
+        the file's time-limited smoke check, never on the event loop. NotReady while it is pending."""
+        if self.state.uploaded_model_changed(name):
+            await in_thread(self.state.sync_uploaded_model, name)
+
     async def _scores(self, info: ModelInfo, data: Labelled) -> tuple[np.ndarray, bool]:
         """Scores of a labelled set: logits/probabilities as sent, or inputs run through the model."""
         if data.kind != "inputs":
@@ -354,7 +366,7 @@ class DataPlane:
             raise InvalidInput(
                 f"model {info.name!r} is logits-only; send logits or probabilities", field="inputs"
             )
-        self.state.sync_uploaded_model(info.name)
+        await self._sync_uploaded(info.name)
         try:
             logits = await in_thread(self.state.registry.predict, info.name, data.values)
         except ModelFailed:
@@ -403,7 +415,7 @@ class DataPlane:
         info, entry = self.lookup(name, version)
         model = None
         if info.kind == "torchscript":
-            self.state.sync_uploaded_model(name)
+            await self._sync_uploaded(name)
             model = self.state.registry.get(name)  # ModelFailed for a model that failed to load
         metadata = {
             "model": name,
