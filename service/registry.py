@@ -417,8 +417,7 @@ class ModelRegistry:
     def install(self, model: LoadedModel) -> LoadedModel:
         """Make a checked model serve under its name (one dictionary assignment under the lock)."""
         name = model.name
-        if model.runner is None:
-            model.runner = ModelRunner(name, timeout=self.timeout, threads=MODEL_THREADS)
+        self._runner(model)
         with self._lock:
             self._models[name] = model
             self._load_failures.pop(name, None)
@@ -523,15 +522,12 @@ class ModelRegistry:
                 reasons[model.name] = stalled
         return dict(sorted(reasons.items()))
 
-    def stalled(self) -> dict[str, str]:
-        """Models with a forward pass past the time limit that has not returned: name -> reason."""
-        with self._lock:
-            models = list(self._models.values())
-        reasons = {}
-        for model in models:
-            if model.runner is not None and model.runner.stalled:
-                reasons[model.name] = model.runner.stall_reason() or "stalled"
-        return dict(sorted(reasons.items()))
+    @staticmethod
+    def stalled() -> dict[str, str]:
+        """Forward passes (smoke checks included) past the time limit that have not returned, in this
+        process: model name -> what they hold. Each keeps one thread busy until it returns, also when its
+        model was replaced, refused or removed since."""
+        return stalled_passes()
 
     # ----------------------------------------------------------------------------------------- inference
 
@@ -567,36 +563,48 @@ class ModelRegistry:
         The pass runs on the model's own threads and waits at most the registry's ``timeout``
         (:class:`ModelRunner`): past it, or while the model is stalled, ModelTimeout.
         """
+        return self._runner(model).wait(self.submit(model, batch, calibrator))
+
+    def submit(
+        self, model: LoadedModel, batch: np.ndarray, calibrator: torch.nn.Module | None = None
+    ) -> Future:
+        """:meth:`run` without the wait: the future of ``(logits, probabilities)``, computed on the model's
+        own threads. Whoever waits for it (e.g. an event loop, holding no thread) waits :attr:`timeout`
+        at most, then calls :meth:`expire`. ModelTimeout at once while the model is stalled."""
 
         def forward() -> tuple[np.ndarray, np.ndarray | None]:
-            with torch.inference_mode():
-                tensor = torch.from_numpy(batch).to(model.device)
-                try:
-                    output = model.module(tensor)
-                except Exception as exc:  # anything the TorchScript code raises is the model's fault
-                    raise ModelFailed(f"model {model.name!r} raised: {_first_line(exc)}") from None
-                output = _check_output(model.name, output, batch.shape[0], model.output_columns)
-                probabilities = _calibrate_on_device(model.name, calibrator, output)
-                logits = output.detach().to("cpu", torch.float32)
-                # When no conversion was needed, the memory is the model's (possibly a buffer, or the input
-                # batch itself): hand out a copy, never an alias.
-                array = logits.numpy()
-                if logits.data_ptr() == output.data_ptr():
-                    array = array.copy()
+            try:
+                with torch.inference_mode():
+                    tensor = torch.from_numpy(batch).to(model.device)
+                    try:
+                        output = model.module(tensor)
+                    except Exception as exc:  # anything the TorchScript code raises is the model's fault
+                        raise ModelFailed(f"model {model.name!r} raised: {_first_line(exc)}") from None
+                    output = _check_output(model.name, output, batch.shape[0], model.output_columns)
+                    probabilities = _calibrate_on_device(model.name, calibrator, output)
+                    logits = output.detach().to("cpu", torch.float32)
+                    # When no conversion was needed, the memory is the model's (possibly a buffer, or the
+                    # input batch itself): hand out a copy, never an alias.
+                    array = logits.numpy()
+                    if logits.data_ptr() == output.data_ptr():
+                        array = array.copy()
+            except ModelFailed as exc:
+                self._record_failure(model, str(exc))
+                raise
+            self._record_success(model)
             return array, probabilities
 
-        runner = model.runner
-        if runner is None:  # installed without one (not through check_bytes)
-            runner = model.runner = ModelRunner(model.name, timeout=self.timeout, threads=MODEL_THREADS)
-        try:
-            result = runner.call(forward)
-        except ModelTimeout:  # the runner reports the stall itself (failing(), stalled())
-            raise
-        except ModelFailed as exc:
-            self._record_failure(model, str(exc))
-            raise
-        self._record_success(model)
-        return result
+        return self._runner(model).submit(forward)
+
+    def expire(self, model: LoadedModel, future: Future) -> ModelTimeout | None:
+        """The ModelTimeout for a :meth:`submit` ted pass whose wait ran out, marking the model stalled if
+        it is still running; None if it finished meanwhile (take its result). See :class:`ModelRunner`."""
+        return self._runner(model).expire(future)
+
+    def _runner(self, model: LoadedModel) -> ModelRunner:
+        if model.runner is None:  # installed without one (not through check_bytes)
+            model.runner = ModelRunner(model.name, timeout=self.timeout, threads=MODEL_THREADS)
+        return model.runner
 
     def calibrator_on_device(self, model: LoadedModel, calibrator: Any | None) -> torch.nn.Module | None:
         """:func:`~service.core.calibrators.calibrator_module` of ``calibrator`` (the plain softmax for None)
@@ -912,39 +920,59 @@ class ModelRunner:
 
     def call(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` on one of this model's threads; ModelTimeout past the limit or when stalled."""
+        return self.wait(self.submit(function, *args))
+
+    def wait(self, future: Future) -> Any:
+        """The result of a :meth:`submit` ted call, waiting :attr:`timeout` at most (then :meth:`expire`)."""
+        try:
+            return future.result(self.timeout)
+        except (FutureTimeout, CancelledError):  # cancelled: dropped from the queue by a stall
+            pass
+        error = self.expire(future)
+        if error is None:
+            return future.result()
+        raise error
+
+    def submit(self, function: Callable[..., T], *args: Any) -> Future:
+        """Queue ``function(*args)`` for this model's threads: the future of its answer. Whoever waits for
+        it waits :attr:`timeout` at most, then calls :meth:`expire`. ModelTimeout at once when stalled."""
         if self._overdue:
             raise ModelTimeout(f"model {self.name!r} is {self.stall_reason() or 'stalled'}")
-        future: Future = Future()
-        started = [0.0]
+        job = _Job()
         with self._lock:
-            self._jobs.put((future, function, args, started))
+            self._jobs.put((job, function, args))
             if self._jobs.qsize() > self._idle and self._threads < self.max_threads:
                 self._threads += 1
                 threading.Thread(target=self._work, name=f"model-{self.name}", daemon=True).start()
-        try:
-            return future.result(self.timeout)
-        except FutureTimeout:
-            pass
-        except CancelledError:  # dropped from the queue when the model stalled
-            raise ModelTimeout(f"model {self.name!r} is {self.stall_reason() or 'stalled'}") from None
-        if future.cancel():  # never started: the model's threads were all busy meanwhile
-            raise ModelTimeout(
+        return job
+
+    def expire(self, future: Future) -> ModelTimeout | None:
+        """The error for a call whose wait for ``future`` ran out (None if it finished meanwhile: take its
+        result). A call still queued is dropped; one still running marks the model stalled until it
+        returns, and drops the calls queued behind it."""
+        if future.cancel():  # it had not started
+            if isinstance(future, _Job) and future.dropped:
+                return ModelTimeout(f"model {self.name!r} is {self.stall_reason() or 'stalled'}")
+            return ModelTimeout(
                 f"model {self.name!r} did not start within {self.timeout:g} s (CALIBSERVE_MODEL_TIMEOUT_S): "
                 "its threads were busy with other forward passes"
             )
         with self._lock:
             if not future.done():
-                self._overdue[id(future)] = started[0] or time.monotonic() - self.timeout
+                started = future.started if isinstance(future, _Job) else 0.0
+                self._overdue[id(future)] = started or time.monotonic() - self.timeout
+                with _OVERDUE_LOCK:
+                    _OVERDUE[id(future)] = (self.name, self._overdue[id(future)])
                 self._drop_queued()
         future.add_done_callback(self._returned)  # at once if it returned meanwhile
         if future.done():
-            return future.result()
+            return None
         logger.warning(
             "model %s stalled: a forward pass ran past %g s (CALIBSERVE_MODEL_TIMEOUT_S)",
             self.name,
             self.timeout,
         )
-        raise ModelTimeout(
+        return ModelTimeout(
             f"model {self.name!r} did not answer within {self.timeout:g} s (CALIBSERVE_MODEL_TIMEOUT_S); "
             "it is marked stalled until that forward pass returns"
         )
@@ -957,6 +985,7 @@ class ModelRunner:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
+            job[0].dropped = True
             if not job[0].cancel():
                 kept.append(job)
         for job in kept:
@@ -965,6 +994,8 @@ class ModelRunner:
     def _returned(self, future: Future) -> None:
         with self._lock:
             was_overdue = self._overdue.pop(id(future), None) is not None
+            with _OVERDUE_LOCK:
+                _OVERDUE.pop(id(future), None)
             recovered = was_overdue and not self._overdue
         if recovered:
             logger.info("model %s: its stalled forward pass returned", self.name)
@@ -984,10 +1015,10 @@ class ModelRunner:
                 continue
             with self._lock:
                 self._idle -= 1
-            future, function, args, started = job
+            future, function, args = job
             if not future.set_running_or_notify_cancel():
                 continue
-            started[0] = time.monotonic()
+            future.started = time.monotonic()
             try:
                 result = function(*args)
             except BaseException as exc:  # handed to the caller, as the thread pool would
@@ -995,6 +1026,35 @@ class ModelRunner:
             else:
                 future.set_result(result)
             del job, future, function, args
+
+
+# Every forward pass past its limit in this process (id of its future -> model name, start): what
+# /healthz reports. A process-wide table, as the threads they hold are the process's.
+_OVERDUE: dict[int, tuple[str, float]] = {}
+_OVERDUE_LOCK = threading.Lock()
+
+
+def stalled_passes() -> dict[str, str]:
+    """Forward passes past their time limit still running in this process: model name -> description."""
+    if not _OVERDUE:  # the common case, without the lock
+        return {}
+    now = time.monotonic()
+    by_model: dict[str, list[float]] = {}
+    with _OVERDUE_LOCK:
+        for name, started in _OVERDUE.values():
+            by_model.setdefault(name, []).append(started)
+    return {
+        name: f"{len(starts)} forward pass(es) past the time limit, the oldest running for "
+        f"{now - min(starts):.1f} s, each holding one thread"
+        for name, starts in sorted(by_model.items())
+    }
+
+
+class _Job(Future):
+    """A call queued on a :class:`ModelRunner`: when it started running, whether a stall dropped it."""
+
+    started = 0.0
+    dropped = False
 
 
 class SmokeCheckTimeout(InvalidInput):

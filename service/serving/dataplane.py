@@ -22,7 +22,7 @@ from service.core import losses
 from service.core.probability import softmax
 from service.core.validation import n_label_classes, same_class_count
 from service.errors import Conflict, InvalidInput, ModelFailed, NotFound, StoreUnavailable
-from service.serving.concurrency import compute, in_thread
+from service.serving.concurrency import compute, in_thread, wait_for
 from service.serving.state import ActiveCalibrator, AppState, ModelInfo
 from service.serving.telemetry import FITS, MODEL_FAILURES, publish_active
 
@@ -347,7 +347,17 @@ class DataPlane:
             if state.batcher is not None:
                 key = (id(model), id(calibrator), on_device)  # both held by `run` while queued: ids unique
                 return await state.batcher.submit(key, batch, run)
-            return await in_thread(run, batch)
+            # The pass runs on the model's own threads and the event loop waits for it, time-limited:
+            # a model that stalls holds none of the pool's threads (see ModelRegistry.submit).
+            module = registry.calibrator_on_device(model, calibrator) if on_device else None
+            future = registry.submit(model, batch, module)
+            try:
+                return await wait_for(future, registry.timeout)
+            except TimeoutError:
+                error = registry.expire(model, future)
+                if error is None:  # it answered just now
+                    return future.result()
+                raise error from None
         except ModelFailed:
             MODEL_FAILURES.labels(name).inc()
             raise
