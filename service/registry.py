@@ -825,14 +825,13 @@ def vet_archive(name: str, data: bytes) -> None:
             for info in infos:
                 if info.filename.lower().endswith(".debug_pkl"):
                     continue
-                content = archive.read(info)
-                for needle, what in _REFUSED_IN_ARCHIVE.items():
-                    if needle in content:
-                        raise InvalidInput(
-                            f"model {name!r} is refused: it holds {what}; uploaded models may only use "
-                            "pure tensor operations",
-                            field="body",
-                        )
+                what = _refused_content(archive, info)
+                if what is not None:
+                    raise InvalidInput(
+                        f"model {name!r} is refused: it holds {what}; uploaded models may only use "
+                        "pure tensor operations",
+                        field="body",
+                    )
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, ValueError) as exc:
         if isinstance(exc, InvalidInput):
             raise
@@ -840,6 +839,21 @@ def vet_archive(name: str, data: bytes) -> None:
             f"model {name!r}: not a TorchScript file: not a readable zip archive ({_first_line(exc)}) "
             "(export with torch.jit.script or torch.jit.trace, then torch.jit.save)"
         ) from None
+
+
+def _refused_content(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | None:
+    """What of :data:`_REFUSED_IN_ARCHIVE` an entry holds, read in chunks (a large or highly compressed
+    entry is never held whole), with an overlap so that no needle is missed across a chunk boundary."""
+    overlap = max(len(needle) for needle in _REFUSED_IN_ARCHIVE) - 1
+    tail = b""
+    with archive.open(info) as entry:
+        while chunk := entry.read(1 << 20):
+            window = tail + chunk
+            for needle, what in _REFUSED_IN_ARCHIVE.items():
+                if needle in window:
+                    return what
+            tail = window[-overlap:]
+    return None
 
 
 def refused_operation(node: Any) -> str | None:
