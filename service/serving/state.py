@@ -127,6 +127,9 @@ class AppState:
     _pending: set[str] = field(default_factory=set)
     _failed_stamps: dict[str, int] = field(default_factory=dict)
     _loader: threading.Thread | None = None
+    # One load at a time: concurrent requests for a changed file load it once, not once each (a load
+    # runs the file's smoke check, and a stalling one holds a thread per try).
+    _load_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------------------------------ start-up
 
@@ -149,9 +152,10 @@ class AppState:
     def _load_stored(self, names: list[str]) -> None:
         for name in names:
             try:
-                change = self._file_change(name)
-                if change is not None:
-                    self._load_uploaded(name, *change)
+                with self._load_lock:
+                    change = self._file_change(name)
+                    if change is not None:
+                        self._load_uploaded(name, *change)
             except Exception:  # never let one model stop the others from loading
                 logger.exception("uploaded model %s could not be loaded", name)
             finally:
@@ -192,9 +196,12 @@ class AppState:
 
         A load runs the file's smoke check: async callers check :meth:`uploaded_model_changed` (a
         ``stat``) first, and load in a thread only then."""
-        change = self._uploaded_change(name)
-        if change is not None:
-            self._load_uploaded(name, *change)
+        if self._uploaded_change(name) is None:
+            return
+        with self._load_lock:
+            change = self._file_change(name)  # another request may have loaded it meanwhile
+            if change is not None:
+                self._load_uploaded(name, *change)
 
     def uploaded_model_changed(self, name: str) -> bool:
         """True when :meth:`sync_uploaded_model` has a file to load; NotReady while it is pending."""
