@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     max_work_seconds: float | None = Field(
         120.0, gt=0, description="longest fit, evaluation or figures computation; then 504 (None: no limit)"
     )
+    model_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="longest a TorchScript forward pass (or an upload's smoke check) may run; "
+        "past it the request answers 504 and the model is marked stalled",
+    )
     log_level: str = "info"
 
     @field_validator("api_keys")

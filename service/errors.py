@@ -61,6 +61,11 @@ class ModelFailed(CalibserveError):
     """A TorchScript model raised, or returned NaN or the wrong shape: the model's fault, not the caller's."""
 
 
+class ModelTimeout(ModelFailed):
+    """A TorchScript model did not answer within the time limit (``CALIBSERVE_MODEL_TIMEOUT_S``), or is
+    stalled: a forward pass of it ran past the limit and has not returned yet."""
+
+
 class Overloaded(CalibserveError):
     """More requests (or request bytes) are in flight than the configured limits allow; retry shortly."""
 

@@ -42,7 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
     state = AppState(
         settings=settings,
         store=CalibratorStore(settings.store_dir),
-        registry=ModelRegistry(settings.models_dir, device=settings.device),
+        registry=ModelRegistry(settings.models_dir, device=settings.device, timeout=settings.model_timeout_s),
     )
     if settings.batch_max_size > 0:
         state.batcher = DynamicBatcher(

@@ -42,6 +42,7 @@ STATUS_OF: tuple[tuple[type[errors.CalibserveError], int, str], ...] = (
     (errors.PayloadTooLarge, 413, "content-too-large"),
     (errors.UnsupportedMediaType, 415, "unsupported-media-type"),
     (errors.HeadersTooLarge, 431, "request-header-fields-too-large"),
+    (errors.ModelTimeout, 504, "model-timeout"),
     (errors.ModelFailed, 502, "model-failed"),
     (errors.WorkTimeout, 504, "work-timeout"),
     (errors.WorkCancelled, 503, "work-cancelled"),

@@ -163,6 +163,7 @@ _INFER_ANSWERS = {
     },
     **_ERRORS,
     502: {"description": 'a failing TorchScript model: {"error": "..."}'},
+    504: {"description": 'a TorchScript model past CALIBSERVE_MODEL_TIMEOUT_S, or stalled: {"error": "..."}'},
 }
 
 
@@ -204,7 +205,11 @@ async def calibrate(name: ModelName, version: PinnedVersion = None) -> Response:
     summary="Run the TorchScript model on inputs and calibrate its logits",
     openapi_extra=_tensor_body(PredictRequest),
     response_class=Response,
-    responses={**_ANSWERS, 502: {"description": "the model raised or returned NaN / the wrong shape"}},
+    responses={
+        **_ANSWERS,
+        502: {"description": "the model raised or returned NaN / the wrong shape"},
+        504: {"description": "the model ran past CALIBSERVE_MODEL_TIMEOUT_S, or is stalled"},
+    },
 )
 async def predict(name: ModelName, version: PinnedVersion = None) -> Response:
     return _not_served()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import anyio
@@ -62,3 +64,16 @@ async def bounded(budget: Budget, function: Callable[..., T], *args: Any, **kwar
         raise WorkTimeout(
             f"the work took longer than its limit of {budget.seconds:g} s (CALIBSERVE_MAX_WORK_SECONDS)"
         ) from None
+
+
+async def wait_for(future: Future, timeout: float) -> Any:
+    """The result of a ``concurrent.futures`` future computed elsewhere (a model's own threads), awaited
+    on the event loop, so that no thread of the pool waits with it; TimeoutError after ``timeout``
+    seconds, or when its owner cancelled it (the future is left to its owner, which says what a late or
+    dropped answer means)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+    except asyncio.CancelledError:
+        if future.cancelled():  # dropped by its owner; this task itself was not cancelled
+            raise TimeoutError from None
+        raise

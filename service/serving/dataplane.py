@@ -23,7 +23,7 @@ from service.core.cancellation import Budget
 from service.core.probability import softmax
 from service.core.validation import n_label_classes, same_class_count
 from service.errors import Conflict, InvalidInput, ModelFailed, NotFound, StoreUnavailable
-from service.serving.concurrency import bounded, compute, in_thread
+from service.serving.concurrency import bounded, compute, in_thread, wait_for
 from service.serving.state import ActiveCalibrator, AppState, ModelInfo
 from service.serving.telemetry import FITS, MODEL_FAILURES, publish_active
 
@@ -111,6 +111,11 @@ class DataPlane:
     def require_ready(self) -> None:
         self.state.require_ready()
 
+    def stalled_models(self) -> dict[str, str]:
+        """Models with a forward pass past the time limit that has not returned (it holds a thread of the
+        model's own until it does): name -> reason."""
+        return self.state.registry.stalled()
+
     async def readiness(self) -> dict[str, Any]:
         """NotReady until loaded. A store that cannot be written (read-only volume, disk full) is reported
         under ``store`` but keeps the service ready: calibrate and predict still serve the active
@@ -126,6 +131,7 @@ class DataPlane:
             "status": "ready",
             "models": sorted(self.state.registry.names()),
             "failing_models": self.state.registry.failing(),
+            "pending_models": self.state.pending(),
             "store": store,
         }
 
@@ -193,7 +199,7 @@ class DataPlane:
         record = {**record, "kind": "torchscript", "num_classes": checked.num_classes}
         await in_thread(self.state.store.put_model, name, record)
         await in_thread(self.state.store.put_torchscript, name, data)
-        self.state.sync_uploaded_model(name)
+        self.state.install_uploaded(checked)
         return self.state.model_info(name)
 
     async def delete_model(self, name: str) -> None:
@@ -334,7 +340,7 @@ class DataPlane:
         on, concurrent requests share the forward pass.
         """
         state = self.state
-        state.sync_uploaded_model(name)
+        await self._sync_uploaded(name)
         registry = state.registry
         model, batch = await compute(registry.prepare, name, inputs, size=inputs.size)
         calibrator = entry.calibrator
@@ -350,10 +356,26 @@ class DataPlane:
             if state.batcher is not None:
                 key = (id(model), id(calibrator), on_device)  # both held by `run` while queued: ids unique
                 return await state.batcher.submit(key, batch, run)
-            return await in_thread(run, batch)
+            # The pass runs on the model's own threads and the event loop waits for it, time-limited:
+            # a model that stalls holds none of the pool's threads (see ModelRegistry.submit).
+            module = registry.calibrator_on_device(model, calibrator) if on_device else None
+            future = registry.submit(model, batch, module)
+            try:
+                return await wait_for(future, registry.timeout)
+            except TimeoutError:
+                error = registry.expire(model, future)
+                if error is None:  # it answered just now
+                    return future.result()
+                raise error from None
         except ModelFailed:
             MODEL_FAILURES.labels(name).inc()
             raise
+
+    async def _sync_uploaded(self, name: str) -> None:
+        """Load an uploaded model whose file changed (another worker's upload) in a thread: a load runs
+        the file's time-limited smoke check, never on the event loop. NotReady while it is pending."""
+        if self.state.uploaded_model_changed(name):
+            await in_thread(self.state.sync_uploaded_model, name)
 
     async def _scores(self, info: ModelInfo, data: Labelled) -> tuple[np.ndarray, bool]:
         """Scores of a labelled set: logits/probabilities as sent, or inputs run through the model."""
@@ -363,7 +385,7 @@ class DataPlane:
             raise InvalidInput(
                 f"model {info.name!r} is logits-only; send logits or probabilities", field="inputs"
             )
-        self.state.sync_uploaded_model(info.name)
+        await self._sync_uploaded(info.name)
         try:
             logits = await in_thread(self.state.registry.predict, info.name, data.values)
         except ModelFailed:
@@ -416,7 +438,7 @@ class DataPlane:
         info, entry = self.lookup(name, version)
         model = None
         if info.kind == "torchscript":
-            self.state.sync_uploaded_model(name)
+            await self._sync_uploaded(name)
             model = self.state.registry.get(name)  # ModelFailed for a model that failed to load
         metadata = {
             "model": name,

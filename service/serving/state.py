@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from service import workflows
@@ -122,15 +123,59 @@ class AppState:
     )
     _pinned: dict[tuple[str, int], ActiveCalibrator] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Uploaded models not loaded yet (start-up loads them in the background), and the file stamp of each
+    # uploaded model whose file failed to load (not tried again until the file changes).
+    _pending: set[str] = field(default_factory=set)
+    _failed_stamps: dict[str, int] = field(default_factory=dict)
+    _loader: threading.Thread | None = None
+    # One load at a time: concurrent requests for a changed file load it once, not once each (a load
+    # runs the file's smoke check, and a stalling one holds a thread per try).
+    _load_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------------------------------ start-up
 
     def start(self) -> None:
+        """Load the shipped models (trusted, part of the image), then serve: uploaded models load in a
+        background thread, so that one that is slow or stalls (its smoke check is time-limited) delays
+        only itself. Until loaded, a model is listed by :meth:`pending` and needing it answers NotReady."""
         self.store.cleanup_temp_files()
         self.registry.load_all()
-        for name in self.store_torchscript_models():
-            self.sync_uploaded_model(name)
+        names = self.store_torchscript_models()
+        with self._lock:
+            self._pending = set(names)
+        if names:
+            self._loader = threading.Thread(
+                target=self._load_stored, args=(names,), name="calibserve-load-models", daemon=True
+            )
+            self._loader.start()
         self.ready = True
+
+    def _load_stored(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                with self._load_lock:
+                    change = self._file_change(name)
+                    if change is not None:
+                        self._load_uploaded(name, *change)
+            except Exception:  # never let one model stop the others from loading
+                logger.exception("uploaded model %s could not be loaded", name)
+            finally:
+                with self._lock:
+                    self._pending.discard(name)
+        logger.info("uploaded models loaded: %d", len(names))
+
+    def pending(self) -> list[str]:
+        """Uploaded models still loading in the background since start-up."""
+        with self._lock:
+            return sorted(self._pending)
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait for the background loading of uploaded models; True when it is over."""
+        loader = self._loader
+        if loader is not None:
+            loader.join(timeout)
+            return not loader.is_alive()
+        return True
 
     def store_torchscript_models(self) -> list[str]:
         names, cursor = [], None
@@ -147,25 +192,73 @@ class AppState:
     # -------------------------------------------------------------------------------------------- models
 
     def sync_uploaded_model(self, name: str) -> None:
-        """Load (or reload) a TorchScript model uploaded to the store, when its file changed on disk."""
-        if not self.store.model_exists(name):
+        """Load (or reload) a TorchScript model uploaded to the store, when its file changed on disk (e.g.
+        uploaded through another worker); NotReady while start-up is still loading it in the background.
+
+        A load runs the file's smoke check: async callers check :meth:`uploaded_model_changed` (a
+        ``stat``) first, and load in a thread only then."""
+        if self._uploaded_change(name) is None:
             return
+        with self._load_lock:
+            change = self._file_change(name)  # another request may have loaded it meanwhile
+            if change is not None:
+                self._load_uploaded(name, *change)
+
+    def uploaded_model_changed(self, name: str) -> bool:
+        """True when :meth:`sync_uploaded_model` has a file to load; NotReady while it is pending."""
+        return self._uploaded_change(name) is not None
+
+    def _uploaded_change(self, name: str) -> tuple[Path, int] | None:
+        if self._pending and name in self._pending:
+            raise NotReady(f"model {name!r} is still loading; retry shortly")
+        return self._file_change(name)
+
+    def _file_change(self, name: str) -> tuple[Path, int] | None:
+        """The uploaded file of ``name`` and its stamp, when it is neither loaded nor known to fail."""
+        if not self.store.model_exists(name):
+            return None
         path = self.store.torchscript_path(name)
         if path is None:
-            return
+            return None
         try:
             stamp = path.stat().st_mtime_ns
         except FileNotFoundError:
-            return
+            return None
         loaded = self.registry.loaded(name)
         if loaded is not None and loaded.stamp == stamp:
-            return
-        metadata = self.store.get_model(name)
+            return None
+        if self._failed_stamps.get(name) == stamp:  # failed already: a stalled check is not run again
+            return None
+        return path, stamp
+
+    def _load_uploaded(self, name: str, path: Path, stamp: int) -> None:
         try:
-            model = self.registry.load_file(name, path, metadata)
-            model.stamp = stamp
-        except InvalidInput as exc:  # a bad file on the volume: serve the others, report this one
-            logger.warning("uploaded model %s failed to load: %s", name, exc)
+            metadata = self.store.get_model(name)
+            model = self.registry.check_bytes(name, path.read_bytes(), metadata, source=path)
+        except (InvalidInput, NotFound, OSError) as exc:  # a bad file on the volume: serve the others
+            with self._lock:
+                self._failed_stamps[name] = stamp
+            self.registry.record_load_failure(name, exc)
+            return
+        model.stamp = stamp
+        self.registry.install(model)
+        with self._lock:
+            self._failed_stamps.pop(name, None)
+
+    def install_uploaded(self, model: LoadedModel) -> None:
+        """Serve a model the upload checked (:meth:`ModelRegistry.check_bytes`) once its file is in the
+        store, stamped with that file, so that it is not loaded (and smoke-checked) a second time."""
+        path = self.store.torchscript_path(model.name)
+        if path is None:
+            return
+        try:
+            model.stamp = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        model.source = path
+        self.registry.install(model)
+        with self._lock:
+            self._failed_stamps.pop(model.name, None)
 
     def is_shipped(self, name: str, loaded: LoadedModel | None = None) -> bool:
         """Whether ``name`` is a TorchScript model of the models directory (trusted, not in the store)."""

@@ -26,11 +26,15 @@ def models_dir(tmp_path: Path) -> Path:
 def make_client(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., TestClient]]:
     clients: list[TestClient] = []
 
-    def make(**overrides) -> TestClient:
+    def make(*, wait_loaded: bool = True, **overrides) -> TestClient:
+        """A started client; ``wait_loaded``: also wait for the uploaded models start-up loads in the
+        background (so that a test that restarts finds them loaded, not pending)."""
         options = {"store_dir": tmp_path / "store", "models_dir": models_dir, "device": "cpu", **overrides}
         client = TestClient(create_app(Settings(**options)), raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
+        if wait_loaded:
+            assert client.app.state.dataplane.state.wait_loaded(60), "uploaded models did not load"
         return client
 
     yield make

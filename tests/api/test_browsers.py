@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 EVIL = "http://evil.example"
 DOCUMENT = {"method": "temperature", "num_classes": 2, "params": {"temperature": 100.0}}

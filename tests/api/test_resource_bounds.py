@@ -18,7 +18,7 @@ from service.core.calibrators.binning import HISTOGRAM_MAX_BINS, ONE_VS_REST_MAX
 from service.core.calibrators.temperature import TEMPERATURE_MAX_ITER
 from service.core.metrics import MAX_BOOTSTRAP_RESAMPLES, MAX_BOOTSTRAP_WORK, MAX_N_BINS
 from service.core.validation import MAX_NUM_CLASSES
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 NPZ = {"content-type": "application/x-npz"}
 

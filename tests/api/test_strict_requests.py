@@ -10,7 +10,7 @@ import pytest
 
 from service import workflows
 from service.api.schemas import MAX_CLASS_NAME_LENGTH
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 NPZ = {"content-type": "application/x-npz"}
 LOGITS = [[2.0, 0.0, -1.0], [0.0, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, 0.5, 0.0]]

@@ -17,7 +17,7 @@ import pytest
 
 from service.api import tensors
 from service.errors import InvalidInput
-from tests.api.conftest import assert_problem
+from tests.helpers.problems import assert_problem
 
 HUGE = "99999999999999999999999"
 

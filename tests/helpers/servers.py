@@ -33,7 +33,15 @@ def port_is_free(port: int) -> bool:
 class Server:
     """A `calibserve serve` process; `stop()` sends SIGTERM (or SIGKILL) and waits."""
 
-    def __init__(self, store: Path, *, models: Path | None = None, workers: int = 1, env: dict | None = None):
+    def __init__(
+        self,
+        store: Path,
+        *,
+        models: Path | None = None,
+        workers: int = 1,
+        env: dict | None = None,
+        wait_loaded: bool = True,
+    ):
         environment = {**os.environ, "CALIBSERVE_LOG_LEVEL": "warning", **(env or {})}
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         # A free port is only free until someone else binds it (other test processes share the machine): if
@@ -46,19 +54,21 @@ class Server:
             command += ["--workers", str(workers)]
             self.process = subprocess.Popen(command, env=environment, cwd=REPO, start_new_session=True)
             try:
-                self.wait_ready()
+                self.wait_ready(loaded=wait_loaded)
                 return
             except RuntimeError:
                 if attempt == 2 or self.process.poll() is None or port_is_free(self.port):
                     raise
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0, *, loaded: bool = True) -> None:
+        """Wait for /readyz to answer 200 and, with ``loaded``, to list no pending (still loading) models."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                response = httpx.get(self.url + "/readyz", timeout=1.0)
+                if response.status_code == 200 and not (loaded and response.json().get("pending_models")):
                     return
             except httpx.HTTPError:
                 pass

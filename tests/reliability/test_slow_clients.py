@@ -21,7 +21,8 @@ import time
 import orjson
 import pytest
 
-from tests.reliability.conftest import connect, read_response, request_head, serving_pids, status_kib
+from tests.helpers.processes import serving_pids, status_kib
+from tests.helpers.rawhttp import connect, read_response, request_head
 
 ENV = {
     "CALIBSERVE_HEADER_TIMEOUT_S": "1",
@@ -36,8 +37,8 @@ BODY = orjson.dumps({"logits": [[1.0, 0.0], [0.0, 1.0]]})
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from tests.reliability.conftest import SHIPPED_MODELS
-    from tests.servers import Server
+    from tests.helpers.data import SHIPPED_MODELS
+    from tests.helpers.servers import Server
 
     running = Server(tmp_path_factory.mktemp("slow") / "store", models=SHIPPED_MODELS, env=ENV)
     with running.client() as http:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import orjson
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api.bodies import NumpyJSONResponse
@@ -15,8 +16,16 @@ _ALIVE = b'{"status":"ok"}'
 
 
 @router.get("/healthz", summary="Liveness: the process answers", response_class=Response)
-async def healthz() -> Response:
-    return Response(_ALIVE, media_type="application/json")
+async def healthz(request: Request) -> Response:
+    """``{"status": "ok"}`` while the process answers. A model whose forward pass ran past the time limit
+    keeps one of its own threads until that pass returns (a thread cannot be killed): the answer stays 200
+    (the worker serves everything else) but says ``"degraded"`` and names the stalled models, so that an
+    operator can tell, and restart the process to reclaim those threads."""
+    stalled = request.app.state.dataplane.stalled_models()
+    if not stalled:
+        return Response(_ALIVE, media_type="application/json")
+    body = {"status": "degraded", "stalled_models": stalled}
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 # HEAD answers as GET does (headers only); probes and load balancers use it. Not a separate operation.
