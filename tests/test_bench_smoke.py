@@ -147,3 +147,16 @@ def test_fit_document_bench_runs_and_writes_its_table(tmp_path: Path) -> None:
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[4].endswith("x")  # document / fit
+
+
+def test_labelled_bench_runs_against_a_real_server_and_writes_its_table(tmp_path: Path) -> None:
+    # tiny sizes: only that the in-process route, the real server and the client agree and a table is written
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n")
+    command = [sys.executable, str(BENCH / "bench_labelled.py"), "--fit-rows", "2000", "--eval-rows", "300"]
+    command += ["--eval-classes", "20", "--budget", "0.1", "--write", "--readme", str(readme)]
+    subprocess.run(command, check=True, capture_output=True, timeout=240)
+    text = readme.read_text()
+    assert "<!-- bench_labelled:start -->\n## Large labelled sets over HTTP" in text
+    assert "the route's temperature equals the core fit's: True" in text
+    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 7  # header, rule, 5 rows

@@ -22,7 +22,7 @@ DOCUMENT = {"method": "temperature", "num_classes": 2, "params": {"temperature":
 
 @pytest.fixture
 def two(client):
-    assert client.put("/v1/models/two", json={"num_classes": 2}).status_code == 200
+    assert client.put("/v1/models/two", json={"num_classes": 2}).status_code == 201
     return client
 
 
@@ -93,7 +93,7 @@ def test_cors_is_off_by_default(two):
 def test_configured_origins_get_cors_and_may_write(make_client):
     app = "http://app.example"
     client = make_client(cors_origins=f"{app}, http://other.example/")
-    assert client.put("/v1/models/two", json={"num_classes": 2}, headers={"Origin": app}).status_code == 200
+    assert client.put("/v1/models/two", json={"num_classes": 2}, headers={"Origin": app}).status_code == 201
     preflight = client.options(
         "/v1/models/two/calibrators",
         headers={
@@ -125,7 +125,7 @@ def test_configured_origins_get_cors_and_may_write(make_client):
 def test_any_origin_when_configured_so(make_client):
     client = make_client(cors_origins="*")
     response = client.put("/v1/models/two", json={"num_classes": 2}, headers={"Origin": EVIL})
-    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "*"
+    assert response.status_code == 201 and response.headers["access-control-allow-origin"] == "*"
 
 
 def npz(**arrays) -> bytes:

@@ -36,7 +36,7 @@ def healthy(client) -> None:
 
 
 def model(client, name: str, num_classes: int) -> None:
-    assert client.put(f"/v1/models/{name}", json={"num_classes": num_classes}).status_code == 200
+    assert client.put(f"/v1/models/{name}", json={"num_classes": num_classes}).status_code == 201
 
 
 def test_histogram_of_a_billion_bins_is_refused(client):

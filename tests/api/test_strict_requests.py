@@ -24,7 +24,7 @@ def npz(**arrays) -> bytes:
 
 @pytest.fixture
 def three(client):
-    assert client.put("/v1/models/m", json={"num_classes": 3}).status_code == 200
+    assert client.put("/v1/models/m", json={"num_classes": 3}).status_code == 201
     return client
 
 
@@ -78,7 +78,7 @@ def test_class_names_are_bounded(client):
     ok = client.put(
         "/v1/models/m", json={"num_classes": 2, "class_names": ["cat", "d" * MAX_CLASS_NAME_LENGTH]}
     )
-    assert ok.status_code == 200, ok.text
+    assert ok.status_code == 201, ok.text  # created
 
 
 def test_npz_query_scalars_are_converted_before_the_strict_check(three):

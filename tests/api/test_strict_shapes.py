@@ -30,7 +30,7 @@ def npy_with_header(text: str, data: bytes = b"") -> bytes:
 
 @pytest.fixture
 def three(client):
-    assert client.put("/v1/models/three", json={"num_classes": 3}).status_code == 200
+    assert client.put("/v1/models/three", json={"num_classes": 3}).status_code == 201
     return client
 
 

@@ -88,7 +88,7 @@ def served(tmp_path_factory, fitted) -> TestClient:
     client.__enter__()
     for method, calibrator in fitted.items():
         classes = 2 if columns(method) == 1 else columns(method)
-        assert client.put(f"/v1/models/{method}", json={"num_classes": classes}).status_code == 200
+        assert client.put(f"/v1/models/{method}", json={"num_classes": classes}).status_code == 201
         upload = client.post(f"/v1/models/{method}/calibrators", json=calibrator.to_dict())
         assert upload.status_code in (200, 201), upload.text
     yield client

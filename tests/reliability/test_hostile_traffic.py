@@ -140,7 +140,7 @@ def test_hostile_requests_mixed_with_normal_traffic(tmp_path, servers, soak):
                     normal_latencies.append(elapsed)
 
     def hostile(name: str, send: HostileRequest) -> None:
-        with server.client(timeout=60.0) as http:
+        with httpx.Client(base_url=server.url, timeout=60.0) as http:
             while time.monotonic() < deadline:
                 try:
                     status = send(http).status_code

@@ -42,7 +42,7 @@ def server(tmp_path_factory):
 
     running = Server(tmp_path_factory.mktemp("slow") / "store", models=SHIPPED_MODELS, env=ENV)
     with running.client() as http:
-        assert http.put("/v1/models/m", json={"num_classes": 2}).status_code == 200
+        assert http.put("/v1/models/m", json={"num_classes": 2}).status_code == 201
     yield running
     running.stop()
 

@@ -24,7 +24,7 @@ def _stopped(url: str, reason: str) -> float:
     return 0.0
 
 
-def costly_metrics_body(rows: int = 3600, bootstrap: int = 10_000) -> bytes:
+def costly_metrics_body(rows: int = 3600, bootstrap: int = 2_700) -> bytes:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(rows, 10)).round(3).tolist()
     labels = rng.integers(0, 10, size=rows).tolist()
