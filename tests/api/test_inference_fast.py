@@ -230,7 +230,9 @@ def test_a_change_made_by_another_worker_is_served_from_the_next_request(make_cl
     logits = {"json": {"logits": cifar10["logits_test"][:3].tolist()}}
     assert second.post("/v1/models/wrn/calibrate", **logits).json()["calibrator_version"] is None
     names = [f"class{k}" for k in range(10)]
-    assert first.put("/v1/models/wrn", json={"num_classes": 10, "class_names": names}).status_code == 201
+    assert (
+        first.put("/v1/models/wrn", json={"num_classes": 10, "class_names": names}).status_code == 200
+    )  # an update
     answer = second.post("/v1/models/wrn/calibrate", **logits).json()
     assert answer["predicted_label"] == [names[k] for k in answer["predicted_class"]]
     fitted = first.post(
