@@ -10,6 +10,7 @@ import hashlib
 import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.core import metrics
-from service.core.calibrators import calibrator_from_dict, make_calibrator
+from service.core.calibrators import TemperatureScaling, calibrator_from_dict, make_calibrator
 from service.core.probability import softmax
 from service.core.validation import check_labelled, check_logits, check_probabilities, same_class_count
 from service.errors import InvalidInput
@@ -28,6 +29,8 @@ HEADLINE_FIGURES = ("ece", "mce", "brier", "nll", "accuracy")
 # Calibrated probabilities are floored here before their log (a true class of probability 0 costs a finite
 # 690.8 nats in the fit-time and evaluation NLL, not infinity).
 _PROBABILITY_FLOOR = 1e-300
+# Fit data of at least this many bytes of logits is hashed in a second thread, alongside the fit.
+_HASH_THREAD_BYTES = 1 << 20
 
 
 def data_sha256(scores: np.ndarray, labels: np.ndarray) -> str:
@@ -69,11 +72,14 @@ def fit_document(
 ) -> dict:
     """Fit a calibrator and return its document (the one format used by CLI files, the store and the API).
 
-    The data is validated once; the fit-time figures are :func:`figures` of the logits (``before``) and
-    of the calibrated probabilities (``after``), computed from the probabilities themselves: the same
-    values as ``figures(calibrated_logits(calibrator, logits), labels)`` (the softmax of those log
-    probabilities is the calibrated answer again, with probabilities floored at 1e-300), without the
-    round trip through logits.
+    The data is validated once. The fit-time figures (``fit.before``: of the logits, ``fit.after``: of the
+    calibrated probabilities) are :func:`fit_time_figures`: the figures that drift checks compare
+    (:data:`HEADLINE_FIGURES`), overconfidence and underconfidence, ``n`` and ``conventions``, each equal
+    to that of :func:`figures` (``after``: of ``calibrated_logits(calibrator, logits)``) to rounding. The
+    ECE variants (``ece_l2``, ``ece_debiased``, ``ece_mass``, ``ece_classwise``) are not stored: they
+    cost more than the fit itself (the classwise and equal-mass binning of two N x K probability
+    matrices) and nothing compares them with later data; an evaluation computes them. The data's SHA-256
+    is hashed in a second thread while the fit runs (hashlib lets go of the GIL).
     """
     # logits are checked by check_labelled (once); probabilities by scores_to_logits, which maps them
     logits = scores if from_logits else scores_to_logits(scores, from_logits=False)
@@ -84,11 +90,16 @@ def fit_document(
             field="logits",
         )
     calibrator = make_calibrator(method, **dict(options or {}))
-    calibrator.fit(logits, y, sample_weight=weight, validate=False)
-    before = metrics.calibration_report_checked(None, y, logits=logits)
-    after = metrics.calibration_report_checked(
-        calibrator.transform(logits, validate=False), y, probability_floor=_PROBABILITY_FLOOR
-    )
+    if logits.nbytes < _HASH_THREAD_BYTES:
+        digest = data_sha256(logits, y)
+        calibrator.fit(logits, y, sample_weight=weight, validate=False)
+        before, after = fit_time_figures(calibrator, logits, y)
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibserve-sha256") as pool:
+            hashing = pool.submit(data_sha256, logits, y)
+            calibrator.fit(logits, y, sample_weight=weight, validate=False)
+            before, after = fit_time_figures(calibrator, logits, y)
+            digest = hashing.result()
     document = {
         "format_version": FORMAT_VERSION,
         "model": model,
@@ -97,12 +108,31 @@ def fit_document(
         "fitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "fit": {
             "n": int(logits.shape[0]),
-            "data_sha256": data_sha256(logits, y),
+            "data_sha256": digest,
             "before": before,
             "after": after,
         },
     }
     return document
+
+
+def fit_time_figures(calibrator: Any, logits: np.ndarray, labels: np.ndarray) -> tuple[dict, dict]:
+    """``(before, after)``: :func:`service.core.metrics.fit_figures` of validated logits and of the fitted
+    ``calibrator``'s probabilities (NLL floored as in :func:`calibrated_logits`).
+
+    Temperature scaling's ``after`` comes from the same pass over the logits as ``before`` (its softmax
+    of ``z / T`` is never written out); other methods' from their ``transform``.
+    """
+    if isinstance(calibrator, TemperatureScaling):
+        before, after = metrics.fit_figures(
+            logits, labels, temperature=calibrator.temperature_, probability_floor=_PROBABILITY_FLOOR
+        )
+        assert after is not None
+        return before, after
+    before, _ = metrics.fit_figures(logits, labels)
+    probabilities = calibrator.transform(logits, validate=False)
+    after = metrics.fit_figures_of_probabilities(probabilities, labels, probability_floor=_PROBABILITY_FLOOR)
+    return before, after
 
 
 def calibrated_logits(calibrator: Any, logits: np.ndarray) -> np.ndarray:
