@@ -29,8 +29,9 @@ HEADLINE_FIGURES = ("ece", "mce", "brier", "nll", "accuracy")
 # Calibrated probabilities are floored here before their log (a true class of probability 0 costs a finite
 # 690.8 nats in the fit-time and evaluation NLL, not infinity).
 _PROBABILITY_FLOOR = 1e-300
-# Fit data of at least this many bytes of logits is hashed in a second thread, alongside the fit.
-_HASH_THREAD_BYTES = 1 << 20
+# Fit data of at least this many bytes of logits is hashed, and its 'before' figures computed, in a second
+# thread alongside the fit.
+_SECOND_THREAD_BYTES = 1 << 20
 
 
 def data_sha256(scores: np.ndarray, labels: np.ndarray) -> str:
@@ -79,7 +80,7 @@ def fit_document(
     ECE variants (``ece_l2``, ``ece_debiased``, ``ece_mass``, ``ece_classwise``) are not stored: they
     cost more than the fit itself (the classwise and equal-mass binning of two N x K probability
     matrices) and nothing compares them with later data; an evaluation computes them. The data's SHA-256
-    is hashed in a second thread while the fit runs (hashlib lets go of the GIL).
+    and the ``before`` figures are computed in a second thread while the fit runs (from 1 MB of logits).
     """
     # logits are checked by check_labelled (once); probabilities by scores_to_logits, which maps them
     logits = scores if from_logits else scores_to_logits(scores, from_logits=False)
@@ -90,16 +91,18 @@ def fit_document(
             field="logits",
         )
     calibrator = make_calibrator(method, **dict(options or {}))
-    if logits.nbytes < _HASH_THREAD_BYTES:
+    if logits.nbytes < _SECOND_THREAD_BYTES:
         digest = data_sha256(logits, y)
         calibrator.fit(logits, y, sample_weight=weight, validate=False)
         before, after = fit_time_figures(calibrator, logits, y)
     else:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibserve-sha256") as pool:
-            hashing = pool.submit(data_sha256, logits, y)
+        # the hash and the 'before' figures depend on the data alone: a second thread does them during the
+        # fit (hashlib and numpy's loops let go of the GIL)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibserve-fit-data") as pool:
+            data_work = pool.submit(_hash_and_figures, logits, y)
             calibrator.fit(logits, y, sample_weight=weight, validate=False)
-            before, after = fit_time_figures(calibrator, logits, y)
-            digest = hashing.result()
+            digest, before = data_work.result()
+            before, after = fit_time_figures(calibrator, logits, y, before)
     document = {
         "format_version": FORMAT_VERSION,
         "model": model,
@@ -116,23 +119,33 @@ def fit_document(
     return document
 
 
-def fit_time_figures(calibrator: Any, logits: np.ndarray, labels: np.ndarray) -> tuple[dict, dict]:
-    """``(before, after)``: :func:`service.core.metrics.fit_figures` of validated logits and of the fitted
-    ``calibrator``'s probabilities (NLL floored as in :func:`calibrated_logits`).
+def fit_time_figures(
+    calibrator: Any, logits: np.ndarray, labels: np.ndarray, before: dict | None = None
+) -> tuple[dict, dict]:
+    """``(before, after)``: :func:`service.core.metrics.fit_figures` of validated logits (unless given)
+    and of the fitted ``calibrator``'s probabilities (NLL floored as in :func:`calibrated_logits`).
 
-    Temperature scaling's ``after`` comes from the same pass over the logits as ``before`` (its softmax
-    of ``z / T`` is never written out); other methods' from their ``transform``.
+    Temperature scaling's ``after`` comes from a pass over the logits (the same pass as ``before``, when
+    that is not given): its softmax of ``z / T`` is never written out. Other methods' from ``transform``.
     """
     if isinstance(calibrator, TemperatureScaling):
-        before, after = metrics.fit_figures(
-            logits, labels, temperature=calibrator.temperature_, probability_floor=_PROBABILITY_FLOOR
-        )
-        assert after is not None
+        groups = [(calibrator.temperature_, _PROBABILITY_FLOOR)]
+        if before is None:
+            before, after = metrics.fit_figures(logits, labels, groups=[(1.0, None), *groups])
+        else:
+            (after,) = metrics.fit_figures(logits, labels, groups=groups)
         return before, after
-    before, _ = metrics.fit_figures(logits, labels)
+    if before is None:
+        (before,) = metrics.fit_figures(logits, labels)
     probabilities = calibrator.transform(logits, validate=False)
     after = metrics.fit_figures_of_probabilities(probabilities, labels, probability_floor=_PROBABILITY_FLOOR)
     return before, after
+
+
+def _hash_and_figures(logits: np.ndarray, labels: np.ndarray) -> tuple[str, dict]:
+    """What a fit document needs of the data alone: its SHA-256 and its ``before`` figures."""
+    (before,) = metrics.fit_figures(logits, labels)
+    return data_sha256(logits, labels), before
 
 
 def calibrated_logits(calibrator: Any, logits: np.ndarray) -> np.ndarray:

@@ -55,7 +55,7 @@ References
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -1281,29 +1281,29 @@ def fit_figures(
     logits: np.ndarray,
     labels: np.ndarray,
     *,
-    temperature: float | None = None,
+    groups: Sequence[tuple[float, float | None]] = ((1.0, None),),
     n_bins: int = DEFAULT_N_BINS,
-    probability_floor: float | None = None,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Fit-time figures (:data:`FIT_FIGURES`, ``n``, ``conventions``) of ``softmax(logits)`` and, with
-    ``temperature``, of ``softmax(logits / T)``, in one fused pass over row blocks.
+) -> list[dict[str, Any]]:
+    """Fit-time figures (:data:`FIT_FIGURES`, ``n``, ``conventions``) of ``softmax(logits / T)`` for each
+    ``(T, probability_floor)`` of ``groups``, in one fused pass over row blocks.
 
     For arrays :func:`service.core.validation.check_labelled` returned (float32 or float64 logits, one
     column for a binary model; int labels), unweighted, ``n_bins`` equal-width top-label bins. Each block
-    is copied once into a float64 buffer, from which come the row maximum ``m``, the argmax, ``z_y - m``,
-    ``s = sum exp(z - m)`` and ``sum exp(z - m)^2``: the softmax is never written out, and its classwise
-    and equal-mass binning are not done. The numbers are those of :func:`calibration_report` (``from_logits
-    =True``) to rounding (float64 sums in another order; a confidence within an ulp of a bin edge could
-    change bin). The tempered group's NLL is capped at ``-log(probability_floor)``, as the NLL of the
-    calibrated probabilities floored there.
+    is copied once into a float64 buffer, from which come the row maximum ``m``, the argmax (shared: it does
+    not depend on ``T > 0``), ``z_y - m`` and, per group, ``s = sum exp((z - m)/T)`` and
+    ``sum exp((z - m)/T)^2``: the softmax is never written out, and its classwise and equal-mass binning are
+    not done. The numbers are those of :func:`calibration_report` (``from_logits=True``) to rounding
+    (float64 sums in another order; a confidence within an ulp of a bin edge could change bin). With a
+    ``probability_floor``, a group's NLL is capped at ``-log(probability_floor)``: the NLL of its
+    probabilities floored there.
     """
     z = two_column_logits(logits)
     n_samples, n_classes = z.shape
     y = labels
-    before = _RowSums(n_samples)
-    after = _RowSums(n_samples) if temperature is not None else None
-    scale = None if temperature is None else 1.0 / temperature
-    cap = None if probability_floor is None else -math.log(probability_floor)
+    plan = [
+        (_RowSums(n_samples), None if t == 1.0 else 1.0 / t, None if floor is None else -math.log(floor))
+        for t, floor in groups
+    ]
     narrow = n_classes < ARGMAX_MIN_COLUMNS
     rows = min(n_samples, _NARROW_ROWS if narrow else max(1, _CHUNK // n_classes))
     shape = (n_classes, rows) if narrow else (rows, n_classes)
@@ -1314,6 +1314,7 @@ def fit_figures(
         argmax = np.empty(rows, dtype=np.uint8)
     axis = 0 if narrow else 1
     maxima, sum_exp, sum_squares = np.empty(rows), np.empty(rows), np.empty(rows)
+    correct = np.empty(rows, dtype=np.bool_)
     for start in range(0, n_samples, rows):
         width = min(rows, n_samples - start)
         part = slice(start, start + width)
@@ -1333,12 +1334,9 @@ def fit_figures(
             top = block.argmax(axis=1)
             block -= m[:, None]
             true_shifted = block[np.arange(width), y_part]
-        np.equal(top, y_part, out=before.correct[part])
-        groups = [(before, None, None)]
-        if after is not None:
-            groups.append((after, scale, cap))
-            after.correct[part] = before.correct[part]
-        for sums, factor, nll_cap in groups:
+        np.equal(top, y_part, out=correct[:width])
+        for sums, factor, nll_cap in plan:
+            sums.correct[part] = correct[:width]
             if factor is None:
                 np.exp(block, out=e)
                 shift_y = true_shifted
@@ -1350,7 +1348,7 @@ def fit_figures(
             np.multiply(e, e, out=e)
             np.add.reduce(e, axis=axis, out=sum_squares[:width])
             sums.add_block(part, sum_exp[:width], sum_squares[:width], shift_y, nll_cap)
-    return before.figures(n_bins), None if after is None else after.figures(n_bins)
+    return [sums.figures(n_bins) for sums, _, _ in plan]
 
 
 def fit_figures_of_probabilities(
