@@ -10,6 +10,7 @@ import hashlib
 import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.core import metrics
-from service.core.calibrators import calibrator_from_dict, make_calibrator
+from service.core.calibrators import TemperatureScaling, calibrator_from_dict, make_calibrator
 from service.core.probability import softmax
 from service.core.validation import check_labelled, check_logits, check_probabilities, same_class_count
 from service.errors import InvalidInput
@@ -28,6 +29,9 @@ HEADLINE_FIGURES = ("ece", "mce", "brier", "nll", "accuracy")
 # Calibrated probabilities are floored here before their log (a true class of probability 0 costs a finite
 # 690.8 nats in the fit-time and evaluation NLL, not infinity).
 _PROBABILITY_FLOOR = 1e-300
+# Fit data of at least this many bytes of logits is hashed, and its 'before' figures computed, in a second
+# thread alongside the fit.
+_SECOND_THREAD_BYTES = 1 << 20
 
 
 def data_sha256(scores: np.ndarray, labels: np.ndarray) -> str:
@@ -69,11 +73,14 @@ def fit_document(
 ) -> dict:
     """Fit a calibrator and return its document (the one format used by CLI files, the store and the API).
 
-    The data is validated once; the fit-time figures are :func:`figures` of the logits (``before``) and
-    of the calibrated probabilities (``after``), computed from the probabilities themselves: the same
-    values as ``figures(calibrated_logits(calibrator, logits), labels)`` (the softmax of those log
-    probabilities is the calibrated answer again, with probabilities floored at 1e-300), without the
-    round trip through logits.
+    The data is validated once. The fit-time figures (``fit.before``: of the logits, ``fit.after``: of the
+    calibrated probabilities) are :func:`fit_time_figures`: the figures that drift checks compare
+    (:data:`HEADLINE_FIGURES`), overconfidence and underconfidence, ``n`` and ``conventions``, each equal
+    to that of :func:`figures` (``after``: of ``calibrated_logits(calibrator, logits)``) to rounding. The
+    ECE variants (``ece_l2``, ``ece_debiased``, ``ece_mass``, ``ece_classwise``) are not stored: they
+    cost more than the fit itself (the classwise and equal-mass binning of two N x K probability
+    matrices) and nothing compares them with later data; an evaluation computes them. The data's SHA-256
+    and the ``before`` figures are computed in a second thread while the fit runs (from 1 MB of logits).
     """
     # logits are checked by check_labelled (once); probabilities by scores_to_logits, which maps them
     logits = scores if from_logits else scores_to_logits(scores, from_logits=False)
@@ -84,11 +91,18 @@ def fit_document(
             field="logits",
         )
     calibrator = make_calibrator(method, **dict(options or {}))
-    calibrator.fit(logits, y, sample_weight=weight, validate=False)
-    before = metrics.calibration_report_checked(None, y, logits=logits)
-    after = metrics.calibration_report_checked(
-        calibrator.transform(logits, validate=False), y, probability_floor=_PROBABILITY_FLOOR
-    )
+    if logits.nbytes < _SECOND_THREAD_BYTES:
+        digest = data_sha256(logits, y)
+        calibrator.fit(logits, y, sample_weight=weight, validate=False)
+        before, after = fit_time_figures(calibrator, logits, y)
+    else:
+        # the hash and the 'before' figures depend on the data alone: a second thread does them during the
+        # fit (hashlib and numpy's loops let go of the GIL)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibserve-fit-data") as pool:
+            data_work = pool.submit(_hash_and_figures, logits, y)
+            calibrator.fit(logits, y, sample_weight=weight, validate=False)
+            digest, before = data_work.result()
+            before, after = fit_time_figures(calibrator, logits, y, before)
     document = {
         "format_version": FORMAT_VERSION,
         "model": model,
@@ -97,12 +111,41 @@ def fit_document(
         "fitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "fit": {
             "n": int(logits.shape[0]),
-            "data_sha256": data_sha256(logits, y),
+            "data_sha256": digest,
             "before": before,
             "after": after,
         },
     }
     return document
+
+
+def fit_time_figures(
+    calibrator: Any, logits: np.ndarray, labels: np.ndarray, before: dict | None = None
+) -> tuple[dict, dict]:
+    """``(before, after)``: :func:`service.core.metrics.fit_figures` of validated logits (unless given)
+    and of the fitted ``calibrator``'s probabilities (NLL floored as in :func:`calibrated_logits`).
+
+    Temperature scaling's ``after`` comes from a pass over the logits (the same pass as ``before``, when
+    that is not given): its softmax of ``z / T`` is never written out. Other methods' from ``transform``.
+    """
+    if isinstance(calibrator, TemperatureScaling):
+        groups = [(calibrator.temperature_, _PROBABILITY_FLOOR)]
+        if before is None:
+            before, after = metrics.fit_figures(logits, labels, groups=[(1.0, None), *groups])
+        else:
+            (after,) = metrics.fit_figures(logits, labels, groups=groups)
+        return before, after
+    if before is None:
+        (before,) = metrics.fit_figures(logits, labels)
+    probabilities = calibrator.transform(logits, validate=False)
+    after = metrics.fit_figures_of_probabilities(probabilities, labels, probability_floor=_PROBABILITY_FLOOR)
+    return before, after
+
+
+def _hash_and_figures(logits: np.ndarray, labels: np.ndarray) -> tuple[str, dict]:
+    """What a fit document needs of the data alone: its SHA-256 and its ``before`` figures."""
+    (before,) = metrics.fit_figures(logits, labels)
+    return data_sha256(logits, labels), before
 
 
 def calibrated_logits(calibrator: Any, logits: np.ndarray) -> np.ndarray:

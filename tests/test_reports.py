@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service import io, plots, reports, workflows
+from service.core import metrics
 from service.errors import InvalidInput
 from tests.helpers.images import png_size
 
@@ -354,21 +355,31 @@ def test_evaluate_adds_drift_exactly_when_the_document_has_fit_figures(labelled,
 
 
 def _figures_the_long_way(document: dict, logits: np.ndarray, labels: np.ndarray) -> tuple[dict, dict]:
-    """What fit_document stored before it computed the figures from the probabilities: figures of the
-    logits, and of the log of the calibrated probabilities (floored at 1e-300), each validated again."""
+    """The full reports the fit-time figures are a part of: figures of the logits, and of the log of the
+    calibrated probabilities (floored at 1e-300), each validated again."""
     calibrator = workflows.load_calibrator(document)
     before = workflows.figures(logits, labels)
     after = workflows.figures(workflows.calibrated_logits(calibrator, logits), labels)
     return before, after
 
 
+FIT_KEYS = {*metrics.FIT_FIGURES, "n", "conventions"}
+
+
 def _assert_same_figures(stored: dict, expected: dict) -> None:
-    assert stored.keys() == expected.keys()
-    for name, value in expected.items():
+    """The fit-time figures are the report's headline figures, its two halves of ECE, ``n`` and the
+    conventions of those (the ECE variants are left out), each equal to the full report's to 1e-12."""
+    assert stored.keys() == FIT_KEYS
+    assert set(workflows.HEADLINE_FIGURES) <= stored.keys()
+    for name in stored.keys() - {"conventions"}:
+        value = expected[name]
         if isinstance(value, float):
             assert stored[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
         else:
             assert stored[name] == value, name
+    conventions = dict(stored["conventions"])
+    assert "ece_classwise" in conventions.pop("figures")  # says where the variants are
+    assert conventions == {key: expected["conventions"][key] for key in conventions}
 
 
 @pytest.mark.parametrize(
@@ -408,3 +419,33 @@ def test_fit_time_figures_from_probabilities_equal_the_long_way(labelled):
     before, after = _figures_the_long_way(document, mapped, labels)
     _assert_same_figures(document["fit"]["before"], before)
     _assert_same_figures(document["fit"]["after"], after)
+
+
+@pytest.mark.parametrize("method", ["temperature", "vector", "matrix", "isotonic", "histogram"])
+@pytest.mark.parametrize(
+    "name", ["netcal_wrn16-4_c10.npz", "kumar_vgg16_c10.npz", "netcal_densenet-bc-100_c100.npz"]
+)
+def test_fit_time_figures_equal_the_full_reports_on_real_logits(reference_data, name, method):
+    """Real classifier outputs (tests/data), ten and a hundred classes (the narrow and the wide pass)."""
+    data = reference_data(name)
+    logits, labels = data["logits_val"], data["labels_val"]
+    document = workflows.fit_document(logits, labels, method=method)
+    before, after = _figures_the_long_way(document, logits, labels)
+    _assert_same_figures(document["fit"]["before"], before)
+    _assert_same_figures(document["fit"]["after"], after)
+
+
+def test_fit_time_figures_equal_the_full_reports_on_a_million_rows():
+    """1M x 10 float32 logits (the size of issue #10): the temperature pass, and the pass over
+    probabilities that other methods take, against the full reports."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((1_000_000, 10))
+    labels = (base + rng.gumbel(size=base.shape)).argmax(axis=1)
+    logits = (3.0 * base).astype(np.float32)
+    document = workflows.fit_document(logits, labels)
+    before, after = _figures_the_long_way(document, logits, labels)
+    _assert_same_figures(document["fit"]["before"], before)
+    _assert_same_figures(document["fit"]["after"], after)
+    probabilities = workflows.calibrate(workflows.load_calibrator(document), logits)
+    from_probabilities = metrics.fit_figures_of_probabilities(probabilities, labels, probability_floor=1e-300)
+    _assert_same_figures(from_probabilities, after)

@@ -35,7 +35,7 @@ async def read_labelled(
     """The body of a labelled route as ``model``; ``route_parameters`` are query parameters the route itself
     declares (``version``), which are not body fields."""
     kind = tensors.body_type(request.headers.get("content-type"), (tensors.JSON, tensors.NPZ))
-    body = await request.body()
+    body = await _whole_body(request)
     if kind != tensors.NPZ:
         return validate_object(parse_object(body), model)
     data: dict[str, Any] = {}
@@ -52,6 +52,15 @@ async def read_labelled(
         data[key] = _query_scalar(model, key, value)
     data.update(tensors.decode_npz(body, max_bytes=request.app.state.settings.max_body_bytes))
     return validate_object(data, model)
+
+
+async def _whole_body(request: Request) -> bytes:
+    """``request.body()`` without its copy of a body that came in one piece: Starlette joins the chunks
+    with the stream's closing empty one, which copied a 48 MB fit body (~14 ms) for nothing."""
+    chunks = [chunk async for chunk in request.stream() if chunk]
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request._body = body  # what request.body() caches, for any later reader
+    return body
 
 
 _BOOLEANS = {"true": True, "false": False}

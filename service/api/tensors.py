@@ -31,7 +31,9 @@ import ast
 import io
 import math
 import re
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -357,6 +359,10 @@ def decode_npz(body: bytes, *, max_bytes: int) -> dict[str, np.ndarray]:
         if key in arrays:
             raise InvalidInput(f"the .npz archive holds {key!r} twice", field=key)
         try:
+            if member.compress_type == zipfile.ZIP_STORED and not member.flag_bits & _ZIP_ENCRYPTED:
+                stream = _StoredMember(_stored_member_data(body, member, key))
+                arrays[key] = _read_npz_member(stream, key, member.file_size)
+                continue
             with archive.open(member) as stream:
                 arrays[key] = _read_npz_member(stream, key, member.file_size)
         except InvalidInput:
@@ -366,6 +372,42 @@ def decode_npz(body: bytes, *, max_bytes: int) -> dict[str, np.ndarray]:
                 f"the .npz member {key!r} is not a readable .npy array: {exc}", field=key
             ) from None
     return arrays
+
+
+_ZIP_ENCRYPTED = 0x1
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zipfile's structFileHeader: 30 bytes, then name and extra
+_LOCAL_MAGIC = b"PK\x03\x04"
+
+
+def _stored_member_data(body: bytes, member: zipfile.ZipInfo, key: str) -> memoryview:
+    """The bytes of an uncompressed (``np.savez``) member where they lie in the body, CRC-checked as
+    ``zipfile`` checks them. ``zipfile``'s reader copies them through its buffers twice, which cost 70 ms
+    of a 1M x 10 float32 fit body against ~20 ms for the CRC and the one copy into the array."""
+    start = member.header_offset
+    header = body[start : start + _LOCAL_HEADER.size]
+    if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_MAGIC:
+        raise InvalidInput(
+            f"the .npz member {key!r} is not a readable .npy array: bad local header", field=key
+        )
+    fields = _LOCAL_HEADER.unpack(header)
+    data_start = start + _LOCAL_HEADER.size + fields[10] + fields[11]  # name and extra field lengths
+    data = memoryview(body)[data_start : data_start + member.file_size]
+    if len(data) != member.file_size or zlib.crc32(data) != member.CRC:
+        raise InvalidInput(f"the .npz member {key!r} is not a readable .npy array: bad CRC", field=key)
+    return data
+
+
+class _StoredMember:
+    """``read(n)`` over a member's bytes, as :func:`_read_npz_member` reads a zip stream: small reads
+    (the header) as bytes, the data as a view of the body."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data, self._position = data, 0
+
+    def read(self, n: int) -> bytes | memoryview:
+        chunk = self._data[self._position : self._position + n]
+        self._position += len(chunk)
+        return bytes(chunk) if n <= MAX_NPY_HEADER_BYTES + 12 else chunk
 
 
 def _read_npz_member(stream, key: str, size: int) -> np.ndarray:

@@ -55,7 +55,7 @@ References
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -79,6 +79,7 @@ from service.errors import InvalidInput
 
 __all__ = [
     "BINNINGS",
+    "FIT_FIGURES",
     "KINDS",
     "NORMS",
     "BootstrapInterval",
@@ -91,6 +92,8 @@ __all__ = [
     "check_binning",
     "check_bootstrap",
     "expected_calibration_error",
+    "fit_figures",
+    "fit_figures_of_probabilities",
     "maximum_calibration_error",
     "negative_log_likelihood",
     "overconfidence_error",
@@ -1180,3 +1183,219 @@ def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]
         "accuracy": "argmax, ties to the lowest class",
     }
     return report
+
+
+# ------------------------------------------------------------------------------------- fit-time figures
+
+FIT_FIGURES = ("ece", "mce", "brier", "nll", "accuracy", "overconfidence", "underconfidence")
+"""The figures a calibrator document stores at fit time (:func:`fit_figures`): the headline figures that
+drift checks compare, and the two halves of ECE. The variants (``ece_l2``, ``ece_debiased``, ``ece_mass``,
+``ece_classwise``, ``ece_positive_class``) are left to evaluations (:func:`calibration_report`)."""
+
+
+class _RowSums:
+    """What one fused pass gathers of a group of rows: per-row confidence and correctness, loss sums."""
+
+    def __init__(self, n_samples: int):
+        self.confidences = np.empty(n_samples)
+        self.correct = np.empty(n_samples, dtype=np.bool_)
+        self.brier = 0.0
+        self.nll = 0.0
+
+    def add_block(
+        self,
+        part: slice,
+        sum_exp: np.ndarray,
+        sum_squares: np.ndarray,
+        true_shifted: np.ndarray,
+        nll_cap: float | None,
+    ) -> None:
+        """One block of a softmax: ``s = sum_k exp(z_k - m)``, ``sum_k exp(z_k - m)^2``, ``z_y - m``.
+
+        The confidence is ``1/s`` (the largest probability is ``exp(0)/s``, as the softmax computes it),
+        ``p_y = exp(z_y - m)/s``, Brier ``sum_k p_k^2 - 2 p_y + 1``, NLL ``log s - (z_y - m)`` (capped at
+        ``nll_cap``, the NLL of floored probabilities).
+        """
+        confidences = np.divide(1.0, sum_exp, out=self.confidences[part])
+        # sum p_k^2 - 2 p_y + 1 with p_k = e_k / s: (sum e_k^2) / s^2 - 2 e_y / s + 1
+        true_probability = np.exp(true_shifted)
+        true_probability *= confidences
+        sum_squares *= confidences
+        sum_squares *= confidences
+        self.brier += float(np.add.reduce(sum_squares)) - 2.0 * float(np.add.reduce(true_probability))
+        self.brier += confidences.shape[0]
+        nll = np.log(sum_exp)
+        nll -= true_shifted
+        if nll_cap is not None:
+            np.minimum(nll, nll_cap, out=nll)
+        self.nll += float(np.add.reduce(nll))
+
+    def figures(self, n_bins: int) -> dict[str, Any]:
+        n_samples = self.confidences.shape[0]
+        ids = _width_bin_ids(self.confidences, n_bins)
+        mass, confidence, outcome, counts = _bin_sums(ids, self.confidences, self.correct, None, n_bins)
+        edges = _width_edges(n_bins)
+        sums = _BinSums(mass[None], confidence[None], outcome[None], counts[None], edges[None])
+        over, under = _error_parts(sums)
+        report: dict[str, Any] = {
+            "ece": float(_calibration_errors(sums, norm="l1", debiased=False)[0]),
+            "mce": float(_calibration_errors(sums, norm="max", debiased=False)[0]),
+            "brier": self.brier / n_samples,
+            "nll": self.nll / n_samples,
+            "accuracy": float(np.count_nonzero(self.correct)) / n_samples,
+            "overconfidence": float(over[0]),
+            "underconfidence": float(under[0]),
+            "n": n_samples,
+            "conventions": _fit_conventions(n_bins),
+        }
+        return report
+
+
+def _fit_conventions(n_bins: int) -> dict[str, Any]:
+    return {
+        "kind": "top_label",
+        "binning": "width",
+        "n_bins": n_bins,
+        "bins": "(i/M, (i+1)/M], confidence 0 in bin 0",
+        "norm": "l1",
+        "mce": "largest gap over non-empty bins",
+        "nll": "exact",
+        "brier": "mean over samples of sum_k (p_k - 1[y=k])^2",
+        "accuracy": "argmax, ties to the lowest class",
+        "figures": "fit-time figures: ece, mce, brier, nll, accuracy, overconfidence, underconfidence; "
+        "ece_l2, ece_debiased, ece_mass, ece_classwise and ece_positive_class come from evaluations",
+    }
+
+
+def _argmax_narrow(
+    block: np.ndarray, maxima: np.ndarray, is_max: np.ndarray, weights: np.ndarray, out: np.ndarray
+) -> None:
+    """Lowest row index equal to each column's maximum of a ``(K, R)`` block (see ``scan_narrow``)."""
+    np.equal(block, maxima, out=is_max.view(np.bool_))
+    np.multiply(is_max, weights, out=is_max)
+    np.maximum.reduce(is_max, axis=0, out=out)
+    np.subtract(block.shape[0], out, out=out)
+
+
+def fit_figures(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    groups: Sequence[tuple[float, float | None]] = ((1.0, None),),
+    n_bins: int = DEFAULT_N_BINS,
+) -> list[dict[str, Any]]:
+    """Fit-time figures (:data:`FIT_FIGURES`, ``n``, ``conventions``) of ``softmax(logits / T)`` for each
+    ``(T, probability_floor)`` of ``groups``, in one fused pass over row blocks.
+
+    For arrays :func:`service.core.validation.check_labelled` returned (float32 or float64 logits, one
+    column for a binary model; int labels), unweighted, ``n_bins`` equal-width top-label bins. Each block
+    is copied once into a float64 buffer, from which come the row maximum ``m``, the argmax (shared: it does
+    not depend on ``T > 0``), ``z_y - m`` and, per group, ``s = sum exp((z - m)/T)`` and
+    ``sum exp((z - m)/T)^2``: the softmax is never written out, and its classwise and equal-mass binning are
+    not done. The numbers are those of :func:`calibration_report` (``from_logits=True``) to rounding
+    (float64 sums in another order; a confidence within an ulp of a bin edge could change bin). With a
+    ``probability_floor``, a group's NLL is capped at ``-log(probability_floor)``: the NLL of its
+    probabilities floored there.
+    """
+    z = two_column_logits(logits)
+    n_samples, n_classes = z.shape
+    y = labels
+    plan = [
+        (_RowSums(n_samples), None if t == 1.0 else 1.0 / t, None if floor is None else -math.log(floor))
+        for t, floor in groups
+    ]
+    narrow = n_classes < ARGMAX_MIN_COLUMNS
+    rows = min(n_samples, _NARROW_ROWS if narrow else max(1, _CHUNK // n_classes))
+    shape = (n_classes, rows) if narrow else (rows, n_classes)
+    shifted, exps = np.empty(shape), np.empty(shape)
+    if narrow:
+        is_max = np.empty(shape, dtype=np.uint8)
+        weights = np.arange(n_classes, 0, -1, dtype=np.uint8)[:, None]
+        argmax = np.empty(rows, dtype=np.uint8)
+    axis = 0 if narrow else 1
+    maxima, sum_exp, sum_squares = np.empty(rows), np.empty(rows), np.empty(rows)
+    correct = np.empty(rows, dtype=np.bool_)
+    for start in range(0, n_samples, rows):
+        width = min(rows, n_samples - start)
+        part = slice(start, start + width)
+        y_part = y[part]
+        if narrow:
+            block, e = shifted[:, :width], exps[:, :width]
+            np.copyto(block, z[part].T)
+            m = np.maximum.reduce(block, axis=0, out=maxima[:width])
+            _argmax_narrow(block, m, is_max[:, :width], weights, argmax[:width])
+            top = argmax[:width]
+            block -= m
+            true_shifted = block[y_part, np.arange(width)]
+        else:
+            block, e = shifted[:width], exps[:width]
+            np.copyto(block, z[part])
+            m = np.maximum.reduce(block, axis=1, out=maxima[:width])
+            top = block.argmax(axis=1)
+            block -= m[:, None]
+            true_shifted = block[np.arange(width), y_part]
+        np.equal(top, y_part, out=correct[:width])
+        for sums, factor, nll_cap in plan:
+            sums.correct[part] = correct[:width]
+            if factor is None:
+                np.exp(block, out=e)
+                shift_y = true_shifted
+            else:
+                np.multiply(block, factor, out=e)
+                np.exp(e, out=e)
+                shift_y = true_shifted * factor
+            np.add.reduce(e, axis=axis, out=sum_exp[:width])
+            np.multiply(e, e, out=e)
+            np.add.reduce(e, axis=axis, out=sum_squares[:width])
+            sums.add_block(part, sum_exp[:width], sum_squares[:width], shift_y, nll_cap)
+    return [sums.figures(n_bins) for sums, _, _ in plan]
+
+
+def fit_figures_of_probabilities(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_bins: int = DEFAULT_N_BINS,
+    probability_floor: float | None = None,
+) -> dict[str, Any]:
+    """:func:`fit_figures` of calibrated probabilities (float ``(N, K)``, ``K >= 2``, rows summing to 1):
+    the same fused pass without the softmax; NLL ``-log(max(p_y, probability_floor))``."""
+    n_samples, n_classes = probabilities.shape
+    sums = _RowSums(n_samples)
+    narrow = n_classes < ARGMAX_MIN_COLUMNS
+    rows = min(n_samples, _NARROW_ROWS if narrow else max(1, _CHUNK // n_classes))
+    shape = (n_classes, rows) if narrow else (rows, n_classes)
+    squares = np.empty(shape)
+    if narrow:
+        columns = np.empty(shape, dtype=probabilities.dtype)
+        is_max = np.empty(shape, dtype=np.uint8)
+        weights = np.arange(n_classes, 0, -1, dtype=np.uint8)[:, None]
+        argmax = np.empty(rows, dtype=np.uint8)
+    sum_squares = np.empty(rows)
+    floor = 0.0 if probability_floor is None else probability_floor
+    for start in range(0, n_samples, rows):
+        width = min(rows, n_samples - start)
+        part = slice(start, start + width)
+        y_part = labels[part]
+        confidences = sums.confidences[part]
+        if narrow:
+            block, square = columns[:, :width], squares[:, :width]
+            np.copyto(block, probabilities[part].T)
+            np.maximum.reduce(block, axis=0, out=confidences)
+            _argmax_narrow(block, confidences, is_max[:, :width], weights, argmax[:width])
+            top = argmax[:width]
+            true_probability = block[y_part, np.arange(width)].astype(np.float64)
+            np.multiply(block, block, out=square)
+            np.add.reduce(square, axis=0, out=sum_squares[:width])
+        else:
+            block, square = probabilities[part], squares[:width]
+            top = block.argmax(axis=1)
+            np.copyto(confidences, block[np.arange(width), top])
+            true_probability = block[np.arange(width), y_part].astype(np.float64)
+            np.multiply(block, block, out=square)
+            np.add.reduce(square, axis=1, out=sum_squares[:width])
+        np.equal(top, y_part, out=sums.correct[part])
+        sums.brier += float(np.add.reduce(sum_squares[:width] - 2.0 * true_probability + 1.0))
+        with np.errstate(divide="ignore"):  # p = 0 without a floor: the exact NLL is infinite
+            sums.nll -= float(np.add.reduce(np.log(np.maximum(true_probability, floor))))
+    return sums.figures(n_bins)
