@@ -72,9 +72,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(store: Path) -> tuple[subprocess.Popen, str]:
+def start_server(store: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "CALIBSERVE_MAX_BODY_BYTES": str(BODY_LIMIT)}
+    if threads is not None:  # the same thread limits as this process's competitors
+        env |= {name: str(threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     command = [sys.executable, "-m", "service", "serve", "--port", str(port), "--store-dir", str(store)]
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> str:
     eval_logits, eval_labels = synthetic(n_eval, k_eval, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         local = InProcess(Path(tmp) / "in-process")
-        process, url = start_server(Path(tmp) / "served")
+        process, url = start_server(Path(tmp) / "served", args.threads)
         try:
             client = CalibserveClient(url, timeout=600.0)
             for name, k in (("fit10", 10), ("eval", k_eval)):
@@ -228,9 +230,20 @@ def main() -> int:
     parser.add_argument("--eval-rows", type=int, default=50_000)
     parser.add_argument("--eval-classes", type=int, default=1_000)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per competitor and size")
+    parser.add_argument(
+        "--threads", type=int, help="limit torch, BLAS and OpenMP to N threads (here and in the server)"
+    )
     parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
     parser.add_argument("--readme", type=Path, default=HERE / "README.md")
     args = parser.parse_args()
+    if args.threads is not None:
+        # On a shared 2-core machine a second torch thread that waits for a busy core makes the fit swing
+        # from 0.3 s to several seconds (see bench_core): one thread for every competitor alike.
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(limits=args.threads)
     text = run(args)
     print(text)
     if args.write:
