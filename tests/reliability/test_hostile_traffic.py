@@ -188,7 +188,7 @@ def test_hostile_requests_mixed_with_normal_traffic(tmp_path, servers, soak):
         normal_p50_ms=round(statistics.median(latencies_ms), 2),
         normal_p99_ms=round(latencies_ms[int(0.99 * (len(latencies_ms) - 1))], 2),
         hostile_requests=sum(hostile_answers.values()),
-        hostile_statuses=dict(statuses),
+        hostile_statuses={str(status): count for status, count in sorted(statuses.items())},
         peak_worker_rss_mib=round(peak_kib / 1024, 1),
     )
     assert peak_kib < 3 * 1024 * 1024, f"a worker reached {peak_kib / 1024:.0f} MiB"
