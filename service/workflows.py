@@ -43,10 +43,14 @@ def data_sha256(scores: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def scores_to_logits(scores: Any, *, from_logits: bool) -> np.ndarray:
-    """Calibrators work on logits: probabilities are mapped to their log (softmax is shift-invariant)."""
+def scores_to_logits(scores: Any, *, from_logits: bool, transform: bool = False) -> np.ndarray:
+    """Calibrators work on logits: probabilities are mapped to their log (softmax is shift-invariant).
+
+    ``transform``: the logits are to be calibrated, not fitted on or evaluated, so rows beyond
+    ``MAX_ABS_LOGIT`` are scaled into it (:func:`~service.core.validation.scale_into_domain`), not refused.
+    """
     if from_logits:
-        return check_logits(scores)
+        return check_logits(scores, scale=transform)
     probabilities = check_probabilities(scores)
     if probabilities.shape[1] == 1:  # binary P(y=1): its logit is log(p / (1 - p))
         p = np.clip(probabilities.astype(np.float64), 1e-300, 1.0)
@@ -166,7 +170,7 @@ def load_calibrator(document: Mapping[str, Any]) -> Any:
 
 def calibrate(calibrator: Any | None, scores: Any, *, from_logits: bool = True) -> np.ndarray:
     """Calibrated probabilities; without a calibrator, the plain softmax (identity calibration)."""
-    logits = scores_to_logits(scores, from_logits=from_logits)
+    logits = scores_to_logits(scores, from_logits=from_logits, transform=True)
     if calibrator is None:
         return softmax(logits)
     return calibrator.transform(logits)

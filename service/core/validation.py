@@ -92,11 +92,17 @@ def _check_finite(array: np.ndarray, name: str) -> None:
         raise InvalidInput(f"{name} contains NaN or Inf at row {row}", field=name, row=row)
 
 
-def check_logits(logits: Any, name: str = "logits") -> np.ndarray:
-    """Validate logits: finite, at most ``MAX_ABS_LOGIT`` in magnitude, 2-D, at least one row and one column."""
+def check_logits(logits: Any, name: str = "logits", *, scale: bool = False) -> np.ndarray:
+    """Validate logits: finite, 2-D, at least one row and one column, at most ``MAX_ABS_LOGIT`` in magnitude.
+
+    A row beyond the limit is refused (InvalidInput naming it), or with ``scale`` (the transforms: every
+    finite row gets an answer) scaled into the limit by :func:`scale_into_domain`.
+    """
     array = as_float_matrix(logits, name)
     # float32 cannot exceed the limit; max and -min avoid an N x K temporary on the hot path
     if array.dtype == np.float64 and max(array.max(), -array.min()) > MAX_ABS_LOGIT:
+        if scale:
+            return scale_into_domain(array)
         too_large = np.abs(array) > MAX_ABS_LOGIT
         row = _first_row(too_large)
         raise InvalidInput(
@@ -106,6 +112,26 @@ def check_logits(logits: Any, name: str = "logits") -> np.ndarray:
             row=row,
         )
     return array
+
+
+def scale_into_domain(array: np.ndarray) -> np.ndarray:
+    """float64 logits with every row of magnitude above ``MAX_ABS_LOGIT`` scaled by a power of two into it.
+
+    The numpy twin of the exported modules' ``into_domain`` (same formula, same answers). A power of two
+    scales exactly, so a row keeps its order and ratios; at that scale two distinct logits of the row differ
+    by more than 1e84, so softmax, temperature scaling and the one-vs-rest curves answer the one-hot (or tied)
+    row they would answer unscaled, while ``z / T``, ``W z`` or ``z1 - z0`` can no longer overflow. Vector,
+    matrix and Platt scaling's biases weigh relatively more after scaling, which can only matter where the
+    scaled scores tie.
+    """
+    magnitude = np.abs(array).max(axis=1)
+    outside = magnitude > MAX_ABS_LOGIT
+    if not outside.any():
+        return array
+    scaled = array.copy()
+    exponent = np.ceil(np.log2(magnitude[outside] / MAX_ABS_LOGIT))
+    scaled[outside] *= np.exp2(-exponent)[:, None]
+    return scaled
 
 
 def check_probabilities(probabilities: Any, name: str = "probabilities") -> np.ndarray:

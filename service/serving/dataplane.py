@@ -88,7 +88,7 @@ def check_columns(model: ModelInfo, scores: np.ndarray, field: str) -> None:
 
 def calibrate_array(calibrator: Any | None, scores: Any, *, from_logits: bool) -> np.ndarray:
     """``workflows.calibrate`` validating the scores once (the calibrator's own check is skipped)."""
-    logits = workflows.scores_to_logits(scores, from_logits=from_logits)
+    logits = workflows.scores_to_logits(scores, from_logits=from_logits, transform=True)
     if calibrator is None:
         return softmax(logits)
     if n_label_classes(logits.shape[1]) != calibrator.num_classes_:

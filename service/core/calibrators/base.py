@@ -266,7 +266,7 @@ class BaseCalibrator(ABC):
         return z, y, w
 
     def _check_transform_input(self, logits: Any) -> np.ndarray:
-        z = check_logits(logits)
+        z = check_logits(logits, scale=True)  # every finite row gets an answer (rows beyond 1e100 scaled)
         if n_label_classes(z.shape[1]) != self.num_classes_:
             raise InvalidInput(
                 f"calibrator was fitted on {self.num_classes_} classes; "

@@ -4,8 +4,9 @@ Each calibrator's :meth:`~service.core.calibrators.base.BaseCalibrator.torch_mod
 its fitted parameters (this module is imported only then, so that fitting and serving logits never import
 torch through it). Every module maps logits ``(N, C)`` to probabilities ``(N, K)`` exactly as the numpy
 ``transform`` does: in float64, one logit column read as the binary ``[0, z]``, the same formulas. Answers
-are float64 for float64 logits, float32 otherwise. Rows beyond ``MAX_ABS_LOGIT`` (which the service refuses)
-are scaled into it by :func:`into_domain`, so every finite input gives finite rows that sum to 1. The one-vs-rest curves (isotonic, histogram) are stored as
+are float64 for float64 logits, float32 otherwise. Rows beyond ``MAX_ABS_LOGIT`` are scaled into it by
+:func:`into_domain` (as the service's transforms do with ``validation.scale_into_domain``), so every
+finite input gives finite rows that sum to 1. The one-vs-rest curves (isotonic, histogram) are stored as
 padded per-class tensors and evaluated with ``torch.searchsorted``. All of them can be compiled to
 TorchScript (:mod:`service.export` does, through :mod:`service.registry`).
 """
@@ -24,8 +25,8 @@ DOMAIN_LIMIT = 1e100
 def into_domain(z: torch.Tensor) -> torch.Tensor:
     """float64 logits with every row of magnitude above ``MAX_ABS_LOGIT`` scaled by a power of two into it.
 
-    The service refuses such rows (InvalidInput naming the row); an exported module cannot answer an error
-    per row, and without this ``z / T``, ``W z`` or ``z1 - z0`` of logits near 1e308 overflow to Inf and the
+    The twin of ``service.core.validation.scale_into_domain``, which the service's transforms use; without
+    it ``z / T``, ``W z`` or ``z1 - z0`` of logits near 1e308 overflow to Inf and the
     softmax answers NaN. A power of two scales exactly, so the row keeps its order and ratios. At that
     scale any two distinct logits of a row differ by more than 1e84, so softmax, temperature scaling and
     the one-vs-rest curves answer the same one-hot (or tied) row as they would on the unscaled logits;
