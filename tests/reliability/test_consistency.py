@@ -70,26 +70,16 @@ def test_a_fit_never_brings_back_a_model_deleted_while_it_ran(tmp_path):
         assert not (tmp_path / "store" / "dd").exists()
 
 
+def serve_on(port: int, store) -> subprocess.CompletedProcess:
+    """``calibserve serve --workers 2`` on ``port``, expected to refuse and exit."""
+    command = [sys.executable, "-m", "service", "serve", "--port", str(port), "--workers", "2"]
+    command += ["--store-dir", str(store)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
 def test_a_second_server_refuses_a_port_that_is_served(tmp_path):
     with Server(tmp_path / "one", workers=2) as server:
-        second = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "serve",
-                "--port",
-                str(server.port),
-                "--workers",
-                "2",
-                "--store-dir",
-                str(tmp_path / "two"),
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        second = serve_on(server.port, tmp_path / "two")
         assert second.returncode == 2, second.stderr
         assert f"127.0.0.1:{server.port} is already served by another calibserve" in second.stderr
         assert fresh_request(server.url, "GET", "/healthz").status_code == 200
@@ -97,24 +87,7 @@ def test_a_second_server_refuses_a_port_that_is_served(tmp_path):
     with socket.socket() as foreign:
         foreign.bind(("127.0.0.1", port))
         foreign.listen()
-        third = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "serve",
-                "--port",
-                str(port),
-                "--workers",
-                "2",
-                "--store-dir",
-                str(tmp_path / "three"),
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        third = serve_on(port, tmp_path / "three")
         assert third.returncode == 2, third.stderr
         assert f"127.0.0.1:{port} is already in use by another process" in third.stderr
         assert "Traceback" not in third.stderr
