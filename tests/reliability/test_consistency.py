@@ -16,6 +16,7 @@ import numpy as np
 from service.cli import main as cli_main
 from service.config import parse_api_keys
 from tests.helpers.data import REPO
+from tests.helpers.processes import wait_for_workers
 from tests.helpers.servers import Server, free_port
 from tests.helpers.torchscript import Linear, scripted
 
@@ -26,13 +27,27 @@ def fresh_request(url: str, method: str, path: str, **kwargs) -> httpx.Response:
         return http.request(method, path, **kwargs)
 
 
+def settled(url: str, timeout: float = 60.0) -> None:
+    """Wait until ten fresh connections in a row find a worker ready with no model still loading: a worker
+    that starts after an upload loads it in the background and answers 503 (Retry-After) meanwhile."""
+    deadline, in_a_row = time.monotonic() + timeout, 0
+    while in_a_row < 10:
+        assert time.monotonic() < deadline, "the workers did not settle"
+        ready = fresh_request(url, "GET", "/readyz")
+        in_a_row = in_a_row + 1 if ready.status_code == 200 and not ready.json()["pending_models"] else 0
+
+
 def test_a_deleted_uploaded_model_is_gone_from_every_worker(tmp_path):
     with Server(tmp_path / "store", workers=2) as server:
+        wait_for_workers(server, 2)
         put = fresh_request(server.url, "PUT", "/v1/models/mwts/torchscript", content=scripted(Linear()))
         assert put.status_code == 200, put.text
+        settled(server.url)
         body = {"inputs": [[1.0, 2.0, 3.0, 4.0]]}
         served = [fresh_request(server.url, "POST", "/v1/models/mwts/predict", json=body) for _ in range(20)]
-        assert all(response.status_code == 200 for response in served)
+        assert all(response.status_code == 200 for response in served), [
+            (r.status_code, r.text[:120]) for r in served if r.status_code != 200
+        ]
         assert fresh_request(server.url, "DELETE", "/v1/models/mwts").status_code == 204
         after = [fresh_request(server.url, "POST", "/v1/models/mwts/predict", json=body) for _ in range(20)]
         assert [response.status_code for response in after] == [404] * 20
