@@ -8,12 +8,11 @@ Found here (issue #11): with auth off (the localhost default), ``POST /v1/models
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import orjson
 import pytest
 
+from tests.helpers.arrays import npz
 from tests.helpers.problems import assert_problem
 
 EVIL = "http://evil.example"
@@ -126,12 +125,6 @@ def test_any_origin_when_configured_so(make_client):
     client = make_client(cors_origins="*")
     response = client.put("/v1/models/two", json={"num_classes": 2}, headers={"Origin": EVIL})
     assert response.status_code == 201 and response.headers["access-control-allow-origin"] == "*"
-
-
-def npz(**arrays) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 FIT = {"logits": [[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]], "labels": [0, 1, 1, 0]}

@@ -12,6 +12,7 @@ from hypothesis.extra import numpy as hnp
 from scipy.special import softmax
 
 from service.api import tensors
+from tests.helpers.arrays import npy
 from tests.helpers.data import DIGITS_LOGIT_ULPS
 from tests.helpers.numerics import EPS32, assert_softmax_close
 from tests.helpers.problems import assert_problem
@@ -29,12 +30,6 @@ def fitted(client, cifar10):
     )
     assert response.status_code == 201, response.text
     return client, response.json()["temperature"], cifar10["logits_test"][:ROWS]
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def decoded(response) -> np.ndarray:

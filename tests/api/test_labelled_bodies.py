@@ -12,14 +12,9 @@ import pytest
 
 from service.api import tensors
 from service.errors import InvalidInput
+from tests.helpers.arrays import npz
 
 NPZ = {"content-type": "application/x-npz"}
-
-
-def npz(**arrays) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ library, HTTP and the CLI refuse alike; their docstrings state the memory or tim
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 
@@ -18,15 +16,10 @@ from service.core.calibrators.binning import HISTOGRAM_MAX_BINS, ONE_VS_REST_MAX
 from service.core.calibrators.temperature import TEMPERATURE_MAX_ITER
 from service.core.metrics import MAX_BOOTSTRAP_RESAMPLES, MAX_BOOTSTRAP_WORK, MAX_N_BINS
 from service.core.validation import MAX_NUM_CLASSES
+from tests.helpers.arrays import npz
 from tests.helpers.problems import assert_problem
 
 NPZ = {"content-type": "application/x-npz"}
-
-
-def npz(**arrays) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 def healthy(client) -> None:
@@ -142,29 +135,16 @@ def test_cli_evaluate_refuses_a_hundred_million_bins(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "logits.npy", rng.normal(size=(50, 3)))
     np.save(tmp_path / "labels.npy", rng.integers(0, 3, size=50))
-    code = cli.main(
-        [
-            "evaluate",
-            "--logits",
-            str(tmp_path / "logits.npy"),
-            "--labels",
-            str(tmp_path / "labels.npy"),
-            "--bins",
-            "100000000",
-        ]
-    )
-    assert code == cli.EXIT_FAILED
-    assert f"at most {MAX_N_BINS:,}" in capsys.readouterr().err
-    code = cli.main(
-        [
-            "evaluate",
-            "--logits",
-            str(tmp_path / "logits.npy"),
-            "--labels",
-            str(tmp_path / "labels.npy"),
-            "--bootstrap",
-            "1000000",
-        ]
-    )
-    assert code == cli.EXIT_FAILED
-    assert f"at most {MAX_BOOTSTRAP_RESAMPLES:,}" in capsys.readouterr().err
+    evaluate = [
+        "evaluate",
+        "--logits",
+        str(tmp_path / "logits.npy"),
+        "--labels",
+        str(tmp_path / "labels.npy"),
+    ]
+    for flag, value, limit in (
+        ("--bins", "100000000", MAX_N_BINS),
+        ("--bootstrap", "1000000", MAX_BOOTSTRAP_RESAMPLES),
+    ):
+        assert cli.main([*evaluate, flag, value]) == cli.EXIT_FAILED
+        assert f"at most {limit:,}" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from service.errors import InvalidInput
 from service.registry import MODEL_THREADS, ModelRegistry, stalled_passes
 from service.store import CalibratorStore
 from tests.helpers.problems import assert_problem
+from tests.helpers.waiting import wait_until
 
 # Small, but not so small that a model's first forward pass (TorchScript profiles and optimises it then)
 # could run past it on a loaded machine.
@@ -193,14 +194,6 @@ def scripted(module: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(module.eval()), buffer)
     return buffer.getvalue()
-
-
-def wait_until(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.05)
 
 
 def model_threads(name: str) -> int:

@@ -34,6 +34,7 @@ from service.core.calibrators.torch_modules import DOMAIN_LIMIT
 from service.core.validation import MAX_ABS_LOGIT
 from service.errors import InvalidInput
 from service.export import export_torchscript
+from tests.helpers.arrays import npy
 
 METHODS = tuple(calibrators.CALIBRATORS)
 EXTREMES = [
@@ -123,12 +124,6 @@ def assert_rows(probabilities, n: int) -> None:
 def first_outside(z: np.ndarray) -> int | None:
     outside = np.flatnonzero((np.abs(z) > MAX_ABS_LOGIT).any(axis=1))
     return int(outside[0]) if outside.size else None
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def test_the_module_domain_is_the_service_domain():

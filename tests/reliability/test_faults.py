@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -32,6 +31,7 @@ from tests.helpers.processes import serving_pids
 from tests.helpers.rawhttp import connect, read_response, request_head
 from tests.helpers.stores import remount, store_entries, temp_files, tmpfs
 from tests.helpers.torchscript import Raises, ReturnsNaN, WrongShape, scripted
+from tests.helpers.waiting import wait_until
 
 DIGITS_MODEL = (SHIPPED_MODELS / "digits-mlp" / "model.pt").read_bytes()
 
@@ -193,12 +193,6 @@ def test_failing_models_get_502_show_in_readyz_and_do_not_stop_the_others(tmp_pa
 
 
 # ------------------------------------------------------------------------------------- graceful shutdown
-
-
-def wait_until(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
 
 
 def healthz_status(port: int) -> int | None:

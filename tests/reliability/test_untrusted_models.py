@@ -10,7 +10,6 @@ and then return (see tests/api/test_untrusted_models.py); no assertion is about 
 from __future__ import annotations
 
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -24,16 +23,9 @@ from tests.api.test_untrusted_models import (
     scripted,
     store_uploaded,
 )
+from tests.helpers.waiting import wait_until
 
 ENV = {"CALIBSERVE_MODEL_TIMEOUT_S": str(TIMEOUT_S)}
-
-
-def wait_until(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.05)
 
 
 def test_a_stored_model_that_stalls_does_not_block_start_up(tmp_path, servers):
