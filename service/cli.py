@@ -34,6 +34,7 @@ from typing import Any, TextIO
 from service.core.calibrators import METHODS
 from service.core.metrics import MAX_BOOTSTRAP_RESAMPLES, MAX_BOOTSTRAP_WORK, MAX_N_BINS
 from service.errors import CalibserveError
+from service.names import validate_model_name
 
 PROG = "calibserve"
 DEFAULT_MAX_INCREASE = "ece=0.01"
@@ -420,12 +421,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ serve, export
 
 
+def _kserve_upstream(args: argparse.Namespace) -> str | None:
+    """The upstream URL of ``--upstream`` or KServe's ``--predictor_host`` (a host[:port], no scheme)."""
+    if args.protocol is not None and args.protocol.lower() != "v2":
+        raise CalibserveError(
+            f"--protocol {args.protocol}: calibserve forwards the Open Inference Protocol (v2) over HTTP only"
+        )
+    if args.predictor_host is None:
+        return args.upstream
+    if args.upstream is not None:
+        raise CalibserveError("give --upstream or --predictor_host, not both")
+    host = args.predictor_host
+    if "://" not in host:
+        host = f"{'https' if args.predictor_use_ssl else 'http'}://{host}"
+    return host
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.config import Settings
 
+    if args.port is not None and args.http_port is not None and args.port != args.http_port:
+        raise CalibserveError("give --port or --http_port, not both")
+    if args.model_name is not None:
+        validate_model_name(args.model_name)
+        logger.info("model %s (and any other name) is forwarded to the upstream", args.model_name)
     flags = {
         "host": args.host,
-        "port": args.port,
+        "port": args.port if args.port is not None else args.http_port,
+        "upstream": _kserve_upstream(args),
+        "upstream_timeout_s": args.predictor_request_timeout_seconds,
         "workers": args.workers,
         "models_dir": args.models_dir,
         "store_dir": args.store_dir,
@@ -613,6 +637,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store-dir", type=Path, metavar="DIR", help="calibrator store")
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--log-level", help="debug, info, warning, error")
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="Open Inference Protocol server (http://host:port) that serves every V2 model name calibserve "
+        "does not know itself: calibrated answers in one round trip",
+    )
+    kserve = serve.add_argument_group(
+        "KServe transformer arguments",
+        "as KServe passes them to a transformer container; aliases of the above",
+    )
+    kserve.add_argument(
+        "--predictor_host", metavar="HOST[:PORT]", help="the predictor: --upstream http://HOST[:PORT]"
+    )
+    kserve.add_argument("--predictor_use_ssl", action="store_true", help="https to the predictor")
+    kserve.add_argument(
+        "--predictor_request_timeout_seconds", type=float, metavar="S", help="CALIBSERVE_UPSTREAM_TIMEOUT_S"
+    )
+    kserve.add_argument(
+        "--protocol",
+        "--predictor_protocol",
+        dest="protocol",
+        help="v2 (the only protocol calibserve forwards)",
+    )
+    kserve.add_argument("--http_port", type=int, metavar="PORT", help="--port")
+    kserve.add_argument(
+        "--model_name", metavar="NAME", help="the InferenceService's model (served with every other name)"
+    )
     serve.set_defaults(handler=cmd_serve)
 
     export = commands.add_parser(

@@ -71,7 +71,31 @@ class Settings(BaseSettings):
         description="longest a TorchScript forward pass (or an upload's smoke check) may run; "
         "past it the request answers 504 and the model is marked stalled",
     )
+    upstream: str | None = Field(
+        None,
+        description="Open Inference Protocol server (http://host:port) that serves every V2 model name "
+        "calibserve does not know itself (transparent proxy); KServe's --predictor_host",
+    )
+    upstream_connect_timeout_s: float = Field(
+        2.0, gt=0.0, le=600.0, description="seconds to connect to an upstream server (then 504)"
+    )
+    upstream_timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="seconds an upstream call may take in all (then 504)"
+    )
+    upstream_max_connections: int = Field(
+        100, ge=1, le=10_000, description="pooled keep-alive connections per upstream server and worker"
+    )
+    upstream_batch_size: int = Field(
+        256, ge=1, le=1_000_000, description="rows per upstream call when fitting or evaluating on inputs"
+    )
     log_level: str = "info"
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_url(cls, value: str | None) -> str | None:
+        from service.names import normalise_url
+
+        return None if not value else normalise_url(value)
 
     @field_validator("api_keys")
     @classmethod

@@ -66,6 +66,29 @@ class ModelTimeout(ModelFailed):
     stalled: a forward pass of it ran past the limit and has not returned yet."""
 
 
+class UpstreamFailed(ModelFailed):
+    """The upstream inference server answered a server error, or an answer calibserve cannot use (not the
+    protocol, logits missing, of the wrong class count, or not finite): never a silently wrong probability."""
+
+
+class UpstreamTimeout(ModelTimeout):
+    """The upstream inference server did not connect or answer within its time limits
+    (``CALIBSERVE_UPSTREAM_CONNECT_TIMEOUT_S``, ``CALIBSERVE_UPSTREAM_TIMEOUT_S``)."""
+
+
+class UpstreamUnavailable(CalibserveError):
+    """The upstream inference server refuses connections (down, restarting): retry shortly."""
+
+
+class UpstreamRejected(CalibserveError):
+    """The upstream inference server refused the request as the caller's fault (its own 4xx status, kept in
+    ``upstream_status``): a bad input tensor, an unknown model or output there."""
+
+    def __init__(self, message: str, *, upstream_status: int) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+
+
 class Overloaded(CalibserveError):
     """More requests (or request bytes) are in flight than the configured limits allow; retry shortly."""
 

@@ -7,6 +7,7 @@ Open Inference Protocol's model and version segments, CLI arguments) and by the 
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 from service.errors import InvalidInput, InvalidParameter
 
@@ -65,3 +66,27 @@ def parse_version(text: str | None, *, field: str = "version") -> int | None:
             field=field,
         )
     return number
+
+
+def normalise_url(url: str) -> str:
+    """``http(s)://host[:port]`` without a trailing slash; a bare ``host:port`` (as KServe passes its
+    ``--predictor_host``) is taken as ``http://``. InvalidInput for anything else."""
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidInput(
+            "the upstream URL must be a non-empty string such as http://triton:8000", field="url"
+        )
+    text = url.strip()
+    if "://" not in text:
+        text = f"http://{text}"
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(
+            f"upstream URL {url!r} must be http://host[:port] or https://host[:port]", field="url"
+        )
+    if parts.query or parts.fragment:
+        raise InvalidInput(f"upstream URL {url!r} must not have a query or fragment", field="url")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise InvalidInput(f"upstream URL {url!r} has an invalid port", field="url") from None
+    return text.rstrip("/")

@@ -43,14 +43,19 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
 from service.core.calibrators import calibrator_module
 from service.errors import InvalidInput, ModelFailed, ModelTimeout, NotFound
+from service.lazy import lazy_module
 from service.names import validate_model_name as check_model_name
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported by the first model load: a logits-only or proxy deployment never pays for it
+    torch = lazy_module("torch", globals())
 
 logger = logging.getLogger("calibserve.registry")
 
@@ -60,10 +65,10 @@ FAILURE_THRESHOLD = 3
 DEFAULT_TIMEOUT_S = 10.0
 MODEL_THREADS = 4
 T = TypeVar("T")
-INPUT_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
-    "float32": (np.dtype(np.float32), torch.float32),
-    "float64": (np.dtype(np.float64), torch.float64),
-    "float16": (np.dtype(np.float16), torch.float16),
+INPUT_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "float16": np.dtype(np.float16),
 }
 
 
@@ -73,7 +78,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     ``"auto"`` is CUDA device 0 when CUDA is available, else the CPU. Asking for CUDA where there is none, or
     for a CUDA index that does not exist, raises InvalidInput rather than failing later at the first load.
     """
-    if isinstance(device, torch.device):
+    if not isinstance(device, str) and isinstance(device, torch.device):
         device = str(device)
     if not isinstance(device, str):
         raise InvalidInput(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {device!r}")
@@ -249,7 +254,10 @@ class ModelRegistry:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
         self.models_dir = Path(models_dir) if models_dir is not None else None
-        self.device = resolve_device(device)
+        self._device_spec = device
+        self._device: torch.device | None = None
+        if not (isinstance(device, str) and device.strip().lower() in ("auto", "cpu")):
+            self._device = resolve_device(device)  # a CUDA device that does not exist fails here, not later
         self.timeout = float(timeout)
         self._models: dict[str, LoadedModel] = {}
         self._load_failures: dict[str, str] = {}
@@ -261,6 +269,13 @@ class ModelRegistry:
         self._ready = False
 
     # ------------------------------------------------------------------------------------------- loading
+
+    @property
+    def device(self) -> torch.device:
+        """Where models run, resolved (importing torch) by the first load."""
+        if self._device is None:
+            self._device = resolve_device(self._device_spec)
+        return self._device
 
     @property
     def ready(self) -> bool:
@@ -307,6 +322,25 @@ class ModelRegistry:
                 model.input_shape,
             )
         self._ready = True
+
+    def declared_without_file(self) -> dict[str, dict[str, Any]]:
+        """``{name: metadata}`` of the models directory's folders with a ``model.json`` and no ``model.pt``
+        (models served elsewhere, e.g. by an upstream inference server); unreadable ones are logged."""
+        declared: dict[str, dict[str, Any]] = {}
+        if self.models_dir is None or not self.models_dir.is_dir():
+            return declared
+        for directory in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
+            if (directory / MODEL_FILE).exists() or not (directory / METADATA_FILE).is_file():
+                continue
+            try:
+                check_model_name(directory.name)
+                metadata = self._read_metadata(directory / METADATA_FILE)
+            except (InvalidInput, OSError) as exc:
+                logger.warning("skipping model directory %s: %s", directory, exc)
+                continue
+            if metadata is not None:
+                declared[directory.name] = metadata
+        return declared
 
     @staticmethod
     def _read_metadata(path: Path) -> dict[str, Any] | None:
@@ -433,7 +467,7 @@ class ModelRegistry:
         columns."""
         assert meta.input_shape is not None
         probe = torch.zeros(
-            (1, *meta.input_shape), dtype=INPUT_DTYPES[meta.input_dtype][1], device=self.device
+            (1, *meta.input_shape), dtype=getattr(torch, meta.input_dtype), device=self.device
         )
 
         def forward() -> torch.Tensor:
@@ -661,7 +695,7 @@ class ModelRegistry:
                     f"(n_samples, {', '.join(map(str, model.input_shape))})",
                     field="inputs",
                 )
-        dtype = INPUT_DTYPES[model.input_dtype][0]
+        dtype = INPUT_DTYPES[model.input_dtype]
         if array.dtype.kind == "f":
             finite = np.isfinite(array)
             if not finite.all():

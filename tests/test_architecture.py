@@ -17,12 +17,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "service"
 # What each module (or package) of service/ may import from service/. The first matching prefix decides.
 ALLOWED: list[tuple[str, set[str]]] = [
     ("service.errors", set()),
+    ("service.lazy", set()),
     ("service.names", {"service.errors"}),
+    ("service.inference_protocol", {"service.errors"}),
+    ("service.upstream", {"service.errors", "service.names", "service.inference_protocol"}),
     ("service.core", {"service.errors", "service.core"}),
     ("service.store", {"service.errors", "service.names"}),
-    ("service.registry", {"service.errors", "service.names", "service.core"}),
+    ("service.registry", {"service.errors", "service.names", "service.core", "service.lazy"}),
     ("service.export", {"service.errors", "service.core", "service.registry"}),
-    ("service.config", {"service.errors"}),
+    ("service.config", {"service.errors", "service.names"}),
     ("service.workflows", {"service.errors", "service.core"}),
     ("service.io", {"service.errors", "service.core"}),
     ("service.plots", {"service.errors", "service.core"}),
@@ -39,6 +42,8 @@ ALLOWED: list[tuple[str, set[str]]] = [
             "service.config",
             "service.workflows",
             "service.serving",
+            "service.upstream",
+            "service.inference_protocol",
         },
     ),
     (
@@ -54,6 +59,8 @@ ALLOWED: list[tuple[str, set[str]]] = [
             "service.workflows",
             "service.serving",
             "service.api",
+            "service.upstream",
+            "service.inference_protocol",
         },
     ),
     ("service.client", {"service.errors", "service.io"}),
@@ -69,6 +76,8 @@ FORBIDDEN_THIRD_PARTY = {
     "service.workflows": (*WEB, "pydantic"),
     "service.store": WEB,
     "service.registry": WEB,
+    "service.upstream": WEB,
+    "service.inference_protocol": (*WEB, "httpx"),
 }
 
 

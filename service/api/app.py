@@ -24,6 +24,7 @@ from service.serving.dataplane import DataPlane
 from service.serving.state import AppState
 from service.serving.telemetry import publish_active
 from service.store import CalibratorStore
+from service.upstream import Upstreams
 
 logger = logging.getLogger("calibserve")
 
@@ -43,6 +44,13 @@ def create_app(settings: Settings) -> FastAPI:
         settings=settings,
         store=CalibratorStore(settings.store_dir),
         registry=ModelRegistry(settings.models_dir, device=settings.device, timeout=settings.model_timeout_s),
+        upstreams=Upstreams(
+            settings.upstream,
+            connect_timeout=settings.upstream_connect_timeout_s,
+            timeout=settings.upstream_timeout_s,
+            max_connections=settings.upstream_max_connections,
+            batch_size=settings.upstream_batch_size,
+        ),
     )
     if settings.batch_max_size > 0:
         state.batcher = DynamicBatcher(
@@ -58,6 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
             publish_active(name, state.active(name).document)
         logger.info("calibserve ready: %d models, store %s", len(names), settings.store_dir)
         yield
+        await state.upstreams.aclose()
 
     app = FastAPI(
         title="calibserve",

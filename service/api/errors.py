@@ -42,6 +42,10 @@ STATUS_OF: tuple[tuple[type[errors.CalibserveError], int, str], ...] = (
     (errors.PayloadTooLarge, 413, "content-too-large"),
     (errors.UnsupportedMediaType, 415, "unsupported-media-type"),
     (errors.HeadersTooLarge, 431, "request-header-fields-too-large"),
+    (errors.UpstreamTimeout, 504, "upstream-timeout"),
+    (errors.UpstreamFailed, 502, "upstream-failed"),
+    (errors.UpstreamUnavailable, 503, "upstream-unavailable"),
+    (errors.UpstreamRejected, 400, "upstream-rejected"),  # the upstream's own 4xx status: see status_of
     (errors.ModelTimeout, 504, "model-timeout"),
     (errors.ModelFailed, 502, "model-failed"),
     (errors.WorkTimeout, 504, "work-timeout"),
@@ -62,6 +66,7 @@ TITLES = {
     409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     422: "Unprocessable Content",
     500: "Internal Server Error",
@@ -83,6 +88,8 @@ class HTTPError:
 
 
 def status_of(exc: errors.CalibserveError) -> tuple[int, str]:
+    if isinstance(exc, errors.UpstreamRejected) and 400 <= exc.upstream_status < 500:
+        return exc.upstream_status, "upstream-rejected"
     for cls, status, kind in STATUS_OF:
         if isinstance(exc, cls):
             return status, kind

@@ -89,7 +89,7 @@ def labelled_bodies(model: type[BaseModel]) -> dict[str, Any]:
         for name in ("logits", "probabilities", "inputs", "labels", "sample_weight")
         if name in model.model_fields
     ]
-    scalars = [name for name in model.model_fields if name not in arrays]
+    scalars = [name for name in model.model_fields if name not in arrays and name != "upstream_inputs"]
     return {
         tensors.NPZ: {
             "schema": {"type": "string", "format": "binary"},

@@ -12,6 +12,7 @@ from service.core.calibrators import METHODS
 from service.core.metrics import MAX_BOOTSTRAP_RESAMPLES, MAX_N_BINS
 from service.core.validation import MAX_NUM_CLASSES
 from service.errors import InvalidInput
+from service.inference_protocol import tensor_array
 from service.serving.dataplane import Labelled
 
 Matrix = Annotated[
@@ -46,8 +47,54 @@ class Strict(BaseModel):
 ClassName = Annotated[str, Field(min_length=1, max_length=MAX_CLASS_NAME_LENGTH)]
 
 
+UpstreamSpec = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "object",
+            "properties": {
+                "url": {
+                    "type": "string",
+                    "description": "http://host:port (default: the server's --upstream)",
+                },
+                "model": {"type": "string", "description": "the model's name upstream (default: this name)"},
+                "version": {
+                    "type": "string",
+                    "description": "the model's version upstream (default: its own)",
+                },
+                "output": {
+                    "type": "string",
+                    "description": "the logits output (default: the only one, or logits)",
+                },
+            },
+            "additionalProperties": False,
+        }
+    ),
+]
+UpstreamTensors = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "datatype": {"type": "string"},
+                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "data": {"type": "array"},
+                },
+                "required": ["name", "datatype", "shape", "data"],
+            },
+            "description": "Open Inference Protocol input tensors (JSON data) of a multi-input upstream model",
+        }
+    ),
+]
+
+
 class ModelSpec(Strict):
-    """A logits-only model (the sidecar case): its class count and optional class names.
+    """A logits-only model (the sidecar case), or one an upstream inference server serves (``upstream``): its
+    class count and optional class names.
 
     ``num_classes`` is at most ``MAX_NUM_CLASSES`` (:mod:`service.core.validation`); ``class_names`` holds one
     name per class, each 1 to ``MAX_CLASS_NAME_LENGTH`` characters (so a model's names are at most
@@ -57,14 +104,17 @@ class ModelSpec(Strict):
     num_classes: int = Field(ge=1, le=MAX_NUM_CLASSES)
     class_names: list[ClassName] | None = Field(None, max_length=MAX_NUM_CLASSES)
     description: str | None = Field(None, max_length=2000)
+    upstream: UpstreamSpec | None = None
 
 
 class ScoresBody(Strict):
-    """Exactly one of logits, probabilities (or, for TorchScript models, inputs)."""
+    """Exactly one of logits, probabilities (or, for TorchScript and upstream models, inputs; for upstream
+    models with several inputs, upstream_inputs)."""
 
     logits: Matrix | None = None
     probabilities: Matrix | None = None
     inputs: Matrix | None = None
+    upstream_inputs: UpstreamTensors | None = None
 
 
 class CalibrateRequest(Strict):
@@ -104,14 +154,32 @@ class MetricsRequest(Strict):
     seed: int = 0
 
 
-def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, np.ndarray]:
-    """Exactly one of the named array fields of a request body, as (name, array)."""
+def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, Any]:
+    """Exactly one of the named array fields of a request body, as (name, array); ``upstream_inputs`` as
+    ``[(name, array), ...]``."""
     given = [name for name in names if getattr(body, name, None) is not None]
     if len(given) != 1:
         raise InvalidInput(
             f"send exactly one of {', '.join(names)}; got {len(given) or 'none'}", field="body"
         )
+    if given[0] == "upstream_inputs":
+        return given[0], named_tensors(body.upstream_inputs)
     return given[0], array(getattr(body, given[0]), given[0])
+
+
+def named_tensors(value: Any) -> list[tuple[str, np.ndarray]]:
+    """Open Inference Protocol input tensors with JSON data, as ``[(name, array)]``."""
+    if not isinstance(value, list) or not value:
+        raise InvalidInput("upstream_inputs must be a non-empty list of tensors", field="upstream_inputs")
+    tensors = []
+    for index, entry in enumerate(value):
+        what = f"upstream_inputs[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidInput(f"{what} must be a tensor object with a name", field="upstream_inputs")
+        if "data" not in entry:
+            raise InvalidInput(f"{what}: data is required (JSON data only here)", field="upstream_inputs")
+        tensors.append((entry["name"], tensor_array(entry, None, what)))
+    return tensors
 
 
 def labelled(body: BaseModel, kinds: tuple[str, ...]) -> Labelled:

@@ -22,13 +22,16 @@ from service.core import losses
 from service.core.cancellation import Budget
 from service.core.probability import softmax
 from service.core.validation import n_label_classes, same_class_count
-from service.errors import Conflict, InvalidInput, ModelFailed, NotFound, StoreUnavailable
+from service.errors import Conflict, InvalidInput, ModelFailed, NotFound, NotReady, StoreUnavailable
 from service.serving.concurrency import bounded, compute, in_thread, wait_for
+from service.serving.proxy import PassedThrough, UpstreamAnswer, UpstreamModels
 from service.serving.state import ActiveCalibrator, AppState, ModelInfo
 from service.serving.telemetry import FITS, MODEL_FAILURES, publish_active
+from service.upstream import UpstreamSpec
 
 SCORE_KINDS = ("logits", "probabilities")
-LABELLED_KINDS = ("logits", "probabilities", "inputs")
+# "upstream_inputs": named input arrays of a model served upstream, [(name, array), ...]
+LABELLED_KINDS = ("logits", "probabilities", "inputs", "upstream_inputs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,20 @@ class Prediction:
             return None
         classes = self.predicted_class if predicted is None else predicted
         return [names[k] for k in classes.tolist()]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamPrediction:
+    """An upstream model's inference answer with the probabilities calibrated from its logits."""
+
+    model: ModelInfo
+    answer: UpstreamAnswer
+    probabilities: np.ndarray
+    calibrator_version: int | None
+
+    @property
+    def predicted_class(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +118,7 @@ class DataPlane:
 
     def __init__(self, state: AppState) -> None:
         self.state = state
+        self.upstream_models = UpstreamModels(state.upstreams)
 
     # ------------------------------------------------------------------------------------------ health
 
@@ -122,6 +140,7 @@ class DataPlane:
         calibrators, and an orchestrator that took every replica out of rotation for it would turn a
         failing write into an outage."""
         self.state.require_ready()
+        await self.require_upstreams_ready()
         try:
             await in_thread(self.state.store.check_writable)  # it fsyncs: never on the event loop
             store = {"writable": True, "detail": None}
@@ -133,7 +152,20 @@ class DataPlane:
             "failing_models": self.state.registry.failing(),
             "pending_models": self.state.pending(),
             "store": store,
+            "upstreams": {url: {"ready": True} for url in self.state.upstreams.urls()},
         }
+
+    async def require_upstreams_ready(self) -> None:
+        """NotReady naming every upstream server that is not ready (the default one and those this worker
+        called), with why: the service stays live, and serves its other models meanwhile."""
+        urls = self.state.upstreams.urls()
+        if not urls:
+            return
+        down = await self.state.upstreams.not_ready(urls)
+        if down:
+            raise NotReady(
+                "; ".join(f"upstream {url} is not ready: {reason}" for url, reason in down.items())
+            )
 
     # -------------------------------------------------------------------------------------------- models
 
@@ -162,10 +194,21 @@ class DataPlane:
         return items, (page[-1] if len(names) > limit else None)
 
     async def put_model(
-        self, name: str, *, num_classes: int, class_names: list[str] | None, description: str | None
+        self,
+        name: str,
+        *,
+        num_classes: int,
+        class_names: list[str] | None,
+        description: str | None,
+        upstream: Mapping[str, Any] | None = None,
     ) -> tuple[ModelInfo, bool]:
-        """Create or update a logits-only model; ``(the model, whether it was created)``."""
+        """Create or update a logits-only model, or one served by an upstream inference server
+        (``upstream``: url, model, version, output); ``(the model, whether it was created)``."""
         self.state.require_ready()
+        spec = None
+        if upstream is not None:
+            spec = UpstreamSpec.from_record(upstream, default_model=name)
+            self.state.upstreams.client(spec)  # InvalidInput without a url or a default upstream
         if class_names is not None and len(class_names) != num_classes:
             raise InvalidInput(
                 f"class_names has {len(class_names)} names for {num_classes} classes", field="class_names"
@@ -179,12 +222,22 @@ class DataPlane:
                 f"model {name!r} has an active calibrator for {active['num_classes']} classes; "
                 "delete the model first to change its class count"
             )
-        spec = {"num_classes": num_classes, "class_names": class_names, "description": description}
-        metadata = {"kind": "logits", **{key: value for key, value in spec.items() if value is not None}}
+        if loaded is not None and spec is not None:
+            raise Conflict(
+                f"model {name!r} is a TorchScript model; an upstream model needs a name of its own"
+            )
+        fields = {
+            "num_classes": num_classes,
+            "class_names": class_names,
+            "description": description,
+            "upstream": spec.to_record() if spec is not None else None,
+        }
+        kind = "upstream" if spec is not None else "logits"
+        metadata = {"kind": kind, **{key: value for key, value in fields.items() if value is not None}}
         existed = self.state.store.model_exists(name)
         if existed:
             old = self.state.store.get_model(name)
-            metadata = {**old, **metadata, "kind": old.get("kind", "logits")}
+            metadata = {**old, **metadata, "kind": kind if spec is not None else old.get("kind", "logits")}
         await in_thread(self.state.store.put_model, name, metadata)
         return self.state.model_info(name), not existed and loaded is None
 
@@ -301,7 +354,7 @@ class DataPlane:
         return await self._store(info, document, activate=activate)
 
     async def _store(self, info: ModelInfo, document: dict[str, Any], *, activate: bool) -> dict[str, Any]:
-        await in_thread(self.state.ensure_record, info)
+        await in_thread(self.state.ensure_record, info, document.get("num_classes"))
         stored = await in_thread(self.state.store.add_calibrator, info.name, document, activate=activate)
         if activate:
             publish_active(info.name, stored)
@@ -321,6 +374,12 @@ class DataPlane:
     async def predict(self, name: str, version: int | None, inputs: np.ndarray) -> Prediction:
         """The TorchScript model's logits for ``inputs``, calibrated."""
         info, entry = self.lookup(name, version)
+        if info.kind == "upstream":
+            logits = await self.upstream_models.logits(info, entry, inputs)
+            probabilities = await compute(
+                calibrate_array, entry.calibrator, logits, from_logits=True, size=logits.size
+            )
+            return Prediction(info, probabilities, entry.version, logits)
         if info.kind != "torchscript":
             raise InvalidInput(f"model {name!r} is logits-only; send its logits to calibrate", field="inputs")
         logits, probabilities = await self._run_model(name, entry, inputs)
@@ -329,6 +388,38 @@ class DataPlane:
                 calibrate_array, entry.calibrator, logits, from_logits=True, size=logits.size
             )
         return Prediction(info, probabilities, entry.version, logits)
+
+    def upstream_model(self, name: str, version: int | None) -> tuple[ModelInfo, ActiveCalibrator] | None:
+        """The model and calibrator of ``name`` when an upstream server serves it, else None."""
+        info, entry = self.lookup(name, version)
+        return (info, entry) if info.kind == "upstream" else None
+
+    async def infer_upstream(
+        self,
+        info: ModelInfo,
+        entry: ActiveCalibrator,
+        document: Mapping[str, Any],
+        binary: bytes,
+        raw: tuple[bytes, Mapping[str, str]],
+    ) -> UpstreamPrediction | PassedThrough:
+        """An Open Inference Protocol request of an upstream model: its inputs go upstream unchanged, and
+        the logits that come back are calibrated. A model of the default upstream without a calibrator
+        passes through: ``raw`` (the request's body and headers) goes as it came, and comes back so."""
+        if info.passes_through and entry.version is None:
+            return await self.upstream_models.forward(info, *raw)
+        answer = await self.upstream_models.infer(info, entry, document, binary)
+        probabilities = await compute(
+            calibrate_array, entry.calibrator, answer.logits, from_logits=True, size=answer.logits.size
+        )
+        return UpstreamPrediction(info, answer, probabilities, entry.version)
+
+    async def upstream_metadata(self, info: ModelInfo) -> dict[str, Any]:
+        """The upstream server's metadata of the model."""
+        return await self.upstream_models.metadata(info)
+
+    async def upstream_not_ready(self, info: ModelInfo) -> str | None:
+        """Why the upstream server's model is not ready, or None."""
+        return await self.upstream_models.not_ready(info)
 
     async def _run_model(
         self, name: str, entry: ActiveCalibrator, inputs: np.ndarray
@@ -378,7 +469,16 @@ class DataPlane:
             await in_thread(self.state.sync_uploaded_model, name)
 
     async def _scores(self, info: ModelInfo, data: Labelled) -> tuple[np.ndarray, bool]:
-        """Scores of a labelled set: logits/probabilities as sent, or inputs run through the model."""
+        """Scores of a labelled set: logits/probabilities as sent, or inputs run through the model (here, or
+        on its upstream server)."""
+        if info.kind == "upstream" and data.kind in ("inputs", "upstream_inputs"):
+            entry = self.state.active(info.name)
+            return await self.upstream_models.logits(info, entry, data.values), True
+        if data.kind == "upstream_inputs":
+            raise InvalidInput(
+                f"model {info.name!r} is not served upstream; upstream_inputs are for upstream models",
+                field="upstream_inputs",
+            )
         if data.kind != "inputs":
             return data.values, data.kind == "logits"
         if info.kind != "torchscript":

@@ -22,18 +22,21 @@ from service.errors import InvalidInput, NotFound, NotReady
 from service.registry import LoadedModel, ModelRegistry
 from service.serving.batching import DynamicBatcher
 from service.store import CalibratorStore
+from service.upstream import Upstreams, UpstreamSpec
 
 logger = logging.getLogger("calibserve.state")
 
 # The metadata a model record keeps in the store; everything else a model has is known at run time.
-RECORD_KEYS = ("kind", "num_classes", "class_names", "input_shape", "description")
+RECORD_KEYS = ("kind", "num_classes", "class_names", "input_shape", "description", "upstream")
 CACHE_LIMIT = 4096
 
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """One model as every protocol sees it: logits-only (a store record) or TorchScript (shipped in the
-    models directory or uploaded to the store), with the reason it fails where it does."""
+    """One model as every protocol sees it: logits-only (a store record), TorchScript (shipped in the
+    models directory or uploaded to the store) or served by an upstream inference server (``upstream``:
+    declared in a record or a ``model.json`` of the models directory, or any name unknown here when the
+    server has a default upstream), with the reason it fails where it does."""
 
     name: str
     kind: str = "logits"
@@ -44,15 +47,24 @@ class ModelInfo:
     input_dtype: str | None = None
     device: str | None = None
     failing: str | None = None
+    upstream: UpstreamSpec | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def passes_through(self) -> bool:
+        """Whether the default upstream serves this model (transparent mode): its inference answers pass
+        through unchanged until it has an active calibrator."""
+        return self.upstream is not None and self.upstream.url is None
 
     @classmethod
     def from_record(cls, name: str, record: Mapping[str, Any]) -> ModelInfo:
         """A model from its store record (``model.json``); keys it does not know are kept in ``extra``."""
         names, shape = record.get("class_names"), record.get("input_shape")
+        upstream = record.get("upstream")
         return cls(
             name=name,
-            kind=record.get("kind", "logits"),
+            kind="upstream" if upstream is not None else record.get("kind", "logits"),
+            upstream=UpstreamSpec.from_record(upstream, default_model=name) if upstream is not None else None,
             num_classes=record.get("num_classes"),
             class_names=tuple(names) if names else None,
             description=record.get("description"),
@@ -75,6 +87,11 @@ class ModelInfo:
             extra=self.extra,
         )
 
+    @classmethod
+    def transparent(cls, name: str) -> ModelInfo:
+        """A model unknown here, served by the default upstream under its own name."""
+        return cls(name=name, kind="upstream", upstream=UpstreamSpec(url=None, model=name))
+
     def record(self) -> dict[str, Any]:
         """What the store keeps of this model."""
         values = {
@@ -83,6 +100,7 @@ class ModelInfo:
             "class_names": list(self.class_names) if self.class_names else None,
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "description": self.description,
+            "upstream": self.upstream.to_record() if self.upstream is not None else None,
         }
         return {key: value for key, value in values.items() if value is not None}
 
@@ -118,6 +136,7 @@ class AppState:
     registry: ModelRegistry
     ready: bool = False
     batcher: DynamicBatcher | None = None
+    upstreams: Upstreams = field(default_factory=lambda: Upstreams(None))
     _views: dict[str, tuple[Any, LoadedModel | None, ModelInfo, ActiveCalibrator]] = field(
         default_factory=dict
     )
@@ -128,6 +147,8 @@ class AppState:
     _pending: set[str] = field(default_factory=set)
     _failed_stamps: dict[str, int] = field(default_factory=dict)
     _loader: threading.Thread | None = None
+    # Upstream models declared by a model.json of the models directory (no model.pt): name -> model.
+    _shipped_upstream: dict[str, ModelInfo] = field(default_factory=dict)
     # One load at a time: concurrent requests for a changed file load it once, not once each (a load
     # runs the file's smoke check, and a stalling one holds a thread per try).
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -140,6 +161,7 @@ class AppState:
         only itself. Until loaded, a model is listed by :meth:`pending` and needing it answers NotReady."""
         self.store.cleanup_temp_files()
         self.registry.load_all()
+        self._shipped_upstream = self._read_shipped_upstream()
         names = self.store_torchscript_models()
         with self._lock:
             self._pending = set(names)
@@ -163,6 +185,18 @@ class AppState:
                 with self._lock:
                     self._pending.discard(name)
         logger.info("uploaded models loaded: %d", len(names))
+
+    def _read_shipped_upstream(self) -> dict[str, ModelInfo]:
+        """Models of the models directory with a ``model.json`` naming an ``upstream`` and no ``model.pt``."""
+        declared: dict[str, ModelInfo] = {}
+        for name, record in self.registry.declared_without_file().items():
+            if "upstream" not in record:
+                continue
+            try:
+                declared[name] = ModelInfo.from_record(name, record)
+            except InvalidInput as exc:
+                logger.warning("skipping upstream model %s of the models directory: %s", name, exc)
+        return declared
 
     def pending(self) -> list[str]:
         """Uploaded models still loading in the background since start-up."""
@@ -264,17 +298,23 @@ class AppState:
         """Whether ``name`` is a TorchScript model of the models directory (trusted, not in the store)."""
         loaded = loaded if loaded is not None else self.registry.loaded(name)
         if loaded is None:
+            if name in self._shipped_upstream:
+                return True
             return name in self.registry.failing() and not self.store.model_exists(name)
         return loaded.source is None or not loaded.source.resolve().is_relative_to(self.store.root.resolve())
 
-    def ensure_record(self, info: ModelInfo) -> None:
-        """Give a shipped TorchScript model a record in the store, where its calibrators will live.
+    def ensure_record(self, info: ModelInfo, num_classes: int | None = None) -> None:
+        """Give a shipped model (or one the default upstream serves) a record in the store, where its
+        calibrators will live; ``num_classes`` (of the calibrator being stored) where the model has none.
 
-        Only shipped models: a model whose record is gone was deleted (perhaps while a fit ran), and a
-        fit must not bring it back.
+        Only those: a model whose record is gone was deleted (perhaps while a fit ran), and a fit must not
+        bring it back (a model of the default upstream exists whatever the store holds).
         """
-        if self.is_shipped(info.name) and not self.store.model_exists(info.name):
-            self.store.put_model(info.name, info.record())
+        if (self.is_shipped(info.name) or info.passes_through) and not self.store.model_exists(info.name):
+            record = info.record()
+            if info.num_classes is None and num_classes is not None:
+                record["num_classes"] = num_classes
+            self.store.put_model(info.name, record)
 
     def lookup(self, name: str, version: int | None = None) -> tuple[ModelInfo, ActiveCalibrator]:
         """The model ``name`` and its active calibrator, or version ``version`` (NotFound if missing).
@@ -319,13 +359,20 @@ class AppState:
         if info is None:
             if failing is not None:
                 return ModelInfo(name, kind="torchscript", failing=failing)
+            shipped = self._shipped_upstream.get(name)
+            if shipped is not None:
+                return shipped
+            if self.settings.upstream is not None:
+                return ModelInfo.transparent(name)
             raise NotFound(f"model {name!r} does not exist")
         if failing is not None:
             info = ModelInfo(**{**_fields(info), "failing": failing})
         return info
 
     def all_model_names(self) -> list[str]:
-        names: set[str] = set(self.registry.names()) | set(self.registry.failing())
+        names: set[str] = (
+            set(self.registry.names()) | set(self.registry.failing()) | set(self._shipped_upstream)
+        )
         cursor = None
         while True:
             items, cursor = self.store.list_models(limit=1000, cursor=cursor)

@@ -12,7 +12,7 @@ from service.api.bodies import NumpyJSONResponse, cancelled_on_disconnect, json_
 from service.api.deps import JSONAnswer, ModelName, Plane, Version
 from service.api.labelled import labelled_bodies, read_labelled
 from service.api.schemas import FitRequest, labelled
-from service.serving.dataplane import FitSpec
+from service.serving.dataplane import LABELLED_KINDS, FitSpec
 
 router = APIRouter(prefix="/v1/models/{name}", tags=["calibrators"], dependencies=JSONAnswer)
 
@@ -38,7 +38,7 @@ async def fit(name: ModelName, request: Request, plane: Plane) -> NumpyJSONRespo
     body = await read_labelled(request, FitRequest)
     spec = FitSpec(method=body.method, options=body.options, activate=body.activate)
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
-        stored = await plane.fit(name, labelled(body, ("logits", "probabilities", "inputs")), spec, budget)
+        stored = await plane.fit(name, labelled(body, LABELLED_KINDS), spec, budget)
     return NumpyJSONResponse(stored, status_code=201)
 
 

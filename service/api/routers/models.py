@@ -29,7 +29,7 @@ async def list_models(
 
 @router.put(
     "/{name}",
-    summary="Create or update a logits-only model",
+    summary="Create or update a logits-only model, or one an upstream inference server serves",
     dependencies=AdminAccess,
     responses={
         201: {"description": "the model was created"},
@@ -40,7 +40,11 @@ async def list_models(
 async def put_model(name: ModelName, request: Request, plane: Plane) -> NumpyJSONResponse:
     spec = await read_json(request, ModelSpec)
     info, created = await plane.put_model(
-        name, num_classes=spec.num_classes, class_names=spec.class_names, description=spec.description
+        name,
+        num_classes=spec.num_classes,
+        class_names=spec.class_names,
+        description=spec.description,
+        upstream=spec.upstream,
     )
     return NumpyJSONResponse(plane.model_summary(info), status_code=201 if created else 200)
 

@@ -44,21 +44,23 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from service import inference_protocol as wire
 from service import workflows
 from service.api.auth import ReadAccess
 from service.api.bodies import LeanRequest, LeanRoute, authorize
 from service.api.deps import ModelName, Plane, Version
 from service.api.routers import fallback
 from service.api.tensors import JSON, RAW, body_type, check_shape
-from service.errors import InvalidInput
+from service.errors import InvalidInput, NotFound, NotReady, UpstreamFailed
 from service.names import parse_version, validate_model_name
 from service.serving.dataplane import DataPlane
-from service.serving.state import ModelInfo
+from service.serving.proxy import PassedThrough, logits_output
+from service.serving.state import ActiveCalibrator, ModelInfo
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
-DATATYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2")}
+HEADER_LENGTH = wire.HEADER_LENGTH
+DATATYPES: dict[str, np.dtype] = {name: wire.NUMPY_TYPES[name] for name in wire.FLOAT_TYPES}
 INPUT_NAMES = ("logits", "probabilities", "inputs")
 OUTPUT_NAMES = ("probabilities", "logits", "predicted_class")
 EXTENSIONS = ["binary_tensor_data"]
@@ -120,23 +122,12 @@ def _tensor_from_json(data: Any, name: str, shape: tuple[int, ...], dtype: np.dt
 
 def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
     """Read an inference request, JSON or JSON header plus binary tensor data."""
-    binary = b""
-    if header_length is not None:
-        try:
-            length = int(header_length)
-        except ValueError:
-            length = -1
-        if not 0 < length <= len(body):
-            raise InvalidInput(
-                f"{HEADER_LENGTH} {header_length!r} must be a byte count within the body ({len(body)})"
-            )
-        body, binary = body[:length], body[length:]
-    if not body:
-        raise InvalidInput("the request body is empty; send an inference request JSON object")
-    try:
-        request = _object(orjson.loads(body), "the inference request")
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the inference request is not valid JSON: {exc}") from None
+    request, binary = wire.split_body(body, header_length)
+    return parse_infer_document(request, binary)
+
+
+def parse_infer_document(request: dict[str, Any], binary: bytes) -> InferRequest:
+    """Read the inference request of a model calibserve runs itself (one tensor it knows)."""
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise InvalidInput(f"inputs must be a list of exactly one tensor named {', '.join(INPUT_NAMES)}")
@@ -210,6 +201,40 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
 # ------------------------------------------------------------------------------------------------ infer
 
 
+def _own_output(
+    name: str, array: np.ndarray, datatype: str, binary: bool
+) -> tuple[dict[str, Any], bytes | None]:
+    array = np.ascontiguousarray(array, dtype=wire.NUMPY_TYPES[datatype])
+    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    if binary:
+        data = array.tobytes()
+        entry["parameters"] = {"binary_data_size": len(data)}
+        return entry, data
+    entry["data"] = array.reshape(-1)
+    return entry, None
+
+
+def answer(
+    name: str,
+    request_id: Any,
+    version: int | None,
+    outputs: list[tuple[dict[str, Any], bytes | None]],
+    parameters: dict[str, Any] | None = None,
+) -> Response:
+    """An inference answer: JSON, or (any binary output) its JSON header followed by the outputs' bytes."""
+    document: dict[str, Any] = {"model_name": name}
+    if version is not None:
+        document["model_version"] = str(version)
+    if request_id is not None:
+        document["id"] = request_id
+    document["parameters"] = {"calibrator_version": version, **(parameters or {})}
+    document["outputs"] = [entry for entry, _ in outputs]
+    body, header_length = wire.encode(document, [chunk for _, chunk in outputs if chunk is not None])
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+
 def infer_response(
     name: str,
     request: InferRequest,
@@ -217,34 +242,16 @@ def infer_response(
     version: int | None,
 ) -> Response:
     float_type = "FP64" if request.datatype == "FP64" else "FP32"
-    outputs, chunks = [], []
-    for output_name, binary in request.outputs:
-        array = tensors[output_name]
-        datatype = "INT64" if output_name == "predicted_class" else float_type
-        array = np.ascontiguousarray(array, dtype="<i8" if datatype == "INT64" else DATATYPES[datatype])
-        entry: dict[str, Any] = {"name": output_name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
-            data = array.tobytes()
-            entry["parameters"] = {"binary_data_size": len(data)}
-            chunks.append(data)
-        else:
-            entry["data"] = array.reshape(-1)
-        outputs.append(entry)
-    document: dict[str, Any] = {"model_name": name}
-    if version is not None:
-        document["model_version"] = str(version)
-    if request.id is not None:
-        document["id"] = request.id
-    document["parameters"] = {"calibrator_version": version}
-    document["outputs"] = outputs
-    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not chunks:
-        return Response(header, media_type="application/json")
-    return Response(
-        b"".join([header, *chunks]),
-        media_type="application/octet-stream",
-        headers={HEADER_LENGTH: str(len(header))},
-    )
+    outputs = [
+        _own_output(
+            output_name,
+            tensors[output_name],
+            "INT64" if output_name == "predicted_class" else float_type,
+            binary,
+        )
+        for output_name, binary in request.outputs
+    ]
+    return answer(name, request.id, version, outputs)
 
 
 async def run_infer(plane: DataPlane, name: str, version: int | None, request: InferRequest) -> Response:
@@ -264,20 +271,93 @@ async def run_infer(plane: DataPlane, name: str, version: int | None, request: I
     return infer_response(name, request, tensors, prediction.calibrator_version)
 
 
+def _requested_outputs(request: dict[str, Any]) -> list[tuple[str, bool]] | None:
+    """``[(name, binary)]`` of the request's ``outputs`` (None when it names none), checked."""
+    parameters = _object(request.get("parameters") or {}, "parameters")
+    binary_default = _flag(parameters.get("binary_data_output", False), "binary_data_output")
+    requested = request.get("outputs")
+    if requested is None:
+        return None
+    if not isinstance(requested, list) or not requested:
+        raise InvalidInput("outputs must be a non-empty list of {name, parameters}")
+    outputs = []
+    for index, item in enumerate(requested):
+        item = _object(item, f"outputs[{index}]")
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise InvalidInput(f"outputs[{index}]: name must be a string, got {name!r}")
+        output_parameters = _object(item.get("parameters") or {}, f"output {name!r} parameters")
+        binary = _flag(output_parameters.get("binary_data", binary_default), f"output {name!r} binary_data")
+        outputs.append((name, binary))
+    return outputs
+
+
+async def run_upstream_infer(
+    plane: DataPlane,
+    upstream: tuple[ModelInfo, ActiveCalibrator],
+    body: bytes,
+    header_length: str | None,
+    content_type: str | None,
+) -> Response:
+    """An upstream model's inference: inputs forwarded unchanged, logits calibrated, the upstream's other
+    outputs passed through as it wrote them."""
+    info, entry = upstream
+    request, binary = wire.split_body(body, header_length)
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput(f"id must be a string, got {request_id!r}")
+    wanted = _requested_outputs(request)
+    if not isinstance(request.get("inputs"), list) or not request["inputs"]:
+        raise InvalidInput("inputs must be a non-empty list of tensors")
+    forward_headers = {"content-type": content_type or JSON}
+    if header_length is not None:
+        forward_headers[HEADER_LENGTH] = header_length
+    result = await plane.infer_upstream(info, entry, request, binary, (body, forward_headers))
+    if isinstance(result, PassedThrough):
+        return Response(result.body, headers=result.headers)
+    upstream_answer = result.answer
+    if wanted is None:  # as the upstream did: every output, in the request's default form
+        parameters = _object(request.get("parameters") or {}, "parameters")
+        default = bool(parameters.get("binary_data_output", False))
+        others = [name for name in upstream_answer.outputs if name != upstream_answer.logits_output]
+        wanted = [("probabilities", default), *((name, default) for name in others)]
+    float_type = "FP64" if upstream_answer.datatype == "FP64" else "FP32"
+    outputs = []
+    for name, as_binary in wanted:
+        if name == "probabilities":
+            outputs.append(_own_output(name, result.probabilities, float_type, as_binary))
+        elif name == "predicted_class":
+            outputs.append(_own_output(name, result.predicted_class, "INT64", as_binary))
+        elif name in upstream_answer.outputs:
+            outputs.append(upstream_answer.outputs[name])
+        else:
+            raise UpstreamFailed(f"upstream model {info.upstream.model!r} answered no output {name!r}")
+    parameters = {"upstream_model_version": upstream_answer.document.get("model_version")}
+    return answer(info.name, request_id, result.calibrator_version, outputs, parameters)
+
+
 async def infer(request: LeanRequest) -> Response:
-    """``POST /v2/models/{name}[/versions/{version}]/infer``: decode, calibrate (or predict), encode."""
+    """``POST /v2/models/{name}[/versions/{version}]/infer``: decode, calibrate (or predict, or go upstream),
+    encode."""
     authorize(request, "read")
     plane: DataPlane = request.scope["app"].state.dataplane
     name = validate_model_name(request.path_params["name"])
     version = parse_version(request.path_params.get("version"), field="model version")
     plane.require_ready()
     # JSON, or (binary extension) JSON followed by tensor bytes, which some clients label octet-stream
-    body_type(request.header("content-type"), (JSON, RAW))
-    header_length = request.header(HEADER_LENGTH.lower())
-    decoded = parse_infer(
-        await request.body(), header_length.decode("latin-1") if header_length is not None else None
-    )
-    return await run_infer(plane, name, version, decoded)
+    content_type = request.header("content-type")
+    body_type(content_type, (JSON, RAW))
+    raw_length = request.header(HEADER_LENGTH.lower())
+    header_length = raw_length.decode("latin-1") if raw_length is not None else None
+    body = await request.body()
+    try:
+        upstream = plane.upstream_model(name, version)
+    except NotFound:  # answered below, after the request's own faults
+        upstream = None
+    if upstream is not None:
+        content = content_type.decode("latin-1") if content_type is not None else None
+        return await run_upstream_infer(plane, upstream, body, header_length, content)
+    return await run_infer(plane, name, version, parse_infer(body, header_length))
 
 
 ROUTES = [
@@ -343,7 +423,48 @@ async def server_live() -> Response:
 
 @router.get("/health/ready", summary="Server readiness (Open Inference Protocol)", responses=_ERRORS)
 async def server_ready(plane: Plane) -> Response:
-    return json_response({"ready": plane.ready}, 200 if plane.ready else 503)
+    """Ready once loaded, and while every upstream server in use is ready (else 503 naming it)."""
+    if not plane.ready:
+        return json_response({"ready": False}, 503)
+    try:
+        await plane.require_upstreams_ready()
+    except NotReady as exc:
+        return json_response({"ready": False, "error": str(exc)}, 503)
+    return json_response({"ready": True})
+
+
+def upstream_model_metadata(info: ModelInfo, versions: list[str], upstream: dict[str, Any]) -> dict[str, Any]:
+    """The upstream's metadata with calibserve's outputs first and where it comes from under ``parameters``."""
+    outputs = [item for item in upstream.get("outputs", []) if isinstance(item, dict)]
+    spec = info.upstream
+    classes = info.num_classes
+    if classes is None:
+        try:
+            name = logits_output(spec, [str(item.get("name")) for item in outputs]) if spec else None
+        except UpstreamFailed:
+            name = None
+        shapes = [item.get("shape") for item in outputs if item.get("name") == name]
+        shape = shapes[0] if shapes else None
+        classes = shape[-1] if isinstance(shape, list) and shape and isinstance(shape[-1], int) else -1
+    classes = 2 if classes == 1 else classes
+    return {
+        "name": info.name,
+        "versions": versions,
+        "platform": "calibserve_upstream",
+        "inputs": upstream.get("inputs", []),
+        "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
+            {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
+            *outputs,
+        ],
+        "parameters": {
+            "upstream": {
+                **(spec.to_record() if spec is not None else {}),
+                "platform": upstream.get("platform"),
+                "versions": upstream.get("versions"),
+            }
+        },
+    }
 
 
 @router.get(
@@ -354,8 +475,10 @@ async def server_ready(plane: Plane) -> Response:
 )
 async def get_model_metadata(name: ModelName, plane: Plane) -> Response:
     info = plane.model(name)
-    versions = plane.calibrator_versions(name, limit=MAX_VERSIONS_LISTED)
-    return json_response(model_metadata(info, [str(version) for version in versions]))
+    versions = [str(version) for version in plane.calibrator_versions(name, limit=MAX_VERSIONS_LISTED)]
+    if info.kind == "upstream":
+        return json_response(upstream_model_metadata(info, versions, await plane.upstream_metadata(info)))
+    return json_response(model_metadata(info, versions))
 
 
 @router.get(
@@ -366,13 +489,20 @@ async def get_model_metadata(name: ModelName, plane: Plane) -> Response:
 )
 async def get_model_version_metadata(name: ModelName, version: Version, plane: Plane) -> Response:
     info, _ = plane.lookup(name, version)  # NotFound for a version that does not exist
+    if info.kind == "upstream":
+        return json_response(
+            upstream_model_metadata(info, [str(version)], await plane.upstream_metadata(info))
+        )
     return json_response(model_metadata(info, [str(version)]))
 
 
-def _ready(plane: DataPlane, name: str, version: int | None) -> Response:
+async def _ready(plane: DataPlane, name: str, version: int | None) -> Response:
     info, _ = plane.lookup(name, version)
-    if info.failing is not None:
-        return json_response({"name": name, "ready": False, "reason": info.failing}, 503)
+    reason = info.failing
+    if reason is None and info.kind == "upstream":
+        reason = await plane.upstream_not_ready(info)
+    if reason is not None:
+        return json_response({"name": name, "ready": False, "reason": reason}, 503)
     return json_response({"name": name, "ready": True})
 
 
@@ -383,7 +513,7 @@ def _ready(plane: DataPlane, name: str, version: int | None) -> Response:
     dependencies=ReadAccess,
 )
 async def model_ready(name: ModelName, plane: Plane) -> Response:
-    return _ready(plane, name, None)
+    return await _ready(plane, name, None)
 
 
 @router.get(
@@ -393,7 +523,7 @@ async def model_ready(name: ModelName, plane: Plane) -> Response:
     dependencies=ReadAccess,
 )
 async def model_version_ready(name: ModelName, version: Version, plane: Plane) -> Response:
-    return _ready(plane, name, version)
+    return await _ready(plane, name, version)
 
 
 # Last of this router: /v2 paths that no route answers get the protocol's own error format too.
