@@ -280,22 +280,12 @@ def serve_logits_only(tmp_path: Path, document: Path, rows: int, *, no_torch: bo
 
 SERVED = {"healthz": 200, "readyz": 200, "declare": 201, "upload": 201, "calibrate": 200}
 
-# On this branch service/registry.py imports torch when it is imported, and temperature scaling transforms a
-# batch of 2**15 logits or more with torch, so an image built with WITH_TORCH=0 cannot serve yet. Strict: once
-# calibserve no longer needs torch there, these pass, which fails the run until the marker is removed.
-NO_TORCH_YET = pytest.mark.xfail(
-    raises=TorchNeeded,
-    strict=True,
-    reason="calibserve still imports torch at start-up and for batches of >= 2**15 logits",
-)
-
 
 @pytest.mark.parametrize("rows", [4, 4000], ids=["small batch", "batch of 40000 logits"])
 def test_the_logits_only_requests_work_with_torch_installed(tmp_path, fitted_document, rows):
     serve_logits_only(tmp_path, fitted_document, rows, no_torch=False)
 
 
-@NO_TORCH_YET
 @pytest.mark.parametrize("rows", [4, 4000], ids=["small batch", "batch of 40000 logits"])
 def test_an_image_without_torch_serves_logits_only_models(tmp_path, fitted_document, rows):
     serve_logits_only(tmp_path, fitted_document, rows, no_torch=True)

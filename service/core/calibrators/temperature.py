@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -427,9 +428,10 @@ class TemperatureScaling(BaseCalibrator):
         return math.exp(log_t), convergence
 
     def _transform(self, z: np.ndarray) -> np.ndarray:
-        if z.size >= _TORCH_SOFTMAX_ELEMENTS:
-            import torch
-
+        # torch only where it is loaded already (a TorchScript model, a fit): a logits-only server never pays
+        # its import (a second, 200 MB) for a large request, and may run without torch installed at all.
+        torch = sys.modules.get("torch")
+        if z.size >= _TORCH_SOFTMAX_ELEMENTS and torch is not None:
             from service.core.calibrators.temperature_objective import as_tensor
 
             scaled = as_tensor(two_column_logits(np.asarray(z, dtype=np.float64)))
