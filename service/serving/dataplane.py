@@ -403,9 +403,10 @@ class DataPlane:
         raw: tuple[bytes, Mapping[str, str]],
     ) -> UpstreamPrediction | PassedThrough:
         """An Open Inference Protocol request of an upstream model: its inputs go upstream unchanged, and
-        the logits that come back are calibrated. A model of the default upstream without a calibrator
-        passes through: ``raw`` (the request's body and headers) goes as it came, and comes back so."""
-        if info.passes_through and entry.version is None:
+        the logits that come back are calibrated. A name only the default upstream knows (transparent mode)
+        passes through until it has a calibrator: ``raw`` (the request's body and headers) goes as it came,
+        and comes back so."""
+        if info.transparent and entry.version is None:
             return await self.upstream_models.forward(info, *raw)
         answer = await self.upstream_models.infer(info, entry, document, binary)
         probabilities = await compute(

@@ -48,13 +48,10 @@ class ModelInfo:
     device: str | None = None
     failing: str | None = None
     upstream: UpstreamSpec | None = None
+    # A name unknown here that the default upstream serves (transparent mode): its inference answers pass
+    # through unchanged until it has an active calibrator (its first fit gives it a record).
+    transparent: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def passes_through(self) -> bool:
-        """Whether the default upstream serves this model (transparent mode): its inference answers pass
-        through unchanged until it has an active calibrator."""
-        return self.upstream is not None and self.upstream.url is None
 
     @classmethod
     def from_record(cls, name: str, record: Mapping[str, Any]) -> ModelInfo:
@@ -88,9 +85,9 @@ class ModelInfo:
         )
 
     @classmethod
-    def transparent(cls, name: str) -> ModelInfo:
+    def on_default_upstream(cls, name: str) -> ModelInfo:
         """A model unknown here, served by the default upstream under its own name."""
-        return cls(name=name, kind="upstream", upstream=UpstreamSpec(url=None, model=name))
+        return cls(name=name, kind="upstream", upstream=UpstreamSpec(url=None, model=name), transparent=True)
 
     def record(self) -> dict[str, Any]:
         """What the store keeps of this model."""
@@ -310,7 +307,7 @@ class AppState:
         Only those: a model whose record is gone was deleted (perhaps while a fit ran), and a fit must not
         bring it back (a model of the default upstream exists whatever the store holds).
         """
-        if (self.is_shipped(info.name) or info.passes_through) and not self.store.model_exists(info.name):
+        if (self.is_shipped(info.name) or info.transparent) and not self.store.model_exists(info.name):
             record = info.record()
             if info.num_classes is None and num_classes is not None:
                 record["num_classes"] = num_classes
@@ -363,7 +360,7 @@ class AppState:
             if shipped is not None:
                 return shipped
             if self.settings.upstream is not None:
-                return ModelInfo.transparent(name)
+                return ModelInfo.on_default_upstream(name)
             raise NotFound(f"model {name!r} does not exist")
         if failing is not None:
             info = ModelInfo(**{**_fields(info), "failing": failing})

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import sys
 import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
