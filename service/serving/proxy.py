@@ -111,7 +111,7 @@ class UpstreamModels:
         client, spec = self.client(info)
         response = await client.forward(spec, body, headers)
         kept = {
-            key: response.headers[key]
+            key.lower(): response.headers[key]
             for key in ("content-type", wire.HEADER_LENGTH)
             if key in response.headers
         }
