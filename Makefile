@@ -11,6 +11,12 @@ TORCH := torch==2.13.0
 LOCK := requirements.lock
 # Every optional-dependency group of pyproject.toml: `make install` installs them all (a test checks that).
 EXTRAS := dev
+# The real Triton Inference Server the tests talk to (tests/triton/serve.py) runs from its own virtualenv:
+# PyTriton needs numpy<2, calibserve numpy 2. Its constraints list the exact versions of everything in it.
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+TRITON_LOCK := tests/triton/requirements.txt
+PYTRITON := nvidia-pytriton==0.7.0
 
 .PHONY: install lock run test lint soak bench clean
 
@@ -21,7 +27,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -c $(LOCK) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TRITON_STAMP): $(TRITON_LOCK)
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --upgrade pip
+	$(TRITON_VENV)/bin/pip install -c $(TRITON_LOCK) $(PYTRITON)
+	touch $(TRITON_STAMP)
+
+install: $(STAMP) $(TRITON_STAMP)
 
 # A fresh virtualenv in a temporary directory, installed from the unpinned ranges only; its freeze (minus the
 # editable project itself, torch's local label stripped) becomes the lock. Nothing of .venv is touched.
@@ -45,7 +57,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check service tests bench scripts
 	$(BIN)/ruff format --check service tests bench scripts
 
-test: lint
+test: lint $(TRITON_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 soak: $(STAMP)
@@ -55,4 +67,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py --threads 1 --write
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .ruff_cache .hypothesis

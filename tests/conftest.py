@@ -1,16 +1,19 @@
 """Fixtures shared by every test package: the real classifier outputs under ``tests/data`` and the shipped
-digits model's splits (loaders in ``tests/helpers/data.py``). Arrays are shared: read-only."""
+digits model's splits (loaders in ``tests/helpers/data.py``), and a real Triton Inference Server (``triton``,
+``tests/helpers/triton.py``). Arrays are shared: read-only."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 from hypothesis import settings
 
 from tests.helpers.data import CIFAR10, DATA_DIR, digits_splits, load_arrays
+from tests.helpers.requirements import require_or_skip
+from tests.helpers.triton import TritonServer, TritonStartError, start_triton, triton_unavailable_reason
 
 # Property tests: `make test` draws the same examples every run (derandomised, so no example database either),
 # so that it fails on a change in the code and not on the draw; `make soak` (CALIBSERVE_SOAK=1) draws fresh
@@ -44,3 +47,20 @@ def cifar10(reference_data) -> dict[str, np.ndarray]:
 def digits() -> dict[str, dict[str, np.ndarray]]:
     """The shipped digits MLP's held-out splits (inputs, labels, logits)."""
     return digits_splits()
+
+
+@pytest.fixture(scope="session")
+def triton(cifar10) -> Iterator[TritonServer]:
+    """A real Triton Inference Server for the whole session (``tests/triton/serve.py``: its models and their
+    inputs and outputs are listed there), on free 127.0.0.1 ports; ``lookup`` serves ``cifar10["logits_test"]``
+    (index i -> row i). Skips through ``require_or_skip`` (a failure under ``CALIBSERVE_REQUIRE_ALL=1``) when
+    Triton cannot run here. A test that stops it must start it again (``triton.start()``: the same ports)."""
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        require_or_skip(reason)
+    try:
+        server = start_triton(lookup=cifar10["logits_test"])
+    except TritonStartError as error:
+        require_or_skip(str(error))
+    yield server
+    server.close()

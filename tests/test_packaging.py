@@ -72,7 +72,9 @@ def test_the_lock_pins_every_declared_dependency_within_its_range():
 
 
 def test_make_install_installs_every_extra_with_the_lock_as_constraints():
-    commands = [c for c in make_commands("install") if " install " in f" {c} " and "pip" in c]
+    commands = [
+        c for c in make_commands("install") if " install " in f" {c} " and c.startswith(".venv/bin/pip")
+    ]
     installs = [c for c in commands if "--upgrade pip" not in c]
     assert installs, commands
     for command in installs:
@@ -82,6 +84,29 @@ def test_make_install_installs_every_extra_with_the_lock_as_constraints():
     assert len(editable) == 1, installs
     extras = re.search(r"\.\[([^\]]*)\]", editable[0]).group(1).split(",")
     assert sorted(extras) == sorted(group for group in declared_requirements() if group)
+
+
+def test_make_install_makes_the_triton_virtualenv_from_its_own_pins():
+    """Triton's server (tests/triton/serve.py) needs numpy<2: its own virtualenv, pinned by its own file."""
+    triton_lock = REPO / "tests" / "triton" / "requirements.txt"
+    pins = {}
+    for line in triton_lock.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][0-9A-Za-z.+!-]*)", line.strip())
+            assert match, f"{triton_lock.name}: not an exact pin: {line!r}"
+            pins[canonicalize_name(match.group(1))] = Version(match.group(2))
+    assert pins["nvidia-pytriton"] == Version("0.7.0") and pins["numpy"] < Version("2")
+    commands = make_commands("install")
+    assert "python3 -m venv .venv-triton" in commands
+    installs = [
+        c for c in commands if c.startswith(".venv-triton/bin/pip install") and "--upgrade pip" not in c
+    ]
+    assert installs == [
+        ".venv-triton/bin/pip install -c tests/triton/requirements.txt nvidia-pytriton==0.7.0"
+    ]
+    # `make test` brings it up to date; `make clean` removes it
+    assert any(c.startswith(".venv-triton/bin/pip install -c") for c in make_commands("test"))
+    assert ".venv-triton" in next(c for c in make_commands("clean") if c.startswith("rm -rf")).split()
 
 
 def test_make_lock_resolves_the_unpinned_ranges_in_a_fresh_environment():
