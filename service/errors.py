@@ -89,6 +89,10 @@ class UpstreamRejected(CalibserveError):
         self.upstream_status = upstream_status
 
 
+class MissingDependency(CalibserveError):
+    """The operation needs a package this installation lacks (torch, in an image built without it)."""
+
+
 class Overloaded(CalibserveError):
     """More requests (or request bytes) are in flight than the configured limits allow; retry shortly."""
 

@@ -48,14 +48,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from service.core.calibrators import calibrator_module
-from service.errors import InvalidInput, ModelFailed, ModelTimeout, NotFound
+from service.errors import InvalidInput, MissingDependency, ModelFailed, ModelTimeout, NotFound
 from service.lazy import lazy_module
 from service.names import validate_model_name as check_model_name
 
 if TYPE_CHECKING:
     import torch
 else:  # imported by the first model load: a logits-only or proxy deployment never pays for it
-    torch = lazy_module("torch", globals())
+    torch = lazy_module("torch", globals(), needed_for="a TorchScript model")
 
 logger = logging.getLogger("calibserve.registry")
 
@@ -310,7 +310,7 @@ class ModelRegistry:
             try:
                 metadata = self._read_metadata(directory / METADATA_FILE)
                 model = self.load_file(name, model_path, metadata, trusted=True)
-            except (InvalidInput, OSError) as exc:
+            except (InvalidInput, OSError, MissingDependency) as exc:
                 self.record_load_failure(name, exc)
                 continue
             logger.info(

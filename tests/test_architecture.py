@@ -17,11 +17,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "service"
 # What each module (or package) of service/ may import from service/. The first matching prefix decides.
 ALLOWED: list[tuple[str, set[str]]] = [
     ("service.errors", set()),
-    ("service.lazy", set()),
+    ("service.lazy", {"service.errors"}),
     ("service.names", {"service.errors"}),
     ("service.inference_protocol", {"service.errors"}),
     ("service.upstream", {"service.errors", "service.names", "service.inference_protocol"}),
-    ("service.core", {"service.errors", "service.core"}),
+    ("service.core", {"service.errors", "service.core", "service.lazy"}),
     ("service.store", {"service.errors", "service.names"}),
     ("service.registry", {"service.errors", "service.names", "service.core", "service.lazy"}),
     ("service.export", {"service.errors", "service.core", "service.registry"}),
@@ -44,6 +44,7 @@ ALLOWED: list[tuple[str, set[str]]] = [
             "service.serving",
             "service.upstream",
             "service.inference_protocol",
+            "service.lazy",
         },
     ),
     (

@@ -202,7 +202,7 @@ class NoTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
             print(os.environ["TORCH_ATTEMPT"], file=sys.stderr, flush=True)
-            raise ImportError("torch is not installed in this image (WITH_TORCH=0)")
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
 if os.environ.get("NO_TORCH") == "1":
@@ -226,6 +226,17 @@ with TestClient(app, raise_server_exceptions=False) as client:
     answer = client.post("/v1/models/classifier/calibrate", json={"logits": logits})
     statuses["calibrate"] = answer.status_code
     statuses["rows"] = len(answer.json().get("probabilities", []))
+    fit_logits = [[float((i * 5 + k * 3) % 13) - 6.0 for k in range(10)] for i in range(40)]
+    labelled = {"logits": fit_logits, "labels": [i % 10 for i in range(40)], "activate": False}
+    statuses["fit_histogram"] = client.post(
+        "/v1/models/classifier/fit", json={**labelled, "method": "histogram"}
+    ).status_code
+    # what needs torch: a clear 501 naming it without, served with it
+    fit = client.post("/v1/models/classifier/fit", json={**labelled, "method": "temperature"})
+    export = client.get("/v1/models/classifier/export")
+    statuses["fit_temperature"] = fit.status_code
+    statuses["export"] = export.status_code
+    statuses["names_torch"] = all("torch" in r.json()["detail"] for r in (fit, export) if r.status_code == 501)
 print(json.dumps(statuses))
 """
 
@@ -270,7 +281,10 @@ def serve_logits_only(tmp_path: Path, document: Path, rows: int, *, no_torch: bo
         timeout=120,
     )
     statuses = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
-    if statuses == {**SERVED, "rows": rows}:
+    needs_torch = (
+        {"fit_temperature": 501, "export": 501} if no_torch else {"fit_temperature": 201, "export": 200}
+    )
+    if statuses == {**SERVED, "rows": rows, **needs_torch, "names_torch": True}:
         return
     problem = f"{statuses}; stderr: {done.stderr[-3000:]}"
     if TORCH_ATTEMPT in done.stderr:
@@ -278,7 +292,14 @@ def serve_logits_only(tmp_path: Path, document: Path, rows: int, *, no_torch: bo
     raise AssertionError(problem)
 
 
-SERVED = {"healthz": 200, "readyz": 200, "declare": 201, "upload": 201, "calibrate": 200}
+SERVED = {
+    "healthz": 200,
+    "readyz": 200,
+    "declare": 201,
+    "upload": 201,
+    "calibrate": 200,
+    "fit_histogram": 201,
+}
 
 
 @pytest.mark.parametrize("rows", [4, 4000], ids=["small batch", "batch of 40000 logits"])

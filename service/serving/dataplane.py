@@ -23,6 +23,7 @@ from service.core.cancellation import Budget
 from service.core.probability import softmax
 from service.core.validation import n_label_classes, same_class_count
 from service.errors import Conflict, InvalidInput, ModelFailed, NotFound, NotReady, StoreUnavailable
+from service.lazy import require_module
 from service.serving.concurrency import bounded, compute, in_thread, wait_for
 from service.serving.proxy import PassedThrough, UpstreamAnswer, UpstreamModels
 from service.serving.state import ActiveCalibrator, AppState, ModelInfo
@@ -529,6 +530,7 @@ class DataPlane:
 
     async def export(self, name: str, version: int | None, file_format: str) -> tuple[bytes, int | None]:
         """The model's calibration as one file (TorchScript); ``(bytes, calibrator version)``."""
+        require_module("torch", needed_for="an export (a TorchScript file)")
         from service.export import EXPORT_FORMATS, export_torchscript  # torch: only where a file is made
 
         if file_format not in EXPORT_FORMATS:

@@ -18,7 +18,7 @@ from typing import Any
 
 from service import workflows
 from service.config import Settings
-from service.errors import InvalidInput, NotFound, NotReady
+from service.errors import InvalidInput, MissingDependency, NotFound, NotReady
 from service.registry import LoadedModel, ModelRegistry
 from service.serving.batching import DynamicBatcher
 from service.store import CalibratorStore
@@ -266,7 +266,7 @@ class AppState:
         try:
             metadata = self.store.get_model(name)
             model = self.registry.check_bytes(name, path.read_bytes(), metadata, source=path)
-        except (InvalidInput, NotFound, OSError) as exc:  # a bad file on the volume: serve the others
+        except (InvalidInput, NotFound, OSError, MissingDependency) as exc:  # a bad file: serve the others
             with self._lock:
                 self._failed_stamps[name] = stamp
             self.registry.record_load_failure(name, exc)

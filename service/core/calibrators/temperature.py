@@ -14,6 +14,7 @@ from service.core.calibrators.base import BaseCalibrator, _check_real
 from service.core.probability import softmax, two_column_logits
 from service.core.validation import MAX_NUM_CLASSES, check_choice, check_positive_int
 from service.errors import InvalidInput
+from service.lazy import require_module
 
 if TYPE_CHECKING:  # torch is imported only by a fit, a large transform or an export
     import torch
@@ -275,6 +276,7 @@ class TemperatureScaling(BaseCalibrator):
         return np.asarray(class_weight, dtype=np.float64)
 
     def _fit(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
+        require_module("torch", needed_for="fitting a temperature (or upload a document fitted elsewhere)")
         from service.core.calibrators.temperature_objective import TemperatureObjective
 
         z = two_column_logits(z)
