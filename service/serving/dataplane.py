@@ -391,9 +391,13 @@ class DataPlane:
         return Prediction(info, probabilities, entry.version, logits)
 
     def upstream_model(self, name: str, version: int | None) -> tuple[ModelInfo, ActiveCalibrator] | None:
-        """The model and calibrator of ``name`` when an upstream server serves it, else None."""
-        info, entry = self.lookup(name, version)
-        return (info, entry) if info.kind == "upstream" else None
+        """The model and calibrator of ``name`` when an upstream server serves it (NotFound for a calibrator
+        version it does not have), else None (a model unknown here is the caller's to answer)."""
+        try:
+            info = self.model(name)
+        except NotFound:
+            return None
+        return self.lookup(name, version) if info.kind == "upstream" else None
 
     async def infer_upstream(
         self,

@@ -136,6 +136,15 @@ def test_a_temperature_fitted_through_the_proxy_calibrates_tritonclient_answers(
         assert response["model_version"] == "1"
         assert response["id"] == "r1"
         assert [o["name"] for o in response["outputs"]] == ["probabilities", "predicted_class", "norm"]
+    # a pinned calibrator version answers the same (the version in the path is calibserve's, as everywhere)
+    with client_of(proxy.url) as client:
+        tensor = triton_http.InferInput("x", list(sample.shape), "FP32")
+        tensor.set_data_from_numpy(sample, binary_data=True)
+        pinned = client.infer("linear", [tensor], model_version="1")
+        assert_close(pinned.as_numpy("probabilities"), want)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("linear", [tensor], model_version="7")
+        assert caught.value.status() == "404"
     # without outputs: probabilities and every other output of Triton (not the logits it replaced)
     plain = infer(proxy.url, "linear", {"x": sample})
     assert [o["name"] for o in plain.get_response()["outputs"]] == ["probabilities", "norm"]
@@ -236,6 +245,14 @@ def test_declared_models_binary_and_fp64_logits(triton, proxy):
     assert_close(
         wide_answer.as_numpy("probabilities"), softmax(linear_logits(x.astype(np.float64)), axis=1), rtol=1e-5
     )
+    with httpx.Client(base_url=proxy.url, timeout=30) as http:
+        half = http.put("/v1/models/half", json={"num_classes": 3, "upstream": {"model": "linear16"}})
+        assert half.status_code == 201, half.text
+    half_answer = infer(proxy.url, "half", {"x": x}, binary=True)
+    outputs = {o["name"]: o for o in half_answer.get_response()["outputs"]}
+    assert outputs["probabilities"]["datatype"] == "FP32"
+    fp16 = linear_logits(x).astype(np.float16).astype(np.float64)
+    assert_close(half_answer.as_numpy("probabilities"), softmax(fp16, axis=1), rtol=1e-5)
     declared = infer(proxy.url, "declared", {"x": x}, outputs=["probabilities"])
     assert_close(
         declared.as_numpy("probabilities"), softmax(linear_logits(x).astype(np.float64), axis=1), rtol=1e-5

@@ -51,7 +51,7 @@ from service.api.bodies import LeanRequest, LeanRoute, authorize
 from service.api.deps import ModelName, Plane, Version
 from service.api.routers import fallback
 from service.api.tensors import JSON, RAW, body_type, check_shape
-from service.errors import InvalidInput, NotFound, NotReady, UpstreamFailed
+from service.errors import InvalidInput, NotReady, UpstreamFailed
 from service.names import parse_version, validate_model_name
 from service.serving.dataplane import DataPlane
 from service.serving.proxy import PassedThrough, logits_output
@@ -350,10 +350,7 @@ async def infer(request: LeanRequest) -> Response:
     raw_length = request.header(HEADER_LENGTH.lower())
     header_length = raw_length.decode("latin-1") if raw_length is not None else None
     body = await request.body()
-    try:
-        upstream = plane.upstream_model(name, version)
-    except NotFound:  # answered below, after the request's own faults
-        upstream = None
+    upstream = plane.upstream_model(name, version)
     if upstream is not None:
         content = content_type.decode("latin-1") if content_type is not None else None
         return await run_upstream_infer(plane, upstream, body, header_length, content)
