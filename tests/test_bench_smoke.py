@@ -7,6 +7,7 @@ section rewrite); timings are the benchmark's business, never a test's.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from scipy.special import softmax
 from sklearn.metrics import log_loss
 
 from tests.helpers.numerics import EPS32
+from tests.helpers.requirements import require_or_skip
+from tests.helpers.triton import triton_unavailable_reason
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -160,3 +163,64 @@ def test_labelled_bench_runs_against_a_real_server_and_writes_its_table(tmp_path
     assert "<!-- bench_labelled:start -->\n## Large labelled sets over HTTP" in text
     assert "the route's temperature equals the core fit's: True" in text
     assert len([line for line in text.splitlines() if line.startswith("| ")]) == 6  # header and 5 rows
+
+
+def run_bench(script: str, *arguments: str, timeout: float = 300) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), *arguments], capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def require_triton() -> None:
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        require_or_skip(reason)
+
+
+def test_proxy_bench_runs_through_triton_and_writes_its_table(tmp_path: Path) -> None:
+    # a real Triton and a real proxy, one short window pair per cell: only that every cell ran both sides
+    # without errors (each checked one calibrated answer first) and the section is written
+    require_triton()
+    readme, figures = tmp_path / "README.md", tmp_path / "figures.json"
+    readme.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    run_bench(
+        "bench_proxy.py",
+        *("--seconds", "0.2", "--rounds", "2", "--concurrency", "2", "--sizes", "1x10", "2x1000"),
+        *("--write", "--readme", str(readme), "--json", str(figures)),
+    )
+    text = readme.read_text()
+    assert "<!-- other:start -->\nkept\n<!-- other:end -->" in text
+    assert "<!-- bench_proxy:start -->\n## Calibrating proxy in front of Triton" in text
+    document = json.loads(figures.read_text())
+    # labels drawn at T = 2 from 2,000 rows
+    assert all(1.5 < temperature < 2.7 for temperature in document["temperatures"].values())
+    cells = document["cells"]
+    assert [(cell["size"], cell["encoding"]) for cell in cells] == [
+        ("1 x 10", "JSON"),
+        ("1 x 10", "binary"),
+        ("2 x 1000", "JSON"),
+        ("2 x 1000", "binary"),
+    ]
+    for cell in cells:
+        for side in ("direct", "proxy"):
+            assert cell[side]["requests"] > 0 and cell[side]["errors"] == 0, cell
+    rows = [line for line in text.splitlines() if line.startswith(("| 1 x 10 ", "| 2 x 1000 "))]
+    assert len(rows) == 8  # the speed table and the CPU table
+
+
+def test_footprint_bench_starts_each_deployment_and_writes_its_table(tmp_path: Path) -> None:
+    # one start of each deployment; only that each served its requests and which of them mapped torch
+    require_triton()
+    readme, figures = tmp_path / "README.md", tmp_path / "figures.json"
+    run_bench("bench_footprint.py", "--runs", "1", "--write", "--readme", str(readme), "--json", str(figures))
+    assert "<!-- bench_footprint:start -->\n## Cold start and memory" in readme.read_text()
+    deployments = json.loads(figures.read_text())["deployments"]
+    assert set(deployments) == {"logits-only", "proxy", "torchscript"}
+    assert deployments["logits-only"]["torch_loaded"] == [False]
+    assert deployments["proxy"]["torch_loaded"] == [False]
+    assert deployments["torchscript"]["torch_loaded"] == [True]
+    assert deployments["logits-only"]["torch_after_fits"] == [True]  # a temperature fit imports torch
+    for entry in deployments.values():
+        assert entry["runs"] == 1
+        assert entry["ready_s"]["median"] <= entry["loaded_s"]["median"]

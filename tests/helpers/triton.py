@@ -38,7 +38,10 @@ TRITON_VENV = REPO / ".venv-triton"
 TRITON_PYTHON_ENV = "CALIBSERVE_TRITON_PYTHON"
 # The models serve.py binds (without --models), and "lookup" when it is given an array.
 MODELS = ("linear", "linear16", "linear64", "binary", "multi", "slow", "wrong", "nan")
-MAX_BATCH = {**dict.fromkeys(MODELS, 64), "lookup": 1024}
+# Models serve.py binds only when named (``start_triton(models=...)``): x -> logits = x, 10 and 1000 wide, for
+# bench/bench_proxy.py. Not in the default set: every model is a stub process that the tests' Triton would start.
+ON_REQUEST_MODELS = ("identity10", "identity1000")
+MAX_BATCH = {**dict.fromkeys((*MODELS, *ON_REQUEST_MODELS), 64), "lookup": 1024}
 START_TIMEOUT = 60.0
 # Seconds stop() waits after SIGINT for serve.py to unload the models and stop Triton (which removes the stubs'
 # shared memory and folders itself) before it kills the process group. Unloading waits for requests in flight.
@@ -382,7 +385,7 @@ def start_triton(
     timeout: float = START_TIMEOUT,
 ) -> TritonServer:
     """A started :class:`TritonServer` serving ``models`` (default: all of :data:`MODELS`, and ``lookup``
-    serving the rows of ``lookup``, a [N, K] array, when given). Raises :class:`TritonStartError` (with the log's
+    serving the rows of ``lookup``, a [N, K] array, when given; :data:`ON_REQUEST_MODELS` only when named). Raises :class:`TritonStartError` (with the log's
     tail) if it is not ready within ``timeout`` seconds; the failure is then also what
     :func:`triton_unavailable_reason` answers for the rest of the session."""
     server = TritonServer(lookup, models=models, slow_seconds=slow_seconds)

@@ -15,6 +15,8 @@ the parameters W, b, w come from ``weights.json`` next to this file, which the t
 - ``slow``: ``linear`` after sleeping ``--slow-seconds`` (default 3) per call (per batch)
 - ``wrong``: ``x`` FP32 [4] -> ``logits`` FP32, declared [-1], 5 columns: x @ W + b, then x[:2]
 - ``nan``: ``linear`` with column 1 of ``logits`` NaN in every row
+- ``identity10``, ``identity1000`` (only when ``--models`` names them; for ``bench/bench_proxy.py``): ``x`` FP32
+  [10] (or [1000]) -> ``logits`` FP32 [10] (or [1000]) = x, so that a client chooses the logits it gets back
 
 Prints ``READY`` on a line of its own once every model is loaded. On SIGINT or SIGTERM it first unloads every
 model (waiting for requests in flight) so that Triton removes its stubs' shared memory and temporary folders,
@@ -44,6 +46,8 @@ from pytriton.triton import Triton, TritonConfig
 WEIGHTS = Path(__file__).with_name("weights.json")
 MAX_BATCH = 64
 LOOKUP_MAX_BATCH = 1024
+# Bound only when --models names them: each model is a stub process of its own, and the tests do not use these.
+ON_REQUEST = ("identity10", "identity1000")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lookup", type=Path, help="float32 logits [N, K] (.npy) that the lookup model serves"
     )
     parser.add_argument("--slow-seconds", type=float, default=3.0, help="sleep of the slow model per call")
-    parser.add_argument("--models", help="a comma-separated subset of the models to serve (default: all)")
+    parser.add_argument(
+        "--models",
+        help=f"a comma-separated list of the models to serve (default: all but {', '.join(ON_REQUEST)})",
+    )
     parser.add_argument("--exit-timeout", type=int, default=0, help="Triton's --exit-timeout-secs")
     parser.add_argument("--workspace", type=Path, help="a directory to create for PyTriton's files")
     return parser.parse_args(argv)
@@ -64,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def bind_models(
     triton: Triton, lookup: np.ndarray | None, slow_seconds: float, only: str | None = None
 ) -> list[str]:
-    """Bind the models (those named in ``only``, a comma-separated list, if given); returns their names."""
+    """Bind the models (those named in ``only``, a comma-separated list, if given; without it all but those
+    of :data:`ON_REQUEST`); returns their names."""
     params = json.loads(WEIGHTS.read_text())
     W64, b64 = np.array(params["W"], np.float64), np.array(params["b"], np.float64)
     W32, b32 = W64.astype(np.float32), b64.astype(np.float32)
@@ -113,6 +121,10 @@ def bind_models(
         outputs["logits"][:, 1] = np.nan
         return outputs
 
+    @batch
+    def identity(x):
+        return {"logits": x}
+
     x32, x64 = [fp32("x", 4)], [Tensor(name="x", dtype=np.float64, shape=(4,))]
     logits_norm = [fp32("logits", 3), fp32("norm", 1)]
     models = {
@@ -131,6 +143,8 @@ def bind_models(
         # [-1, 3]): [-1] keeps the metadata honest, so that only the answer tells the class count.
         "wrong": (wrong, x32, [fp32("logits", -1)]),
         "nan": (nan, x32, logits_norm),
+        "identity10": (identity, [fp32("x", 10)], [fp32("logits", 10)]),
+        "identity1000": (identity, [fp32("x", 1000)], [fp32("logits", 1000)]),
     }
     if lookup is not None:
         table = np.ascontiguousarray(lookup, dtype=np.float32)
@@ -142,7 +156,7 @@ def bind_models(
         index = [Tensor(name="index", dtype=np.int64, shape=(1,))]
         models["lookup"] = (lookup_rows, index, [fp32("logits", table.shape[1])])
 
-    names = list(models) if only is None else only.split(",")
+    names = [name for name in models if name not in ON_REQUEST] if only is None else only.split(",")
     unknown = sorted(set(names) - set(models))
     if unknown:
         raise SystemExit(f"--models: unknown {unknown} (lookup needs --lookup); known: {sorted(models)}")
