@@ -88,6 +88,34 @@ class Settings(BaseSettings):
     upstream_batch_size: int = Field(
         256, ge=1, le=1_000_000, description="rows per upstream call when fitting or evaluating on inputs"
     )
+    prediction_log: Literal["on", "off"] = Field(
+        "off", description="log every calibrated row (ids in the answers) for outcomes and monitoring"
+    )
+    prediction_log_models: str = Field(
+        "", description="comma-separated models whose predictions are logged even with prediction_log off"
+    )
+    prediction_log_max_age: str = Field(
+        "8d", description="how long logged predictions, outcomes and bins are kept (e.g. 8d, 36h)"
+    )
+    prediction_log_max_rows: int = Field(10_000_000, ge=1, description="most logged predictions kept")
+    database_url: str | None = Field(
+        None,
+        description="monitoring database: postgresql://... for replicas on several hosts; "
+        "default SQLite in the store directory (monitoring.sqlite3)",
+    )
+    monitoring_windows: str = Field("1h,24h", description="windows exported on /metrics (e.g. 15m,1h,24h,7d)")
+    monitoring_min_outcomes: int = Field(
+        100, ge=1, description="outcomes a window needs before it is judged (else too_few_outcomes)"
+    )
+    monitoring_drift: str = Field(
+        "ece+0.02", description="drift rules against the fit-time figures, comma-separated (e.g. ece+0.02)"
+    )
+    max_outcomes_per_request: int = Field(
+        100_000, ge=1, le=10_000_000, description="rows of one outcomes call"
+    )
+    metrics_model_latency: str = Field(
+        "", description="comma-separated models that get a latency histogram of their own on /metrics"
+    )
     log_level: str = "info"
 
     @field_validator("upstream")

@@ -7,6 +7,7 @@ Open Inference Protocol's model and version segments, CLI arguments) and by the 
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import urlsplit
 
 from service.errors import InvalidInput, InvalidParameter
@@ -90,3 +91,19 @@ def normalise_url(url: str) -> str:
     except ValueError:
         raise InvalidInput(f"upstream URL {url!r} has an invalid port", field="url") from None
     return text.rstrip("/")
+
+
+_DURATION = re.compile(r"([1-9][0-9]{0,6})([smhd])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: Any, *, field: str = "window") -> int:
+    """Seconds of a duration such as ``15m``, ``1h``, ``24h``, ``7d`` (a positive integer and one unit of
+    s, m, h, d); InvalidParameter naming ``field`` otherwise."""
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidParameter(
+            f"{field} {text!r} must be a duration such as 15m, 1h, 24h or 7d (a number and s, m, h or d)",
+            field=field,
+        )
+    return int(match.group(1)) * _SECONDS[match.group(2)]

@@ -19,6 +19,7 @@ import numpy as np
 
 from service.core import metrics
 from service.core.calibrators import TemperatureScaling, calibrator_from_dict, make_calibrator
+from service.core.monitoring import confidence_histogram
 from service.core.probability import softmax
 from service.core.validation import check_labelled, check_logits, check_probabilities, same_class_count
 from service.errors import InvalidInput
@@ -118,9 +119,23 @@ def fit_document(
             "data_sha256": digest,
             "before": before,
             "after": after,
+            "confidence_histogram": fit_confidence_histogram(calibrator, logits),
         },
     }
     return document
+
+
+# Rows of the fit data whose calibrated confidences make the histogram live traffic is compared with.
+_HISTOGRAM_ROWS = 100_000
+
+
+def fit_confidence_histogram(calibrator: Any, logits: np.ndarray) -> list[int]:
+    """Counts of the calibrated top-label confidence of the fit data in
+    :data:`~service.core.monitoring.CONFIDENCE_BINS` bins (of an even subsample beyond 100k rows): the
+    reference of the monitoring's confidence shift (PSI, KS)."""
+    step = max(1, -(-logits.shape[0] // _HISTOGRAM_ROWS))
+    probabilities = calibrator.transform(logits[::step], validate=False)
+    return confidence_histogram(probabilities.max(axis=1)).tolist()
 
 
 def fit_time_figures(
@@ -399,6 +414,53 @@ def check_drift(report: dict, baseline: Mapping[str, Any], max_increase: Mapping
             }
         )
     return results
+
+
+_DRIFT_RULE = re.compile(r"^\s*([a-z_]+)\s*([+-])\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class DriftRule:
+    """``ece+0.02``: breached when the figure rose more than 0.02 above its baseline (the calibrator's
+    fit-time figure); ``accuracy-0.05``: when it fell more than 0.05 below it."""
+
+    expression: str
+    metric: str
+    sign: str
+    limit: float
+
+    @classmethod
+    def parse(cls, expression: str) -> DriftRule:
+        match = _DRIFT_RULE.match(expression) if isinstance(expression, str) else None
+        if match is None:
+            raise InvalidInput(
+                f"drift rule {expression!r} must look like 'ece+0.02' (a rise) or 'accuracy-0.05' (a fall)",
+                field="fail_on",
+            )
+        metric, sign, limit = match.groups()
+        return cls(expression.strip(), metric, sign, float(limit))
+
+    def check(self, current: float | None, baseline: float | None) -> dict:
+        """One check in the report's ``thresholds`` form; ``status`` is ``unknown`` where a figure is missing."""
+        check = {
+            "name": self.expression,
+            "kind": "drift",
+            "metric": self.metric,
+            "op": "rise>" if self.sign == "+" else "fall>",
+            "limit": self.limit,
+            "value": current,
+            "baseline": baseline,
+        }
+        if current is None or baseline is None:
+            return {**check, "change": None, "status": "unknown"}
+        change = (current - baseline) if self.sign == "+" else (baseline - current)
+        return {**check, "change": change, "status": "fail" if change > self.limit else "pass"}
+
+
+def parse_drift_rules(spec: str | Iterable[str]) -> list[DriftRule]:
+    """``"ece+0.02,accuracy-0.05"`` (or a list of such) -> rules."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    return [DriftRule.parse(part) for part in parts if part.strip()]
 
 
 def summarise(checks: list[dict]) -> dict:

@@ -15,7 +15,17 @@ from service.api.browsers import EXPOSED_HEADERS, CrossOriginGuard, cors_origins
 from service.api.deps import no_repeated_query
 from service.api.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from service.api.observability import MetricsMiddleware
-from service.api.routers import calibrators, export, fallback, health, inference, models, oip, scoring
+from service.api.routers import (
+    calibrators,
+    export,
+    fallback,
+    health,
+    inference,
+    models,
+    monitoring,
+    oip,
+    scoring,
+)
 from service.config import Settings
 from service.registry import ModelRegistry
 from service.serving.batching import DynamicBatcher
@@ -64,9 +74,11 @@ def create_app(settings: Settings) -> FastAPI:
         names = state.all_model_names()
         for name in names:
             publish_active(name, state.active(name).document)
+        plane.monitoring.start()
         logger.info("calibserve ready: %d models, store %s", len(names), settings.store_dir)
         yield
         await state.upstreams.aclose()
+        await in_thread(plane.monitoring.close)
 
     app = FastAPI(
         title="calibserve",
@@ -83,13 +95,22 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     docs.install(app)
     app.router.routes.extend([*inference.ROUTES, *oip.ROUTES])  # the hot paths, as plain ASGI routes
-    for router in (health.router, models.router, calibrators.router, inference.router, scoring.router):
+    routers = (
+        health.router,
+        models.router,
+        calibrators.router,
+        inference.router,
+        monitoring.router,
+        scoring.router,
+    )
+    for router in routers:
         app.include_router(router)
     app.include_router(oip.router)
     app.include_router(export.router)
     app.include_router(fallback.router)  # last: only paths no other route matched
     openapi.install(app)
-    app.add_middleware(MetricsMiddleware)
+    latency_models = frozenset(n.strip() for n in settings.metrics_model_latency.split(",") if n.strip())
+    app.add_middleware(MetricsMiddleware, latency_models=latency_models)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ConcurrencyLimitMiddleware, max_concurrency=settings.max_concurrency)
     origins = cors_origins(settings.cors_origins)

@@ -143,6 +143,29 @@ class EvaluateRequest(ScoresBody):
     seed: int = 0
 
 
+class OutcomesRequest(Strict):
+    """Labels of logged predictions (``prediction_ids``), or labelled ``logits`` / ``probabilities`` a batch
+    job joined itself (scored with ``calibrator_version``, the active one by default)."""
+
+    labels: Labels
+    prediction_ids: list[Any] | None = None
+    logits: Matrix | None = None
+    probabilities: Matrix | None = None
+    calibrator_version: int | None = Field(None, ge=1, le=2**31 - 1)
+
+
+class RefitRequest(Strict):
+    """A refit from the logged outcomes of ``window``: ``holdout`` of them held out to compare the new version
+    with the active one; ``activate``: true, false or ``"if_better"`` (the held-out NLL improves)."""
+
+    window: str = "24h"
+    method: Method = "temperature"
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the calibrator")
+    holdout: float = Field(0.3, gt=0.0, lt=1.0)
+    activate: bool | Literal["if_better"] = False
+    seed: int = 0
+
+
 class MetricsRequest(Strict):
     logits: Matrix | None = None
     probabilities: Matrix | None = None

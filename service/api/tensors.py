@@ -19,6 +19,8 @@ Headers of binary requests and answers (:data:`SHAPE_HEADER` and friends):
 - ``X-Calibrator-Version``: the calibrator version that answered, or ``none`` (plain softmax).
 - ``X-Predicted-Class``: comma-separated argmax per row, for answers of at most
   :data:`MAX_PREDICTED_CLASS_ROWS` rows (a header must stay small; take the argmax yourself beyond).
+- ``X-Prediction-Id-Prefix``: with the prediction log on, the prefix of the rows' prediction ids (row ``i``
+  is ``<prefix>.<i>``), for posting their outcomes later.
 
 Binary answers hold float32 probabilities unless the request's tensor was float64 (then float64): float32
 keeps about 7 significant digits, far below any calibration error, at half the bytes. JSON answers carry
@@ -51,6 +53,8 @@ SHAPE_HEADER = "X-Tensor-Shape"
 DTYPE_HEADER = "X-Tensor-Dtype"
 VERSION_HEADER = "X-Calibrator-Version"
 PREDICTED_HEADER = "X-Predicted-Class"
+# With the prediction log on: the prefix of the answer's prediction ids, row i's id being "<prefix>.<i>".
+PREDICTION_ID_HEADER = "X-Prediction-Id-Prefix"
 MAX_PREDICTED_CLASS_ROWS = 1024
 MAX_DIMENSIONS = 8
 # Bounds of every shape a request declares (header, .npy, .npz member, OIP tensor), checked before any

@@ -24,10 +24,12 @@ from service.core.probability import softmax
 from service.core.validation import n_label_classes, same_class_count
 from service.errors import Conflict, InvalidInput, ModelFailed, NotFound, NotReady, StoreUnavailable
 from service.lazy import require_module
+from service.monitoring_store import MonitoringStore
 from service.serving.concurrency import bounded, compute, in_thread, wait_for
+from service.serving.monitoring import CalibratorView, Monitoring, PredictionIds, open_store
 from service.serving.proxy import PassedThrough, UpstreamAnswer, UpstreamModels
 from service.serving.state import ActiveCalibrator, AppState, ModelInfo
-from service.serving.telemetry import FITS, MODEL_FAILURES, publish_active
+from service.serving.telemetry import FITS, MODEL_FAILURES, MonitoringCollector, publish_active
 from service.upstream import UpstreamSpec
 
 SCORE_KINDS = ("logits", "probabilities")
@@ -43,6 +45,7 @@ class Prediction:
     probabilities: np.ndarray
     calibrator_version: int | None
     logits: np.ndarray | None = None
+    ids: PredictionIds | None = None  # the logged rows' ids, where the prediction log is on
 
     @property
     def predicted_class(self) -> np.ndarray:
@@ -64,6 +67,7 @@ class UpstreamPrediction:
     answer: UpstreamAnswer
     probabilities: np.ndarray
     calibrator_version: int | None
+    ids: PredictionIds | None = None
 
     @property
     def predicted_class(self) -> np.ndarray:
@@ -85,6 +89,19 @@ class FitSpec:
     method: str = "temperature"
     options: Mapping[str, Any] | None = None
     activate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RefitSpec:
+    """A refit from logged outcomes: the window, the method, the held-out fraction, and whether to activate
+    (``True``, ``False`` or ``"if_better"``: when the held-out NLL improves on the active calibrator's)."""
+
+    window: str = "24h"
+    method: str = "temperature"
+    options: Mapping[str, Any] | None = None
+    holdout: float = 0.3
+    activate: bool | str = False
+    seed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +134,11 @@ def calibrate_array(calibrator: Any | None, scores: Any, *, from_logits: bool) -
 class DataPlane:
     """The use cases over one worker's :class:`AppState`."""
 
-    def __init__(self, state: AppState) -> None:
+    def __init__(self, state: AppState, monitoring_store: MonitoringStore | None = None) -> None:
         self.state = state
         self.upstream_models = UpstreamModels(state.upstreams)
+        store = monitoring_store if monitoring_store is not None else open_store(state.settings)
+        self.monitoring = Monitoring(store, state.settings, self.calibrator_view)
 
     # ------------------------------------------------------------------------------------------ health
 
@@ -370,7 +389,11 @@ class DataPlane:
         probabilities = await compute(
             calibrate_array, entry.calibrator, scores, from_logits=kind == "logits", size=scores.size
         )
-        return Prediction(info, probabilities, entry.version)
+        ids = None
+        if self.monitoring.logs(name):
+            logits = scores if kind == "logits" else workflows.scores_to_logits(scores, from_logits=False)
+            ids = self.monitoring.record(name, entry.version, logits, probabilities)
+        return Prediction(info, probabilities, entry.version, ids=ids)
 
     async def predict(self, name: str, version: int | None, inputs: np.ndarray) -> Prediction:
         """The TorchScript model's logits for ``inputs``, calibrated."""
@@ -380,7 +403,8 @@ class DataPlane:
             probabilities = await compute(
                 calibrate_array, entry.calibrator, logits, from_logits=True, size=logits.size
             )
-            return Prediction(info, probabilities, entry.version, logits)
+            ids = self.monitoring.record(name, entry.version, logits, probabilities)
+            return Prediction(info, probabilities, entry.version, logits, ids)
         if info.kind != "torchscript":
             raise InvalidInput(f"model {name!r} is logits-only; send its logits to calibrate", field="inputs")
         logits, probabilities = await self._run_model(name, entry, inputs)
@@ -388,7 +412,8 @@ class DataPlane:
             probabilities = await compute(
                 calibrate_array, entry.calibrator, logits, from_logits=True, size=logits.size
             )
-        return Prediction(info, probabilities, entry.version, logits)
+        ids = self.monitoring.record(name, entry.version, logits, probabilities)
+        return Prediction(info, probabilities, entry.version, logits, ids)
 
     def upstream_model(self, name: str, version: int | None) -> tuple[ModelInfo, ActiveCalibrator] | None:
         """The model and calibrator of ``name`` when an upstream server serves it (NotFound for a calibrator
@@ -417,7 +442,8 @@ class DataPlane:
         probabilities = await compute(
             calibrate_array, entry.calibrator, answer.logits, from_logits=True, size=answer.logits.size
         )
-        return UpstreamPrediction(info, answer, probabilities, entry.version)
+        ids = self.monitoring.record(info.name, entry.version, answer.logits, probabilities)
+        return UpstreamPrediction(info, answer, probabilities, entry.version, ids)
 
     async def upstream_metadata(self, info: ModelInfo) -> dict[str, Any]:
         """The upstream server's metadata of the model."""
@@ -499,6 +525,92 @@ class DataPlane:
             raise
         return logits, True
 
+    # --------------------------------------------------------------------------------------- monitoring
+
+    def calibrator_view(self, name: str, version: int | None) -> CalibratorView:
+        """Calibrator ``version`` of ``name`` (the active one: None) as outcomes are scored with it."""
+        _, entry = self.lookup(name, version)
+        return CalibratorView(entry.version or 0, entry.calibrator, entry.document)
+
+    def metrics_collectors(self) -> list[MonitoringCollector]:
+        """What ``/metrics`` adds to the process's series: the monitoring gauges of the active calibrators."""
+
+        def active_of(name: str) -> CalibratorView | None:
+            try:
+                return self.calibrator_view(name, None)
+            except NotFound:
+                return None
+
+        return [MonitoringCollector(lambda: self.monitoring.gauges(active_of))]
+
+    async def outcomes(
+        self,
+        name: str,
+        labels: Any,
+        *,
+        prediction_ids: Any = None,
+        kind: str | None = None,
+        scores: np.ndarray | None = None,
+        calibrator_version: int | None = None,
+    ) -> dict[str, Any]:
+        """Labels for logged predictions (``prediction_ids``), or labelled scores (``kind`` logits or
+        probabilities) scored with ``calibrator_version`` (the active one when None)."""
+        info = self.model(name)
+        if prediction_ids is not None:
+            return await in_thread(self.monitoring.outcomes_by_id, name, prediction_ids, labels)
+        if scores is None or kind not in SCORE_KINDS:
+            raise InvalidInput(
+                "send prediction_ids, or logits or probabilities, with the labels", field="body"
+            )
+        logits = await in_thread(workflows.scores_to_logits, scores, from_logits=kind == "logits")
+        check_columns(info, logits, kind)
+        return await in_thread(self.monitoring.outcomes_by_scores, name, logits, labels, calibrator_version)
+
+    async def monitoring_report(self, name: str, window: str, version: int | None) -> dict[str, Any]:
+        """Figures, label-free estimates and drift of ``name``'s outcomes in the last ``window``."""
+        active = self.calibrator_view(name, None)
+        return await in_thread(self.monitoring.report, name, window, version, active)
+
+    async def refit(self, name: str, spec: RefitSpec, budget: Budget | None = None) -> dict[str, Any]:
+        """Fit a new version on the window's labelled outcomes, store it (inactive unless asked), and compare
+        it with the active calibrator on a held-out part of those outcomes."""
+        info, entry = self.lookup(name, None)
+        if spec.activate not in (True, False, "if_better"):
+            raise InvalidInput('activate must be true, false or "if_better"', field="activate")
+        if not 0.0 < spec.holdout < 1.0:
+            raise InvalidInput(f"holdout must be a fraction in (0, 1), got {spec.holdout!r}", field="holdout")
+        logits, labels = await in_thread(self.monitoring.labelled, name, spec.window)
+        fit_rows, held_rows = _refit_split(len(labels), spec.holdout, spec.seed)
+        document = await bounded(
+            budget or self.budget(),
+            workflows.fit_document,
+            logits[fit_rows],
+            labels[fit_rows],
+            from_logits=True,
+            method=spec.method,
+            options=spec.options,
+            model=name,
+            num_classes=info.num_classes,
+        )
+        candidate = workflows.load_calibrator(document)
+        new = await in_thread(_held_out_figures, candidate, logits[held_rows], labels[held_rows])
+        current = await in_thread(_held_out_figures, entry.calibrator, logits[held_rows], labels[held_rows])
+        activate = new["nll"] < current["nll"] if spec.activate == "if_better" else bool(spec.activate)
+        stored = await self._store(info, document, activate=activate)
+        FITS.labels(name, spec.method).inc()
+        return {
+            "calibrator": calibrator_summary(stored),
+            "activated": activate,
+            "window": spec.window,
+            "n_fit": len(fit_rows),
+            "n_holdout": len(held_rows),
+            "holdout": {
+                "new": {"version": stored["version"], **new},
+                "active": {"version": entry.version, **current},
+            },
+            "improves_nll": new["nll"] < current["nll"],
+        }
+
     # ------------------------------------------------------------------------------------------ figures
 
     async def evaluate(
@@ -559,6 +671,23 @@ class DataPlane:
         }
         data = await in_thread(export_torchscript, entry.calibrator, model=model, metadata=metadata)
         return data, entry.version
+
+
+def _refit_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit rows, held-out rows)``: a seeded shuffle, ``holdout`` of the rows held out (at least one each)."""
+    if n < 4:
+        raise InvalidInput(
+            f"a refit needs at least 4 labelled outcomes in the window, got {n}", field="window"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    held = min(max(1, round(n * holdout)), n - 2)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _held_out_figures(calibrator: Any, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    report = workflows.evaluate(logits, labels, from_logits=True, calibrator=calibrator)
+    figures = report["calibrated"] if calibrator is not None else report["uncalibrated"]
+    return {key: figures[key] for key in ("ece", "mce", "brier", "nll", "accuracy") if key in figures}
 
 
 SUMMARY_KEYS = ("version", "model", "method", "num_classes", "temperature", "fitted_at")

@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from service.api.bodies import NumpyJSONResponse
 from service.api.deps import Plane
+from service.serving.concurrency import in_thread
 from service.serving.telemetry import render_metrics
 
 router = APIRouter(tags=["health"])
@@ -48,6 +49,8 @@ router.head("/readyz", include_in_schema=False)(readyz)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics() -> Response:
-    body, content_type = render_metrics()
+async def metrics(plane: Plane) -> Response:
+    """The process's series (every worker's in multiprocess mode) and the monitoring gauges, which are read
+    from the shared monitoring database (so in a thread: never on the event loop)."""
+    body, content_type = await in_thread(render_metrics, *plane.metrics_collectors())
     return Response(body, media_type=content_type)

@@ -51,6 +51,8 @@ def answer(prediction: Prediction, extra: dict | None = None) -> dict[str, Any]:
     labels = prediction.predicted_labels(predicted)
     if labels is not None:
         body["predicted_label"] = labels
+    if prediction.ids is not None:
+        body["prediction_ids"] = prediction.ids.as_list()
     if extra:
         body.update(extra)
     return body
@@ -114,6 +116,8 @@ def tensor_response(
     }
     if probabilities.shape[0] <= tensors.MAX_PREDICTED_CLASS_ROWS:
         headers[tensors.PREDICTED_HEADER] = ",".join(map(str, prediction.predicted_class.tolist()))
+    if prediction.ids is not None:  # row i's id is "<prefix>.<i>"
+        headers[tensors.PREDICTION_ID_HEADER] = prediction.ids.prefix
     return Response(content, media_type=kind, headers=headers)
 
 

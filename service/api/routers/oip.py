@@ -240,6 +240,7 @@ def infer_response(
     request: InferRequest,
     tensors: dict[str, np.ndarray],
     version: int | None,
+    parameters: dict[str, Any] | None = None,
 ) -> Response:
     float_type = "FP64" if request.datatype == "FP64" else "FP32"
     outputs = [
@@ -251,7 +252,7 @@ def infer_response(
         )
         for output_name, binary in request.outputs
     ]
-    return answer(name, request.id, version, outputs)
+    return answer(name, request.id, version, outputs, parameters)
 
 
 async def run_infer(plane: DataPlane, name: str, version: int | None, request: InferRequest) -> Response:
@@ -262,13 +263,14 @@ async def run_infer(plane: DataPlane, name: str, version: int | None, request: I
         prediction = await plane.calibrate(name, version, request.input_name, request.values)
         logits = request.values
     tensors: dict[str, np.ndarray] = {"probabilities": prediction.probabilities}
+    parameters = {"prediction_ids": prediction.ids.as_list()} if prediction.ids is not None else None
     wanted = {output_name for output_name, _ in request.outputs}
     if "logits" in wanted:
         from_logits = request.input_name != "probabilities"
         tensors["logits"] = logits if from_logits else workflows.scores_to_logits(logits, from_logits=False)
     if "predicted_class" in wanted:
         tensors["predicted_class"] = prediction.predicted_class
-    return infer_response(name, request, tensors, prediction.calibrator_version)
+    return infer_response(name, request, tensors, prediction.calibrator_version, parameters)
 
 
 def _requested_outputs(request: dict[str, Any]) -> list[tuple[str, bool]] | None:
@@ -333,6 +335,8 @@ async def run_upstream_infer(
         else:
             raise UpstreamFailed(f"upstream model {info.upstream.model!r} answered no output {name!r}")
     parameters = {"upstream_model_version": upstream_answer.document.get("model_version")}
+    if result.ids is not None:
+        parameters["prediction_ids"] = result.ids.as_list()
     return answer(info.name, request_id, result.calibrator_version, outputs, parameters)
 
 

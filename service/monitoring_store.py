@@ -1,0 +1,421 @@
+"""The monitoring database: the prediction log, labelled outcomes, and per-minute mergeable bin sums.
+
+SQLite in WAL mode (the default, ``<store>/monitoring.sqlite3``, shared by every worker on the volume) or
+PostgreSQL (``CALIBSERVE_DATABASE_URL=postgresql://...``, shared by replicas on several hosts). Both hold:
+
+``predictions``
+    One row per served row that was logged: id, model, calibrator version (0: none), time, the model's
+    logits (float64 up to :data:`FLOAT64_MAX_COLUMNS` columns, float32 beyond: about 4 bytes a class), so
+    that an outcome can be scored with the calibrator that answered, and a refit can start from logits.
+``outcomes``
+    One row per labelled prediction id: the primary key makes a repeated id count once, whichever worker or
+    replica receives it, and the transaction that inserts it adds it to ``bins``.
+``bins``
+    Per model, calibrator version, minute and top-label bin: the sums of :class:`~service.core.monitoring.BinSums`.
+``confidence``
+    Per model, version, minute and confidence bin: the count and confidence sum of every logged prediction
+    (labelled or not), for the label-free figures.
+
+Windows sum bins over minutes, so a query reads at most ``minutes x bins`` rows, however many predictions
+there were. Outcomes commit (durably: ``synchronous=FULL``) before they are acknowledged; the prediction log
+is written by the service's background writer in group commits.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.core.monitoring import CONFIDENCE_BINS, N_BINS, BinSums, confidence_bins
+from service.errors import StoreUnavailable
+
+FLOAT64_MAX_COLUMNS = 64
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS predictions (
+        id TEXT PRIMARY KEY, model TEXT NOT NULL, version INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL,
+        columns INTEGER NOT NULL, wide INTEGER NOT NULL, scores BYTEA NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS predictions_at ON predictions (at)",
+    """CREATE TABLE IF NOT EXISTS outcomes (
+        id TEXT PRIMARY KEY, model TEXT NOT NULL, label INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS outcomes_model_at ON outcomes (model, at)",
+    """CREATE TABLE IF NOT EXISTS bins (
+        model TEXT NOT NULL, version INTEGER NOT NULL, minute BIGINT NOT NULL, bin INTEGER NOT NULL,
+        n BIGINT NOT NULL, confidence DOUBLE PRECISION NOT NULL, correct DOUBLE PRECISION NOT NULL,
+        brier DOUBLE PRECISION NOT NULL, nll DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (model, version, minute, bin))""",
+    """CREATE TABLE IF NOT EXISTS confidence (
+        model TEXT NOT NULL, version INTEGER NOT NULL, minute BIGINT NOT NULL, bin INTEGER NOT NULL,
+        n BIGINT NOT NULL, total DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (model, version, minute, bin))""",
+)
+BIN_UPSERT = """INSERT INTO bins (model, version, minute, bin, n, confidence, correct, brier, nll)
+    VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})
+    ON CONFLICT (model, version, minute, bin) DO UPDATE SET n = bins.n + excluded.n,
+    confidence = bins.confidence + excluded.confidence, correct = bins.correct + excluded.correct,
+    brier = bins.brier + excluded.brier, nll = bins.nll + excluded.nll"""
+PREDICTION_INSERT = """INSERT INTO predictions (id, model, version, at, columns, wide, scores)
+    VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}) ON CONFLICT (id) DO NOTHING"""
+CONFIDENCE_UPSERT = """INSERT INTO confidence (model, version, minute, bin, n, total)
+    VALUES ({p}, {p}, {p}, {p}, {p}, {p})
+    ON CONFLICT (model, version, minute, bin) DO UPDATE SET n = confidence.n + excluded.n,
+    total = confidence.total + excluded.total"""
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionBatch:
+    """The rows of one answer to log: ids ``<prefix>.<row>``, model, calibrator version (0: none), time,
+    logits ``(N, K)`` and top-label confidences ``(N,)``."""
+
+    prefix: str
+    model: str
+    version: int
+    at: float
+    logits: np.ndarray
+    confidence: np.ndarray
+
+    def ids(self) -> list[str]:
+        return [f"{self.prefix}.{row}" for row in range(len(self.logits))]
+
+    def rows(self) -> list[tuple]:
+        columns, wide, data = encode_logits(self.logits)
+        width = len(data) // max(len(self.logits), 1)
+        return [
+            (row_id, self.model, self.version, self.at, columns, wide, data[i * width : (i + 1) * width])
+            for i, row_id in enumerate(self.ids())
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPrediction:
+    id: str
+    model: str
+    version: int
+    at: float
+    logits: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A labelled prediction's figures, to add to the bins: id, version, time, label, and its bin sums."""
+
+    id: str
+    version: int
+    at: float
+    label: int
+    bin: int
+    confidence: float
+    correct: float
+    brier: float
+    nll: float
+
+
+def encode_logits(logits: np.ndarray) -> tuple[int, int, bytes]:
+    """``(columns, wide, bytes)`` of ``(N, K)`` logits: float64 up to :data:`FLOAT64_MAX_COLUMNS` columns,
+    float32 beyond."""
+    wide = logits.shape[-1] <= FLOAT64_MAX_COLUMNS
+    data = np.ascontiguousarray(logits, dtype="<f8" if wide else "<f4").tobytes()
+    return logits.shape[-1], int(wide), data
+
+
+def decode_logits(columns: int, wide: int, data: bytes) -> np.ndarray:
+    """One row's logits, as float64."""
+    return np.frombuffer(data, dtype="<f8" if wide else "<f4").astype(np.float64).reshape(columns)
+
+
+def minute_of(at: float) -> int:
+    return int(at // 60)
+
+
+def _aggregate_bins(model: str, outcomes: Iterable[Outcome]) -> list[tuple]:
+    sums: dict[tuple[int, int, int], list[float]] = {}
+    for item in outcomes:
+        key = (item.version, minute_of(item.at), item.bin)
+        entry = sums.setdefault(key, [0, 0.0, 0.0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += item.confidence
+        entry[2] += item.correct
+        entry[3] += item.brier
+        entry[4] += item.nll
+    return [(model, *key, *values) for key, values in sums.items()]
+
+
+def _aggregate_confidence(batches: Sequence[PredictionBatch]) -> list[tuple]:
+    sums: dict[tuple[str, int, int, int], list[float]] = {}
+    for batch in batches:
+        bins = confidence_bins(batch.confidence)
+        counts = np.bincount(bins, minlength=CONFIDENCE_BINS)
+        totals = np.bincount(bins, weights=batch.confidence, minlength=CONFIDENCE_BINS)
+        minute = minute_of(batch.at)
+        for bin_id in np.flatnonzero(counts).tolist():
+            entry = sums.setdefault((batch.model, batch.version, minute, bin_id), [0, 0.0])
+            entry[0] += int(counts[bin_id])
+            entry[1] += float(totals[bin_id])
+    return [(*key, *values) for key, values in sums.items()]
+
+
+class MonitoringStore:
+    """The SQL of the monitoring database, over a DB-API connection per thread (see the subclasses)."""
+
+    placeholder = "?"
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._schema_lock = threading.Lock()
+        self._schema_ready = False
+
+    def _connection(self) -> Any:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._connect()
+            with self._schema_lock:
+                if not self._schema_ready:
+                    self._create_schema(connection)
+                    self._schema_ready = True
+        return connection
+
+    def _create_schema(self, connection: Any) -> None:
+        with self._transaction(connection) as cursor:
+            for statement in SCHEMA:
+                cursor.execute(self._dialect(statement))
+
+    def _dialect(self, statement: str) -> str:
+        return statement
+
+    def _transaction(self, connection: Any) -> Any:
+        raise NotImplementedError
+
+    def _sql(self, statement: str) -> str:
+        return self._dialect(statement.replace("{p}", self.placeholder))
+
+    # ---------------------------------------------------------------------------------------- writes
+
+    def log_predictions(self, batches: Sequence[PredictionBatch]) -> None:
+        """Log predictions and add them to the confidence histogram, in one transaction."""
+        if not batches:
+            return
+        with self._transaction(self._connection()) as cursor:
+            cursor.executemany(
+                self._sql(PREDICTION_INSERT), [row for batch in batches for row in batch.rows()]
+            )
+            cursor.executemany(self._sql(CONFIDENCE_UPSERT), _aggregate_confidence(batches))
+
+    def predictions(self, ids: Sequence[str]) -> dict[str, StoredPrediction]:
+        """The logged predictions among ``ids``."""
+        found: dict[str, StoredPrediction] = {}
+        connection = self._connection()
+        with self._transaction(connection, write=False) as cursor:
+            for start in range(0, len(ids), 500):
+                part = list(ids[start : start + 500])
+                marks = ", ".join([self.placeholder] * len(part))
+                cursor.execute(
+                    f"SELECT id, model, version, at, columns, wide, scores FROM predictions WHERE id IN ({marks})",
+                    part,
+                )
+                for row_id, model, version, at, columns, wide, data in cursor.fetchall():
+                    logits = decode_logits(columns, wide, bytes(data))
+                    found[row_id] = StoredPrediction(row_id, model, version, at, logits)
+        return found
+
+    def record_outcomes(
+        self, model: str, outcomes: Sequence[Outcome], *, logged: PredictionBatch | None = None
+    ) -> set[str]:
+        """Add outcomes to the bins, each id once, in one durable transaction; ``logged``: their predictions
+        to log with them (outcomes that came with their logits). Returns the ids that were already recorded
+        (repeats, not counted again)."""
+        with self._transaction(self._connection(), durable=True) as cursor:
+            if logged is not None:
+                cursor.executemany(self._sql(PREDICTION_INSERT), logged.rows())
+            fresh = self._insert_outcomes(cursor, model, outcomes)
+            counted = [item for item in outcomes if item.id in fresh]
+            cursor.executemany(self._sql(BIN_UPSERT), _aggregate_bins(model, counted))
+        return {item.id for item in outcomes} - fresh
+
+    def _insert_outcomes(self, cursor: Any, model: str, outcomes: Sequence[Outcome]) -> set[str]:
+        fresh = set()
+        statement = self._sql(
+            "INSERT INTO outcomes (id, model, label, at) VALUES ({p}, {p}, {p}, {p}) ON CONFLICT (id) DO NOTHING"
+        )
+        for item in outcomes:
+            cursor.execute(statement, (item.id, model, item.label, time.time()))
+            if cursor.rowcount == 1:
+                fresh.add(item.id)
+        return fresh
+
+    # ----------------------------------------------------------------------------------------- reads
+
+    def bin_sums(self, model: str, since: float, version: int | None) -> BinSums:
+        """The bin sums of ``model``'s outcomes of predictions made since ``since`` (all versions: None)."""
+        query = "SELECT bin, SUM(n), SUM(confidence), SUM(correct), SUM(brier), SUM(nll) FROM bins "
+        query += "WHERE model = {p} AND minute >= {p}"
+        parameters: list[Any] = [model, minute_of(since)]
+        if version is not None:
+            query += " AND version = {p}"
+            parameters.append(version)
+        sums = BinSums.empty(N_BINS)
+        with self._transaction(self._connection(), write=False) as cursor:
+            cursor.execute(self._sql(query + " GROUP BY bin"), parameters)
+            for bin_id, *values in cursor.fetchall():
+                for name, value in zip(BinSums.FIELDS, values, strict=True):
+                    getattr(sums, name)[bin_id] = float(value)
+        return sums
+
+    def confidence_counts(self, model: str, since: float, version: int | None) -> tuple[np.ndarray, float]:
+        """``(counts per confidence bin, sum of confidences)`` of predictions logged since ``since``."""
+        query = "SELECT bin, SUM(n), SUM(total) FROM confidence WHERE model = {p} AND minute >= {p}"
+        parameters: list[Any] = [model, minute_of(since)]
+        if version is not None:
+            query += " AND version = {p}"
+            parameters.append(version)
+        counts = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
+        total = 0.0
+        with self._transaction(self._connection(), write=False) as cursor:
+            cursor.execute(self._sql(query + " GROUP BY bin"), parameters)
+            for bin_id, n, confidence in cursor.fetchall():
+                counts[bin_id] = int(n)
+                total += float(confidence)
+        return counts, total
+
+    def all_bin_sums(self, since: float) -> dict[tuple[str, int], BinSums]:
+        """:meth:`bin_sums` of every model and version with outcomes since ``since``, in one query."""
+        found: dict[tuple[str, int], BinSums] = {}
+        query = (
+            "SELECT model, version, bin, SUM(n), SUM(confidence), SUM(correct), SUM(brier), SUM(nll) FROM bins "
+            "WHERE minute >= {p} GROUP BY model, version, bin"
+        )
+        with self._transaction(self._connection(), write=False) as cursor:
+            cursor.execute(self._sql(query), (minute_of(since),))
+            for model, version, bin_id, *values in cursor.fetchall():
+                sums = found.setdefault((model, version), BinSums.empty(N_BINS))
+                for name, value in zip(BinSums.FIELDS, values, strict=True):
+                    getattr(sums, name)[bin_id] = float(value)
+        return found
+
+    def all_confidence_counts(self, since: float) -> dict[tuple[str, int], tuple[np.ndarray, float]]:
+        """:meth:`confidence_counts` of every model and version with predictions since ``since``."""
+        found: dict[tuple[str, int], tuple[np.ndarray, float]] = {}
+        query = (
+            "SELECT model, version, bin, SUM(n), SUM(total) FROM confidence WHERE minute >= {p} "
+            "GROUP BY model, version, bin"
+        )
+        with self._transaction(self._connection(), write=False) as cursor:
+            cursor.execute(self._sql(query), (minute_of(since),))
+            for model, version, bin_id, n, total in cursor.fetchall():
+                counts, sum_total = found.get(
+                    (model, version), (np.zeros(CONFIDENCE_BINS, dtype=np.int64), 0.0)
+                )
+                counts[bin_id] = int(n)
+                found[(model, version)] = (counts, sum_total + float(total))
+        return found
+
+    def labelled(self, model: str, since: float) -> tuple[list[np.ndarray], list[int]]:
+        """Logits and labels of ``model``'s labelled predictions made since ``since``, oldest first."""
+        query = (
+            "SELECT p.columns, p.wide, p.scores, o.label FROM predictions p JOIN outcomes o ON o.id = p.id "
+            "WHERE p.model = {p} AND p.at >= {p} ORDER BY p.at, p.id"
+        )
+        with self._transaction(self._connection(), write=False) as cursor:
+            cursor.execute(self._sql(query), (model, since))
+            rows = cursor.fetchall()
+        return [decode_logits(c, w, bytes(d)) for c, w, d, _ in rows], [int(label) for *_, label in rows]
+
+    def models_since(self, since: float) -> list[str]:
+        """Models with logged predictions or outcomes since ``since``."""
+        minute = minute_of(since)
+        with self._transaction(self._connection(), write=False) as cursor:
+            cursor.execute(
+                self._sql(
+                    "SELECT DISTINCT model FROM confidence WHERE minute >= {p} "
+                    "UNION SELECT DISTINCT model FROM bins WHERE minute >= {p}"
+                ),
+                (minute, minute),
+            )
+            return sorted(row[0] for row in cursor.fetchall())
+
+    # ------------------------------------------------------------------------------------- retention
+
+    def prune(self, *, older_than: float, max_rows: int) -> int:
+        """Drop predictions (and bins, histograms, outcome ids) older than ``older_than``, and the oldest
+        predictions beyond ``max_rows``; the number of predictions dropped."""
+        minute = minute_of(older_than)
+        with self._transaction(self._connection()) as cursor:
+            cursor.execute(self._sql("DELETE FROM predictions WHERE at < {p}"), (older_than,))
+            dropped = max(cursor.rowcount, 0)
+            cursor.execute(self._sql("DELETE FROM outcomes WHERE at < {p}"), (older_than,))
+            cursor.execute(self._sql("DELETE FROM bins WHERE minute < {p}"), (minute,))
+            cursor.execute(self._sql("DELETE FROM confidence WHERE minute < {p}"), (minute,))
+            cursor.execute("SELECT COUNT(*) FROM predictions")
+            excess = int(cursor.fetchone()[0]) - max_rows
+            if excess > 0:
+                cursor.execute(
+                    self._sql(
+                        "DELETE FROM predictions WHERE id IN (SELECT id FROM predictions ORDER BY at LIMIT {p})"
+                    ),
+                    (excess,),
+                )
+                dropped += excess
+        return dropped
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+
+class _SQLiteTransaction:
+    def __init__(self, connection: sqlite3.Connection, *, write: bool, durable: bool) -> None:
+        self.connection, self.write, self.durable = connection, write, durable
+
+    def __enter__(self) -> sqlite3.Cursor:
+        self.cursor = self.connection.cursor()
+        if self.durable:
+            self.cursor.execute("PRAGMA synchronous=FULL")
+        self.cursor.execute("BEGIN IMMEDIATE" if self.write else "BEGIN")
+        return self.cursor
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.cursor.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            if self.durable:
+                self.cursor.execute("PRAGMA synchronous=NORMAL")
+            self.cursor.close()
+
+
+class SQLiteMonitoringStore(MonitoringStore):
+    """``path`` (one file, WAL mode), shared by the workers of one host."""
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives the process being killed (it is in the WAL file); outcome
+            # transactions switch to FULL, which also survives the machine losing power.
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the monitoring database {self.path} cannot be opened: {exc}") from None
+        return connection
+
+    def _dialect(self, statement: str) -> str:
+        return statement.replace("BYTEA", "BLOB").replace("DOUBLE PRECISION", "REAL")
+
+    def _transaction(
+        self, connection: Any, *, write: bool = True, durable: bool = False
+    ) -> _SQLiteTransaction:
+        return _SQLiteTransaction(connection, write=write, durable=durable)
