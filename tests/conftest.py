@@ -1,6 +1,7 @@
 """Fixtures shared by every test package: the real classifier outputs under ``tests/data`` and the shipped
-digits model's splits (loaders in ``tests/helpers/data.py``), and a real Triton Inference Server (``triton``,
-``tests/helpers/triton.py``). Arrays are shared: read-only."""
+digits model's splits (loaders in ``tests/helpers/data.py``), a real Triton Inference Server (``triton``,
+``tests/helpers/triton.py``) and a real PostgreSQL (``postgres``, ``tests/helpers/postgres.py``). Arrays are
+shared: read-only."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import pytest
 from hypothesis import settings
 
 from tests.helpers.data import CIFAR10, DATA_DIR, digits_splits, load_arrays
+from tests.helpers.postgres import (
+    PostgresServer,
+    PostgresStartError,
+    postgres_unavailable_reason,
+    start_postgres,
+)
 from tests.helpers.requirements import require_or_skip
 from tests.helpers.triton import TritonServer, TritonStartError, start_triton, triton_unavailable_reason
 
@@ -61,6 +68,24 @@ def triton(cifar10) -> Iterator[TritonServer]:
     try:
         server = start_triton(lookup=cifar10["logits_test"])
     except TritonStartError as error:
+        require_or_skip(str(error))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole session (``tests/helpers/postgres.py``): ``postgres.dsn`` (a
+    superuser, database ``calibserve``), 127.0.0.1 only, fsync on; ``postgres.create_database()`` gives a test an
+    empty database of its own. Skips through ``require_or_skip`` (a failure under ``CALIBSERVE_REQUIRE_ALL=1``)
+    when PostgreSQL cannot run here. A test that stops it must start it again (``postgres.start()``: the same
+    port and data)."""
+    reason = postgres_unavailable_reason()
+    if reason is not None:
+        require_or_skip(reason)
+    try:
+        server = start_postgres()
+    except PostgresStartError as error:
         require_or_skip(str(error))
     yield server
     server.close()
