@@ -6,6 +6,7 @@ Commands
 ``apply``     calibrated probabilities for scores (``.npy``, ``.csv`` or ``.jsonl`` by the output's extension)
 ``evaluate``  figures before/after calibration, optional thresholds (``--fail-on``) and baseline comparison
 ``drift``     ``evaluate`` against a baseline report (``--baseline`` required; default ``--max-increase ece=0.01``)
+``monitor``   check the calibration of a running service's live outcomes (client mode only)
 ``serve``     run the HTTP service
 ``export``    download a model from a running service (client mode only)
 
@@ -14,6 +15,11 @@ through a running service (the API key comes from ``--api-key`` or ``CALIBSERVE_
 
 Exit codes: 0 every threshold holds, 1 a threshold is breached, 2 the command itself failed (unreadable file,
 bad shapes, NaN, bad option), with one line ``calibserve: error: <reason>`` on stderr.
+
+``monitor`` judges a window of labelled outcomes only when the server does (``CALIBSERVE_MONITORING_MIN_OUTCOMES``
+outcomes at least): a window with fewer is said so on stderr and exits 0, its checks reported ``unknown``, since
+a quiet hour is no calibration failure; ``--require-outcomes`` makes it a breach (exit 1) for pipelines that
+expect traffic. Without ``--fail-on`` its checks are the server's own drift rules (``CALIBSERVE_MONITORING_DRIFT``).
 
 Heavy modules (numpy numerics, matplotlib, the web stack) are imported inside the commands, so that
 ``calibserve --help`` and a failing flag answer at once.
@@ -331,8 +337,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CommandError(
             "--calibrator is for local files; with --server the model's active calibrator is used"
         )
-    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".svg"):
-        raise CommandError(f"--plot {args.plot}: use a .png or .svg file name")
+    _check_plot(args.plot)
     outputs = _outputs(args)
     document = reports.load_json(args.calibrator) if args.calibrator else None
     baseline_document = reports.load_json(args.baseline) if args.baseline else None
@@ -391,31 +396,125 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         checks += workflows.check_drift(report, baseline, max_increase)
     report = workflows.apply_checks(report, checks)
+    _write_reports(report, outputs, args.plot)
+    return _conclude(report)
+
+
+def _check_plot(path: str | None) -> None:
+    if path and Path(path).suffix.lower() not in (".png", ".svg"):
+        raise CommandError(f"--plot {path}: use a .png or .svg file name")
+
+
+def _write_reports(report: dict, outputs: list[tuple[str, str]], plot: str | None) -> None:
+    """Each report output, and the reliability diagram (``--plot``; embedded in HTML pages) when the report
+    has bins to draw (a monitoring window without outcomes has none: said so, and left out)."""
+    from service import reports
 
     figure_png = None
-    if args.plot or any(format == "html" for format, _ in outputs):
+    wants_html = any(format == "html" for format, _ in outputs)
+    if (plot or wants_html) and not report.get("reliability"):
+        logger.warning("no outcomes to draw: the report has no reliability diagram")
+    elif plot or wants_html:
         from service.plots import reliability_diagram
 
-        if args.plot:
-            image = reliability_diagram(report, path=args.plot)
-            figure_png = image if args.plot.lower().endswith(".png") else None
-        if figure_png is None and any(format == "html" for format, _ in outputs):
+        if plot:
+            image = reliability_diagram(report, path=plot)
+            figure_png = image if plot.lower().endswith(".png") else None
+        if figure_png is None and wants_html:
             figure_png = reliability_diagram(report, format="png")
     for format, path in outputs:
         _write_bytes(path, reports.render(report, format, figure_png=figure_png))
+
+
+def _conclude(report: dict) -> int:
+    """The breached checks and the summary on stderr; the exit code (1 when a check failed)."""
+    from service import reports
 
     summary = report["summary"]
     for check in report["thresholds"]:
         if check["status"] == "fail":
             logger.warning("breached %s: %s", check["name"], reports.check_message(check))
+    not_judged = f", {summary['unknown']} not judged" if summary.get("unknown") else ""
     logger.info(
-        "%s: %d checks, %d passed, %d failed",
+        "%s: %d checks, %d passed, %d failed%s",
         summary["status"],
         summary["checks"],
         summary["passed"],
         summary["failed"],
+        not_judged,
     )
     return EXIT_BREACHED if summary["failed"] else EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------- monitor
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """A service's monitoring window as an evaluation report: its figures, and ``--fail-on`` rules checked
+    client-side (drift rules against the fit-time figures of the calibrator that answered)."""
+    from service import workflows
+    from service.names import parse_duration
+
+    _check_plot(args.plot)
+    outputs = _outputs(args)
+    parse_duration(args.window, field="--window")
+    rules = [workflows.parse_monitor_rule(text) for text in args.fail_on or []]
+    with _client(args) as client:
+        window = client.monitoring(args.model, window=args.window, calibrator_version=args.calibrator_version)
+        num_classes = client.get_model(args.model).get("num_classes")
+        version = window.get("calibrator_version")
+        document = client.get_calibrator(args.model, version) if version is not None else None
+    report = workflows.monitoring_report(
+        window,
+        calibrator_document=document,
+        num_classes=num_classes,
+        rules=rules,
+        require_outcomes=args.require_outcomes,
+    )
+    _write_reports(report, outputs, args.plot)
+    _log_window(report)
+    return _conclude(report)
+
+
+def _figure(value: Any) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _log_window(report: dict) -> None:
+    """The window in two lines on stderr, and a warning when it has too few outcomes to be judged."""
+    from service.workflows import HEADLINE_FIGURES
+
+    monitoring, figures = report["monitoring"], report["calibrated"]
+    version = monitoring["calibrator_version"]
+    logger.info(
+        "window %s of model %s (%s): %d outcomes; %s; server drift state %s",
+        monitoring["window"],
+        report.get("model"),
+        f"calibrator version {version}" if version is not None else "no calibrator",
+        monitoring["outcomes"],
+        ", ".join(f"{name} {_figure(figures[name])}" for name in HEADLINE_FIGURES if name in figures)
+        or "no figures",
+        (monitoring["drift"] or {}).get("state", "?"),
+    )
+    label_free = monitoring["label_free"]
+    logger.info(
+        "label-free: %s predictions, expected accuracy %s (realised %s), confidence PSI %s, KS %s",
+        label_free.get("predictions", "?"),
+        _figure(label_free.get("expected_accuracy")),
+        _figure(label_free.get("realised_accuracy")),
+        _figure(label_free.get("confidence_psi")),
+        _figure(label_free.get("confidence_ks")),
+    )
+    if not monitoring["judged"]:
+        logger.warning(
+            "too few outcomes to judge: %d in the last %s, the server judges from %s; checks not judged%s",
+            monitoring["outcomes"],
+            monitoring["window"],
+            monitoring["min_outcomes"],
+            ""
+            if any(check["kind"] == "outcomes" for check in report["thresholds"])
+            else " (exit 0; --require-outcomes makes it a failure)",
+        )
 
 
 # ------------------------------------------------------------------------------------------ serve, export
@@ -522,6 +621,21 @@ def _add_client(parser: argparse.ArgumentParser, *, required: bool = False) -> N
     )
 
 
+def _add_report_outputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=("json", "junit", "markdown", "html"),
+        help="report format (default: from --out's extension .json/.xml/.md/.html, else json)",
+    )
+    parser.add_argument(
+        "--out",
+        action="append",
+        metavar="FILE",
+        help="report file (default stdout); repeat for several formats, each chosen by its extension",
+    )
+    parser.add_argument("--plot", metavar="FILE", help="reliability diagram, .png (600x700 px) or .svg")
+
+
 def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool) -> None:
     parser.add_argument("--calibrator", metavar="FILE", help="calibrator document (from calibserve fit)")
     parser.add_argument("--version", type=int, help="with --server: evaluate this calibrator version")
@@ -559,18 +673,7 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
         help=f"allowed increase per figure against --baseline, e.g. ece=0.01,nll=0.05 (default "
         f"{DEFAULT_MAX_INCREASE}); for accuracy, the allowed decrease",
     )
-    parser.add_argument(
-        "--format",
-        choices=("json", "junit", "markdown", "html"),
-        help="report format (default: from --out's extension .json/.xml/.md/.html, else json)",
-    )
-    parser.add_argument(
-        "--out",
-        action="append",
-        metavar="FILE",
-        help="report file (default stdout); repeat for several formats, each chosen by its extension",
-    )
-    parser.add_argument("--plot", metavar="FILE", help="reliability diagram, .png (600x700 px) or .svg")
+    _add_report_outputs(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,6 +729,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluation(drift, baseline_required=True)
     _add_client(drift)
     drift.set_defaults(handler=cmd_evaluate)
+
+    monitor = commands.add_parser(
+        "monitor",
+        help="check the calibration of a service's live outcomes (client mode only)",
+        description="The calibration of the labelled outcomes of a service's rolling window (GET "
+        "/v1/models/NAME/monitoring) as an evaluation report, with checks: exit 0 they hold, 1 one is "
+        "breached, 2 the command failed. A window with fewer outcomes than the server judges "
+        "(CALIBSERVE_MONITORING_MIN_OUTCOMES) is not judged: exit 0 unless --require-outcomes.",
+        parents=[quiet],
+    )
+    monitor.add_argument("--window", default="24h", help="rolling window: 15m, 1h, 24h, 7d (default 24h)")
+    monitor.add_argument(
+        "--calibrator-version",
+        type=int,
+        metavar="N",
+        help="the outcomes of predictions calibrator version N answered (default: the active one's)",
+    )
+    monitor.add_argument(
+        "--fail-on",
+        action="append",
+        metavar="RULE",
+        help="fail (exit 1) on a drift rule against the calibrator's fit-time figure, 'ece+0.02' (a rise of "
+        "more than 0.02) or 'accuracy-0.05' (a fall of more than 0.05), or on a threshold, 'ece>0.05'; "
+        "repeatable; default: the server's drift rules (CALIBSERVE_MONITORING_DRIFT)",
+    )
+    monitor.add_argument(
+        "--require-outcomes",
+        action="store_true",
+        help="a window with too few outcomes to judge fails (exit 1) instead of passing unjudged",
+    )
+    _add_report_outputs(monitor)
+    _add_client(monitor, required=True)
+    monitor.set_defaults(handler=cmd_monitor)
 
     serve = commands.add_parser(
         "serve", help="run the HTTP service (flags win over CALIBSERVE_* variables)", parents=[quiet]

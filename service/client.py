@@ -538,6 +538,77 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         }
         return self._send(_labelled_call("/v1/metrics", arrays, fields, binary=binary))
 
+    # live monitoring
+
+    def outcomes(
+        self,
+        name: str,
+        *,
+        labels: Any,
+        prediction_ids: Any = None,
+        logits: Any = None,
+        probabilities: Any = None,
+        calibrator_version: int | None = None,
+    ) -> _Json:
+        """``POST /v1/models/{name}/outcomes``: the true labels of served rows.
+
+        Give exactly one of ``prediction_ids`` (the ids of logged predictions: the ``prediction_ids`` of a
+        ``calibrate``/``predict`` answer, or ``<prefix>.<row>`` from a binary answer's
+        ``X-Prediction-Id-Prefix``), ``logits`` or ``probabilities`` (labelled scores joined elsewhere, scored
+        with ``calibrator_version``, the active one by default). Returns the counts ``counted``, ``repeat``,
+        ``unknown``, ``invalid`` and one ``results`` entry per row.
+
+        By id, an outcome counts once whatever is sent again, so the call is retried like a read; a retry
+        after a lost answer reports the rows the first attempt counted as ``repeat``. Labelled scores are
+        logged as new rows on each call, so they are retried only when the request never reached the server.
+        """
+        scores = _one_of(prediction_ids=prediction_ids, logits=logits, probabilities=probabilities)
+        by_id = "prediction_ids" in scores
+        if by_id and calibrator_version is not None:
+            raise ValueError("calibrator_version goes with logits or probabilities, not prediction_ids")
+        body = {**scores, "labels": _array(labels)}
+        if calibrator_version is not None:
+            body["calibrator_version"] = int(calibrator_version)
+        return self._send(_Call("POST", f"/v1/models/{_name(name)}/outcomes", json=body, idempotent=by_id))
+
+    def monitoring(self, name: str, *, window: str = "1h", calibrator_version: int | None = None) -> _Json:
+        """``GET /v1/models/{name}/monitoring``: the calibration figures of the labelled outcomes of the last
+        ``window`` (``15m``, ``1h``, ``24h``, ``7d``), the label-free estimates and the drift state, for the
+        outcomes of ``calibrator_version`` (the active calibrator's by default)."""
+        return self._send(
+            _Call(
+                "GET",
+                f"/v1/models/{_name(name)}/monitoring",
+                params={"window": window, "calibrator_version": calibrator_version},
+            )
+        )
+
+    def refit(
+        self,
+        name: str,
+        *,
+        window: str = "24h",
+        method: str = "temperature",
+        options: Mapping[str, Any] | None = None,
+        holdout: float = 0.3,
+        activate: bool | Literal["if_better"] = False,
+        seed: int = 0,
+    ) -> _Json:
+        """``POST /v1/models/{name}/refit``: fit a new calibrator version on the window's labelled outcomes,
+        ``holdout`` of them held out to compare it with the active one. ``activate``: ``True``, ``False`` or
+        ``"if_better"`` (when the held-out NLL improves). Returns the new version's summary, ``activated``,
+        the held-out figures of both and ``improves_nll``. Each call stores a new version: never retried
+        once the request may have reached the server."""
+        body = {
+            "window": window,
+            "method": method,
+            "options": dict(options or {}),
+            "holdout": float(holdout),
+            "activate": activate if isinstance(activate, str) else bool(activate),
+            "seed": int(seed),
+        }
+        return self._send(_Call("POST", f"/v1/models/{_name(name)}/refit", json=body, idempotent=False))
+
 
 def _headers(api_key: str | None) -> dict[str, str]:
     headers = {"Accept": "application/json, application/problem+json;q=0.9, */*;q=0.1"}

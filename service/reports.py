@@ -36,6 +36,7 @@ GROUPS = ("uncalibrated", "calibrated")
 JUNIT_CLASSNAME = "calibserve.calibration"
 PASS_MARK = "✅"
 FAIL_MARK = "❌"
+UNKNOWN_MARK = "⚪"  # a check that was not judged (a monitoring window with too few outcomes)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -110,6 +111,22 @@ def _figure_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
 def check_message(check: Mapping[str, Any]) -> str:
     """One line saying what a check compared: ``ece = 0.041 > 0.03`` when breached, the rule when it holds."""
     metric, value, limit = check.get("metric", "?"), check.get("value"), check.get("limit")
+    if check.get("status") == "unknown":
+        reason = check.get("detail") or "a figure is missing"
+        return f"{check.get('name', metric)}: {reason}"
+    if check.get("kind") == "outcomes":
+        if check.get("status") == "fail":
+            return f"{_number(value)} outcomes in the window, fewer than the {_number(limit)} required"
+        return f"{_number(value)} outcomes in the window (at least {_number(limit)} required)"
+    if check.get("kind") == "drift":  # a monitoring drift rule: the change against the fit-time figure
+        change, baseline = check.get("change"), check.get("baseline")
+        rises = check.get("op") != "fall>"
+        moved = change if rises else (-change if isinstance(change, int | float) else None)
+        verb = "rose by" if moved is None or moved >= 0 else "fell by"
+        return (
+            f"{metric} {verb} {_number(abs(moved) if moved is not None else None)} ({_number(value)} against "
+            f"fit-time {_number(baseline)}); allowed {'rise' if rises else 'fall'} {_number(limit)}"
+        )
     if check.get("kind") == "max_increase":
         baseline = check.get("baseline")
         delta = (
@@ -128,7 +145,19 @@ def check_message(check: Mapping[str, Any]) -> str:
 
 
 def _check_details(check: Mapping[str, Any]) -> str:
-    keys = ("name", "kind", "group", "metric", "op", "limit", "value", "baseline", "change", "status")
+    keys = (
+        "name",
+        "kind",
+        "group",
+        "metric",
+        "op",
+        "limit",
+        "value",
+        "baseline",
+        "change",
+        "status",
+        "detail",
+    )
     return "\n".join(f"{key}: {check[key]}" for key in keys if key in check)
 
 
@@ -176,6 +205,45 @@ def _summary(report: Mapping[str, Any]) -> Mapping[str, Any]:
     return report.get("summary") or fallback
 
 
+def _mark(check: Mapping[str, Any]) -> str:
+    status = check.get("status")
+    return FAIL_MARK if status == "fail" else UNKNOWN_MARK if status == "unknown" else PASS_MARK
+
+
+def _monitoring_properties(report: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """What a monitoring report (``calibserve monitor``) adds to the JUnit properties: the window, its
+    outcomes, the server's drift state and the label-free figures."""
+    monitoring = report.get("monitoring")
+    if not isinstance(monitoring, Mapping):
+        return []
+    drift = monitoring.get("drift") or {}
+    properties: list[tuple[str, Any]] = [
+        ("window", monitoring.get("window")),
+        ("outcomes", monitoring.get("outcomes")),
+        ("min_outcomes", monitoring.get("min_outcomes")),
+        ("calibrator_version", monitoring.get("calibrator_version")),
+        ("drift_state", drift.get("state")),
+    ]
+    properties += [(f"label_free.{k}", v) for k, v in (monitoring.get("label_free") or {}).items()]
+    return properties
+
+
+def _monitoring_text(report: Mapping[str, Any]) -> str:
+    """One sentence on a monitoring window: its outcomes, the server's drift state, the label-free figures."""
+    monitoring = report.get("monitoring") or {}
+    drift = monitoring.get("drift") or {}
+    label_free = monitoring.get("label_free") or {}
+    judged = "" if monitoring.get("judged", True) else ", too few to judge"
+    return (
+        f"Monitoring window {monitoring.get('window')}: {_number(monitoring.get('outcomes'))} outcomes"
+        f"{judged} (judged from {_number(monitoring.get('min_outcomes'))}); server drift state "
+        f"{drift.get('state', '?')}. Label-free: {_number(label_free.get('predictions'))} predictions, "
+        f"expected accuracy {_number(label_free.get('expected_accuracy'))}, realised "
+        f"{_number(label_free.get('realised_accuracy'))}, confidence PSI "
+        f"{_number(label_free.get('confidence_psi'))}, KS {_number(label_free.get('confidence_ks'))}."
+    )
+
+
 # --------------------------------------------------------------------------------------------------- JSON
 
 
@@ -217,13 +285,19 @@ def to_junit(report: Mapping[str, Any]) -> bytes:
     """
     checks = list(report.get("thresholds") or [])
     failures = sum(check.get("status") == "fail" for check in checks)
+    skipped = sum(check.get("status") == "unknown" for check in checks)
     tests = max(len(checks), 1)
     counts = {"tests": str(tests), "failures": str(failures), "errors": "0", "time": "0"}
     root = ET.Element("testsuites", {"name": "calibserve", **counts})
     suite = ET.SubElement(
         root,
         "testsuite",
-        {"name": "calibserve", **counts, "skipped": "0", "timestamp": str(report.get("created_at", ""))},
+        {
+            "name": "calibserve",
+            **counts,
+            "skipped": str(skipped),
+            "timestamp": str(report.get("created_at", "")),
+        },
     )
     properties = ET.SubElement(suite, "properties")
     for name, value in (
@@ -231,6 +305,7 @@ def to_junit(report: Mapping[str, Any]) -> bytes:
         ("num_classes", report.get("num_classes")),
         ("calibrator", _calibrator_text(report)),
         ("conventions", _conventions_text(report)),
+        *_monitoring_properties(report),
     ):
         ET.SubElement(properties, "property", {"name": name, "value": str(value)})
     if not checks:
@@ -245,6 +320,8 @@ def to_junit(report: Mapping[str, Any]) -> bytes:
         if check.get("status") == "fail":
             failure = ET.SubElement(case, "failure", {"message": check_message(check), "type": "threshold"})
             failure.text = _check_details(check)
+        elif check.get("status") == "unknown":
+            ET.SubElement(case, "skipped", {"message": check_message(check)})
         else:
             ET.SubElement(case, "system-out").text = check_message(check)
     ET.SubElement(suite, "system-out").text = _figures_text(report)
@@ -273,6 +350,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         f"Conventions: {_markdown_cell(_conventions_text(report, brief=True)) or 'defaults'} "
         "(all of them in the JSON report).",
         "",
+        *([_markdown_cell(_monitoring_text(report)), ""] if report.get("monitoring") else []),
         "| figure | uncalibrated | calibrated | change |",
         "|---|---:|---:|---:|",
     ]
@@ -280,16 +358,17 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     checks = report.get("thresholds") or []
     lines.append("")
     if checks:
+        not_judged = f", {summary['unknown']} not judged" if summary.get("unknown") else ""
         lines += [
             f"{summary.get('checks', len(checks))} checks, {summary.get('passed', 0)} passed, "
-            f"{summary.get('failed', 0)} failed.",
+            f"{summary.get('failed', 0)} failed{not_judged}.",
             "",
             "| | check | group | value | limit | detail |",
             "|---|---|---|---:|---:|---|",
         ]
         for check in checks:
             cells = (
-                FAIL_MARK if check.get("status") == "fail" else PASS_MARK,
+                _mark(check),
                 f"`{check.get('name')}`",
                 check.get("group", ""),
                 _number(check.get("value"), 6),
@@ -351,7 +430,7 @@ def to_html(report: Mapping[str, Any], *, figure_png: bytes | None = None) -> st
             ["status", "check", "group", "value", "limit", "detail"],
             [
                 [
-                    f"{FAIL_MARK if c.get('status') == 'fail' else PASS_MARK} {c.get('status')}",
+                    f"{_mark(c)} {c.get('status')}",
                     str(c.get("name")),
                     str(c.get("group", "")),
                     _number(c.get("value"), 6),
@@ -371,6 +450,7 @@ def to_html(report: Mapping[str, Any], *, figure_png: bytes | None = None) -> st
         else ""
     )
     escape = html.escape
+    monitoring = f"<p>{escape(_monitoring_text(report))}</p>\n" if report.get("monitoring") else ""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -383,7 +463,7 @@ def to_html(report: Mapping[str, Any], *, figure_png: bytes | None = None) -> st
 <p>{escape(str(report.get("n", "?")))} samples, {escape(str(report.get("num_classes", "?")))} classes;
 calibrator: {escape(_calibrator_text(report))}; created {escape(str(report.get("created_at", "")))}.</p>
 <p>Conventions: {escape(_conventions_text(report) or "defaults")}.</p>
-<h2>Figures</h2>
+{monitoring}<h2>Figures</h2>
 {figure_table}
 <h2>Thresholds</h2>
 {check_table}

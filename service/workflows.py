@@ -503,3 +503,200 @@ def drift_against_fit(report: dict, document: Mapping[str, Any]) -> dict:
                 if name in report[group] and name in baseline[group]
             }
     return {"baseline": "fit", "calibrator_version": document.get("version"), "change": out}
+
+
+# ------------------------------------------------------------------------------------ monitoring windows
+
+MONITORING_FIGURES = (*HEADLINE_FIGURES, "mean_confidence", "overconfidence", "underconfidence")
+
+
+def parse_monitor_rule(expression: str) -> DriftRule | Threshold:
+    """A ``calibserve monitor --fail-on`` rule: a drift rule against the calibrator's fit-time figure
+    (``ece+0.02``: a rise of more than 0.02; ``accuracy-0.05``: a fall of more than 0.05), or an absolute
+    :class:`Threshold` (``ece>0.05``)."""
+    if isinstance(expression, str) and _DRIFT_RULE.match(expression):
+        return DriftRule.parse(expression)
+    if isinstance(expression, str) and _THRESHOLD.match(expression):
+        return Threshold.parse(expression)
+    raise InvalidInput(
+        f"--fail-on {expression!r} must be a drift rule such as 'ece+0.02' (a rise over the fit-time figure) "
+        "or 'accuracy-0.05' (a fall), or a threshold such as 'ece>0.05'",
+        field="fail_on",
+    )
+
+
+def monitoring_report(
+    window: Mapping[str, Any],
+    *,
+    calibrator_document: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+    rules: Iterable[DriftRule | Threshold] | None = None,
+    require_outcomes: bool = False,
+) -> dict:
+    """An evaluation report (``kind = "calibserve.evaluation"``, so that the report writers and a later
+    ``--baseline`` read it) of a monitoring window: the answer of ``GET /v1/models/{name}/monitoring``.
+
+    ``calibrated`` holds the window's figures (its outcomes were scored with the calibrator that answered),
+    ``reliability.calibrated`` its bins, and ``monitoring`` what only a window has: its length, the number of
+    outcomes and the minimum the server judges, the server's drift state and checks, and the label-free
+    figures. ``thresholds`` are the ``rules`` (:func:`parse_monitor_rule`): drift rules are checked against
+    ``calibrator_document``'s fit-time figures (``fit.after``), thresholds against the window's figures;
+    without rules, the server's own drift checks are the thresholds.
+
+    A window with fewer outcomes than the server's minimum (``drift.state`` ``too_few_outcomes``) is not
+    judged: every check is ``unknown``, and the run passes, unless ``require_outcomes``, which adds a check
+    ``outcomes>=<minimum>`` that fails then (and passes otherwise). Rules that cannot be checked whatever the
+    outcomes (an unknown figure, a drift rule without fit-time figures) raise :class:`InvalidInput`.
+    """
+    figures = dict(window.get("figures") or {})
+    n = int(figures.get("n") or 0)
+    server_drift = dict(window.get("drift") or {})
+    minimum = server_drift.get("min_outcomes")
+    judged = n > 0 and server_drift.get("state") != "too_few_outcomes"
+    calibrated = {
+        name: figures[name]
+        for name in MONITORING_FIGURES
+        if isinstance(figures.get(name), int | float) and not isinstance(figures.get(name), bool)
+    }
+    version = window.get("calibrator_version")
+    rules = list(rules or [])
+    if not rules:
+        checks = [{"group": "calibrated", **check} for check in server_drift.get("checks") or []]
+    else:
+        baseline = (
+            _fit_after(calibrator_document, version) if any(isinstance(r, DriftRule) for r in rules) else {}
+        )
+        checks = [_monitor_check(rule, figures, baseline) for rule in rules]
+    if not judged:
+        reason = f"not judged: {n} outcomes in the window, fewer than {minimum}"
+        checks = [{**check, "status": "unknown", "detail": reason} for check in checks]
+    if require_outcomes:
+        limit = int(minimum or 1)
+        checks.append(
+            {
+                "name": f"outcomes>={limit}",
+                "kind": "outcomes",
+                "metric": "n",
+                "op": "<",
+                "limit": limit,
+                "value": n,
+                "status": "pass" if judged else "fail",
+            }
+        )
+    failed = sum(check["status"] == "fail" for check in checks)
+    unknown = sum(check["status"] == "unknown" for check in checks)
+    report: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "kind": REPORT_KIND,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "n": n,
+        "num_classes": num_classes,
+        "model": window.get("model"),
+        "calibrator": _calibrator_summary(calibrator_document, None) if calibrator_document else None,
+        "calibrated": {**calibrated, "n": n},
+        "conventions": {
+            "kind": "top_label",
+            "binning": "width",
+            "n_bins": len(figures.get("bins") or []) or None,
+            "norm": "l1",
+            "nll": "exact",
+            "source": "monitoring window: the labelled outcomes of logged predictions, scored with the "
+            "calibrator version that answered them",
+        },
+        "thresholds": checks,
+        "summary": {
+            "checks": len(checks),
+            "passed": len(checks) - failed - unknown,
+            "failed": failed,
+            "unknown": unknown,
+            "status": "fail" if failed else "pass",
+        },
+        "monitoring": {
+            "window": window.get("window"),
+            "window_seconds": window.get("window_seconds"),
+            "calibrator_version": version,
+            "outcomes": n,
+            "min_outcomes": minimum,
+            "judged": judged,
+            "rules": "fail_on" if rules else "server",
+            "drift": server_drift,
+            "label_free": dict(window.get("label_free") or {}),
+        },
+    }
+    if n:
+        report["reliability"] = {"calibrated": _window_reliability(figures)}
+    return report
+
+
+def _fit_after(document: Mapping[str, Any] | None, version: Any) -> dict:
+    """The fit-time figures drift rules compare with: the calibrator's ``fit.after``."""
+    if version is None or document is None:
+        raise InvalidInput(
+            "drift rules compare with the calibrator's fit-time figures, and this window's outcomes were "
+            "answered without a calibrator; use thresholds such as 'ece>0.05'",
+            field="fail_on",
+        )
+    fit = document.get("fit")
+    after = fit.get("after") if isinstance(fit, Mapping) else None
+    if not isinstance(after, Mapping) or not after:
+        raise InvalidInput(
+            f"calibrator version {version} has no fit-time figures (fit.after) for drift rules to compare "
+            "with; use thresholds such as 'ece>0.05'",
+            field="fail_on",
+        )
+    return dict(after)
+
+
+def _monitor_check(
+    rule: DriftRule | Threshold, figures: Mapping[str, Any], baseline: Mapping[str, Any]
+) -> dict:
+    if rule.metric not in MONITORING_FIGURES or rule.metric not in figures:
+        known = ", ".join(name for name in MONITORING_FIGURES if name in figures)
+        raise InvalidInput(f"--fail-on {rule.expression!r}: unknown figure {rule.metric!r} (known: {known})")
+    value = figures.get(rule.metric)
+    current = float(value) if isinstance(value, int | float) else None
+    if isinstance(rule, DriftRule):
+        reference = baseline.get(rule.metric)
+        if not isinstance(reference, int | float):
+            known = ", ".join(sorted(k for k, v in baseline.items() if isinstance(v, int | float)))
+            raise InvalidInput(
+                f"--fail-on {rule.expression!r}: the fit-time figures have no {rule.metric!r} (they have {known})"
+            )
+        return {**rule.check(current, float(reference)), "group": "calibrated"}
+    if rule.group == "uncalibrated":
+        raise InvalidInput(
+            f"--fail-on {rule.expression!r}: a monitoring window has calibrated figures only", field="fail_on"
+        )
+    check = {
+        "name": rule.expression,
+        "kind": "fail_on",
+        "group": "calibrated",
+        "metric": rule.metric,
+        "op": rule.op,
+        "limit": rule.limit,
+        "value": current,
+    }
+    if current is None:
+        return {**check, "status": "unknown"}
+    return {**check, "status": "fail" if _OPERATORS[rule.op](current, rule.limit) else "pass"}
+
+
+def _window_reliability(figures: Mapping[str, Any]) -> dict:
+    """A window's bins in the form of :meth:`service.core.metrics.ReliabilityBins.to_dict`."""
+    bins = list(figures.get("bins") or [])
+    counts = [int(b["count"]) for b in bins]
+    total = sum(counts)
+    return {
+        "edges": [b["lower"] for b in bins] + ([bins[-1]["upper"]] if bins else []),
+        "counts": counts,
+        "proportions": [count / total if total else 0.0 for count in counts],
+        "mean_confidence": [b.get("confidence") for b in bins],
+        "accuracy": [b.get("accuracy") for b in bins],
+        "ece": figures.get("ece"),
+        "mce": figures.get("mce"),
+        "overconfidence": figures.get("overconfidence"),
+        "underconfidence": figures.get("underconfidence"),
+        "n_bins": len(bins),
+        "binning": "width",
+        "kind": "top_label",
+    }
