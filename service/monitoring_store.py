@@ -134,6 +134,8 @@ def minute_of(at: float) -> int:
 
 
 def _aggregate_bins(model: str, outcomes: Iterable[Outcome]) -> list[tuple]:
+    """Bin rows to upsert, in key order (so are the histogram rows): concurrent PostgreSQL transactions then
+    lock rows in one order, and cannot deadlock each other."""
     sums: dict[tuple[int, int, int], list[float]] = {}
     for item in outcomes:
         key = (item.version, minute_of(item.at), item.bin)
@@ -143,7 +145,7 @@ def _aggregate_bins(model: str, outcomes: Iterable[Outcome]) -> list[tuple]:
         entry[2] += item.correct
         entry[3] += item.brier
         entry[4] += item.nll
-    return [(model, *key, *values) for key, values in sums.items()]
+    return sorted((model, *key, *values) for key, values in sums.items())
 
 
 def _aggregate_confidence(batches: Sequence[PredictionBatch]) -> list[tuple]:
@@ -157,7 +159,7 @@ def _aggregate_confidence(batches: Sequence[PredictionBatch]) -> list[tuple]:
             entry = sums.setdefault((batch.model, batch.version, minute, bin_id), [0, 0.0])
             entry[0] += int(counts[bin_id])
             entry[1] += float(totals[bin_id])
-    return [(*key, *values) for key, values in sums.items()]
+    return sorted((*key, *values) for key, values in sums.items())
 
 
 class MonitoringStore:
@@ -236,11 +238,16 @@ class MonitoringStore:
             if logged is not None:
                 cursor.executemany(self._sql(PREDICTION_INSERT), logged.rows())
             fresh = self._insert_outcomes(cursor, model, outcomes)
-            counted = [item for item in outcomes if item.id in fresh]
-            cursor.executemany(self._sql(BIN_UPSERT), _aggregate_bins(model, counted))
+            counted: dict[str, Outcome] = {}  # an id given twice in one call counts once: its first entry
+            for item in outcomes:
+                if item.id in fresh:
+                    counted.setdefault(item.id, item)
+            cursor.executemany(self._sql(BIN_UPSERT), _aggregate_bins(model, counted.values()))
         return {item.id for item in outcomes} - fresh
 
     def _insert_outcomes(self, cursor: Any, model: str, outcomes: Sequence[Outcome]) -> set[str]:
+        """Insert the outcome ids that are not recorded yet (an id given twice: its first entry); the ids
+        inserted."""
         fresh = set()
         statement = self._sql(
             "INSERT INTO outcomes (id, model, label, at) VALUES ({p}, {p}, {p}, {p}) ON CONFLICT (id) DO NOTHING"

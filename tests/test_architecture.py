@@ -84,7 +84,13 @@ FORBIDDEN_THIRD_PARTY = {
     "service.registry": WEB,
     "service.upstream": WEB,
     "service.inference_protocol": (*WEB, "httpx"),
+    "service.monitoring_store": (*WEB, "psycopg"),
+    "service.monitoring_postgres": (*WEB, "httpx"),
 }
+# psycopg is the `postgres` extra: only the PostgreSQL backend imports it, and only open_store() imports that
+# (where CALIBSERVE_DATABASE_URL names a postgresql:// database), so an install without the extra runs the rest.
+POSTGRES_DRIVER = "psycopg"
+POSTGRES_BACKEND = "service.monitoring_postgres"
 
 
 def module_name(path: Path) -> str:
@@ -151,6 +157,23 @@ def test_only_the_http_layer_imports_a_web_framework(path):
         return
     web = sorted(target for target in imports(path) if target.split(".")[0] in WEB)
     assert not web, f"{name} imports {web}; only service.api speaks HTTP"
+
+
+def test_only_the_postgres_backend_imports_psycopg_and_only_lazily():
+    importers = sorted(
+        module_name(path)
+        for path in MODULES
+        if any(target.split(".")[0] == POSTGRES_DRIVER for target in imports(path))
+    )
+    assert importers == [POSTGRES_BACKEND]
+    for path in MODULES:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+        for node in top_level:
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+            assert POSTGRES_BACKEND not in names, (
+                f"{module_name(path)} imports {POSTGRES_BACKEND} at import time"
+            )
 
 
 def test_nothing_imports_the_cli():

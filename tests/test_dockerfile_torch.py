@@ -1,4 +1,5 @@
-"""The Dockerfile's WITH_TORCH build argument (1, the default: torch installed; 0: an image without torch).
+"""The Dockerfile's WITH_TORCH build argument (1, the default: torch installed; 0: an image without torch), and
+the ``postgres`` extra (psycopg 3, for CALIBSERVE_DATABASE_URL=postgresql://...) that both install.
 
 Docker cannot run here, so the Dockerfile is read as text, and the RUN instructions that depend on WITH_TORCH
 are run as the image's /bin/sh would run them (dash where installed), with each build argument in the
@@ -89,7 +90,7 @@ def test_every_run_that_installs_torch_or_the_project_is_conditional_on_with_tor
     torch_runs = [run for run in runs if "torch==" in run]
     assert torch_runs
     for run in runs:
-        if "torch==" in run or re.search(r"pip install .*\s\.(;|\s|$)", run):
+        if "torch==" in run or re.search(r"""pip install .*\s["']?\.(\[|["';\s]|$)""", run):
             assert re.search(r'if \[ "\$WITH_TORCH" = "1" \]; then', run), run
     # the torch install sits in the branch that WITH_TORCH=1 takes, before any else/elif
     for run in torch_runs:
@@ -153,17 +154,34 @@ def runtime_requirements() -> list[str]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
-def test_with_torch_1_installs_torch_from_its_index_then_the_project_with_its_dependencies(tmp_path):
+def postgres_requirements() -> list[str]:
+    """The ``postgres`` extra: what the PostgreSQL monitoring database needs (service/monitoring_postgres.py)."""
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "postgres"
+    ]
+
+
+def test_the_postgres_extra_brings_psycopg_3_with_its_own_libpq():
+    # python:3.11-slim has no libpq: psycopg's binary build (libpq bundled) is what the image can import
+    (psycopg,) = [
+        Requirement(line) for line in postgres_requirements() if Requirement(line).name == "psycopg"
+    ]
+    assert "binary" in psycopg.extras and psycopg.specifier.contains("3.2")
+
+
+def test_with_torch_1_installs_torch_from_its_index_then_the_project_with_its_dependencies_and_postgres(
+    tmp_path,
+):
     status, stderr, calls = run_torch_steps(tmp_path, "1")
     assert status == 0, stderr
     args = build_args()
     assert [call["args"] for call in calls] == [
         ["install", "--no-deps", "--index-url", args["TORCH_INDEX"], f"torch=={args['TORCH_VERSION']}"],
-        ["install", "-c", "requirements.lock", "."],
+        ["install", "-c", "requirements.lock", ".[postgres]"],
     ]
 
 
-def test_with_torch_0_installs_every_runtime_dependency_but_torch_and_the_project_without_dependencies(
+def test_with_torch_0_installs_every_runtime_and_postgres_dependency_but_torch_and_the_project_without_them(
     tmp_path,
 ):
     status, stderr, calls = run_torch_steps(tmp_path, "0")
@@ -173,8 +191,13 @@ def test_with_torch_0_installs_every_runtime_dependency_but_torch_and_the_projec
     (listed,) = [call for call in calls if call["requirements"]]
     (requirements,) = listed["requirements"]
     names = {Requirement(line).name.lower() for line in requirements}
-    expected = {Requirement(line).name.lower() for line in runtime_requirements()} - {"torch"}
-    assert expected and names == expected
+    declared = [Requirement(line) for line in runtime_requirements() + postgres_requirements()]
+    expected = {requirement.name.lower() for requirement in declared} - {"torch"}
+    assert expected and names == expected and "psycopg" in names
+    # each as declared: psycopg with its [binary] extra, the ranges kept (the lock pins the versions)
+    assert {str(Requirement(line)) for line in requirements} == {
+        str(requirement) for requirement in declared if requirement.name != "torch"
+    }
     project = [call["args"] for call in calls if call["args"][-1] == "."]
     assert project == [["install", "-c", "requirements.lock", "--no-deps", "."]]
     assert calls.index(listed) < [call["args"] for call in calls].index(project[0])

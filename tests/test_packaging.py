@@ -124,8 +124,10 @@ def test_the_dockerfile_installs_from_the_lock():
     # every pip install, in a RUN of its own or in a branch of one (WITH_TORCH: test_dockerfile_torch)
     lines = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("#")]
     installs = [line for line in lines if re.search(r"\bpip install\b", line)]
-    project = [line for line in installs if re.search(r"pip install .*\s\.(\[|;|\s|$)", line)]
+    project = [line for line in installs if re.search(r"""pip install .*\s["']?\.(\[|["';\s]|$)""", line)]
     assert project and all("-c requirements.lock" in line for line in project), installs
+    # the image can use the PostgreSQL monitoring database (CALIBSERVE_DATABASE_URL=postgresql://...)
+    assert any(".[postgres]" in line for line in project), project
     torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1)
     assert Version(torch) == locked()["torch"]
 
