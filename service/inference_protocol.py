@@ -49,9 +49,9 @@ def datatype_of(array: np.ndarray) -> str:
 
 def split_body(
     body: bytes, header_length: str | None, what: str = "the inference request"
-) -> tuple[dict, bytes]:
+) -> tuple[dict, bytes | memoryview]:
     """``(the JSON document, the binary bytes after it)`` of a body; InvalidInput naming what is wrong."""
-    binary = b""
+    binary: bytes | memoryview = b""
     if header_length is not None:
         try:
             length = int(header_length)
@@ -61,7 +61,8 @@ def split_body(
             raise InvalidInput(
                 f"{HEADER_LENGTH} {header_length!r} must be a byte count within the body ({len(body)})"
             )
-        body, binary = body[:length], body[length:]
+        view = memoryview(body)  # the tensors' bytes are read in place, never copied out of the body
+        body, binary = view[:length], view[length:]
     if not body:
         raise InvalidInput(f"{what} is empty; it must be a JSON object")
     try:
