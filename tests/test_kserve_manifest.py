@@ -1,28 +1,36 @@
 """deploy/kserve/inferenceservice.yaml against KServe's InferenceService CRD, vendored in deploy/kserve/schema/.
 
 No cluster here: the manifest is validated with the CRD's own ``openAPIV3Schema`` (version ``v1beta1``) the way
-``kubectl apply --validate=strict`` would judge it. A CRD schema is structural: the API server prunes fields it
-does not know instead of rejecting them, so the schema as published accepts a misspelled field (and drops it
-silently). Strict field validation rejects unknown fields instead; :func:`strict_schema` mirrors that by closing
-every object schema that lists ``properties`` and does not set ``x-kubernetes-preserve-unknown-fields``.
+``kubectl apply --validate=strict`` would judge it: :func:`tests.helpers.manifests.strict_schema` closes every
+object schema, so that a misspelled field fails instead of being pruned (the helpers say why).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
 import pytest
-import yaml
 
 from tests.helpers.data import REPO
+from tests.helpers.manifests import (
+    INT_OR_STRING_ANY_OF,
+    crd,
+    dockerfile_entrypoint,
+    image_uid,
+    load_documents,
+    rename,
+    schema_errors,
+    strict_schema,
+    validator,
+    vendored_source_problems,
+)
+from tests.helpers.manifests import published_schema as crd_schema
 
 KSERVE = REPO / "deploy" / "kserve"
 SCHEMA_DIR = KSERVE / "schema"
@@ -47,79 +55,10 @@ KNOWN_ARGUMENTS = {
 # pkg/apis/serving/v1beta1/transformer_custom.go); --workers only when containerConcurrency is set.
 KSERVE_APPENDS = ("--model_name", "--predictor_host", "--http_port", "--workers")
 
-# The pair controller-gen writes for an int-or-string field beside x-kubernetes-int-or-string: true
-INT_OR_STRING_ANY_OF = [{"type": "integer"}, {"type": "string"}]
-
-
-def load_documents(path: Path) -> list[Any]:
-    loader = getattr(
-        yaml, "CSafeLoader", yaml.SafeLoader
-    )  # the C loader reads the 2 MB CRD in under a second
-    with path.open(encoding="utf-8") as stream:
-        return [document for document in yaml.load_all(stream, Loader=loader) if document is not None]
-
-
-@functools.cache
-def crd() -> dict[str, Any]:
-    (document,) = load_documents(CRD)
-    return document
-
 
 def published_schema(version: str = "v1beta1") -> dict[str, Any]:
     """The CRD's ``openAPIV3Schema`` for ``version``, as published (a fresh copy each call)."""
-    (found,) = [v for v in crd()["spec"]["versions"] if v["name"] == version]
-    return copy.deepcopy(found["schema"]["openAPIV3Schema"])
-
-
-# Keywords whose values are data (defaults, enumerations), not schemas: never rewritten.
-_DATA_KEYWORDS = {"default", "enum", "example"}
-
-
-def strict_schema(schema: Any) -> Any:
-    """A CRD's OpenAPI v3 schema rewritten into JSON Schema (draft 4) that judges like ``--validate=strict``.
-
-    - ``x-kubernetes-int-or-string: true``: an integer or a string (``type: [integer, string]``; the
-      ``anyOf`` pair controller-gen writes beside it is dropped, other keywords such as a quantity's
-      ``pattern``, which applies to strings only, are kept).
-    - ``nullable: true``: ``null`` allowed too (OpenAPI's keyword; JSON Schema has no such thing).
-    - an object schema with ``properties``, no ``additionalProperties`` and no
-      ``x-kubernetes-preserve-unknown-fields``: ``additionalProperties: false``. This is the strict part: the
-      API server would prune such a field, kubectl's strict validation rejects it. Maps (``additionalProperties``
-      given) and objects without ``properties`` (``metadata``: ObjectMeta, checked by the API server itself)
-      stay open.
-    """
-    if isinstance(schema, list):
-        return [strict_schema(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    rewritten = {}
-    for key, value in schema.items():
-        if key in _DATA_KEYWORDS:
-            rewritten[key] = value
-        elif key == "properties":
-            rewritten[key] = {name: strict_schema(sub) for name, sub in value.items()}
-        else:
-            rewritten[key] = strict_schema(value)
-    if rewritten.get("x-kubernetes-int-or-string"):
-        if rewritten.get("anyOf") == INT_OR_STRING_ANY_OF:
-            del rewritten["anyOf"]
-        rewritten["type"] = ["integer", "string"]
-    if rewritten.get("nullable") and "type" in rewritten:
-        types = rewritten["type"] if isinstance(rewritten["type"], list) else [rewritten["type"]]
-        rewritten["type"] = [*types, "null"]
-    if (
-        "properties" in rewritten
-        and "additionalProperties" not in rewritten
-        and not rewritten.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        rewritten["additionalProperties"] = False
-    return rewritten
-
-
-def validator(schema: dict[str, Any]) -> jsonschema_rs.Draft4Validator:
-    # OpenAPI 3.0's schema object is draft-4 shaped (boolean exclusiveMinimum and friends). Formats (int32,
-    # int64, byte, date-time) are not checked: the manifest sets no field where one would matter.
-    return jsonschema_rs.Draft4Validator(schema, validate_formats=False)
+    return crd_schema(CRD, version)
 
 
 @functools.cache
@@ -129,11 +68,7 @@ def strict_validator() -> jsonschema_rs.Draft4Validator:
 
 def errors(document: Any, check: jsonschema_rs.Draft4Validator | None = None) -> list[str]:
     """Every validation error as ``path: message`` (empty: valid)."""
-    check = check or strict_validator()
-    return [
-        f"{'.'.join(str(part) for part in error.instance_path) or '<root>'}: {error.message}"
-        for error in check.iter_errors(document)
-    ]
+    return schema_errors(document, check or strict_validator())
 
 
 def manifests() -> list[dict[str, Any]]:
@@ -154,22 +89,17 @@ def transformer_container(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_vendored_crd_is_the_file_source_md_names():
-    source = (SCHEMA_DIR / "SOURCE.md").read_text(encoding="utf-8")
-    digest = hashlib.sha256(CRD.read_bytes()).hexdigest()
-    assert f"sha256 | `{digest}`" in source, "the CRD changed: update SOURCE.md (and say where it came from)"
-    for needed in (
+    problems = vendored_source_problems(
+        SCHEMA_DIR,
+        CRD.name,
         "https://github.com/kserve/kserve",
         "config/crd/full/serving.kserve.io_inferenceservices.yaml",
-    ):
-        assert needed in source
-    assert re.search(r"tag \| `v\d+\.\d+\.\d+`", source)  # a release, not a release candidate
-    assert re.search(r"commit \| `[0-9a-f]{40}`", source)
-    licence = (SCHEMA_DIR / "LICENSE").read_text(encoding="utf-8")
-    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    )
+    assert problems == []
 
 
 def test_the_crd_is_kserves_inferenceservice_with_a_v1beta1_schema():
-    document = crd()
+    document = crd(CRD)
     assert document["kind"] == "CustomResourceDefinition"
     assert document["spec"]["group"] == "serving.kserve.io"
     assert document["spec"]["names"]["kind"] == "InferenceService"
@@ -263,10 +193,6 @@ def test_every_document_of_the_manifest_is_a_valid_v1beta1_inferenceservice():
         assert errors(document) == []
 
 
-def rename(mapping: dict[str, Any], old: str, new: str) -> None:
-    mapping[new] = mapping.pop(old)
-
-
 # (id, how to break a copy of the manifest, the path the error must name)
 BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
@@ -351,12 +277,6 @@ def test_int_or_string_fields_of_the_manifest_take_either_form():
 # --- the transformer's settings ---------------------------------------------------------------------------
 
 
-def dockerfile_entrypoint() -> list[str]:
-    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
-    (entrypoint,) = re.findall(r"^ENTRYPOINT (\[.*\])$", text, re.M)
-    return json.loads(entrypoint)
-
-
 def command_line_problems(container: dict[str, Any]) -> list[str]:
     """What is wrong with the command line the container runs (``command`` or the image's ENTRYPOINT, then
     ``args``) for a calibserve transformer; empty when nothing is."""
@@ -420,8 +340,7 @@ def test_the_transformer_container_is_configured_for_kserve():
     assert claim["kind"] == "PersistentVolumeClaim"
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     # the image's user (Dockerfile: useradd --uid 10001) can write the volume
-    uid = re.search(r"--uid (\d+)", (REPO / "Dockerfile").read_text(encoding="utf-8")).group(1)
-    assert transformer["securityContext"]["fsGroup"] == int(uid)
+    assert transformer["securityContext"]["fsGroup"] == image_uid()
     # probes on KServe's transformer port, which is the container's port
     (port,) = container["ports"]
     assert port["containerPort"] == 8080
