@@ -368,6 +368,17 @@ class Monitoring:
         now = time.monotonic()
         if self._gauges is not None and now - self._gauges[0] < GAUGES_TTL_S:
             return self._gauges[1]
+        try:
+            values = self._read_gauges(active_of)
+        except Exception:  # a scrape must answer: an unreadable database costs the gauges, not /metrics
+            logger.exception("monitoring gauges could not be read; /metrics answers without them")
+            values = []
+        self._gauges = (now, values)
+        return values
+
+    def _read_gauges(
+        self, active_of: Callable[[str], CalibratorView | None]
+    ) -> list[tuple[str, str, str, float]]:
         values: list[tuple[str, str, str, float]] = []
         for window in self.windows:
             since = time.time() - parse_duration(window)
@@ -397,7 +408,6 @@ class Monitoring:
                     "too_few_outcomes": 1.0 if state == "too_few_outcomes" else 0.0,
                 }
                 values += [(name, model, window, float(v)) for name, v in series.items() if v is not None]
-        self._gauges = (now, values)
         return values
 
     def drift(self, figures: Mapping[str, Any], document: Mapping[str, Any]) -> dict[str, Any]:

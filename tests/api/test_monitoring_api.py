@@ -172,3 +172,22 @@ def test_concurrent_posts_of_the_same_ids_to_two_workers_count_each_once(tmp_pat
             thread.join(60)
         assert sum(counted) == 400, counted
         assert http.get("/v1/models/m/monitoring").json()["figures"]["n"] == 400
+
+
+def test_an_unusable_monitoring_database_costs_the_gauges_not_the_service(tmp_path):
+    """/metrics and calibrate keep answering when the monitoring database cannot be opened (a read-only
+    volume, here a directory where its file should be); outcomes say why with a 503."""
+    store = tmp_path / "store"
+    (store / "monitoring.sqlite3").mkdir(parents=True)
+    settings = Settings(models_dir=None, store_dir=store, prediction_log="on")
+    with TestClient(create_app(settings)) as http:
+        assert http.put("/v1/models/m", json={"num_classes": 3}).status_code == 201
+        answer = http.post("/v1/models/m/calibrate", json={"logits": logits(2).tolist()})
+        assert answer.status_code == 200
+        assert http.get("/metrics").status_code == 200
+        refused = http.post(
+            "/v1/models/m/outcomes",
+            json={"prediction_ids": answer.json()["prediction_ids"], "labels": [0, 1]},
+        )
+        assert refused.status_code == 503
+        assert "monitoring database" in refused.json()["detail"]
