@@ -62,7 +62,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from service.core import cancellation
+from service.core import calibration_tests, cancellation
 from service.core.probability import softmax, two_column_logits, two_column_probabilities
 from service.core.validation import (
     ARGMAX_MIN_COLUMNS,
@@ -1091,8 +1091,12 @@ def calibration_report(
         ``ece_debiased`` (Kumar et al. debiased L2), ``ece_mass`` (equal-mass bins), ``ece_classwise``,
         ``overconfidence`` and ``underconfidence`` (they add up to ``ece``), ``brier``, ``nll`` (exact;
         ``inf`` if a true class has probability 0), ``accuracy``; ``ece_positive_class`` for binary models
-        only; ``n`` (number of rows, an int); and ``conventions`` (a dict of strings and ints stating
-        them).
+        only; without ``sample_weight``, the statistical tests of top-label calibration of
+        :func:`service.core.calibration_tests.calibration_tests` (``spiegelhalter_z``/``_p``,
+        ``ks_calibration``/``_p``, ``kuiper_calibration``/``_p``, ``calibration_slope``/``_se``,
+        ``calibration_intercept``/``_se``, ``hosmer_lemeshow``/``_p``, ``ici``, ``e50``, ``e90``), each left
+        out where it is undefined (NaN or infinite: e.g. every prediction right); ``n`` (number of rows, an
+        int); and ``conventions`` (a dict of strings and ints stating them).
     """
     options = _binning_options(n_bins, binning, "top_label")
     scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
@@ -1164,6 +1168,12 @@ def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]
         report["ece_positive_class"] = error(
             _binned(scores, weights, **{**options, "kind": "positive_class"})
         )
+    if weights is None:
+        # the statistical tests of top-label calibration (unweighted); an undefined figure is left out
+        tests = calibration_tests.calibration_tests_checked(
+            scores.confidences.astype(np.float64), scores.correct.astype(np.float64)
+        )
+        report.update({name: value for name, value in tests.items() if math.isfinite(value)})
     report["n"] = scores.n_samples
     report["conventions"] = {
         "kind": "top_label",
@@ -1181,6 +1191,7 @@ def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]
         "nll": "exact",
         "brier": "mean over samples of sum_k (p_k - 1[y=k])^2",
         "accuracy": "argmax, ties to the lowest class",
+        **calibration_tests.CONVENTIONS,
     }
     return report
 
