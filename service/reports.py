@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from service.core.calibration_tests import CALIBRATION_TEST_FIGURES
 from service.errors import InvalidInput
 
 FORMATS = ("json", "junit", "markdown", "html")
@@ -55,14 +56,16 @@ def format_for_path(path: str | Path) -> str:
 
 
 def figure_names(report: Mapping[str, Any]) -> list[str]:
-    """Numeric figures of the report: the headline ones first, then the variants alphabetically."""
+    """Numeric figures of the report: the headline ones first, then the variants alphabetically, then the
+    statistical tests of calibration, each statistic followed by its p-value (or standard error)."""
     names: set[str] = set()
     for group in GROUPS:
         for name, value in (report.get(group) or {}).items():
             if name != "n" and isinstance(value, int | float) and not isinstance(value, bool):
                 names.add(name)
     head = [name for name in HEADLINE_FIGURES if name in names]
-    return head + sorted(names - set(head))
+    tail = [name for name in CALIBRATION_TEST_FIGURES if name in names]
+    return head + sorted(names - set(head) - set(tail)) + tail
 
 
 def _number(value: Any, digits: int = 4) -> str:

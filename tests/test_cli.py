@@ -153,6 +153,17 @@ def runs(work: Path) -> dict[str, Run]:
                 ),
                 *("--plot", "reliability.png"),
             ],
+            # the statistical tests of calibration gate a build through the same --fail-on
+            "spiegelhalter_gate": [
+                *("evaluate", *test, "--calibrator=calibrator.json"),
+                *(
+                    "--fail-on",
+                    "uncalibrated.spiegelhalter_p<0.01",
+                    "--fail-on",
+                    "calibrated.ks_calibration_p<0.01",
+                ),
+                *("--out", "spiegelhalter.json", "--out", "spiegelhalter.xml", "--out", "spiegelhalter.md"),
+            ],
             "uncalibrated_breach": [
                 "evaluate",
                 *test,
@@ -299,6 +310,31 @@ def test_a_breached_threshold_exits_1_and_junit_goes_to_stdout(runs):
     assert re.fullmatch(r"ece = 0\.0\d+ > 0\.03", failure.get("message"))
     assert root.find("testsuite").get("failures") == "1"
     assert "breached ece>0.03" in run.stderr
+
+
+def test_fail_on_a_p_value_of_a_calibration_test(runs, work):
+    """The uncalibrated WRN is far from calibrated (Spiegelhalter's p ~ 1e-304); after temperature scaling
+    the cumulative KS test no longer rejects at 1 %. Markdown and JUnit list each statistic with its p-value."""
+    run = runs["spiegelhalter_gate"]
+    assert_ok(run, 1)
+    report = load(work, "spiegelhalter.json")
+    checks = {check["name"]: check for check in report["thresholds"]}
+    breached = checks["uncalibrated.spiegelhalter_p<0.01"]
+    assert breached["status"] == "fail" and breached["value"] < 1e-100
+    held = checks["calibrated.ks_calibration_p<0.01"]
+    assert held["status"] == "pass" and held["value"] > 0.01
+    assert report["uncalibrated"]["spiegelhalter_z"] > 30  # over-confident: more errors than forecast
+    assert report["uncalibrated"]["calibration_slope"] < 1
+    for name in ("spiegelhalter", "ks_calibration", "hosmer_lemeshow", "ici"):
+        assert name in report["conventions"]
+    markdown = (work / "spiegelhalter.md").read_text()
+    rows = [line.split(" | ")[0].strip("| ") for line in markdown.splitlines() if line.startswith("| ")]
+    tests = rows[rows.index("spiegelhalter_z") :]
+    assert tests[:4] == ["spiegelhalter_z", "spiegelhalter_p", "ks_calibration", "ks_calibration_p"]
+    assert "hosmer_lemeshow_p" in tests and "ici" in tests
+    junit = (work / "spiegelhalter.xml").read_text()
+    assert "spiegelhalter_z\t" in junit and "kuiper_calibration_p\t" in junit
+    assert "breached uncalibrated.spiegelhalter_p<0.01" in run.stderr
 
 
 # ------------------------------------------------------------------------------------------------- drift
