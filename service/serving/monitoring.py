@@ -126,6 +126,10 @@ class PredictionLog:
             logger.exception(
                 "prediction log: %d rows could not be written", sum(len(b.logits) for b in batches)
             )
+        finally:
+            with self._written:
+                self._unwritten -= len(batches)
+                self._written.notify_all()
 
     def _run(self) -> None:
         while True:
