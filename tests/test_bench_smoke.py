@@ -224,3 +224,40 @@ def test_footprint_bench_starts_each_deployment_and_writes_its_table(tmp_path: P
     for entry in deployments.values():
         assert entry["runs"] == 1
         assert entry["ready_s"]["median"] <= entry["loaded_s"]["median"]
+
+
+def test_monitoring_bench_runs_every_part_and_writes_its_section(tmp_path: Path) -> None:
+    # real servers, tiny sizes, one short round: only that every part ran, every answer was right (the bench
+    # checks each outcome was counted and each status) and the section is written; no timing is checked
+    readme, figures = tmp_path / "README.md", tmp_path / "figures.json"
+    readme.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    run_bench(
+        "bench_monitoring.py",
+        *("--rows", "2000", "--models", "20", "--seconds", "0.3", "--rounds", "1", "--batches", "1", "100"),
+        *("--max-rows", "1000", "--queries", "5", "--scrapes", "2", "--scrape-gap", "0", "--workers", "2"),
+        *("--write", "--readme", str(readme), "--json", str(figures)),
+        timeout=600,
+    )
+    text = readme.read_text()
+    assert "<!-- other:start -->\nkept\n<!-- other:end -->" in text
+    assert "<!-- bench_monitoring:start -->\n## Live monitoring" in text
+    document = json.loads(figures.read_text())
+    cells = document["ingest"]["cells"]
+    assert [cell["batch"] for cell in cells] == [1, 100]
+    for cell in cells:
+        for case in ("by id", "by logits", "/v1/metrics"):
+            assert cell[case]["calls"] >= 1 and cell[case]["rows_per_s"] > 0, cell
+    overhead = document["overhead"]
+    for side in ("off", "on"):
+        assert overhead[side]["requests"] > 0 and overhead[side]["errors"] == 0, overhead
+    query = document["query"]
+    assert query["fill"]["rows"] == 2000
+    assert query["window_predictions"] == 2000  # every logged row is in the 7-day window
+    assert query["window_outcomes"] == query["fill"]["outcomes"] > 0
+    assert query["bytes_per_row"] > 0
+    configurations = document["metrics"]["configurations"]
+    assert len(configurations) == 3
+    for record in configurations.values():
+        assert len(record["bytes"]) == 2
+        assert record["parts"]["gauge_models"] == 20  # each model's calibrate was logged
+        assert record["parts"]["gauge_models_with_outcomes"] == 2  # the fitted tenth
