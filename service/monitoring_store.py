@@ -149,17 +149,23 @@ def _aggregate_bins(model: str, outcomes: Iterable[Outcome]) -> list[tuple]:
 
 
 def _aggregate_confidence(batches: Sequence[PredictionBatch]) -> list[tuple]:
-    sums: dict[tuple[str, int, int, int], list[float]] = {}
+    """The confidence histogram's additions of a group of answers: one bincount per model, version and minute
+    (not per answer: most answers are a row or two), rows sorted by key (concurrent writers lock rows in
+    one order)."""
+    groups: dict[tuple[str, int, int], list[np.ndarray]] = {}
     for batch in batches:
-        bins = confidence_bins(batch.confidence)
+        groups.setdefault((batch.model, batch.version, minute_of(batch.at)), []).append(batch.confidence)
+    rows = []
+    for key in sorted(groups):
+        confidence = np.concatenate(groups[key])
+        bins = confidence_bins(confidence)
         counts = np.bincount(bins, minlength=CONFIDENCE_BINS)
-        totals = np.bincount(bins, weights=batch.confidence, minlength=CONFIDENCE_BINS)
-        minute = minute_of(batch.at)
-        for bin_id in np.flatnonzero(counts).tolist():
-            entry = sums.setdefault((batch.model, batch.version, minute, bin_id), [0, 0.0])
-            entry[0] += int(counts[bin_id])
-            entry[1] += float(totals[bin_id])
-    return sorted((*key, *values) for key, values in sums.items())
+        totals = np.bincount(bins, weights=confidence, minlength=CONFIDENCE_BINS)
+        rows += [
+            (*key, bin_id, int(counts[bin_id]), float(totals[bin_id]))
+            for bin_id in np.flatnonzero(counts).tolist()
+        ]
+    return rows
 
 
 class MonitoringStore:

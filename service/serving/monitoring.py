@@ -11,7 +11,6 @@ the ``calibserve drift`` rules (``ece+0.02``).
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import threading
 import time
@@ -33,7 +32,6 @@ from service.serving.telemetry import OUTCOMES, PREDICTION_LOG_ROWS
 logger = logging.getLogger("calibserve.monitoring")
 
 FLUSH_DELAY_S = 0.05
-FLUSH_ROWS = 10_000
 PRUNE_EVERY_S = 60.0
 GAUGES_TTL_S = 5.0
 # Largest window a query may ask for: what the retention keeps (the setting) caps it further.
@@ -66,56 +64,50 @@ class PredictionIds:
 
 
 class PredictionLog:
-    """Queues answers' rows and writes them in group commits from one background thread: at most
-    :data:`FLUSH_DELAY_S` after the first queued row, or every :data:`FLUSH_ROWS` rows; prunes by age and row
-    count every :data:`PRUNE_EVERY_S`. Rows still queued when the process is killed are lost (an outcome for
-    them is reported as unknown); outcomes themselves are written durably before they are acknowledged."""
+    """Collects answers' rows and writes them in group commits from one background thread, which wakes every
+    :data:`FLUSH_DELAY_S` and takes everything collected meanwhile (an answer only appends to a list under a
+    lock: no thread is woken per answer); prunes by age and row count every :data:`PRUNE_EVERY_S`. Rows not
+    yet written when the process is killed are lost (an outcome for them is reported as unknown); outcomes
+    themselves are written durably before they are acknowledged."""
 
     def __init__(self, store: MonitoringStore, *, max_age_s: float, max_rows: int) -> None:
         self.store = store
         self.max_age_s = max_age_s
         self.max_rows = max_rows
-        self._queue: queue.SimpleQueue[PredictionBatch | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # one writer at a time: the thread, or a flush
-        # batches queued and not written yet (the thread may hold some while it gathers a group)
-        self._unwritten = 0
-        self._written = threading.Condition()
+        self._pending: list[PredictionBatch] = []
+        self._pending_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one writer at a time: the thread, or a flush
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
 
     def start(self) -> None:
         if self._thread is None:
+            self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="calibserve-prediction-log", daemon=True)
             self._thread.start()
 
     def add(self, batch: PredictionBatch) -> None:
-        with self._written:
-            self._unwritten += 1
-        self._queue.put(batch)
+        with self._pending_lock:
+            self._pending.append(batch)
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Write every row queued so far (before outcomes look their ids up): what is still in the queue here,
-        and wait for the group the writer thread holds."""
-        with self._lock:
-            self._write(self._drain([]))
-        with self._written:
-            self._written.wait_for(lambda: self._unwritten == 0, timeout)
+    def flush(self) -> None:
+        """Write every row collected so far (before outcomes look their ids up); returns once it is written,
+        whether by this call or by the writer thread's group in progress."""
+        with self._write_lock:
+            self._write(self._take())
 
     def close(self) -> None:
         if self._thread is not None:
-            self._queue.put(None)
+            self._stop.set()
             self._thread.join(10.0)
             self._thread = None
         self.flush()
 
-    def _drain(self, batches: list[PredictionBatch]) -> list[PredictionBatch]:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return batches
-            if item is not None:
-                batches.append(item)
+    def _take(self) -> list[PredictionBatch]:
+        with self._pending_lock:
+            batches, self._pending = self._pending, []
+        return batches
 
     def _write(self, batches: list[PredictionBatch]) -> None:
         if not batches:
@@ -126,30 +118,11 @@ class PredictionLog:
             logger.exception(
                 "prediction log: %d rows could not be written", sum(len(b.logits) for b in batches)
             )
-        finally:
-            with self._written:
-                self._unwritten -= len(batches)
-                self._written.notify_all()
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batches, rows = [first], len(first.logits)
-            deadline = time.monotonic() + FLUSH_DELAY_S
-            while rows < FLUSH_ROWS and (left := deadline - time.monotonic()) > 0:
-                try:
-                    item = self._queue.get(timeout=left)
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batches.append(item)
-                rows += len(item.logits)
-            with self._lock:
-                self._write(batches)
+        while not self._stop.wait(FLUSH_DELAY_S):
+            with self._write_lock:
+                self._write(self._take())
                 self._maybe_prune()
 
     def _maybe_prune(self) -> None:
@@ -366,8 +339,10 @@ class Monitoring:
         return {"figures": figures, "label_free": label_free, "drift": self.drift(figures, document)}
 
     def gauges(self, active_of: Callable[[str], CalibratorView | None]) -> list[tuple[str, str, str, float]]:
-        """``(series, model, window, value)`` of every model with data in the exported windows
-        (``CALIBSERVE_MONITORING_WINDOWS``), for its active calibrator; one query per window and table, and
+        """``(series, model, window, value)`` of every model with an active calibrator and data in the exported
+        windows (``CALIBSERVE_MONITORING_WINDOWS``), for that calibrator (a model without one has nothing to
+        be judged against: its figures are a request to ``/monitoring`` away, and thousands of them would
+        swell every scrape); one query per window and table, and
         cached for :data:`GAUGES_TTL_S` (Prometheus scrapes every 15 s or so)."""
         now = time.monotonic()
         if self._gauges is not None and now - self._gauges[0] < GAUGES_TTL_S:
@@ -390,7 +365,7 @@ class Monitoring:
             confidence = self.store.all_confidence_counts(since)
             for model in sorted({model for model, _ in (*sums, *confidence)}):
                 view = active_of(model)
-                if view is None:
+                if view is None or not view.version:  # only calibrated models are judged (and exported)
                     continue
                 key = (model, view.version)
                 counts, total = confidence.get(key, (np.zeros(stats.CONFIDENCE_BINS, dtype=np.int64), 0.0))

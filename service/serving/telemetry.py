@@ -18,10 +18,15 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily
+
+# No `<counter>_created` samples: they double every per-model counter's lines (megabytes at thousands of
+# models), and Prometheus does not need them to compute rates.
+disable_created_metrics()
 
 FITS = Counter("calibserve_fits_total", "Calibrators fitted", ["model", "method"])
 ACTIVE_TEMPERATURE = Gauge(

@@ -38,6 +38,9 @@ def test_replicas_on_one_postgres_count_each_outcome_once(replicas):
     first, second = replicas
     z = np.random.default_rng(0).normal(size=(60, 4)) * 2
     labels = (np.arange(60) % 4).tolist()
+    for replica in replicas:  # the same calibrator on both (their stores are their own here)
+        fitted = replica.post("/v1/models/m/fit", json={"logits": z.tolist(), "labels": labels})
+        assert fitted.status_code == 201 and fitted.json()["version"] == 1
     served = first.post("/v1/models/m/calibrate", json={"logits": z.tolist()}).json()
     ids = served["prediction_ids"]
 
