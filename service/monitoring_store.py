@@ -54,18 +54,61 @@ SCHEMA = (
         model TEXT NOT NULL, version INTEGER NOT NULL, minute BIGINT NOT NULL, bin INTEGER NOT NULL,
         n BIGINT NOT NULL, total DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (model, version, minute, bin))""",
+    # the same sums per hour: a long window reads its full hours here, its ragged ends per minute
+    """CREATE TABLE IF NOT EXISTS bins_hourly (
+        model TEXT NOT NULL, version INTEGER NOT NULL, hour BIGINT NOT NULL, bin INTEGER NOT NULL,
+        n BIGINT NOT NULL, confidence DOUBLE PRECISION NOT NULL, correct DOUBLE PRECISION NOT NULL,
+        brier DOUBLE PRECISION NOT NULL, nll DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (model, version, hour, bin))""",
+    """CREATE TABLE IF NOT EXISTS confidence_hourly (
+        model TEXT NOT NULL, version INTEGER NOT NULL, hour BIGINT NOT NULL, bin INTEGER NOT NULL,
+        n BIGINT NOT NULL, total DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (model, version, hour, bin))""",
 )
-BIN_UPSERT = """INSERT INTO bins (model, version, minute, bin, n, confidence, correct, brier, nll)
+BIN_UPSERT = """INSERT INTO {table} (model, version, {time}, bin, n, confidence, correct, brier, nll)
     VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})
-    ON CONFLICT (model, version, minute, bin) DO UPDATE SET n = bins.n + excluded.n,
-    confidence = bins.confidence + excluded.confidence, correct = bins.correct + excluded.correct,
-    brier = bins.brier + excluded.brier, nll = bins.nll + excluded.nll"""
+    ON CONFLICT (model, version, {time}, bin) DO UPDATE SET n = {table}.n + excluded.n,
+    confidence = {table}.confidence + excluded.confidence, correct = {table}.correct + excluded.correct,
+    brier = {table}.brier + excluded.brier, nll = {table}.nll + excluded.nll"""
 PREDICTION_INSERT = """INSERT INTO predictions (id, model, version, at, columns, wide, scores)
     VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}) ON CONFLICT (id) DO NOTHING"""
-CONFIDENCE_UPSERT = """INSERT INTO confidence (model, version, minute, bin, n, total)
+CONFIDENCE_UPSERT = """INSERT INTO {table} (model, version, {time}, bin, n, total)
     VALUES ({p}, {p}, {p}, {p}, {p}, {p})
-    ON CONFLICT (model, version, minute, bin) DO UPDATE SET n = confidence.n + excluded.n,
-    total = confidence.total + excluded.total"""
+    ON CONFLICT (model, version, {time}, bin) DO UPDATE SET n = {table}.n + excluded.n,
+    total = {table}.total + excluded.total"""
+# (table, time column) of each granularity of the two kinds of sums
+GRANULARITIES = {
+    "bins": (("bins", "minute"), ("bins_hourly", "hour")),
+    "confidence": (("confidence", "minute"), ("confidence_hourly", "hour")),
+}
+BIN_COLUMNS = "SUM(n), SUM(confidence), SUM(correct), SUM(brier), SUM(nll)"
+CONFIDENCE_COLUMNS = "SUM(n), SUM(total)"
+
+
+def _hourly(rows: list[tuple]) -> list[tuple]:
+    """Per-minute rows ``(model, version, minute, bin, *sums)`` summed per hour, sorted by key."""
+    sums: dict[tuple, list[float]] = {}
+    for model, version, minute, bin_id, *values in rows:
+        entry = sums.setdefault((model, version, minute // 60, bin_id), [0] * len(values))
+        for i, value in enumerate(values):
+            entry[i] += value
+    return [(*key, *values) for key, values in sorted(sums.items())]
+
+
+def window_spans(since: float, now: float | None = None) -> list[tuple[int, int, int | None]]:
+    """``(granularity, first, end)`` pieces covering the minutes from ``since`` on: per-minute rows up to the
+    first full hour, per-hour rows for the full hours before the current one, per-minute rows from the current
+    hour on (granularity 0: minutes, 1: hours; ``end`` exclusive, None: open)."""
+    first_minute = minute_of(since)
+    current_hour = minute_of(time.time() if now is None else now) // 60
+    first_full_hour = -(-first_minute // 60)
+    if first_full_hour >= current_hour:
+        return [(0, first_minute, None)]
+    return [
+        (0, first_minute, first_full_hour * 60),
+        (1, first_full_hour, current_hour),
+        (0, current_hour * 60, None),
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +258,7 @@ class MonitoringStore:
             cursor.executemany(
                 self._sql(PREDICTION_INSERT), [row for batch in batches for row in batch.rows()]
             )
-            cursor.executemany(self._sql(CONFIDENCE_UPSERT), _aggregate_confidence(batches))
+            self._upsert(cursor, "confidence", _aggregate_confidence(batches))
 
     def predictions(self, ids: Sequence[str]) -> dict[str, StoredPrediction]:
         """The logged predictions among ``ids``."""
@@ -248,7 +291,7 @@ class MonitoringStore:
             for item in outcomes:
                 if item.id in fresh:
                     counted.setdefault(item.id, item)
-            cursor.executemany(self._sql(BIN_UPSERT), _aggregate_bins(model, counted.values()))
+            self._upsert(cursor, "bins", _aggregate_bins(model, counted.values()))
         return {item.id for item in outcomes} - fresh
 
     def _insert_outcomes(self, cursor: Any, model: str, outcomes: Sequence[Outcome]) -> set[str]:
@@ -266,68 +309,76 @@ class MonitoringStore:
 
     # ----------------------------------------------------------------------------------------- reads
 
+    def _upsert(self, cursor: Any, kind: str, rows: list[tuple]) -> None:
+        """Add per-minute ``rows`` of sums to the minute table and the hour table of ``kind``."""
+        template = BIN_UPSERT if kind == "bins" else CONFIDENCE_UPSERT
+        (minute_table, minute_column), (hour_table, hour_column) = GRANULARITIES[kind]
+        for table, column, values in (
+            (minute_table, minute_column, rows),
+            (hour_table, hour_column, _hourly(rows)),
+        ):
+            statement = template.replace("{table}", table).replace("{time}", column)
+            cursor.executemany(self._sql(statement), values)
+
+    def _window_rows(self, kind: str, since: float, model: str | None, version: int | None) -> list[tuple]:
+        """``(model, version, bin, *sums)`` of ``kind`` over the window from ``since``: each of its pieces
+        (:func:`window_spans`) summed in SQL, the pieces added here."""
+        columns = BIN_COLUMNS if kind == "bins" else CONFIDENCE_COLUMNS
+        totals: dict[tuple[str, int, int], list[float]] = {}
+        with self._transaction(self._connection(), write=False) as cursor:
+            for granularity, first, end in window_spans(since):
+                table, column = GRANULARITIES[kind][granularity]
+                query = f"SELECT model, version, bin, {columns} FROM {table} WHERE {column} >= {{p}}"
+                parameters: list[Any] = [first]
+                if end is not None:
+                    query += f" AND {column} < {{p}}"
+                    parameters.append(end)
+                if model is not None:
+                    query += " AND model = {p}"
+                    parameters.append(model)
+                if version is not None:
+                    query += " AND version = {p}"
+                    parameters.append(version)
+                cursor.execute(self._sql(query + " GROUP BY model, version, bin"), parameters)
+                for row_model, row_version, bin_id, *values in cursor.fetchall():
+                    entry = totals.setdefault((row_model, row_version, bin_id), [0.0] * len(values))
+                    for i, value in enumerate(values):
+                        entry[i] += float(value)
+        return [(*key, *values) for key, values in totals.items()]
+
     def bin_sums(self, model: str, since: float, version: int | None) -> BinSums:
         """The bin sums of ``model``'s outcomes of predictions made since ``since`` (all versions: None)."""
-        query = "SELECT bin, SUM(n), SUM(confidence), SUM(correct), SUM(brier), SUM(nll) FROM bins "
-        query += "WHERE model = {p} AND minute >= {p}"
-        parameters: list[Any] = [model, minute_of(since)]
-        if version is not None:
-            query += " AND version = {p}"
-            parameters.append(version)
         sums = BinSums.empty(N_BINS)
-        with self._transaction(self._connection(), write=False) as cursor:
-            cursor.execute(self._sql(query + " GROUP BY bin"), parameters)
-            for bin_id, *values in cursor.fetchall():
-                for name, value in zip(BinSums.FIELDS, values, strict=True):
-                    getattr(sums, name)[bin_id] = float(value)
+        for _, _, bin_id, *values in self._window_rows("bins", since, model, version):
+            for name, value in zip(BinSums.FIELDS, values, strict=True):
+                getattr(sums, name)[bin_id] += value
         return sums
 
     def confidence_counts(self, model: str, since: float, version: int | None) -> tuple[np.ndarray, float]:
         """``(counts per confidence bin, sum of confidences)`` of predictions logged since ``since``."""
-        query = "SELECT bin, SUM(n), SUM(total) FROM confidence WHERE model = {p} AND minute >= {p}"
-        parameters: list[Any] = [model, minute_of(since)]
-        if version is not None:
-            query += " AND version = {p}"
-            parameters.append(version)
         counts = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
         total = 0.0
-        with self._transaction(self._connection(), write=False) as cursor:
-            cursor.execute(self._sql(query + " GROUP BY bin"), parameters)
-            for bin_id, n, confidence in cursor.fetchall():
-                counts[bin_id] = int(n)
-                total += float(confidence)
+        for _, _, bin_id, n, confidence in self._window_rows("confidence", since, model, version):
+            counts[bin_id] += int(n)
+            total += confidence
         return counts, total
 
     def all_bin_sums(self, since: float) -> dict[tuple[str, int], BinSums]:
-        """:meth:`bin_sums` of every model and version with outcomes since ``since``, in one query."""
+        """:meth:`bin_sums` of every model and version with outcomes since ``since``."""
         found: dict[tuple[str, int], BinSums] = {}
-        query = (
-            "SELECT model, version, bin, SUM(n), SUM(confidence), SUM(correct), SUM(brier), SUM(nll) FROM bins "
-            "WHERE minute >= {p} GROUP BY model, version, bin"
-        )
-        with self._transaction(self._connection(), write=False) as cursor:
-            cursor.execute(self._sql(query), (minute_of(since),))
-            for model, version, bin_id, *values in cursor.fetchall():
-                sums = found.setdefault((model, version), BinSums.empty(N_BINS))
-                for name, value in zip(BinSums.FIELDS, values, strict=True):
-                    getattr(sums, name)[bin_id] = float(value)
+        for model, version, bin_id, *values in self._window_rows("bins", since, None, None):
+            sums = found.setdefault((model, version), BinSums.empty(N_BINS))
+            for name, value in zip(BinSums.FIELDS, values, strict=True):
+                getattr(sums, name)[bin_id] += value
         return found
 
     def all_confidence_counts(self, since: float) -> dict[tuple[str, int], tuple[np.ndarray, float]]:
         """:meth:`confidence_counts` of every model and version with predictions since ``since``."""
         found: dict[tuple[str, int], tuple[np.ndarray, float]] = {}
-        query = (
-            "SELECT model, version, bin, SUM(n), SUM(total) FROM confidence WHERE minute >= {p} "
-            "GROUP BY model, version, bin"
-        )
-        with self._transaction(self._connection(), write=False) as cursor:
-            cursor.execute(self._sql(query), (minute_of(since),))
-            for model, version, bin_id, n, total in cursor.fetchall():
-                counts, sum_total = found.get(
-                    (model, version), (np.zeros(CONFIDENCE_BINS, dtype=np.int64), 0.0)
-                )
-                counts[bin_id] = int(n)
-                found[(model, version)] = (counts, sum_total + float(total))
+        for model, version, bin_id, n, total in self._window_rows("confidence", since, None, None):
+            counts, sum_total = found.get((model, version), (np.zeros(CONFIDENCE_BINS, dtype=np.int64), 0.0))
+            counts[bin_id] += int(n)
+            found[(model, version)] = (counts, sum_total + total)
         return found
 
     def labelled(self, model: str, since: float) -> tuple[list[np.ndarray], list[int]]:
@@ -366,6 +417,9 @@ class MonitoringStore:
             cursor.execute(self._sql("DELETE FROM outcomes WHERE at < {p}"), (older_than,))
             cursor.execute(self._sql("DELETE FROM bins WHERE minute < {p}"), (minute,))
             cursor.execute(self._sql("DELETE FROM confidence WHERE minute < {p}"), (minute,))
+            # an hour partly older than the retention goes whole: a window never reaches back that far
+            cursor.execute(self._sql("DELETE FROM bins_hourly WHERE hour < {p}"), (minute // 60,))
+            cursor.execute(self._sql("DELETE FROM confidence_hourly WHERE hour < {p}"), (minute // 60,))
             cursor.execute("SELECT COUNT(*) FROM predictions")
             excess = int(cursor.fetchone()[0]) - max_rows
             if excess > 0:

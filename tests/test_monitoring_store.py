@@ -44,6 +44,7 @@ from service.monitoring_store import (
     PredictionBatch,
     SQLiteMonitoringStore,
     minute_of,
+    window_spans,
 )
 from service.serving.monitoring import open_store
 from tests.helpers.data import REPO
@@ -707,3 +708,25 @@ def test_a_malformed_postgres_url_is_invalid_input_without_its_password():
     with pytest.raises(InvalidInput) as raised:
         PostgresMonitoringStore("postgresql://user:pa55word@host/db?no_such_option=1")
     assert "pa55word" not in str(raised.value) and "postgresql://user@host/db" in str(raised.value)
+
+
+def test_a_long_window_sums_its_full_hours_and_its_ragged_ends_exactly(store):
+    """Rows over 30 hours: a window from any minute reads per-hour sums for its full hours and per-minute sums
+    at both ends (window_spans), and adds up to the rows in it, whatever the edges."""
+    rng = np.random.default_rng(11)
+    n = 1200
+    rows = scored(rng, n, 4)
+    now = time.time()
+    start = now - 30 * 3600
+    ats = start + rng.uniform(0, 30 * 3600, n)
+    versions = np.ones(n, dtype=int)
+    outcomes = outcomes_of(rows, [f"w{i}" for i in range(n)], versions, ats)
+    for part in range(0, n, 300):
+        store.record_outcomes("a", outcomes[part : part + 300])
+    minutes = np.array([minute_of(at) for at in ats])
+    for hours_back in (0.5, 1.0, 7.22, 24.0, 29.9):
+        since = now - hours_back * 3600
+        assert len(window_spans(since, now)) in (1, 3)
+        mask = minutes >= minute_of(since)
+        assert_sums_equal(store.bin_sums("a", since, 1), BinSums.of_rows(subset(rows, mask)))
+        assert_sums_equal(store.all_bin_sums(since)[("a", 1)], BinSums.of_rows(subset(rows, mask)))
