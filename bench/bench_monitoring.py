@@ -52,7 +52,6 @@ of ``bench/README.md`` (or of ``--readme``); ``--json`` writes the figures.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -85,7 +84,7 @@ from bench_server import RUN, _window, cpu_seconds, http_request, percentile  # 
 
 from service.core import monitoring as stats  # noqa: E402
 from service.monitoring_store import Outcome, PredictionBatch, SQLiteMonitoringStore  # noqa: E402
-from service.serving.monitoring import GAUGES_TTL_S, PredictionLog  # noqa: E402
+from service.serving.monitoring import GAUGES_TTL_S  # noqa: E402
 from tests.helpers.servers import Server  # noqa: E402
 
 PARTS = ("ingest", "overhead", "query", "metrics")
@@ -748,23 +747,6 @@ def ingest_section(figures: dict, args: argparse.Namespace) -> list[str]:
         "",
         table,
     ]
-    timeout = inspect.signature(PredictionLog.flush).parameters["timeout"].default
-    slow = [cell for cell in figures["cells"] if cell["by id"]["call_s_median"] >= 0.9 * timeout]
-    if slow:
-        lines += [
-            "",
-            "Outcomes by id: the median call took "
-            + ", ".join(
-                f"{cell['by id']['call_s_median']:.2f} s with {cell['batch']:,} rows" for cell in slow
-            )
-            + ", while the server used "
-            + ", ".join(
-                f"{cell['by id']['server_cpu_per_row_s'] * cell['batch'] * 1e3:,.0f} ms" for cell in slow
-            )
-            + f" of CPU per call (`/proc` counts 10 ms ticks): the calls waited, about the {timeout:g} s "
-            "timeout of `PredictionLog.flush`, which every by-id call runs before it looks its ids up. The "
-            "call time hardly depends on the rows, so rows/s grow with the rows a call.",
-        ]
     return lines
 
 
@@ -852,9 +834,9 @@ def query_section(figures: dict, args: argparse.Namespace) -> list[str]:
     sql_total = sum(figures["sql_s"].values())
     line += (
         f". In-process, the two SQL queries behind an answer took {ms(sql_total)} ms together (against the "
-        f"server's p50 of {ms(figures['p50'])} ms): a 7-day window sums every minute's rows of `bins` "
-        f"(up to {stats.N_BINS} a minute) and of `confidence` (up to {stats.CONFIDENCE_BINS} a minute), "
-        "however few rows were logged in each minute."
+        f"server's p50 of {ms(figures['p50'])} ms): a 7-day window sums the per-hour rows of its full hours "
+        f"and the per-minute rows of its two ends, of `bins` (up to {stats.N_BINS} a row time) and of "
+        f"`confidence` (up to {stats.CONFIDENCE_BINS}), however many rows were logged."
     )
     return [
         f"### 3. Window query at {filled['rows']:,} logged rows",
@@ -1047,10 +1029,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     info["load average (1 min) at end"] = f"{os.getloadavg()[0]:.2f}"
     wall_s = time.perf_counter() - started
+    if args.json is not None:  # first: the figures survive a failure to render them
+        args.json.write_text(json.dumps({**results, "wall_s": wall_s, "machine": info}, indent=2))
     text = report(results, args, info, wall_s)
     print(text)
-    if args.json is not None:
-        args.json.write_text(json.dumps({**results, "wall_s": wall_s, "machine": info}, indent=2))
     if args.write:
         replace_section(args.readme, "bench_monitoring", text, intro="# Benchmarks")
     return 0
