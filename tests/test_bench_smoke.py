@@ -259,5 +259,5 @@ def test_monitoring_bench_runs_every_part_and_writes_its_section(tmp_path: Path)
     assert len(configurations) == 3
     for record in configurations.values():
         assert len(record["bytes"]) == 2
-        assert record["parts"]["gauge_models"] == 20  # each model's calibrate was logged
+        assert record["parts"]["gauge_models"] == 2  # only calibrated models are exported: the fitted tenth
         assert record["parts"]["gauge_models_with_outcomes"] == 2  # the fitted tenth
