@@ -37,6 +37,22 @@ from service.core.monitoring import CONFIDENCE_BINS, N_BINS, BinSums, confidence
 from service.errors import StoreUnavailable
 
 FLOAT64_MAX_COLUMNS = 64
+BIN_SUMS = (
+    "n BIGINT NOT NULL, confidence DOUBLE PRECISION NOT NULL, correct DOUBLE PRECISION NOT NULL, "
+    "brier DOUBLE PRECISION NOT NULL, nll DOUBLE PRECISION NOT NULL"
+)
+CONFIDENCE_SUMS = "n BIGINT NOT NULL, total DOUBLE PRECISION NOT NULL"
+
+
+def _sums_table(table: str, time_column: str, sums: str) -> str:
+    """A table of sums per model, calibrator version, time (minute or hour) and bin."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {table} (model TEXT NOT NULL, version INTEGER NOT NULL, "
+        f"{time_column} BIGINT NOT NULL, bin INTEGER NOT NULL, {sums}, "
+        f"PRIMARY KEY (model, version, {time_column}, bin))"
+    )
+
+
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS predictions (
         id TEXT PRIMARY KEY, model TEXT NOT NULL, version INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL,
@@ -45,25 +61,11 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS outcomes (
         id TEXT PRIMARY KEY, model TEXT NOT NULL, label INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS outcomes_model_at ON outcomes (model, at)",
-    """CREATE TABLE IF NOT EXISTS bins (
-        model TEXT NOT NULL, version INTEGER NOT NULL, minute BIGINT NOT NULL, bin INTEGER NOT NULL,
-        n BIGINT NOT NULL, confidence DOUBLE PRECISION NOT NULL, correct DOUBLE PRECISION NOT NULL,
-        brier DOUBLE PRECISION NOT NULL, nll DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (model, version, minute, bin))""",
-    """CREATE TABLE IF NOT EXISTS confidence (
-        model TEXT NOT NULL, version INTEGER NOT NULL, minute BIGINT NOT NULL, bin INTEGER NOT NULL,
-        n BIGINT NOT NULL, total DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (model, version, minute, bin))""",
-    # the same sums per hour: a long window reads its full hours here, its ragged ends per minute
-    """CREATE TABLE IF NOT EXISTS bins_hourly (
-        model TEXT NOT NULL, version INTEGER NOT NULL, hour BIGINT NOT NULL, bin INTEGER NOT NULL,
-        n BIGINT NOT NULL, confidence DOUBLE PRECISION NOT NULL, correct DOUBLE PRECISION NOT NULL,
-        brier DOUBLE PRECISION NOT NULL, nll DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (model, version, hour, bin))""",
-    """CREATE TABLE IF NOT EXISTS confidence_hourly (
-        model TEXT NOT NULL, version INTEGER NOT NULL, hour BIGINT NOT NULL, bin INTEGER NOT NULL,
-        n BIGINT NOT NULL, total DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (model, version, hour, bin))""",
+    # per minute, and the same sums per hour: a long window reads its full hours per hour, its ends per minute
+    _sums_table("bins", "minute", BIN_SUMS),
+    _sums_table("confidence", "minute", CONFIDENCE_SUMS),
+    _sums_table("bins_hourly", "hour", BIN_SUMS),
+    _sums_table("confidence_hourly", "hour", CONFIDENCE_SUMS),
 )
 BIN_UPSERT = """INSERT INTO {table} (model, version, {time}, bin, n, confidence, correct, brier, nll)
     VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})
@@ -260,6 +262,17 @@ class MonitoringStore:
             )
             self._upsert(cursor, "confidence", _aggregate_confidence(batches))
 
+    def _upsert(self, cursor: Any, kind: str, rows: list[tuple]) -> None:
+        """Add per-minute ``rows`` of sums to the minute table and the hour table of ``kind``."""
+        template = BIN_UPSERT if kind == "bins" else CONFIDENCE_UPSERT
+        (minute_table, minute_column), (hour_table, hour_column) = GRANULARITIES[kind]
+        for table, column, values in (
+            (minute_table, minute_column, rows),
+            (hour_table, hour_column, _hourly(rows)),
+        ):
+            statement = template.replace("{table}", table).replace("{time}", column)
+            cursor.executemany(self._sql(statement), values)
+
     def predictions(self, ids: Sequence[str]) -> dict[str, StoredPrediction]:
         """The logged predictions among ``ids``."""
         found: dict[str, StoredPrediction] = {}
@@ -308,17 +321,6 @@ class MonitoringStore:
         return fresh
 
     # ----------------------------------------------------------------------------------------- reads
-
-    def _upsert(self, cursor: Any, kind: str, rows: list[tuple]) -> None:
-        """Add per-minute ``rows`` of sums to the minute table and the hour table of ``kind``."""
-        template = BIN_UPSERT if kind == "bins" else CONFIDENCE_UPSERT
-        (minute_table, minute_column), (hour_table, hour_column) = GRANULARITIES[kind]
-        for table, column, values in (
-            (minute_table, minute_column, rows),
-            (hour_table, hour_column, _hourly(rows)),
-        ):
-            statement = template.replace("{table}", table).replace("{time}", column)
-            cursor.executemany(self._sql(statement), values)
 
     def _window_rows(self, kind: str, since: float, model: str | None, version: int | None) -> list[tuple]:
         """``(model, version, bin, *sums)`` of ``kind`` over the window from ``since``: each of its pieces
