@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +18,7 @@ import pytest
 from sklearn.metrics import brier_score_loss, log_loss
 
 from service import cli
+from tests.helpers.cli import Run, run_all
 from tests.helpers.data import CIFAR10
 from tests.helpers.images import png_size
 from tests.helpers.numerics import EPS32
@@ -34,35 +31,6 @@ REFERENCE = {
     "calibrated": {"ece": 0.006447, "mce": 0.098878, "nll": 0.276111, "brier": 0.132428},
     "error": 0.0894,
 }
-
-
-@dataclass
-class Run:
-    args: list[str]
-    returncode: int
-    stdout: bytes
-    stderr: str
-
-
-def run_all(commands: dict[str, list[str]], cwd: Path, env: dict[str, str] | None = None) -> dict[str, Run]:
-    """Start every command at once (``python -m service ...``), then wait for all of them."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CALIBSERVE_")}
-    environment |= env or {}
-    processes = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "service", *args],
-            cwd=cwd,
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for name, args in commands.items()
-    }
-    runs = {}
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=240)
-        runs[name] = Run(commands[name], process.returncode, stdout, stderr.decode())
-    return runs
 
 
 def assert_ok(run: Run, code: int = 0) -> None:

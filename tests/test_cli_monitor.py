@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +22,8 @@ import pytest
 from service import reports, workflows
 from service.client import AsyncCalibserveClient, CalibserveClient
 from service.errors import InvalidInput
-from tests.helpers.data import CIFAR10, REPO, load_arrays
+from tests.helpers.cli import Run, run_all
+from tests.helpers.data import CIFAR10, load_arrays
 from tests.helpers.servers import Server
 
 MIN_OUTCOMES = 50
@@ -33,35 +31,6 @@ QUIET_OUTCOMES = 10  # a model whose window has fewer outcomes than the server j
 WINDOW = "1h"
 # the figures both the window and POST /v1/metrics compute
 COMPARED = ("ece", "mce", "brier", "nll", "accuracy", "overconfidence", "underconfidence")
-
-
-@dataclass
-class Run:
-    args: list[str]
-    returncode: int
-    stdout: bytes
-    stderr: str
-
-
-def run_all(commands: dict[str, list[str]], cwd: Path) -> dict[str, Run]:
-    """``python -m service ...`` for every command at once (each start imports numpy), then wait for all."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CALIBSERVE_")}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
-    processes = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "service", *args],
-            cwd=cwd,
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for name, args in commands.items()
-    }
-    runs = {}
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=240)
-        runs[name] = Run(commands[name], process.returncode, stdout, stderr.decode())
-    return runs
 
 
 def explain(run: Run) -> str:
