@@ -83,8 +83,13 @@ GRANULARITIES = {
     "bins": (("bins", "minute"), ("bins_hourly", "hour")),
     "confidence": (("confidence", "minute"), ("confidence_hourly", "hour")),
 }
-BIN_COLUMNS = "SUM(n), SUM(confidence), SUM(correct), SUM(brier), SUM(nll)"
-CONFIDENCE_COLUMNS = "SUM(n), SUM(total)"
+BIN_FIELDS = BinSums.FIELDS  # the columns of the bins tables, in BinSums' order
+CONFIDENCE_FIELDS = ("n", "total")
+
+
+def _confidence(sums: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(counts per bin, sum of confidences)`` of a confidence table's summed rows."""
+    return np.rint(sums[0]).astype(np.int64), float(sums[1].sum())
 
 
 def _hourly(rows: list[tuple]) -> list[tuple]:
@@ -322,66 +327,87 @@ class MonitoringStore:
 
     # ----------------------------------------------------------------------------------------- reads
 
-    def _window_rows(self, kind: str, since: float, model: str | None, version: int | None) -> list[tuple]:
-        """``(model, version, bin, *sums)`` of ``kind`` over the window from ``since``: each of its pieces
-        (:func:`window_spans`) summed in SQL, the pieces added here."""
-        columns = BIN_COLUMNS if kind == "bins" else CONFIDENCE_COLUMNS
-        totals: dict[tuple[str, int, int], list[float]] = {}
+    def _window_sums(
+        self,
+        kind: str,
+        since: float,
+        *,
+        model: str | None = None,
+        version: int | None = None,
+        calibrated_only: bool = False,
+    ) -> dict[tuple[str, int], np.ndarray]:
+        """``{(model, version): sums}`` of ``kind`` over the window from ``since``, ``sums`` an array of one row
+        per field (:data:`BIN_FIELDS` or :data:`CONFIDENCE_FIELDS`) and one column per bin.
+
+        The window's pieces (:func:`window_spans`: minute rows at its ends, hour rows between) are read in one
+        statement and summed in SQL, so a scrape of every model costs one query per window and table, and
+        the rows become arrays without a Python loop per value. ``calibrated_only`` leaves out predictions
+        made without a calibrator (version 0), which nothing is judged against.
+        """
+        fields = BIN_FIELDS if kind == "bins" else CONFIDENCE_FIELDS
+        n_bins = N_BINS if kind == "bins" else CONFIDENCE_BINS
+        pieces: list[str] = []
+        parameters: list[Any] = []
+        for granularity, first, end in window_spans(since):
+            table, column = GRANULARITIES[kind][granularity]
+            conditions = [f"{column} >= {{p}}"]
+            parameters.append(first)
+            if end is not None:
+                conditions.append(f"{column} < {{p}}")
+                parameters.append(end)
+            if model is not None:
+                conditions.append("model = {p}")
+                parameters.append(model)
+            if version is not None:
+                conditions.append("version = {p}")
+                parameters.append(version)
+            if calibrated_only:
+                conditions.append("version > 0")
+            pieces.append(
+                f"SELECT model, version, bin, {', '.join(fields)} FROM {table} WHERE {' AND '.join(conditions)}"
+            )
+        sums = ", ".join(f"SUM({field})" for field in fields)
+        query = (
+            f"SELECT model, version, bin, {sums} FROM ({' UNION ALL '.join(pieces)}) AS pieces "
+            "GROUP BY model, version, bin"
+        )
         with self._transaction(self._connection(), write=False) as cursor:
-            for granularity, first, end in window_spans(since):
-                table, column = GRANULARITIES[kind][granularity]
-                query = f"SELECT model, version, bin, {columns} FROM {table} WHERE {column} >= {{p}}"
-                parameters: list[Any] = [first]
-                if end is not None:
-                    query += f" AND {column} < {{p}}"
-                    parameters.append(end)
-                if model is not None:
-                    query += " AND model = {p}"
-                    parameters.append(model)
-                if version is not None:
-                    query += " AND version = {p}"
-                    parameters.append(version)
-                cursor.execute(self._sql(query + " GROUP BY model, version, bin"), parameters)
-                for row_model, row_version, bin_id, *values in cursor.fetchall():
-                    entry = totals.setdefault((row_model, row_version, bin_id), [0.0] * len(values))
-                    for i, value in enumerate(values):
-                        entry[i] += float(value)
-        return [(*key, *values) for key, values in totals.items()]
+            cursor.execute(self._sql(query), parameters)
+            rows = cursor.fetchall()
+        keys: dict[tuple[str, int], int] = {}
+        slots = np.fromiter(
+            (keys.setdefault((row[0], int(row[1])), len(keys)) for row in rows),
+            dtype=np.intp,
+            count=len(rows),
+        )
+        bins = np.fromiter((row[2] for row in rows), dtype=np.intp, count=len(rows))
+        values = np.array([row[3:] for row in rows], dtype=np.float64).reshape(len(rows), len(fields))
+        table = np.zeros((len(keys), len(fields), n_bins))
+        table[slots, :, bins] = values  # GROUP BY made (slot, bin) unique
+        return {key: table[slot] for key, slot in keys.items()}
 
     def bin_sums(self, model: str, since: float, version: int | None) -> BinSums:
         """The bin sums of ``model``'s outcomes of predictions made since ``since`` (all versions: None)."""
-        sums = BinSums.empty(N_BINS)
-        for _, _, bin_id, *values in self._window_rows("bins", since, model, version):
-            for name, value in zip(BinSums.FIELDS, values, strict=True):
-                getattr(sums, name)[bin_id] += value
-        return sums
+        found = self._window_sums("bins", since, model=model, version=version)
+        return BinSums(*sum(found.values(), np.zeros((len(BIN_FIELDS), N_BINS))))
 
     def confidence_counts(self, model: str, since: float, version: int | None) -> tuple[np.ndarray, float]:
         """``(counts per confidence bin, sum of confidences)`` of predictions logged since ``since``."""
-        counts = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
-        total = 0.0
-        for _, _, bin_id, n, confidence in self._window_rows("confidence", since, model, version):
-            counts[bin_id] += int(n)
-            total += confidence
-        return counts, total
+        found = self._window_sums("confidence", since, model=model, version=version)
+        return _confidence(sum(found.values(), np.zeros((len(CONFIDENCE_FIELDS), CONFIDENCE_BINS))))
 
-    def all_bin_sums(self, since: float) -> dict[tuple[str, int], BinSums]:
-        """:meth:`bin_sums` of every model and version with outcomes since ``since``."""
-        found: dict[tuple[str, int], BinSums] = {}
-        for model, version, bin_id, *values in self._window_rows("bins", since, None, None):
-            sums = found.setdefault((model, version), BinSums.empty(N_BINS))
-            for name, value in zip(BinSums.FIELDS, values, strict=True):
-                getattr(sums, name)[bin_id] += value
-        return found
+    def all_bin_sums(self, since: float, *, calibrated_only: bool = False) -> dict[tuple[str, int], BinSums]:
+        """:meth:`bin_sums` of every model and version with outcomes since ``since`` (with a calibrator only:
+        ``calibrated_only``)."""
+        found = self._window_sums("bins", since, calibrated_only=calibrated_only)
+        return {key: BinSums(*sums) for key, sums in found.items()}
 
-    def all_confidence_counts(self, since: float) -> dict[tuple[str, int], tuple[np.ndarray, float]]:
+    def all_confidence_counts(
+        self, since: float, *, calibrated_only: bool = False
+    ) -> dict[tuple[str, int], tuple[np.ndarray, float]]:
         """:meth:`confidence_counts` of every model and version with predictions since ``since``."""
-        found: dict[tuple[str, int], tuple[np.ndarray, float]] = {}
-        for model, version, bin_id, n, total in self._window_rows("confidence", since, None, None):
-            counts, sum_total = found.get((model, version), (np.zeros(CONFIDENCE_BINS, dtype=np.int64), 0.0))
-            counts[bin_id] += int(n)
-            found[(model, version)] = (counts, sum_total + total)
-        return found
+        found = self._window_sums("confidence", since, calibrated_only=calibrated_only)
+        return {key: _confidence(sums) for key, sums in found.items()}
 
     def labelled(self, model: str, since: float) -> tuple[list[np.ndarray], list[int]]:
         """Logits and labels of ``model``'s labelled predictions made since ``since``, oldest first."""

@@ -108,15 +108,50 @@ class BinSums:
     def __add__(self, other: BinSums) -> BinSums:
         return BinSums(*(getattr(self, name) + getattr(other, name) for name in self.FIELDS))
 
+    @classmethod
+    def stack(cls, items: list[BinSums]) -> BinSums:
+        """The sums of several windows or models along a leading axis (``(M, bins)`` fields), for
+        :meth:`summary` of them all at once."""
+        return cls(*(np.stack([getattr(item, name) for item in items]) for name in cls.FIELDS))
+
     @property
     def total(self) -> int:
         return int(self.n.sum())
 
-    def figures(self) -> dict[str, Any]:
-        """``n``, ``ece``, ``mce``, ``brier``, ``nll``, ``accuracy``, ``overconfidence``,
-        ``underconfidence`` and the reliability bins; the figures are None for an empty window."""
-        n = self.total
-        bins = [
+    SUMMARY = (
+        "ece",
+        "mce",
+        "brier",
+        "nll",
+        "accuracy",
+        "mean_confidence",
+        "overconfidence",
+        "underconfidence",
+    )
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """``n`` and the figures of :data:`SUMMARY` along the last axis (NaN where there is no outcome), so one
+        call judges every model of a ``/metrics`` scrape (:meth:`stack`)."""
+        n = self.n.sum(axis=-1)
+        gaps = self.confidence - self.correct
+        # an empty bin's gap is 0, so dividing it by 1 instead of its count leaves the maximum unchanged
+        bin_gaps = np.abs(gaps) / np.where(self.n > 0, self.n, 1.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {
+                "n": n,
+                "ece": np.abs(gaps).sum(axis=-1) / n,
+                "mce": np.where(n > 0, bin_gaps.max(axis=-1, initial=0.0), np.nan),
+                "brier": self.brier.sum(axis=-1) / n,
+                "nll": self.nll.sum(axis=-1) / n,
+                "accuracy": self.correct.sum(axis=-1) / n,
+                "mean_confidence": self.confidence.sum(axis=-1) / n,
+                "overconfidence": np.clip(gaps, 0.0, None).sum(axis=-1) / n,
+                "underconfidence": np.clip(-gaps, 0.0, None).sum(axis=-1) / n,
+            }
+
+    def reliability_bins(self) -> list[dict[str, Any]]:
+        """The reliability diagram's bins: edges, count, mean confidence and accuracy (None when empty)."""
+        return [
             {
                 "lower": i / len(self.n),
                 "upper": (i + 1) / len(self.n),
@@ -126,34 +161,12 @@ class BinSums:
             }
             for i, count in enumerate(self.n)
         ]
-        if n == 0:
-            empty = dict.fromkeys(
-                (
-                    "ece",
-                    "mce",
-                    "brier",
-                    "nll",
-                    "accuracy",
-                    "mean_confidence",
-                    "overconfidence",
-                    "underconfidence",
-                )
-            )
-            return {"n": 0, **empty, "bins": bins}
-        gaps = self.confidence - self.correct
-        filled = self.n > 0
-        return {
-            "n": n,
-            "ece": float(np.abs(gaps).sum() / n),
-            "mce": float(np.max(np.abs(gaps[filled]) / self.n[filled])),
-            "brier": float(self.brier.sum() / n),
-            "nll": float(self.nll.sum() / n),
-            "accuracy": float(self.correct.sum() / n),
-            "mean_confidence": float(self.confidence.sum() / n),
-            "overconfidence": float(np.clip(gaps, 0.0, None).sum() / n),
-            "underconfidence": float(np.clip(-gaps, 0.0, None).sum() / n),
-            "bins": bins,
-        }
+
+
+def number(value: Any) -> float | None:
+    """A figure as JSON carries it: a float, or None for NaN (no data)."""
+    value = float(value)
+    return None if value != value else value
 
 
 def confidence_bins(confidence: np.ndarray) -> np.ndarray:
@@ -166,20 +179,28 @@ def confidence_histogram(confidence: np.ndarray) -> np.ndarray:
     return np.bincount(confidence_bins(confidence), minlength=CONFIDENCE_BINS).astype(np.int64)
 
 
-def population_stability_index(expected: np.ndarray, actual: np.ndarray) -> float | None:
-    """PSI = sum_b (a_b - e_b) ln(a_b / e_b) of two histograms' fractions (None when either is empty)."""
+def population_stability_index(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """PSI = sum_b (a_b - e_b) ln(a_b / e_b) of two histograms' fractions, along the last axis (NaN where either
+    is empty)."""
     expected, actual = np.asarray(expected, np.float64), np.asarray(actual, np.float64)
-    if expected.sum() == 0 or actual.sum() == 0:
-        return None
-    e = np.maximum(expected / expected.sum(), PSI_EPSILON)
-    a = np.maximum(actual / actual.sum(), PSI_EPSILON)
-    return float(np.sum((a - e) * np.log(a / e)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e = np.maximum(expected / expected.sum(axis=-1, keepdims=True), PSI_EPSILON)
+        a = np.maximum(actual / actual.sum(axis=-1, keepdims=True), PSI_EPSILON)
+        psi = np.sum((a - e) * np.log(a / e), axis=-1)
+    return np.where(_either_empty(expected, actual), np.nan, psi)
 
 
-def kolmogorov_smirnov(expected: np.ndarray, actual: np.ndarray) -> float | None:
-    """The largest gap between the two histograms' cumulative distributions, at the bin edges (None when
-    either is empty)."""
+def kolmogorov_smirnov(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """The largest gap between the two histograms' cumulative distributions, at the bin edges, along the last
+    axis (NaN where either is empty)."""
     expected, actual = np.asarray(expected, np.float64), np.asarray(actual, np.float64)
-    if expected.sum() == 0 or actual.sum() == 0:
-        return None
-    return float(np.max(np.abs(np.cumsum(expected) / expected.sum() - np.cumsum(actual) / actual.sum())))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gaps = np.abs(
+            np.cumsum(expected, axis=-1) / expected.sum(axis=-1, keepdims=True)
+            - np.cumsum(actual, axis=-1) / actual.sum(axis=-1, keepdims=True)
+        )
+    return np.where(_either_empty(expected, actual), np.nan, gaps.max(axis=-1))
+
+
+def _either_empty(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    return (expected.sum(axis=-1) == 0) | (actual.sum(axis=-1) == 0)

@@ -170,6 +170,7 @@ class Monitoring:
         for window in self.windows:
             parse_duration(window, field="monitoring_windows")
         self._gauges: tuple[float, list[tuple[str, str, str, float]]] | None = None
+        self._references: dict[int, tuple[Mapping[str, Any], np.ndarray | None]] = {}
 
     def start(self) -> None:
         if self.enabled or self.models:
@@ -309,34 +310,55 @@ class Monitoring:
         view = active if version is None else self.calibrator_of(name, version)
         sums = self.store.bin_sums(name, since, view.version)
         counts, confidence_total = self.store.confidence_counts(name, since, view.version)
+        (judged,) = self._judge(
+            stats.BinSums.stack([sums]), counts[None], np.array([confidence_total]), [view.document or {}]
+        )
         return {
             "model": name,
             "window": window,
             "window_seconds": seconds,
             "calibrator_version": view.version or None,
-            **self._judge(sums, counts, confidence_total, view.document or {}),
+            **judged,
+            "figures": {**judged["figures"], "bins": sums.reliability_bins()},
         }
 
     def _judge(
-        self, sums: stats.BinSums, counts: np.ndarray, confidence_total: float, document: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        """Figures, label-free estimates and drift of one window's sums against calibrator ``document``."""
-        figures = sums.figures()
-        predictions = int(counts.sum())
-        reference = None
-        fit = document.get("fit") if isinstance(document.get("fit"), Mapping) else {}
-        if isinstance(fit.get("confidence_histogram"), list):
-            reference = np.asarray(fit["confidence_histogram"], dtype=np.float64)
-        label_free = {
-            "predictions": predictions,
-            "expected_accuracy": confidence_total / predictions if predictions else None,
-            "realised_accuracy": figures["accuracy"],
-            "confidence_psi": stats.population_stability_index(reference, counts)
-            if reference is not None
-            else None,
-            "confidence_ks": stats.kolmogorov_smirnov(reference, counts) if reference is not None else None,
-        }
-        return {"figures": figures, "label_free": label_free, "drift": self.drift(figures, document)}
+        self,
+        sums: stats.BinSums,
+        counts: np.ndarray,
+        confidence_totals: np.ndarray,
+        documents: Sequence[Mapping[str, Any]],
+    ) -> list[dict[str, Any]]:
+        """Figures, label-free estimates and drift of M windows' sums (:meth:`BinSums.stack`), confidence
+        histograms ``(M, CONFIDENCE_BINS)`` and confidence sums ``(M,)``, each against its calibrator's
+        document: in arrays, so that a scrape judges every calibrated model at once."""
+        summary = sums.summary()
+        predictions = counts.sum(axis=-1)
+        references = np.zeros(counts.shape)  # no fit-time histogram: an empty row, whose PSI and KS are None
+        for i, document in enumerate(documents):
+            reference = self._reference(document)
+            if reference is not None and reference.shape == counts.shape[1:]:
+                references[i] = reference
+        with np.errstate(invalid="ignore", divide="ignore"):
+            expected_accuracy = confidence_totals / predictions
+        psi = stats.population_stability_index(references, counts)
+        ks = stats.kolmogorov_smirnov(references, counts)
+        judged = []
+        for i, document in enumerate(documents):
+            figures = {"n": int(summary["n"][i])} | {
+                name: stats.number(summary[name][i]) for name in stats.BinSums.SUMMARY
+            }
+            label_free = {
+                "predictions": int(predictions[i]),
+                "expected_accuracy": stats.number(expected_accuracy[i]),
+                "realised_accuracy": figures["accuracy"],
+                "confidence_psi": stats.number(psi[i]),
+                "confidence_ks": stats.number(ks[i]),
+            }
+            judged.append(
+                {"figures": figures, "label_free": label_free, "drift": self.drift(figures, document)}
+            )
+        return judged
 
     def gauges(self, active_of: Callable[[str], CalibratorView | None]) -> list[tuple[str, str, str, float]]:
         """``(series, model, window, value)`` of every model with an active calibrator and data in the exported
@@ -359,19 +381,32 @@ class Monitoring:
         self, active_of: Callable[[str], CalibratorView | None]
     ) -> list[tuple[str, str, str, float]]:
         values: list[tuple[str, str, str, float]] = []
+        views: dict[str, CalibratorView | None] = {}  # one lookup per model, however many windows
         for window in self.windows:
             since = time.time() - parse_duration(window)
-            sums = self.store.all_bin_sums(since)
-            confidence = self.store.all_confidence_counts(since)
-            for model in sorted({model for model, _ in (*sums, *confidence)}):
-                view = active_of(model)
-                if view is None or not view.version:  # only calibrated models are judged (and exported)
-                    continue
-                key = (model, view.version)
-                counts, total = confidence.get(key, (np.zeros(stats.CONFIDENCE_BINS, dtype=np.int64), 0.0))
-                judged = self._judge(sums.get(key, stats.BinSums.empty()), counts, total, view.document or {})
-                figures, label_free = judged["figures"], judged["label_free"]
-                state = judged["drift"]["state"]
+            sums = self.store.all_bin_sums(since, calibrated_only=True)
+            confidence = self.store.all_confidence_counts(since, calibrated_only=True)
+            keys, documents = [], []
+            for key in sorted({*sums, *confidence}):
+                model, version = key
+                if model not in views:
+                    views[model] = active_of(model)
+                view = views[model]
+                if view is not None and view.version == version:  # only the active calibrator is judged
+                    keys.append(key)
+                    documents.append(view.document or {})
+            if not keys:
+                continue
+            no_predictions = (np.zeros(stats.CONFIDENCE_BINS, dtype=np.int64), 0.0)
+            judged = self._judge(
+                stats.BinSums.stack([sums.get(key, stats.BinSums.empty()) for key in keys]),
+                np.stack([confidence.get(key, no_predictions)[0] for key in keys]),
+                np.array([confidence.get(key, no_predictions)[1] for key in keys]),
+                documents,
+            )
+            for (model, _), entry in zip(keys, judged, strict=True):
+                figures, label_free = entry["figures"], entry["label_free"]
+                state = entry["drift"]["state"]
                 series = {
                     "ece": figures["ece"],
                     "mce": figures["mce"],
@@ -388,6 +423,20 @@ class Monitoring:
                 }
                 values += [(name, model, window, float(v)) for name, v in series.items() if v is not None]
         return values
+
+    def _reference(self, document: Mapping[str, Any]) -> np.ndarray | None:
+        """The fit-time confidence histogram of a calibrator ``document`` (None: it has none), converted once
+        per document: a scrape judges every calibrated model in every window against it."""
+        cached = self._references.get(id(document))
+        if cached is not None and cached[0] is document:
+            return cached[1]
+        fit = document.get("fit") if isinstance(document.get("fit"), Mapping) else {}
+        histogram = fit.get("confidence_histogram")
+        reference = np.asarray(histogram, dtype=np.float64) if isinstance(histogram, list) else None
+        if len(self._references) >= 4096:
+            self._references.clear()
+        self._references[id(document)] = (document, reference)  # holding the document keeps its id unique
+        return reference
 
     def drift(self, figures: Mapping[str, Any], document: Mapping[str, Any]) -> dict[str, Any]:
         """``state``: ``ok``, ``drift`` (a rule breached), ``too_few_outcomes`` (fewer than the minimum), or
