@@ -73,7 +73,12 @@ BIN_UPSERT = """INSERT INTO {table} (model, version, {time}, bin, n, confidence,
     confidence = {table}.confidence + excluded.confidence, correct = {table}.correct + excluded.correct,
     brier = {table}.brier + excluded.brier, nll = {table}.nll + excluded.nll"""
 PREDICTION_INSERT = """INSERT INTO predictions (id, model, version, at, columns, wide, scores)
-    VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}) ON CONFLICT (id) DO NOTHING"""
+    VALUES {values} ON CONFLICT (id) DO NOTHING"""
+# Rows per INSERT of the prediction log: one statement per 256 rows rather than one step per row, because
+# sqlite3 gives up the GIL around every step, and a writer thread taking it back row by row made the serving
+# thread hand it over hundreds of times per group commit (bench/bench_monitoring.py, section 2). 256 x 7
+# parameters stay under SQLite's and PostgreSQL's limits.
+PREDICTION_INSERT_ROWS = 256
 CONFIDENCE_UPSERT = """INSERT INTO {table} (model, version, {time}, bin, n, total)
     VALUES ({p}, {p}, {p}, {p}, {p}, {p})
     ON CONFLICT (model, version, {time}, bin) DO UPDATE SET n = {table}.n + excluded.n,
@@ -135,6 +140,8 @@ class PredictionBatch:
 
     def rows(self) -> list[tuple]:
         columns, wide, data = encode_logits(self.logits)
+        if len(self.logits) == 1:  # most answers: one row
+            return [(f"{self.prefix}.0", self.model, self.version, self.at, columns, wide, data)]
         width = len(data) // max(len(self.logits), 1)
         return [
             (row_id, self.model, self.version, self.at, columns, wide, data[i * width : (i + 1) * width])
@@ -230,6 +237,7 @@ class MonitoringStore:
         self._local = threading.local()
         self._schema_lock = threading.Lock()
         self._schema_ready = False
+        self._insert_statements: dict[int, str] = {}  # rows: the INSERT of that many log rows
 
     def _connection(self) -> Any:
         connection = getattr(self._local, "connection", None)
@@ -255,6 +263,23 @@ class MonitoringStore:
     def _sql(self, statement: str) -> str:
         return self._dialect(statement.replace("{p}", self.placeholder))
 
+    def _prediction_insert(self, rows: int) -> str:
+        statement = self._insert_statements.get(rows)
+        if statement is None:
+            row = "(" + ", ".join([self.placeholder] * 7) + ")"
+            statement = self._dialect(PREDICTION_INSERT.replace("{values}", ", ".join([row] * rows)))
+            if len(self._insert_statements) >= 64:
+                self._insert_statements.clear()
+            self._insert_statements[rows] = statement
+        return statement
+
+    def _insert_predictions(self, cursor: Any, rows: list[tuple]) -> None:
+        """Insert logged rows (an id already logged is left as it is), :data:`PREDICTION_INSERT_ROWS` a
+        statement."""
+        for start in range(0, len(rows), PREDICTION_INSERT_ROWS):
+            part = rows[start : start + PREDICTION_INSERT_ROWS]
+            cursor.execute(self._prediction_insert(len(part)), [value for row in part for value in row])
+
     # ---------------------------------------------------------------------------------------- writes
 
     def log_predictions(self, batches: Sequence[PredictionBatch]) -> None:
@@ -262,9 +287,7 @@ class MonitoringStore:
         if not batches:
             return
         with self._transaction(self._connection()) as cursor:
-            cursor.executemany(
-                self._sql(PREDICTION_INSERT), [row for batch in batches for row in batch.rows()]
-            )
+            self._insert_predictions(cursor, [row for batch in batches for row in batch.rows()])
             self._upsert(cursor, "confidence", _aggregate_confidence(batches))
 
     def _upsert(self, cursor: Any, kind: str, rows: list[tuple]) -> None:
@@ -303,7 +326,7 @@ class MonitoringStore:
         (repeats, not counted again)."""
         with self._transaction(self._connection(), durable=True) as cursor:
             if logged is not None:
-                cursor.executemany(self._sql(PREDICTION_INSERT), logged.rows())
+                self._insert_predictions(cursor, logged.rows())
             fresh = self._insert_outcomes(cursor, model, outcomes)
             counted: dict[str, Outcome] = {}  # an id given twice in one call counts once: its first entry
             for item in outcomes:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,6 +215,32 @@ def test_logged_logits_come_back_float64_up_to_64_columns_float32_beyond(store, 
     assert (first.id, first.model, first.version, first.at) == ("p.0", "model", 3, T0 + 12.5)
     assert (found["q.1"].model, found["q.1"].version) == ("other", 0)
     assert store.predictions([]) == {}
+
+
+def test_a_logged_id_is_kept_as_first_written_across_and_within_statements(store):
+    rows = 300  # more than one INSERT of the log takes (PREDICTION_INSERT_ROWS)
+    logits = np.arange(rows * 3, dtype=np.float64).reshape(rows, 3)
+    first = PredictionBatch("a", "m", 1, T0, logits, np.full(rows, 0.5))
+    store.log_predictions([first])
+    again = PredictionBatch("a", "m", 2, T0 + 60, logits + 1, np.full(rows, 0.5))
+    store.log_predictions([again, PredictionBatch("b", "m", 1, T0, logits[:1], np.full(1, 0.5)), again])
+    found = store.predictions([*first.ids(), "b.0"])
+    assert len(found) == rows + 1
+    assert all(found[row_id].version == 1 for row_id in first.ids())
+    np.testing.assert_array_equal(np.stack([found[row_id].logits for row_id in first.ids()]), logits)
+
+
+def test_id_prefixes_are_unique_across_threads_and_processes_and_grow_within_one():
+    from service.serving.monitoring import IdPrefixes
+
+    prefixes = IdPrefixes()
+    with ThreadPoolExecutor(8) as pool:
+        drawn = list(pool.map(lambda _: prefixes.next(), range(20_000)))
+    assert len(set(drawn)) == len(drawn)
+    assert sorted(drawn) == sorted(drawn, key=lambda prefix: int(prefix[12:], 16))  # a counter per process
+    other = IdPrefixes()  # another worker: another random part
+    assert other.next()[:12] != prefixes.next()[:12]
+    assert all(len(prefix) == 20 for prefix in drawn)
 
 
 # -------------------------------------------------------------------------------------------- outcomes
