@@ -582,7 +582,10 @@ def exposition_parts(text: str) -> dict[str, Any]:
         "request counters": lambda family: family == "calibserve_requests",
         "latency histograms": lambda family: family.endswith("request_duration_seconds"),
     }
-    out = {name: {"bytes": 0, "samples": 0} for name in (*groups, "other")}
+    out: dict[str, Any] = {name: {"bytes": 0, "samples": 0} for name in (*groups, "other")}
+    out["created_samples"] = sum(
+        1 for line in text.splitlines() if not line.startswith("#") and "_created" in line.split("{", 1)[0]
+    )
     models_with_outcomes: set[str] = set()
     gauge_models: set[str] = set()
     for line in text.splitlines():
@@ -857,6 +860,7 @@ def query_section(figures: dict, args: argparse.Namespace) -> list[str]:
 
 def metrics_section(figures: dict, args: argparse.Namespace) -> list[str]:
     rows = []
+    created = sum(record["parts"].get("created_samples", 0) for record in figures["configurations"].values())
     for label, record in figures["configurations"].items():
         parts = record["parts"]
         rows.append(
@@ -931,7 +935,7 @@ def metrics_section(figures: dict, args: argparse.Namespace) -> list[str]:
         f"cached {GAUGES_TTL_S:g} s per worker: every scrape read them from the database). The last server names "
         "every model in `CALIBSERVE_METRICS_MODEL_LATENCY`, i.e. a latency histogram per route and model as "
         "every scrape had before. Bytes by group are from the last scrape, `# HELP`/`# TYPE` lines included; "
-        "samples include `_created` series.",
+        f"`_created` samples in the last scrape of each server: {created} (calibserve turns them off: they would double every counter).",
         "",
         table,
         "",
