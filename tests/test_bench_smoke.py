@@ -261,3 +261,25 @@ def test_monitoring_bench_runs_every_part_and_writes_its_section(tmp_path: Path)
         assert len(record["bytes"]) == 2
         assert record["parts"]["gauge_models"] == 2  # only calibrated models are exported: the fitted tenth
         assert record["parts"]["gauge_models_with_outcomes"] == 2  # the fitted tenth
+
+
+def test_methods_bench_scores_every_method_and_shows_what_the_floors_change(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    run_bench(
+        "bench_methods.py",
+        "--repeats",
+        "1",
+        "--sets",
+        "kumar_vgg16_c10.npz",
+        "--write",
+        "--readme",
+        str(readme),
+    )
+    text = readme.read_text()
+    assert "<!-- bench_methods:start -->\n## Which method where" in text
+    rows = {
+        line.split(" | ")[1]: line.split(" | ") for line in text.splitlines() if line.startswith("| kumar")
+    }
+    assert set(rows) >= {"uncalibrated", "temperature", "vector", "matrix", "isotonic", "histogram"}
+    assert rows["isotonic, floor 0"][2] == "inf" and rows["isotonic"][2] != "inf"
+    assert float(rows["temperature"][2]) < float(rows["uncalibrated"][2])
