@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.core.calibrators import METHODS, calibrator_module, make_calibrator
+from service.core.calibrators import CALIBRATORS, METHODS, calibrator_module, make_calibrator
 from service.core.probability import softmax
 from service.errors import InvalidInput
 from service.export import EXPORT_METADATA_FILE, export_torchscript
@@ -31,8 +31,8 @@ def _data(n_columns: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("n_columns", [1, 2, 5])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_exports_its_transform(method, n_columns):
-    if method == "platt" and n_columns > 2:
-        pytest.skip("platt is binary only")
+    if CALIBRATORS[method]._binary_only and n_columns > 2:
+        pytest.skip(f"{method} is binary only")
     logits, labels = _data(n_columns)
     calibrator = make_calibrator(method).fit(logits, labels)
     module, metadata = _load(export_torchscript(calibrator, metadata={"method": method}))

@@ -29,6 +29,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from service.core.calibrators import (
     CALIBRATORS,
     BaseCalibrator,
+    BetaCalibration,
     Calibrator,
     HistogramBinning,
     IsotonicCalibration,
@@ -40,6 +41,8 @@ from service.core.calibrators import (
     make_calibrator,
 )
 from service.errors import InvalidInput, NotFitted
+
+BINARY_ONLY = frozenset(method for method, cls in CALIBRATORS.items() if cls._binary_only)
 
 # Temperature and test-half NLL before -> after, from tests/data/README.md.
 README_FIGURES = {
@@ -312,7 +315,7 @@ def test_random_labels_push_temperature_to_the_upper_bound():
 def test_huge_logits_fit_and_transform_without_nan_or_warnings(method):
     rng = np.random.default_rng(12)
     for n_columns in (1, 2, 4):
-        if method == "platt" and n_columns > 2:
+        if method in BINARY_ONLY and n_columns > 2:
             continue
         logits = rng.choice([-1e4, 1e4, 0.0, 3.0], size=(60, n_columns))
         labels = two_class_labels(60, max(n_columns, 2), seed=12)
@@ -367,7 +370,7 @@ PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_che
 @given(data=labelled_logits(), method=st.sampled_from(sorted(CALIBRATORS)))
 def test_every_calibrator_gives_probability_rows_and_round_trips_through_json(data, method):
     logits, labels = data
-    assume(method != "platt" or logits.shape[1] <= 2)
+    assume(method not in BINARY_ONLY or logits.shape[1] <= 2)
     calibrator = make_calibrator(method).fit(logits, labels)
     probabilities = calibrator.transform(logits)
     assert probabilities.shape == (len(labels), max(logits.shape[1], 2))
@@ -510,7 +513,7 @@ def test_vector_and_matrix_fits_converge_whatever_the_scale_of_the_logits(name, 
     assert train_nll(large, logits * 1e4) <= train_nll(small, logits) + 1e-6
 
 
-@pytest.mark.parametrize("method", ["temperature", "vector", "matrix", "platt", "isotonic", "histogram"])
+@pytest.mark.parametrize("method", sorted(CALIBRATORS))
 def test_binary_calibrators_serve_one_and_two_column_logits_alike(method):
     rng = np.random.default_rng(15)
     margin = rng.normal(scale=3.0, size=300)
@@ -703,7 +706,7 @@ def test_histogram_bins_are_smoothed_towards_the_base_rate_and_floored():
 
 
 def test_registry_and_protocol():
-    assert set(CALIBRATORS) == {"temperature", "vector", "matrix", "platt", "isotonic", "histogram"}
+    assert set(CALIBRATORS) == {"temperature", "vector", "matrix", "platt", "isotonic", "histogram", "beta"}
     for method, cls in CALIBRATORS.items():
         calibrator = make_calibrator(method)
         assert isinstance(calibrator, cls)
@@ -744,8 +747,8 @@ def test_temperature_document_format():
 
 
 def test_unknown_method_and_option_are_named():
-    with pytest.raises(InvalidInput, match=r"unknown calibration method 'beta'.*temperature"):
-        make_calibrator("beta")
+    with pytest.raises(InvalidInput, match=r"unknown calibration method 'gamma'.*temperature"):
+        make_calibrator("gamma")
     with pytest.raises(InvalidInput, match=r"unknown option 'temprature' for method 'temperature'.*bounds"):
         make_calibrator("temperature", temprature=2.0)
     with pytest.raises(InvalidInput, match=r"unknown option 'n_bins' for method 'isotonic'"):
@@ -792,19 +795,107 @@ def test_class_weight_length_is_checked_at_fit():
 
 @pytest.mark.parametrize("method", sorted(CALIBRATORS))
 def test_wrong_column_count_at_transform(method):
-    n_columns = 2 if method == "platt" else 10
+    n_columns = 2 if method in BINARY_ONLY else 10
     logits, labels = overconfident(100, n_columns, seed=23)
     labels[:2] = [0, 1]
     calibrator = make_calibrator(method).fit(logits, labels)
     expected = "calibrator was fitted on 2 classes; logits have 3 columns"
     bad = np.zeros((4, 3))
-    if method != "platt":
+    if method not in BINARY_ONLY:
         expected = "calibrator was fitted on 10 classes; logits have 5 columns"
         bad = np.zeros((4, 5))
     with pytest.raises(InvalidInput, match=expected):
         calibrator.transform(bad)
     with pytest.raises(InvalidInput, match="contains NaN or Inf at row 1"):
         calibrator.transform(np.where(np.arange(4)[:, None] == 1, np.nan, 0.0) + np.zeros((4, n_columns)))
+
+
+def top_label_problem(reference_data, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A real binary problem from a multiclass set: the margin of the top class over the runner-up, and
+    whether the top class is right (fit half, test half)."""
+    data = reference_data(name)
+
+    def margin_and_hit(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ordered = np.sort(logits.astype(np.float64), axis=1)
+        return ordered[:, -1] - ordered[:, -2], (logits.argmax(axis=1) == labels).astype(int)
+
+    return (
+        *margin_and_hit(data["logits_val"], data["labels_val"]),
+        *margin_and_hit(data["logits_test"], data["labels_test"]),
+    )
+
+
+@pytest.mark.parametrize("parameters", ["abm", "ab", "am"])
+@pytest.mark.parametrize("name", ["netcal_lenet5_c10.npz", "kumar_vgg16_c10.npz"])
+def test_beta_calibration_matches_betacal_and_is_the_exact_maximum_likelihood(
+    parameters, name, reference_data
+):
+    betacal = pytest.importorskip("betacal")
+    margin, hit, test_margin, _ = top_label_problem(reference_data, name)
+    fitted = BetaCalibration(parameters=parameters).fit(margin[:, None], hit)
+    assert fitted.convergence_["converged"]
+    ours = fitted.transform(test_margin[:, None])[:, 1]
+    reference = betacal.BetaCalibration(parameters=parameters).fit(expit(margin), hit)
+    theirs = reference.predict(expit(test_margin))
+    # betacal fits with scikit-learn's lbfgs at its default tol (1e-4): its map is within ~1e-4 of the optimum
+    np.testing.assert_allclose(ours, theirs, atol=5e-4)
+
+    def train_nll(p: np.ndarray) -> float:
+        return -float(np.mean(np.where(hit == 1, np.log(p), np.log1p(-p))))
+
+    assert (
+        train_nll(fitted.transform(margin[:, None])[:, 1])
+        <= train_nll(reference.predict(expit(margin))) + 1e-12
+    )
+    # the exact optimum: scikit-learn's unpenalised logistic regression run to tolerance on the same features
+    features = {
+        "abm": np.stack([np.log(expit(margin)), -np.log(expit(-margin))], axis=1),
+        "ab": np.stack([np.log(2 * expit(margin)), np.log(2 * expit(-margin))], axis=1),
+        "am": margin[:, None],
+    }[parameters]
+    if parameters == "abm" and fitted.a_ == 0:  # betacal's rule: a < 0 refits on -ln(1 - s) alone
+        features = features[:, 1:]
+    elif parameters == "abm" and fitted.b_ == 0:
+        features = features[:, :1]
+    regression = LogisticRegression(
+        penalty=None, tol=1e-12, max_iter=100_000, fit_intercept=parameters != "ab"
+    )
+    regression.fit(features, hit)
+    np.testing.assert_allclose(
+        fitted.transform(margin[:, None])[:, 1], regression.predict_proba(features)[:, 1], atol=1e-6
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    slope=st.floats(0.1, 3.0),
+    shift=st.floats(-2.0, 2.0),
+    parameters=st.sampled_from(["abm", "ab", "am"]),
+)
+def test_beta_calibration_rows_sum_to_one_and_abm_is_monotone_in_the_margin(seed, slope, shift, parameters):
+    rng = np.random.default_rng(seed)
+    margin = rng.normal(scale=3.0, size=300)
+    labels = (rng.random(300) < expit(slope * margin + shift)).astype(int)
+    assume(0 < labels.sum() < 300)
+    fitted = BetaCalibration(parameters=parameters).fit(margin[:, None], labels)
+    grid = np.linspace(-40, 40, 401)[:, None]
+    probabilities = fitted.transform(grid)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-12)
+    assert np.isfinite(probabilities).all()
+    if parameters == "abm":  # a, b >= 0: the map is non-decreasing in s, so in the margin
+        assert fitted.a_ >= 0 and fitted.b_ >= 0
+        assert (np.diff(probabilities[:, 1]) >= -1e-12).all()
+    exported = fitted.torch_module()(torch.as_tensor(grid)).numpy()
+    np.testing.assert_allclose(exported, probabilities, rtol=1e-6, atol=1e-12)
+
+
+def test_beta_calibration_refuses_unknown_parameters_and_is_binary_only():
+    with pytest.raises(InvalidInput, match="parameters must be one of"):
+        BetaCalibration(parameters="abc")
+    logits, labels = overconfident(50, 3, seed=24)
+    with pytest.raises(InvalidInput, match="beta is binary only; got 3 classes"):
+        BetaCalibration().fit(logits, labels)
 
 
 def test_platt_is_binary_only():
@@ -819,14 +910,15 @@ def test_platt_is_binary_only():
         ("vector", "vector scaling"),
         ("matrix", "matrix scaling"),
         ("platt", "platt scaling"),
+        ("beta", "beta"),
         ("isotonic", "isotonic"),
         ("histogram", "histogram binning"),
     ],
 )
 def test_one_class_labels_are_refused_where_nothing_can_be_learnt(method, label):
-    n_columns = 2 if method == "platt" else 5
+    n_columns = 2 if method in BINARY_ONLY else 5
     logits, _ = overconfident(40, n_columns, seed=25)
-    labels = np.full(40, 1 if method == "platt" else 3)
+    labels = np.full(40, 1 if method in BINARY_ONLY else 3)
     with pytest.raises(
         InvalidInput, match=rf"labels hold one class only \(class {labels[0]}\); {label} cannot"
     ):
@@ -852,7 +944,7 @@ def fitted_documents() -> dict[str, dict[str, Any]]:
     binary_labels = two_class_labels(120, 2, seed=26)
     documents = {}
     for method in CALIBRATORS:
-        if method == "platt":
+        if method in BINARY_ONLY:
             documents[method] = make_calibrator(method).fit(binary_logits, binary_labels).to_dict()
         else:
             documents[method] = make_calibrator(method).fit(logits, labels).to_dict()
@@ -872,7 +964,7 @@ def _with_params(document: dict, **changes: Any) -> dict:
 
 MALFORMED = [
     ("no method", _without(DOCUMENTS["temperature"], "method"), "lacks 'method'"),
-    ("unknown method", {**DOCUMENTS["temperature"], "method": "beta"}, "unknown calibration method 'beta'"),
+    ("unknown method", {**DOCUMENTS["temperature"], "method": "gamma"}, "unknown calibration method 'gamma'"),
     ("no params", _without(DOCUMENTS["vector"], "params"), "lacks 'params'"),
     ("no num_classes", _without(DOCUMENTS["vector"], "num_classes"), "lacks 'num_classes'"),
     ("num_classes 1", {**DOCUMENTS["vector"], "num_classes": 1}, "num_classes must be an integer >= 2"),

@@ -59,7 +59,7 @@ EXTREMES = [
 
 
 def columns(method: str) -> int:
-    return 1 if method == "platt" else 3
+    return 1 if calibrators.CALIBRATORS[method]._binary_only else 3
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.core.calibrators.affine import MatrixScaling, VectorScaling
 from service.core.calibrators.base import BaseCalibrator, Calibrator
+from service.core.calibrators.beta import BetaCalibration
 from service.core.calibrators.binning import HistogramBinning, IsotonicCalibration
 from service.core.calibrators.platt import PlattScaling
 from service.core.calibrators.temperature import TemperatureScaling
@@ -70,6 +71,7 @@ __all__ = [
     "CALIBRATORS",
     "METHODS",
     "BaseCalibrator",
+    "BetaCalibration",
     "Calibrator",
     "HistogramBinning",
     "IsotonicCalibration",
@@ -90,6 +92,7 @@ CALIBRATORS: dict[str, type[BaseCalibrator]] = {
     "platt": PlattScaling,
     "isotonic": IsotonicCalibration,
     "histogram": HistogramBinning,
+    "beta": BetaCalibration,
 }
 # The method names, in the registry's order (CLI choices, API docs).
 METHODS: tuple[str, ...] = tuple(CALIBRATORS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +31,81 @@ PLATT_MAX_PARAMETER = 1e12
 accepted logit (``|d| <= 2e100``). Fits run on margins rescaled to ``|d| <= 1``, where even separable data
 stops at a slope of a few tens there: in logit units about ``30 / gap`` for the smallest gap between the
 classes' margins, so 1e12 is only reached by classes separated by less than 1e-10."""
+
+
+@dataclass(frozen=True)
+class LogisticFit:
+    """Maximum-likelihood logistic regression: ``weights`` (one per feature), ``intercept`` (0 when none was
+    fitted), and the ``convergence`` record of the calibrator fitted with it."""
+
+    weights: np.ndarray
+    intercept: float
+    convergence: dict[str, Any]
+
+
+def fit_logistic(
+    features: np.ndarray,
+    targets: np.ndarray,
+    coefficients: np.ndarray,
+    *,
+    intercept: bool = True,
+    max_iter: int = 100,
+) -> LogisticFit:
+    r"""Minimise the weighted logistic loss :math:`\sum_i c_i (\log(1 + e^{s_i}) - t_i s_i)`,
+    :math:`s = X w + b`, by a trust-region Newton method with the exact gradient and Hessian of this convex
+    loss (``scipy.optimize.minimize(method="trust-exact")``).
+
+    Each feature column is divided by its largest magnitude (at least 1) during the fit, as scikit-learn's
+    ``_sigmoid_calibration`` does for Platt, so features of ``1e4`` stay well conditioned; the intercept
+    starts at the weighted log prior odds of the targets. ``coefficients`` sum to 1.
+    """
+    from scipy.optimize import minimize
+
+    n_features = features.shape[1]
+    scale = np.maximum(1.0, np.max(np.abs(features), axis=0))
+    x = features / scale
+    if intercept:
+        x = np.hstack([x, np.ones((x.shape[0], 1))])
+
+    def loss(theta: np.ndarray) -> float:
+        s = x @ theta
+        # log(1 + e^s) - t s, the logistic loss against target t, without overflow.
+        return float(coefficients @ (np.logaddexp(0.0, s) - targets * s))
+
+    def gradient(theta: np.ndarray) -> np.ndarray:
+        return x.T @ (coefficients * (expit(x @ theta) - targets))
+
+    def hessian(theta: np.ndarray) -> np.ndarray:
+        s = x @ theta
+        curvature = coefficients * np.exp(log_expit(s) + log_expit(-s))
+        return (x * curvature[:, None]).T @ x
+
+    theta0 = np.zeros(x.shape[1])
+    if intercept:
+        positive = float(coefficients @ targets)
+        theta0[-1] = math.log(max(positive, 1e-300) / max(1.0 - positive, 1e-300))
+    found = minimize(
+        loss,
+        theta0,
+        jac=gradient,
+        hess=hessian,
+        method="trust-exact",
+        options={"gtol": 1e-12, "maxiter": max_iter},
+    )
+    largest_gradient = float(np.max(np.abs(found.jac)))
+    return LogisticFit(
+        weights=found.x[:n_features] / scale,
+        intercept=float(found.x[-1]) if intercept else 0.0,
+        convergence={
+            "iterations": int(found.nit),
+            "gradient": largest_gradient,
+            # trust-exact reports failure when it cannot improve on a point whose gradient is already ~0.
+            "converged": bool(found.success) or largest_gradient <= 1e-8,
+            "objective_value": float(found.fun),
+            "method": "trust-exact",
+            "message": str(found.message),
+        },
+    )
 
 
 class PlattScaling(BaseCalibrator):
@@ -79,46 +155,16 @@ class PlattScaling(BaseCalibrator):
         self.max_iter = check_positive_int(max_iter, "max_iter", maximum=PLATT_MAX_ITER)
 
     def _fit(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
-        from scipy.optimize import minimize
-
         margin = _binary_margin(z)
-        scale = max(1.0, float(np.max(np.abs(margin))))
-        x = margin / scale
         coefficients = _normalised_weights(w, margin.shape[0])
-        positive = y == 1
-        weight_positive = float(coefficients[positive].sum())
-        weight_negative = 1.0 - weight_positive
-        targets = positive.astype(np.float64)
+        targets = (y == 1).astype(np.float64)
         if self.smooth_targets:
             n = margin.shape[0] if w is None else float(w.sum())
-            n_positive, n_negative = weight_positive * n, weight_negative * n
-            targets = np.where(positive, (n_positive + 1.0) / (n_positive + 2.0), 1.0 / (n_negative + 2.0))
-
-        def loss(theta: np.ndarray) -> float:
-            s = theta[0] * x + theta[1]
-            # log(1 + e^s) - t s, the logistic loss against target t, without overflow.
-            return float(coefficients @ (np.logaddexp(0.0, s) - targets * s))
-
-        def gradient(theta: np.ndarray) -> np.ndarray:
-            residual = coefficients * (expit(theta[0] * x + theta[1]) - targets)
-            return np.array([residual @ x, residual.sum()])
-
-        def hessian(theta: np.ndarray) -> np.ndarray:
-            s = theta[0] * x + theta[1]
-            curvature = coefficients * np.exp(log_expit(s) + log_expit(-s))
-            cross = float(curvature @ x)
-            return np.array([[float(curvature @ (x * x)), cross], [cross, float(curvature.sum())]])
-
-        prior = math.log(max(weight_positive, 1e-300) / max(weight_negative, 1e-300))
-        found = minimize(
-            loss,
-            np.array([0.0, prior]),
-            jac=gradient,
-            hess=hessian,
-            method="trust-exact",
-            options={"gtol": 1e-12, "maxiter": self.max_iter},
-        )
-        slope, intercept = float(found.x[0] / scale), float(found.x[1])
+            n_positive = float(coefficients @ targets) * n
+            n_negative = n - n_positive
+            targets = np.where(y == 1, (n_positive + 1.0) / (n_positive + 2.0), 1.0 / (n_negative + 2.0))
+        fit = fit_logistic(margin[:, None], targets, coefficients, max_iter=self.max_iter)
+        slope, intercept = float(fit.weights[0]), fit.intercept
         if not (abs(slope) <= PLATT_MAX_PARAMETER and abs(intercept) <= PLATT_MAX_PARAMETER):
             raise InvalidInput(
                 f"Platt scaling diverged (slope {slope:g}, intercept {intercept:g}, outside "
@@ -126,15 +172,7 @@ class PlattScaling(BaseCalibrator):
                 field="options",
             )
         self.slope_, self.intercept_ = slope, intercept
-        self.convergence_ = {
-            "iterations": int(found.nit),
-            "gradient": float(np.max(np.abs(found.jac))),
-            # trust-exact reports failure when it cannot improve on a point whose gradient is already ~0.
-            "converged": bool(found.success) or float(np.max(np.abs(found.jac))) <= 1e-8,
-            "objective_value": float(found.fun),
-            "method": "trust-exact",
-            "message": str(found.message),
-        }
+        self.convergence_ = fit.convergence
 
     def _transform(self, z: np.ndarray) -> np.ndarray:
         positive = expit(self.slope_ * _binary_margin(z) + self.intercept_)

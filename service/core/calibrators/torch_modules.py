@@ -138,6 +138,23 @@ class PlattModule(torch.nn.Module):
         return answer_dtype(torch.stack([1.0 - positive, positive], dim=1), logits)
 
 
+class BetaModule(torch.nn.Module):
+    """``logit P(y = 1) = a ln s - b ln(1 - s) + c`` with ``s = sigmoid(z1 - z0)`` (beta calibration)."""
+
+    def __init__(self, a: float, b: float, c: float) -> None:
+        super().__init__()
+        self.a = float(a)
+        self.b = float(b)
+        self.c = float(c)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        margin = binary_margin(into_domain(logits.to(torch.float64)))
+        log_s = torch.nn.functional.logsigmoid(margin)
+        log_not_s = torch.nn.functional.logsigmoid(-margin)
+        positive = torch.sigmoid(self.a * log_s - self.b * log_not_s + self.c)
+        return answer_dtype(torch.stack([1.0 - positive, positive], dim=1), logits)
+
+
 class OneVsRestModule(torch.nn.Module):
     """Per-class curves on the softmax probabilities, one-vs-rest (isotonic regression or histogram binning).
 
