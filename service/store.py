@@ -790,6 +790,9 @@ class CalibratorStore:
 
     # -- operations ---------------------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Nothing to release (the S3 store stops its refresher here)."""
+
     def check_writable(self) -> None:
         """Raise StoreUnavailable unless a file can be created, fsynced and removed in the root."""
         try:

@@ -166,6 +166,9 @@ class DataPlane:
             store = {"writable": True, "detail": None}
         except StoreUnavailable as exc:
             store = {"writable": False, "detail": str(exc)}
+        view_age_s = getattr(self.state.store, "view_age_s", None)
+        if view_age_s is not None:  # S3: how old the cached view is while the bucket cannot be read
+            store["view_age_s"] = round(view_age_s, 3)
         return {
             "status": "ready",
             "models": sorted(self.state.registry.names()),

@@ -21,7 +21,7 @@ from service.config import Settings
 from service.errors import InvalidInput, MissingDependency, NotFound, NotReady
 from service.registry import LoadedModel, ModelRegistry
 from service.serving.batching import DynamicBatcher
-from service.store import CalibratorStore
+from service.stores import Store
 from service.upstream import Upstreams, UpstreamSpec
 
 logger = logging.getLogger("calibserve.state")
@@ -129,7 +129,7 @@ NO_CALIBRATOR = ActiveCalibrator(version=None, calibrator=None, document=None)
 @dataclass
 class AppState:
     settings: Settings
-    store: CalibratorStore
+    store: Store
     registry: ModelRegistry
     ready: bool = False
     batcher: DynamicBatcher | None = None
