@@ -130,6 +130,7 @@ class _View:
     model: bytes | None = None
     pointer_etag: str | None = None
     version: int | None = None
+    corrupt: str | None = None  # why the pointer does not parse (reported by the reads that need it)
     active: dict[str, Any] | None = None  # the document the pointer names, once read
     checked_at: float = -1e18
     used_at: float = 0.0
@@ -339,19 +340,21 @@ class S3CalibratorStore:
         elif model is not True:
             view = replace(view, model=model[0], model_etag=model[1])
         if pointer is None:
-            view = replace(view, pointer_etag=None, version=None, active=None)
+            view = replace(view, pointer_etag=None, version=None, corrupt=None, active=None)
         elif pointer is not True:
-            key = self._key(name, _POINTER_FILE)
-            view = replace(
-                view, pointer_etag=pointer[1], version=self._parse_pointer(pointer[0], key), active=None
-            )
+            try:
+                version, corrupt = self._parse_pointer(pointer[0], self._key(name, _POINTER_FILE)), None
+            except StoreUnavailable as exc:
+                version, corrupt = None, str(exc)
+            view = replace(view, pointer_etag=pointer[1], version=version, corrupt=corrupt, active=None)
         if view.model is None:
-            view = replace(view, pointer_etag=None, version=None, active=None)
+            view = replace(view, pointer_etag=None, version=None, corrupt=None, active=None)
         if view.version is not None and view.active is None:
             # Read here (in the refresher's thread) so that a request finds the new active document cached.
             found = self._get(self._key(name, f"{_CALIBRATORS}{view.version}.json"))
-            if isinstance(found, tuple):
-                view = replace(view, active=self._parse(found[0], self._key(name, _CALIBRATORS)))
+            with contextlib.suppress(StoreUnavailable):  # a corrupt one is reported by active_calibrator()
+                if isinstance(found, tuple):
+                    view = replace(view, active=self._parse(found[0], self._key(name, _CALIBRATORS)))
         with self._lock:
             self._fault = None
             self._last_ok = time.monotonic()
@@ -361,10 +364,18 @@ class S3CalibratorStore:
         return view
 
     def _view(self, name: str, *, fresh: bool = False) -> _View:
-        """The cached view, read again if older than refresh_s (or if ``fresh``)."""
+        """The cached view, read again if older than refresh_s (or if ``fresh``, as writes ask).
+
+        While the bucket cannot be read, reads that need not be fresh get the last known view (what the
+        cached calibrators serve), and only a model never read raises StoreUnavailable.
+        """
         view = self._views.get(name)
         if fresh or view is None or time.monotonic() - view.checked_at > self.refresh_s:
-            view = self._refresh(name)
+            try:
+                view = self._refresh(name)
+            except StoreUnavailable:
+                if fresh or view is None:
+                    raise
         return view
 
     def _remember(self, name: str, **changes: Any) -> None:
@@ -644,7 +655,9 @@ class S3CalibratorStore:
             except _LostRace:
                 time.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))  # jitter: let the winner finish
                 continue
-            self._remember(name, pointer_etag=etag, version=target, active=None, checked_at=-1e18)
+            self._remember(
+                name, pointer_etag=etag, version=target, corrupt=None, active=None, checked_at=-1e18
+            )
             return
         raise Conflict(
             f"the active pointer of model {name!r} changed {CAS_ATTEMPTS} times while this write tried to "
@@ -713,6 +726,8 @@ class S3CalibratorStore:
         self._put(marker, b"")
 
         def unless_active(view: _View) -> int | None:
+            if view.corrupt is not None:
+                raise StoreUnavailable(view.corrupt)
             if view.version == version:
                 raise Conflict(
                     f"calibrator version {version} is the active one of model {name!r}: "
@@ -753,6 +768,8 @@ class S3CalibratorStore:
         view = self._view(validate_model_name(name))
         if view.model is None:
             raise self._not_found(name)
+        if view.corrupt is not None:
+            raise StoreUnavailable(view.corrupt)
         return view.version
 
     def active_calibrator(self, name: str) -> dict[str, Any] | None:
@@ -760,6 +777,8 @@ class S3CalibratorStore:
         view = self._view(validate_model_name(name))
         if view.model is None:
             raise self._not_found(name)
+        if view.corrupt is not None:
+            raise StoreUnavailable(view.corrupt)
         if view.version is None:
             return None
         if view.active is not None and view.active.get("version") == view.version:

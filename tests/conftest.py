@@ -1,6 +1,7 @@
 """Fixtures shared by every test package: the real classifier outputs under ``tests/data`` and the shipped
 digits model's splits (loaders in ``tests/helpers/data.py``), a real Triton Inference Server (``triton``,
-``tests/helpers/triton.py``) and a real PostgreSQL (``postgres``, ``tests/helpers/postgres.py``). Arrays are
+``tests/helpers/triton.py``), a real PostgreSQL (``postgres``, ``tests/helpers/postgres.py``) and moto's S3
+server (``moto_s3``, ``tests/helpers/s3.py``). Arrays are
 shared: read-only."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.helpers.postgres import (
     start_postgres,
 )
 from tests.helpers.requirements import require_or_skip
+from tests.helpers.s3 import S3Endpoint, moto_server
 from tests.helpers.triton import TritonServer, TritonStartError, start_triton, triton_unavailable_reason
 
 # Property tests: `make test` draws the same examples every run (derandomised, so no example database either),
@@ -89,3 +91,25 @@ def postgres() -> Iterator[PostgresServer]:
         require_or_skip(str(error))
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[S3Endpoint]:
+    """moto's S3 server on a free 127.0.0.1 port, with the AWS environment pointing at it for this process
+    (the S3 store builds its client from the standard environment, as in production)."""
+    try:
+        server = moto_server()
+        endpoint = server.__enter__()
+    except ImportError as exc:
+        require_or_skip(f"moto[server] is not installed: {exc}")
+    saved = {key: os.environ.get(key) for key in endpoint.environment}
+    os.environ.update(endpoint.environment)
+    try:
+        yield endpoint
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.__exit__(None, None, None)
