@@ -165,3 +165,35 @@ def _tail(path: Path, lines: int = 15) -> str:
         return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def check_bucket(client: Any, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
+    """Assert the S3 store's invariants in ``bucket/prefix``; return ``{model: {"active": v, "versions": {v:
+    document}}}`` (the shape of tests.helpers.stores.check_store).
+
+    Invariants: every version object parses as a JSON object naming its model and its own number and has its
+    reservation marker; every pointer names an existing version.
+    """
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    objects: dict[str, bytes] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", ()):
+            objects[item["Key"][len(prefix) :]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    state: dict[str, dict[str, Any]] = {}
+    for key in sorted(k for k in objects if k.endswith("/model.json")):
+        name = key.split("/")[0]
+        assert json.loads(objects[key]), name
+        versions: dict[int, dict[str, Any]] = {}
+        for other, data in objects.items():
+            parts = other.split("/")
+            if parts[0] == name and len(parts) == 3 and parts[1] == "calibrators" and parts[2].endswith(".json"):
+                version = int(parts[2][: -len(".json")])
+                document = json.loads(data)  # a torn object fails here
+                assert document["version"] == version and document["model"] == name, other
+                assert f"{name}/calibrators/.reserved/{version}" in objects, f"{other}: no reservation marker"
+                versions[version] = document
+        pointer = objects.get(f"{name}/active")
+        active = json.loads(pointer)["version"] if pointer is not None else None
+        assert active is None or active in versions, f"{name}: the pointer names missing version {active}"
+        state[name] = {"active": active, "versions": versions}
+    return state
