@@ -91,8 +91,10 @@ def weed_binary() -> str | None:
 
 
 @contextlib.contextmanager
-def seaweedfs_server(directory: Path, *, timeout_s: float = 60.0) -> Iterator[S3Endpoint]:
-    """``weed server -s3`` on 127.0.0.1 with its own free ports; RuntimeError if it does not start.
+def seaweedfs_server(directory: Path, *, bucket: str, timeout_s: float = 60.0) -> Iterator[S3Endpoint]:
+    """``weed server -s3`` on 127.0.0.1 with its own free ports and ``bucket`` created (SeaweedFS gives each
+    bucket volumes of its own, and this server has few: use one bucket, a prefix per test); RuntimeError if
+    it does not start.
 
     It ignores SIGTERM for a long while (seen: more than 10 s), so it is stopped with SIGKILL after a short
     grace period.
@@ -123,7 +125,7 @@ def seaweedfs_server(directory: Path, *, timeout_s: float = 60.0) -> Iterator[S3
         f"-dir={directory}",
         "-s3",
         f"-s3.config={config}",
-        "-volume.max=4",
+        "-volume.max=8",
         "-master.volumeSizeLimitMB=64",
         *(f"{flag}={port}" for flag, port in ports.items()),
     ]
@@ -138,8 +140,11 @@ def seaweedfs_server(directory: Path, *, timeout_s: float = 60.0) -> Iterator[S3
             if process.poll() is not None:
                 raise RuntimeError(f"weed exited with {process.returncode}: {_tail(directory / 'weed.log')}")
             try:
-                endpoint.client().list_buckets()
-                endpoint.new_bucket()  # the filer and a volume are up too
+                client = endpoint.client()
+                if bucket not in {entry["Name"] for entry in client.list_buckets().get("Buckets", [])}:
+                    client.create_bucket(Bucket=bucket)
+                client.put_object(Bucket=bucket, Key=".ready", Body=b"")  # the filer and a volume are up
+                client.delete_object(Bucket=bucket, Key=".ready")
                 break
             except Exception as exc:
                 if time.monotonic() > deadline:
@@ -178,7 +183,9 @@ def check_bucket(client: Any, bucket: str, prefix: str) -> dict[str, dict[str, A
     objects: dict[str, bytes] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", ()):
-            objects[item["Key"][len(prefix) :]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            objects[item["Key"][len(prefix) :]] = client.get_object(Bucket=bucket, Key=item["Key"])[
+                "Body"
+            ].read()
     state: dict[str, dict[str, Any]] = {}
     for key in sorted(k for k in objects if k.endswith("/model.json")):
         name = key.split("/")[0]
@@ -186,7 +193,12 @@ def check_bucket(client: Any, bucket: str, prefix: str) -> dict[str, dict[str, A
         versions: dict[int, dict[str, Any]] = {}
         for other, data in objects.items():
             parts = other.split("/")
-            if parts[0] == name and len(parts) == 3 and parts[1] == "calibrators" and parts[2].endswith(".json"):
+            if (
+                parts[0] == name
+                and len(parts) == 3
+                and parts[1] == "calibrators"
+                and parts[2].endswith(".json")
+            ):
                 version = int(parts[2][: -len(".json")])
                 document = json.loads(data)  # a torn object fails here
                 assert document["version"] == version and document["model"] == name, other
