@@ -622,6 +622,28 @@ class S3CalibratorStore:
         logger.info("stored calibrator version %d of model %r (activate=%s)", candidate, name, activate)
         return orjson.loads(data)  # type: ignore[no-any-return]
 
+    def import_calibrator(self, name: str, document: dict[str, Any]) -> bool:
+        """Store a document under its own ``version`` (a copy from another store), inactive.
+
+        Returns True when written, False when that very document was there already (copies are idempotent);
+        Conflict when another document holds the number. The number is reserved like any other.
+        """
+        validate_model_name(name)
+        if not isinstance(document, dict):
+            raise InvalidInput("calibrator document must be a JSON object", field="document")
+        version = _check_version(document.get("version"))
+        data = _encode({**document, "model": name}, what="calibrator document")
+        self._require_model(name)
+        with contextlib.suppress(_LostRace):
+            self._put(self._key(name, f"{_RESERVED}{version}"), b"", if_none_match=True)
+        try:
+            self._put(self._key(name, f"{_CALIBRATORS}{version}.json"), data, if_none_match=True)
+        except _LostRace:
+            if self.get_calibrator(name, version) != orjson.loads(data):
+                raise Conflict(f"model {name!r} holds a different calibrator version {version}") from None
+            return False
+        return True
+
     def _match(self, name: str, key: str) -> re.Match[str] | None:
         return _VERSION_KEY_RE.fullmatch(key[len(self._key(name)) :])
 

@@ -806,3 +806,16 @@ def test_s3_store_down_writes_fail_and_the_cached_view_keeps_serving(tmp_path: P
     assert s.fault is not None and "unreachable" in s.fault
     assert s.view_age_s > 0
     s.close()
+
+
+def test_import_calibrator_keeps_the_number_and_is_idempotent(store: Any) -> None:
+    document = {**_doc(2.0), "version": 7, "model": "elsewhere"}
+    assert store.import_calibrator("m", document) is True
+    assert store.get_calibrator("m", 7) == {**document, "model": "m"}
+    assert store.import_calibrator("m", document) is False  # the same document again: nothing to do
+    with pytest.raises(Conflict, match="different calibrator version 7"):
+        store.import_calibrator("m", {**document, "temperature": 3.0})
+    assert store.active_version("m") is None  # imported inactive
+    assert store.add_calibrator("m", _doc())["version"] == 8  # numbering goes on after it
+    with pytest.raises(InvalidInput):
+        store.import_calibrator("m", _doc())  # no version
