@@ -56,7 +56,9 @@ def test_directory_to_bucket_and_back_copies_everything_and_is_idempotent(
     url = f"s3://{bucket}/migrated"
     first = _copy(str(source.root), url, tmp_path, moto_s3)
     assert first.returncode == 0, first.stderr
-    assert "2 models: 2 versions written, 0 already there, 1 pointers moved, 1 TorchScript files" in first.stderr
+    assert (
+        "2 models: 2 versions written, 0 already there, 1 pointers moved, 1 TorchScript files" in first.stderr
+    )
     expected = _contents(source)
     assert [v["version"] for v in expected["digits"]["versions"]] == [3, 1]
     assert _contents(open_store(url, refresh_s=0, cache_dir=tmp_path / "cache")) == expected
