@@ -399,7 +399,7 @@ class S3CalibratorStore:
         while not self._stop.wait(self.refresh_s / 2):
             now = time.monotonic()
             for name, view in list(self._views.items()):
-                if now - view.used_at > WATCH_S or now - view.checked_at < self.refresh_s / 2:
+                if now - view.used_at > WATCH_S or now - view.checked_at < self.refresh_s / 4:
                     continue
                 try:
                     self._refresh(name)
@@ -619,6 +619,8 @@ class S3CalibratorStore:
             except (StoreUnavailable, Conflict):
                 self._withdraw(name, candidate)
                 raise
+            # cached with the pointer, so this process serves it even if the bucket goes away right now
+            self._remember(name, active=orjson.loads(data))
         logger.info("stored calibrator version %d of model %r (activate=%s)", candidate, name, activate)
         return orjson.loads(data)  # type: ignore[no-any-return]
 

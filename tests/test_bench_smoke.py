@@ -261,3 +261,19 @@ def test_monitoring_bench_runs_every_part_and_writes_its_section(tmp_path: Path)
         assert len(record["bytes"]) == 2
         assert record["parts"]["gauge_models"] == 2  # only calibrated models are exported: the fitted tenth
         assert record["parts"]["gauge_models_with_outcomes"] == 2  # the fitted tenth
+
+
+def test_store_bench_runs_and_writes_its_section(tmp_path: Path) -> None:
+    # moto in the bench process, three real servers, a handful of each operation: only the section's shape
+    readme = tmp_path / "README.md"
+    command = [sys.executable, str(BENCH / "bench_store.py"), "--fits", "2", "--requests", "40"]
+    command += ["--propagation-fits", "2", "--refresh", "0.2", "--down-seconds", "0.5"]
+    command += ["--write", "--readme", str(readme)]
+    subprocess.run(command, check=True, capture_output=True, timeout=240)
+    text = readme.read_text()
+    assert "<!-- bench_store:start -->\n## S3 store (`bench/bench_store.py`)" in text
+    assert len([line for line in text.splitlines() if line.startswith("| calibrate 1 x 10 |")]) == 1
+    down = next(line for line in text.splitlines() if line.startswith("| ") and "writable False" in line)
+    cells = [cell.strip() for cell in down.strip("|").split("|")]
+    assert int(cells[0]) > 0 and cells[1] == "0"  # served from the cached view, none failed
+    assert cells[3].startswith("503")  # a write says the store is unavailable

@@ -786,9 +786,7 @@ def test_s3_store_down_writes_fail_and_the_cached_view_keeps_serving(tmp_path: P
         try:
             s = S3CalibratorStore(f"s3://{bucket}/p", refresh_s=0.05, cache_dir=tmp_path)
             s.put_model("m", {"num_classes": 2})
-            stored = s.add_calibrator("m", _doc(1.5))
-            stamp = s.change_stamp("m")
-            assert s.active_calibrator("m") == stored
+            stored = s.add_calibrator("m", _doc(1.5))  # the bucket goes away right after this fit
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -801,8 +799,10 @@ def test_s3_store_down_writes_fail_and_the_cached_view_keeps_serving(tmp_path: P
     with pytest.raises(StoreUnavailable, match="unreachable"):
         s.check_writable()
     time.sleep(0.1)  # older than refresh_s: a reader would refresh, and cannot
-    assert s.change_stamp("m") == stamp  # the hot path keeps its cached view
-    assert s.active_calibrator("m") == stored
+    stamp = s.change_stamp("m")  # the hot path keeps its cached view: the fit it made itself
+    assert stamp[0] is not None and stamp[1] is not None
+    assert s.active_calibrator("m") == stored and s.active_version("m") == 1
+    assert s.change_stamp("m") == stamp
     assert s.fault is not None and "unreachable" in s.fault
     assert s.view_age_s > 0
     s.close()
