@@ -828,6 +828,13 @@ class CalibratorStore:
     def close(self) -> None:
         """Nothing to release (the S3 store stops its refresher here)."""
 
+    #: Reads are local files: a ``stat`` or a small read, fine on an event loop.
+    remote = False
+
+    def serves_from_memory(self, name: str) -> bool:
+        """Whether :meth:`change_stamp` answers without a request to a remote store: always (two ``stat`` s)."""
+        return True
+
     def check_writable(self) -> None:
         """Raise StoreUnavailable unless a file can be created, fsynced and removed in the root."""
         try:

@@ -412,6 +412,17 @@ class S3CalibratorStore:
         """Stop the background refresher (the cache stays usable)."""
         self._stop.set()
 
+    #: Reads are requests to the bucket: callers on an event loop run them in a thread.
+    remote = True
+
+    def serves_from_memory(self, name: str) -> bool:
+        """Whether :meth:`change_stamp` answers from memory (a fresh cached view, or any cached view while
+        the bucket cannot be read) rather than with requests to the bucket."""
+        view = self._views.get(name)
+        if view is None:
+            return False
+        return self._fault is not None or time.monotonic() - view.checked_at <= self.refresh_s
+
     @property
     def view_age_s(self) -> float:
         """Seconds since this process last read the bucket successfully (0 while it reads it fine)."""

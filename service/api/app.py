@@ -27,6 +27,7 @@ from service.api.routers import (
     scoring,
 )
 from service.config import Settings
+from service.errors import StoreUnavailable
 from service.registry import ModelRegistry
 from service.serving.batching import DynamicBatcher
 from service.serving.concurrency import in_thread
@@ -75,9 +76,13 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await in_thread(state.start)
-        names = state.all_model_names()
-        for name in names:
-            publish_active(name, state.active(name).document)
+        try:
+            names = state.all_model_names()
+            for name in names:
+                publish_active(name, state.active(name).document)
+        except StoreUnavailable as exc:  # /readyz reports it; start serving what does not need the store
+            logger.error("calibserve starts without its store: %s", exc)
+            names = state.registry.names()
         plane.monitoring.start()
         logger.info("calibserve ready: %d models, store %s", len(names), settings.store_location)
         yield
