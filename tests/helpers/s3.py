@@ -23,6 +23,9 @@ from typing import Any
 ACCESS_KEY = "calibserve-test"
 SECRET_KEY = "calibserve-test-secret"
 REGION = "us-east-1"
+# SeaweedFS gives each bucket a collection of volumes of its own, and the test server has few: the tests share
+# one bucket, with a key prefix each.
+SEAWEEDFS_BUCKET = "calibserve-tests"
 
 
 def free_port() -> int:

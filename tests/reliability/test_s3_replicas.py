@@ -1,4 +1,5 @@
-"""Two real ``calibserve serve`` processes on one S3 bucket (moto's real server) behave as one service.
+"""Two real ``calibserve serve`` processes on one S3 bucket behave as one service: on moto's real S3 server,
+and on SeaweedFS (whose conditional writes are atomic under races; moto checks them without a lock).
 
 - Concurrent fits and activations through both, one replica SIGKILLed in the middle: afterwards every
   acknowledged version is in the bucket, byte for byte the document its answer carried; no number was handed
@@ -14,15 +15,18 @@ import random
 import signal
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.helpers.figures import record_figures
 from tests.helpers.numerics import softmax_t
-from tests.helpers.s3 import S3Endpoint, check_bucket
+from tests.helpers.s3 import SEAWEEDFS_BUCKET, S3Endpoint, check_bucket
 from tests.helpers.waiting import wait_until
 
 MODELS = ("alpha", "beta")
@@ -30,10 +34,25 @@ CLIENT_THREADS = 4
 REFRESH_S = 0.2
 
 
-def start_replicas(servers: Any, endpoint: S3Endpoint, tmp_path: Path, bucket: str) -> list[Any]:
+@dataclass(frozen=True)
+class Bucket:
+    endpoint: S3Endpoint
+    name: str
+    prefix: str
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def bucket(request: pytest.FixtureRequest) -> Bucket:
+    if request.param == "moto":
+        endpoint = request.getfixturevalue("moto_s3")
+        return Bucket(endpoint, endpoint.new_bucket(), "prod")
+    return Bucket(request.getfixturevalue("seaweedfs"), SEAWEEDFS_BUCKET, f"replicas-{uuid.uuid4().hex[:8]}")
+
+
+def start_replicas(servers: Any, bucket: Bucket, tmp_path: Path) -> list[Any]:
     env = {
-        **endpoint.environment,
-        "CALIBSERVE_STORE_URL": f"s3://{bucket}/prod",
+        **bucket.endpoint.environment,
+        "CALIBSERVE_STORE_URL": f"s3://{bucket.name}/{bucket.prefix}",
         "CALIBSERVE_STORE_REFRESH_S": str(REFRESH_S),
     }
     models = tmp_path / "no-models"
@@ -88,10 +107,9 @@ def client_loop(urls: list[str], seed: int, data: dict, ledger: dict, stop: thre
 
 
 def test_two_replicas_on_one_bucket_survive_concurrent_writes_and_a_sigkill(
-    servers, moto_s3: S3Endpoint, tmp_path: Path, digits_logits
+    servers, bucket: Bucket, tmp_path: Path, digits_logits
 ) -> None:
-    bucket = moto_s3.new_bucket()
-    first, second = start_replicas(servers, moto_s3, tmp_path, bucket)
+    first, second = start_replicas(servers, bucket, tmp_path)
     with first.client() as http:
         for model in MODELS:
             assert http.put(f"/v1/models/{model}", json={"num_classes": 10}).status_code == 201
@@ -127,7 +145,7 @@ def test_two_replicas_on_one_bucket_survive_concurrent_writes_and_a_sigkill(
     assert not any(thread.is_alive() for thread in threads)
     assert not ledger["unexpected"], ledger["unexpected"][:3]
 
-    state = check_bucket(moto_s3.client(), bucket, "prod")
+    state = check_bucket(bucket.endpoint.client(), bucket.name, bucket.prefix)
     pairs = [(model, version) for model, version, _ in ledger["acknowledged"]]
     assert len(pairs) == len(set(pairs)), "a version number was acknowledged twice"
     for model, version, document in ledger["acknowledged"]:
@@ -158,7 +176,7 @@ def test_two_replicas_on_one_bucket_survive_concurrent_writes_and_a_sigkill(
                 temperature = state[model]["versions"][active]["temperature"]
                 np.testing.assert_allclose(answer["probabilities"], softmax_t(rows, temperature), rtol=1e-9)
     record_figures(
-        "s3-replicas-sigkill",
+        f"s3-replicas-sigkill ({bucket.prefix})",
         acknowledged_fits=len(pairs),
         activations=len(ledger["activated"]),
         versions_in_bucket=sum(len(entry["versions"]) for entry in state.values()),
@@ -170,8 +188,7 @@ def test_two_replicas_on_one_bucket_survive_concurrent_writes_and_a_sigkill(
 def test_a_fit_on_one_replica_is_served_by_the_other_after_a_refresh(
     servers, moto_s3: S3Endpoint, tmp_path: Path, fit_body
 ) -> None:
-    bucket = moto_s3.new_bucket()
-    first, second = start_replicas(servers, moto_s3, tmp_path, bucket)
+    first, second = start_replicas(servers, Bucket(moto_s3, moto_s3.new_bucket(), "prod"), tmp_path)
     rows = {"logits": [[2.0, 0.5, -1.0] + [0.0] * 7]}
     delays = []
     with first.client() as a, second.client() as b:
