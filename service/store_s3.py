@@ -80,8 +80,11 @@ __all__ = ["CAS_ATTEMPTS", "S3CalibratorStore", "parse_s3_url"]
 logger = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 16
-# How long a model stays on the background refresher's list after the last request that needed it.
-WATCH_S = 300.0
+# How long a model stays on the background refresher's list after the last request that needed it, and how
+# many (the most recently used) it refreshes per round. Each costs two conditional GETs per refresh_s / 2 and
+# worker; a model off the list is read again by the first request that needs it (in a thread).
+WATCH_S = 60.0
+MAX_WATCHED = 256
 # botocore's "standard" retry mode: exponential backoff with full jitter on throttling, 5xx and connection
 # errors. Three attempts bound a failing call to a few seconds, so a write answers 503 rather than hang.
 RETRY_ATTEMPTS = 3
@@ -398,9 +401,18 @@ class S3CalibratorStore:
         """Keep the views of the models in use fresh, so requests never wait for the bucket."""
         while not self._stop.wait(self.refresh_s / 2):
             now = time.monotonic()
-            for name, view in list(self._views.items()):
-                if now - view.used_at > WATCH_S or now - view.checked_at < self.refresh_s / 4:
-                    continue
+            watched = sorted(
+                (
+                    (view.used_at, name)
+                    for name, view in list(self._views.items())
+                    if now - view.used_at <= WATCH_S
+                ),
+                reverse=True,
+            )[:MAX_WATCHED]
+            for _, name in watched:
+                view = self._views.get(name)
+                if view is None or now - view.checked_at < self.refresh_s / 4:
+                    continue  # refreshed meanwhile (by a write or a request)
                 try:
                     self._refresh(name)
                 except StoreUnavailable:
