@@ -33,6 +33,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -576,8 +577,12 @@ def cmd_store_copy(args: argparse.Namespace) -> int:
         raise CommandError(f"source and destination are the same store: {source_url}")
     if source_url.startswith("file://") and not Path(args.source.removeprefix("file://")).is_dir():
         raise CommandError(f"source store {args.source} is not a directory")
-    # refresh_s=0: every read goes to the store itself, never to a cached view
-    report = copy_store(open_store(args.source, refresh_s=0), open_store(args.target, refresh_s=0))
+    # refresh_s=0: every read goes to the store itself, never to a cached view; TorchScript files of an S3
+    # store pass through a temporary directory
+    with tempfile.TemporaryDirectory(prefix="calibserve-copy-") as scratch:
+        source = open_store(args.source, refresh_s=0, cache_dir=Path(scratch) / "source")
+        target = open_store(args.target, refresh_s=0, cache_dir=Path(scratch) / "target")
+        report = copy_store(source, target)
     logger.info(
         "copied %d models: %d versions written, %d already there, %d pointers moved, %d TorchScript files",
         report.models,

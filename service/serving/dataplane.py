@@ -507,7 +507,8 @@ class DataPlane:
     async def _sync_uploaded(self, name: str) -> None:
         """Load an uploaded model whose file changed (another worker's upload) in a thread: a load runs
         the file's time-limited smoke check, never on the event loop. NotReady while it is pending."""
-        if self.state.uploaded_model_changed(name):
+        # Asking an S3 store whether the file changed is a request (at most every refresh_s): in the thread too.
+        if self.state.store.remote or self.state.uploaded_model_changed(name):
             await in_thread(self.state.sync_uploaded_model, name)
 
     async def _scores(self, info: ModelInfo, data: Labelled) -> tuple[np.ndarray, bool]:

@@ -82,3 +82,25 @@ def test_a_missing_bucket_is_in_readyz_and_writes_answer_503(
         assert "does not exist" in answer.json()["detail"]
     finally:
         client.__exit__(None, None, None)
+
+
+def test_a_torchscript_upload_through_one_replica_is_served_by_another(
+    moto_s3: S3Endpoint, tmp_path: Path
+) -> None:
+    from tests.helpers.torchscript import Linear, scripted
+
+    url = f"s3://{moto_s3.new_bucket()}/app"
+    first, second = _client(tmp_path / "a", url), _client(tmp_path / "b", url)
+    try:
+        upload = scripted(Linear(seed=0))
+        answer = first.put("/v1/models/up/torchscript", content=upload, headers={"X-Model-Input-Shape": "4"})
+        assert answer.status_code == 200, answer.text
+        inputs = {"inputs": [[1.0, 2.0, 3.0, 4.0]]}
+        expected = first.post("/v1/models/up/predict", json=inputs).json()
+        served = second.post("/v1/models/up/predict", json=inputs)  # downloads it to its own local cache
+        assert served.status_code == 200, served.text
+        assert served.json()["probabilities"] == expected["probabilities"]
+        assert (tmp_path / "b" / "local" / "s3-cache" / "up" / "model.pt").read_bytes() == upload
+    finally:
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)
