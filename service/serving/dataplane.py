@@ -178,6 +178,11 @@ class DataPlane:
             "upstreams": {url: {"ready": True} for url in self.state.upstreams.urls()},
         }
 
+    def store_view_age(self) -> float:
+        """Seconds since an S3 store was last read while it cannot be read; 0 otherwise (and always for a
+        directory store)."""
+        return float(getattr(self.state.store, "view_age_s", 0.0))
+
     async def require_upstreams_ready(self) -> None:
         """NotReady naming every upstream server that is not ready (the default one and those this worker
         called), with why: the service stays live, and serves its other models meanwhile."""

@@ -3,6 +3,7 @@ store's lines in ``/readyz``, and a missing bucket (503 on writes, the reason in
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,37 @@ def test_a_torchscript_upload_through_one_replica_is_served_by_another(
     finally:
         first.__exit__(None, None, None)
         second.__exit__(None, None, None)
+
+
+def test_with_the_bucket_gone_calibrate_serves_the_cached_view_and_says_how_old(
+    tmp_path: Path, fit_body: dict
+) -> None:
+    from tests.helpers.s3 import moto_server
+
+    with moto_server() as endpoint:  # a server of its own: this test stops it
+        bucket = endpoint.new_bucket()
+        environment = pytest.MonkeyPatch()
+        for key, value in endpoint.environment.items():
+            environment.setenv(key, value)
+        try:
+            client = _client(tmp_path, f"s3://{bucket}/app")
+            assert client.put("/v1/models/m", json={"num_classes": 4}).status_code == 201
+            version = client.post("/v1/models/m/fit", json=fit_body).json()["version"]
+            rows = {"logits": [[1.0, 0.0, -1.0, 2.0]]}
+            before = client.post("/v1/models/m/calibrate", json=rows)
+            assert "X-Store-View-Age" not in before.headers
+        finally:
+            environment.undo()
+    try:
+        for _ in range(3):  # past the refresh bound: the cached view is all there is
+            time.sleep(0.1)
+            after = client.post("/v1/models/m/calibrate", json=rows)
+            assert after.status_code == 200, after.text
+            assert after.json() == before.json() and after.json()["calibrator_version"] == version
+        assert float(after.headers["X-Store-View-Age"]) >= 0.1
+        fit = client.post("/v1/models/m/fit", json=fit_body)
+        assert fit.status_code == 503 and "unreachable" in fit.json()["detail"]
+        store = client.get("/readyz").json()["store"]
+        assert store["writable"] is False and store["view_age_s"] > 0
+    finally:
+        client.__exit__(None, None, None)
