@@ -430,6 +430,14 @@ class DataPlane:
         ids = self.monitoring.record(name, entry.version, logits, probabilities)
         return Prediction(info, probabilities, entry.version, logits, ids)
 
+    async def upstream_model_async(
+        self, name: str, version: int | None
+    ) -> tuple[ModelInfo, ActiveCalibrator] | None:
+        """:meth:`upstream_model`, in a thread when its lookup would wait for a remote store (S3)."""
+        if self.state.lookup_blocks(name, version):
+            return await in_thread(self.upstream_model, name, version)
+        return self.upstream_model(name, version)
+
     def upstream_model(self, name: str, version: int | None) -> tuple[ModelInfo, ActiveCalibrator] | None:
         """The model and calibrator of ``name`` when an upstream server serves it (NotFound for a calibrator
         version it does not have), else None (a model unknown here is the caller's to answer)."""

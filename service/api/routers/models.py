@@ -83,7 +83,8 @@ async def put_torchscript(name: ModelName, request: Request, plane: Plane) -> Nu
 
 @router.get("/{name}", summary="Model metadata and active calibrator", dependencies=ReadAccess)
 async def get_model(name: ModelName, plane: Plane) -> NumpyJSONResponse:
-    return NumpyJSONResponse(plane.model_summary(plane.model(name)))
+    info = await in_thread(plane.model, name)  # a thread: with the S3 store this may ask the bucket
+    return NumpyJSONResponse(plane.model_summary(info))
 
 
 @router.delete(
