@@ -40,7 +40,10 @@ How the guarantees hold without locks (S3 conditional writes are atomic on the s
   cache, so calibrate and predict keep serving the cached active calibrators; :attr:`view_age_s` says how
   old that view is.
 
-Deleting a model removes ``model.json`` first (the model is gone for every reader at once), then the rest.
+Deleting a model removes ``model.json`` first (the model is gone for every reader at once), then the rest. A
+write racing the deletion (a fit on another replica) can leave objects under the name; a model later created
+under that name lists them (its numbering then continues after them, so none is reused). Deleting the model
+again clears them.
 boto3 is imported on first use (the ``s3`` extra): a directory store never needs it.
 """
 
