@@ -8,6 +8,8 @@ Commands
 ``drift``     ``evaluate`` against a baseline report (``--baseline`` required; default ``--max-increase ece=0.01``)
 ``monitor``   check the calibration of a running service's live outcomes (client mode only)
 ``serve``     run the HTTP service
+``store copy SRC DST``  copy every model and calibrator version between stores (a directory, ``file://`` or
+              ``s3://bucket/prefix``): idempotent, each document's sha256 checked
 ``export``    download a model from a running service (client mode only)
 
 ``fit``, ``apply``, ``evaluate`` and ``drift`` work on local files, or, with ``--server URL --model NAME``,
@@ -31,6 +33,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -552,6 +555,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "models_dir": args.models_dir,
         "store_dir": args.store_dir,
+        "store_url": args.store_url,
         "device": args.device,
         "log_level": args.log_level,
     }
@@ -561,6 +565,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.api.server import serve
 
     serve(settings)
+    return EXIT_OK
+
+
+def cmd_store_copy(args: argparse.Namespace) -> int:
+    """Copy every model and version from one store to another (idempotent; sha256 of each document checked)."""
+    from service.stores import copy_store, open_store, store_url
+
+    source_url, target_url = store_url(args.source), store_url(args.target)
+    if source_url.rstrip("/") == target_url.rstrip("/"):
+        raise CommandError(f"source and destination are the same store: {source_url}")
+    if source_url.startswith("file://") and not Path(args.source.removeprefix("file://")).is_dir():
+        raise CommandError(f"source store {args.source} is not a directory")
+    # refresh_s=0: every read goes to the store itself, never to a cached view; TorchScript files of an S3
+    # store pass through a temporary directory
+    with tempfile.TemporaryDirectory(prefix="calibserve-copy-") as scratch:
+        source = open_store(args.source, refresh_s=0, cache_dir=Path(scratch) / "source")
+        target = open_store(args.target, refresh_s=0, cache_dir=Path(scratch) / "target")
+        report = copy_store(source, target)
+    logger.info(
+        "copied %d models: %d versions written, %d already there, %d pointers moved, %d TorchScript files",
+        report.models,
+        report.versions_copied,
+        report.versions_present,
+        report.pointers_moved,
+        report.torchscript_copied,
+    )
     return EXIT_OK
 
 
@@ -770,7 +800,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
     serve.add_argument("--models-dir", type=Path, metavar="DIR", help="TorchScript model repository")
-    serve.add_argument("--store-dir", type=Path, metavar="DIR", help="calibrator store")
+    serve.add_argument(
+        "--store-dir", type=Path, metavar="DIR", help="calibrator store (with --store-url s3://: local state)"
+    )
+    serve.add_argument(
+        "--store-url", metavar="URL", help="calibrator store: s3://bucket/prefix or file:///path"
+    )
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--log-level", help="debug, info, warning, error")
     serve.add_argument(
@@ -801,6 +836,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_name", metavar="NAME", help="the InferenceService's model (served with every other name)"
     )
     serve.set_defaults(handler=cmd_serve)
+
+    store = commands.add_parser("store", help="operate on calibrator stores", parents=[quiet])
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
+    copy = store_commands.add_parser(
+        "copy",
+        help="copy every model and calibrator version from SRC to DST (idempotent, sha256-checked)",
+        parents=[quiet],
+    )
+    copy.add_argument("source", metavar="SRC_URL", help="s3://bucket/prefix, file:///path or a directory")
+    copy.add_argument("target", metavar="DST_URL", help="s3://bucket/prefix, file:///path or a directory")
+    copy.set_defaults(handler=cmd_store_copy)
 
     export = commands.add_parser(
         "export", help="download a model from a service (client mode only)", parents=[quiet]

@@ -28,7 +28,23 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
     models_dir: Path | None = Path("models")
-    store_dir: Path = Path("data")
+    store_dir: Path = Field(
+        Path("data"),
+        description="the calibrator store directory; with store_url=s3://..., the local state directory "
+        "(cache of uploaded TorchScript files and the default monitoring SQLite database)",
+    )
+    store_url: str | None = Field(
+        None,
+        description="calibrator store as a URL: s3://bucket/prefix (endpoint and credentials from the "
+        "standard AWS environment, AWS_ENDPOINT_URL, ...) or file:///path; default: store_dir",
+    )
+    store_refresh_s: float = Field(
+        1.0,
+        ge=0.0,
+        le=3600.0,
+        description="S3 store: longest time a replica serves a model's cached metadata and active pointer "
+        "(the staleness bound across replicas)",
+    )
     device: str = "auto"
     api_keys: str = Field("", description='comma-separated "key:role" pairs, role read or admin')
     auth: Literal["auto", "on", "off"] = "auto"
@@ -124,6 +140,20 @@ class Settings(BaseSettings):
         from service.names import normalise_url
 
         return None if not value else normalise_url(value)
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("s3://", "file://")):
+            raise ValueError("store_url must be s3://bucket/prefix or file:///path")
+        return value
+
+    @property
+    def store_location(self) -> str | Path:
+        """Where the calibrator store is: store_url when set, else store_dir."""
+        return self.store_url or self.store_dir
 
     @field_validator("api_keys")
     @classmethod

@@ -561,6 +561,41 @@ class CalibratorStore:
         logger.info("stored calibrator version %d of model %r (activate=%s)", version, name, activate)
         return orjson.loads(data)  # type: ignore[no-any-return]
 
+    def import_calibrator(self, name: str, document: dict[str, Any]) -> bool:
+        """Store a document under its own ``version`` (a copy from another store), inactive.
+
+        Returns True when written, False when that very document was there already (copies are idempotent);
+        Conflict when another document holds the number. The number is reserved like any other.
+        """
+        self._model_dir(name)
+        if not isinstance(document, dict):
+            raise InvalidInput("calibrator document must be a JSON object", field="document")
+        version = _check_version(document.get("version"))
+        data = _encode({**document, "model": name}, what="calibrator document")
+        try:
+            with self._open_model(name) as model_fd:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(_CALIBRATORS_DIR, 0o755, dir_fd=model_fd)
+                with _opened_dir(_CALIBRATORS_DIR, dir_fd=model_fd) as calibrators_fd:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(_RESERVED_DIR, 0o755, dir_fd=calibrators_fd)
+                    with _opened_dir(_RESERVED_DIR, dir_fd=calibrators_fd) as reserved_fd:
+                        with contextlib.suppress(FileExistsError):
+                            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                            os.close(os.open(str(version), flags, 0o644, dir_fd=reserved_fd))
+                        os.fsync(reserved_fd)
+                    try:
+                        _write_file_at(calibrators_fd, f"{version}.json", data, exclusive=True)
+                    except FileExistsError:
+                        if self.get_calibrator(name, version) != orjson.loads(data):
+                            raise Conflict(
+                                f"model {name!r} holds a different calibrator version {version}"
+                            ) from None
+                        return False
+        except OSError as exc:
+            raise self._write_failed(name, exc) from exc
+        return True
+
     def _claim_and_write(
         self, name: str, document: dict[str, Any], calibrators_fd: int, reserved_fd: int
     ) -> tuple[int, bytes]:
@@ -789,6 +824,16 @@ class CalibratorStore:
         return (_stat_stamp(paths[0]), _stat_stamp(paths[1]))
 
     # -- operations ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Nothing to release (the S3 store stops its refresher here)."""
+
+    #: Reads are local files: a ``stat`` or a small read, fine on an event loop.
+    remote = False
+
+    def serves_from_memory(self, name: str) -> bool:
+        """Whether :meth:`change_stamp` answers without a request to a remote store: always (two ``stat`` s)."""
+        return True
 
     def check_writable(self) -> None:
         """Raise StoreUnavailable unless a file can be created, fsynced and removed in the root."""

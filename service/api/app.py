@@ -27,13 +27,14 @@ from service.api.routers import (
     scoring,
 )
 from service.config import Settings
+from service.errors import StoreUnavailable
 from service.registry import ModelRegistry
 from service.serving.batching import DynamicBatcher
 from service.serving.concurrency import in_thread
 from service.serving.dataplane import DataPlane
 from service.serving.state import AppState
 from service.serving.telemetry import publish_active
-from service.store import CalibratorStore
+from service.stores import open_store
 from service.upstream import Upstreams
 
 logger = logging.getLogger("calibserve")
@@ -52,7 +53,11 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the application for ``settings``; models and store load in the lifespan start-up."""
     state = AppState(
         settings=settings,
-        store=CalibratorStore(settings.store_dir),
+        store=open_store(
+            settings.store_location,
+            refresh_s=settings.store_refresh_s,
+            cache_dir=settings.store_dir / "s3-cache",
+        ),
         registry=ModelRegistry(settings.models_dir, device=settings.device, timeout=settings.model_timeout_s),
         upstreams=Upstreams(
             settings.upstream,
@@ -71,14 +76,19 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await in_thread(state.start)
-        names = state.all_model_names()
-        for name in names:
-            publish_active(name, state.active(name).document)
+        try:
+            names = state.all_model_names()
+            for name in names:
+                publish_active(name, state.active(name).document)
+        except StoreUnavailable as exc:  # /readyz reports it; start serving what does not need the store
+            logger.error("calibserve starts without its store: %s", exc)
+            names = state.registry.names()
         plane.monitoring.start()
-        logger.info("calibserve ready: %d models, store %s", len(names), settings.store_dir)
+        logger.info("calibserve ready: %d models, store %s", len(names), settings.store_location)
         yield
         await state.upstreams.aclose()
         await in_thread(plane.monitoring.close)
+        state.store.close()
 
     app = FastAPI(
         title="calibserve",

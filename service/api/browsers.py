@@ -31,6 +31,7 @@ EXPOSED_HEADERS = [
     "X-Tensor-Dtype",
     "X-Calibrator-Version",
     "X-Predicted-Class",
+    "X-Store-View-Age",
     "Inference-Header-Content-Length",
     "Retry-After",
     "Content-Disposition",

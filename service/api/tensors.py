@@ -55,6 +55,8 @@ VERSION_HEADER = "X-Calibrator-Version"
 PREDICTED_HEADER = "X-Predicted-Class"
 # With the prediction log on: the prefix of the answer's prediction ids, row i's id being "<prefix>.<i>".
 PREDICTION_ID_HEADER = "X-Prediction-Id-Prefix"
+# Seconds since the store was last read, on answers served from a cached view while it cannot be read (S3).
+STORE_AGE_HEADER = "X-Store-View-Age"
 MAX_PREDICTED_CLASS_ROWS = 1024
 MAX_DIMENSIONS = 8
 # Bounds of every shape a request declares (header, .npy, .npz member, OIP tensor), checked before any

@@ -166,6 +166,9 @@ class DataPlane:
             store = {"writable": True, "detail": None}
         except StoreUnavailable as exc:
             store = {"writable": False, "detail": str(exc)}
+        view_age_s = getattr(self.state.store, "view_age_s", None)
+        if view_age_s is not None:  # S3: how old the cached view is while the bucket cannot be read
+            store["view_age_s"] = round(view_age_s, 3)
         return {
             "status": "ready",
             "models": sorted(self.state.registry.names()),
@@ -174,6 +177,11 @@ class DataPlane:
             "store": store,
             "upstreams": {url: {"ready": True} for url in self.state.upstreams.urls()},
         }
+
+    def store_view_age(self) -> float:
+        """Seconds since an S3 store was last read while it cannot be read; 0 otherwise (and always for a
+        directory store)."""
+        return float(getattr(self.state.store, "view_age_s", 0.0))
 
     async def require_upstreams_ready(self) -> None:
         """NotReady naming every upstream server that is not ready (the default one and those this worker
@@ -303,6 +311,13 @@ class DataPlane:
         self.state.require_ready()
         return self.state.lookup(name, version)
 
+    async def lookup_async(self, name: str, version: int | None) -> tuple[ModelInfo, ActiveCalibrator]:
+        """:meth:`lookup`, in a thread when it would wait for a remote store (S3), else inline (a dict
+        lookup and two ``stat`` s cost less than a thread hop)."""
+        if self.state.lookup_blocks(name, version):
+            return await in_thread(self.lookup, name, version)
+        return self.lookup(name, version)
+
     def list_calibrators(self, name: str, *, limit: int, cursor: str | None) -> dict[str, Any]:
         """One page of versions, newest first, as summaries (:func:`calibrator_summary`): a document can
         weigh megabytes (a histogram's bins, a matrix), and the full one is a request away."""
@@ -384,7 +399,7 @@ class DataPlane:
 
     async def calibrate(self, name: str, version: int | None, kind: str, scores: np.ndarray) -> Prediction:
         """Calibrated probabilities for ``scores`` (``kind`` logits or probabilities)."""
-        info, entry = self.lookup(name, version)
+        info, entry = await self.lookup_async(name, version)
         check_columns(info, scores, kind)
         probabilities = await compute(
             calibrate_array, entry.calibrator, scores, from_logits=kind == "logits", size=scores.size
@@ -397,7 +412,7 @@ class DataPlane:
 
     async def predict(self, name: str, version: int | None, inputs: np.ndarray) -> Prediction:
         """The TorchScript model's logits for ``inputs``, calibrated."""
-        info, entry = self.lookup(name, version)
+        info, entry = await self.lookup_async(name, version)
         if info.kind == "upstream":
             logits = await self.upstream_models.logits(info, entry, inputs)
             probabilities = await compute(
@@ -414,6 +429,14 @@ class DataPlane:
             )
         ids = self.monitoring.record(name, entry.version, logits, probabilities)
         return Prediction(info, probabilities, entry.version, logits, ids)
+
+    async def upstream_model_async(
+        self, name: str, version: int | None
+    ) -> tuple[ModelInfo, ActiveCalibrator] | None:
+        """:meth:`upstream_model`, in a thread when its lookup would wait for a remote store (S3)."""
+        if self.state.lookup_blocks(name, version):
+            return await in_thread(self.upstream_model, name, version)
+        return self.upstream_model(name, version)
 
     def upstream_model(self, name: str, version: int | None) -> tuple[ModelInfo, ActiveCalibrator] | None:
         """The model and calibrator of ``name`` when an upstream server serves it (NotFound for a calibrator
@@ -497,7 +520,8 @@ class DataPlane:
     async def _sync_uploaded(self, name: str) -> None:
         """Load an uploaded model whose file changed (another worker's upload) in a thread: a load runs
         the file's time-limited smoke check, never on the event loop. NotReady while it is pending."""
-        if self.state.uploaded_model_changed(name):
+        # Asking an S3 store whether the file changed is a request (at most every refresh_s): in the thread too.
+        if self.state.store.remote or self.state.uploaded_model_changed(name):
             await in_thread(self.state.sync_uploaded_model, name)
 
     async def _scores(self, info: ModelInfo, data: Labelled) -> tuple[np.ndarray, bool]:
@@ -574,7 +598,7 @@ class DataPlane:
     async def refit(self, name: str, spec: RefitSpec, budget: Budget | None = None) -> dict[str, Any]:
         """Fit a new version on the window's labelled outcomes, store it (inactive unless asked), and compare
         it with the active calibrator on a held-out part of those outcomes."""
-        info, entry = self.lookup(name, None)
+        info, entry = await self.lookup_async(name, None)
         if spec.activate not in (True, False, "if_better"):
             raise InvalidInput('activate must be true, false or "if_better"', field="activate")
         if not 0.0 < spec.holdout < 1.0:
@@ -617,7 +641,7 @@ class DataPlane:
         self, name: str, version: int | None, data: Labelled, spec: EvaluateSpec, budget: Budget | None = None
     ) -> dict:
         """Figures before and after calibration, and drift against the calibrator's fit-time figures."""
-        info, entry = self.lookup(name, version)
+        info, entry = await self.lookup_async(name, version)
         scores, from_logits = await self._scores(info, data)
         check_columns(info, scores, data.kind)
         report = await bounded(
@@ -654,7 +678,7 @@ class DataPlane:
                 f"export format {file_format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}",
                 field="format",
             )
-        info, entry = self.lookup(name, version)
+        info, entry = await self.lookup_async(name, version)
         model = None
         if info.kind == "torchscript":
             await self._sync_uploaded(name)

@@ -18,10 +18,10 @@ from typing import Any
 
 from service import workflows
 from service.config import Settings
-from service.errors import InvalidInput, MissingDependency, NotFound, NotReady
+from service.errors import InvalidInput, MissingDependency, NotFound, NotReady, StoreUnavailable
 from service.registry import LoadedModel, ModelRegistry
 from service.serving.batching import DynamicBatcher
-from service.store import CalibratorStore
+from service.stores import Store
 from service.upstream import Upstreams, UpstreamSpec
 
 logger = logging.getLogger("calibserve.state")
@@ -129,7 +129,7 @@ NO_CALIBRATOR = ActiveCalibrator(version=None, calibrator=None, document=None)
 @dataclass
 class AppState:
     settings: Settings
-    store: CalibratorStore
+    store: Store
     registry: ModelRegistry
     ready: bool = False
     batcher: DynamicBatcher | None = None
@@ -159,7 +159,13 @@ class AppState:
         self.store.cleanup_temp_files()
         self.registry.load_all()
         self._shipped_upstream = self._read_shipped_upstream()
-        names = self.store_torchscript_models()
+        try:
+            names = self.store_torchscript_models()
+        except StoreUnavailable as exc:
+            # Not fatal: /readyz says why, writes answer 503, and uploaded models load on first use once the
+            # store answers (an S3 bucket missing or unreachable at start-up).
+            logger.error("the calibrator store cannot be listed at start-up: %s", exc)
+            names = []
         with self._lock:
             self._pending = set(names)
         if names:
@@ -333,6 +339,13 @@ class AppState:
                     self._views.clear()
                 self._views[name] = cached
         return cached[2], (cached[3] if version is None else self.pinned(name, version))
+
+    def lookup_blocks(self, name: str, version: int | None = None) -> bool:
+        """Whether :meth:`lookup` would wait for a remote store (a model not in the S3 store's cached view,
+        or a pinned version read for the first time): async callers then run it in a thread."""
+        if not self.store.serves_from_memory(name):
+            return True
+        return self.store.remote and version is not None and (name, version) not in self._pinned
 
     def model_info(self, name: str) -> ModelInfo:
         """The model ``name``; NotFound if it exists neither in the store nor in the registry."""

@@ -12,6 +12,7 @@ from service.api.bodies import NumpyJSONResponse, cancelled_on_disconnect, json_
 from service.api.deps import JSONAnswer, ModelName, Plane, Version
 from service.api.labelled import labelled_bodies, read_labelled
 from service.api.schemas import FitRequest, labelled
+from service.serving.concurrency import in_thread
 from service.serving.dataplane import LABELLED_KINDS, FitSpec
 
 router = APIRouter(prefix="/v1/models/{name}", tags=["calibrators"], dependencies=JSONAnswer)
@@ -60,12 +61,14 @@ async def list_calibrators(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[str | None, Query(max_length=32)] = None,
 ) -> NumpyJSONResponse:
-    return NumpyJSONResponse(plane.list_calibrators(name, limit=limit, cursor=cursor))
+    # a thread: with the S3 store these are requests to the bucket
+    page = await in_thread(plane.list_calibrators, name, limit=limit, cursor=cursor)
+    return NumpyJSONResponse(page)
 
 
 @router.get("/calibrators/{version}", summary="One calibrator version", dependencies=ReadAccess)
 async def get_calibrator(name: ModelName, version: Version, plane: Plane) -> NumpyJSONResponse:
-    return NumpyJSONResponse(plane.get_calibrator(name, version))
+    return NumpyJSONResponse(await in_thread(plane.get_calibrator, name, version))
 
 
 @router.post(

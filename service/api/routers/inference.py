@@ -124,14 +124,22 @@ def tensor_response(
 async def serve_calibrate(plane: DataPlane, request: LeanRequest) -> Response:
     name, version, accept, scores = await _decode(plane, request, predict=False)
     prediction = await plane.calibrate(name, version, scores.kind, scores.values)
-    return tensor_response(accept, prediction, scores.dtype)
+    return _with_store_age(plane, tensor_response(accept, prediction, scores.dtype))
 
 
 async def serve_predict(plane: DataPlane, request: LeanRequest) -> Response:
     name, version, accept, scores = await _decode(plane, request, predict=True)
     prediction = await plane.predict(name, version, scores.values)
     extra = {"logits": prediction.logits} if scores.return_logits else None
-    return tensor_response(accept, prediction, scores.dtype, extra)
+    return _with_store_age(plane, tensor_response(accept, prediction, scores.dtype, extra))
+
+
+def _with_store_age(plane: DataPlane, response: Response) -> Response:
+    """Say how old the view is when the answer came from a cached view of a store that cannot be read."""
+    age = plane.store_view_age()
+    if age > 0:
+        response.headers[tensors.STORE_AGE_HEADER] = f"{age:.1f}"
+    return response
 
 
 async def _decode(

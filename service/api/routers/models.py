@@ -13,6 +13,7 @@ from service.api.bodies import NumpyJSONResponse, json_body, read_json
 from service.api.deps import JSONAnswer, ModelName, Plane
 from service.api.schemas import ModelSpec
 from service.api.tensors import shape_from_text
+from service.serving.concurrency import in_thread
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=JSONAnswer)
 
@@ -23,7 +24,8 @@ async def list_models(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> NumpyJSONResponse:
-    items, next_cursor = plane.list_models(limit=limit, cursor=cursor)
+    # a thread: with the S3 store listing is requests to the bucket
+    items, next_cursor = await in_thread(plane.list_models, limit=limit, cursor=cursor)
     return NumpyJSONResponse({"items": items, "next_cursor": next_cursor})
 
 
@@ -81,7 +83,8 @@ async def put_torchscript(name: ModelName, request: Request, plane: Plane) -> Nu
 
 @router.get("/{name}", summary="Model metadata and active calibrator", dependencies=ReadAccess)
 async def get_model(name: ModelName, plane: Plane) -> NumpyJSONResponse:
-    return NumpyJSONResponse(plane.model_summary(plane.model(name)))
+    info = await in_thread(plane.model, name)  # a thread: with the S3 store this may ask the bucket
+    return NumpyJSONResponse(plane.model_summary(info))
 
 
 @router.delete(

@@ -53,6 +53,7 @@ from service.api.routers import fallback
 from service.api.tensors import JSON, RAW, body_type, check_shape
 from service.errors import InvalidInput, NotReady, UpstreamFailed
 from service.names import parse_version, validate_model_name
+from service.serving.concurrency import in_thread
 from service.serving.dataplane import DataPlane
 from service.serving.proxy import PassedThrough, logits_output
 from service.serving.state import ActiveCalibrator, ModelInfo
@@ -354,7 +355,7 @@ async def infer(request: LeanRequest) -> Response:
     raw_length = request.header(HEADER_LENGTH.lower())
     header_length = raw_length.decode("latin-1") if raw_length is not None else None
     body = await request.body()
-    upstream = plane.upstream_model(name, version)
+    upstream = await plane.upstream_model_async(name, version)
     if upstream is not None:
         content = content_type.decode("latin-1") if content_type is not None else None
         return await run_upstream_infer(plane, upstream, body, header_length, content)
@@ -475,8 +476,9 @@ def upstream_model_metadata(info: ModelInfo, versions: list[str], upstream: dict
     dependencies=ReadAccess,
 )
 async def get_model_metadata(name: ModelName, plane: Plane) -> Response:
-    info = plane.model(name)
-    versions = [str(version) for version in plane.calibrator_versions(name, limit=MAX_VERSIONS_LISTED)]
+    info = await in_thread(plane.model, name)  # threads: with the S3 store these may ask the bucket
+    listed = await in_thread(plane.calibrator_versions, name, limit=MAX_VERSIONS_LISTED)
+    versions = [str(version) for version in listed]
     if info.kind == "upstream":
         return json_response(upstream_model_metadata(info, versions, await plane.upstream_metadata(info)))
     return json_response(model_metadata(info, versions))
@@ -489,7 +491,7 @@ async def get_model_metadata(name: ModelName, plane: Plane) -> Response:
     dependencies=ReadAccess,
 )
 async def get_model_version_metadata(name: ModelName, version: Version, plane: Plane) -> Response:
-    info, _ = plane.lookup(name, version)  # NotFound for a version that does not exist
+    info, _ = await plane.lookup_async(name, version)  # NotFound for a version that does not exist
     if info.kind == "upstream":
         return json_response(
             upstream_model_metadata(info, [str(version)], await plane.upstream_metadata(info))
@@ -498,7 +500,7 @@ async def get_model_version_metadata(name: ModelName, version: Version, plane: P
 
 
 async def _ready(plane: DataPlane, name: str, version: int | None) -> Response:
-    info, _ = plane.lookup(name, version)
+    info, _ = await plane.lookup_async(name, version)
     reason = info.failing
     if reason is None and info.kind == "upstream":
         reason = await plane.upstream_not_ready(info)
