@@ -34,6 +34,7 @@ DATA = REPO / "tests" / "data"
 METHODS = {
     "uncalibrated": None,
     "temperature": ("temperature", {}),
+    "ensemble temperature": ("ensemble_temperature", {}),
     "vector": ("vector", {}),
     "matrix": ("matrix", {}),
     "isotonic": ("isotonic", {}),

@@ -31,6 +31,7 @@ from service.core.calibrators import (
     BaseCalibrator,
     BetaCalibration,
     Calibrator,
+    EnsembleTemperatureScaling,
     HistogramBinning,
     IsotonicCalibration,
     MatrixScaling,
@@ -706,7 +707,16 @@ def test_histogram_bins_are_smoothed_towards_the_base_rate_and_floored():
 
 
 def test_registry_and_protocol():
-    assert set(CALIBRATORS) == {"temperature", "vector", "matrix", "platt", "isotonic", "histogram", "beta"}
+    assert set(CALIBRATORS) == {
+        "temperature",
+        "vector",
+        "matrix",
+        "platt",
+        "isotonic",
+        "histogram",
+        "beta",
+        "ensemble_temperature",
+    }
     for method, cls in CALIBRATORS.items():
         calibrator = make_calibrator(method)
         assert isinstance(calibrator, cls)
@@ -896,6 +906,44 @@ def test_beta_calibration_refuses_unknown_parameters_and_is_binary_only():
     logits, labels = overconfident(50, 3, seed=24)
     with pytest.raises(InvalidInput, match="beta is binary only; got 3 classes"):
         BetaCalibration().fit(logits, labels)
+
+
+@pytest.mark.parametrize("name", ["netcal_densenet-bc-100_c100.npz", "netcal_lenet5_c10.npz"])
+def test_ensemble_temperature_scaling_is_the_nll_optimal_mix_on_the_simplex(name, reference_data):
+    data = reference_data(name)
+    logits, labels = data["logits_val"].astype(np.float64), data["labels_val"]
+    fitted = EnsembleTemperatureScaling().fit(logits, labels)
+    scaling = TemperatureScaling().fit(logits, labels)
+    assert fitted.temperature_ == scaling.temperature_
+    assert (fitted.weights_ >= 0).all() and fitted.weights_.sum() == pytest.approx(1.0, abs=1e-12)
+    rows = np.arange(len(labels))
+    tempered = scipy_softmax(logits / scaling.temperature_, axis=1)[rows, labels]
+    plain = scipy_softmax(logits, axis=1)[rows, labels]
+    uniform = np.full(len(labels), 1.0 / logits.shape[1])
+
+    def nll(weights: np.ndarray) -> float:
+        return -float(np.mean(np.log(weights[0] * tempered + weights[1] * plain + weights[2] * uniform)))
+
+    best = nll(fitted.weights_)
+    assert best == pytest.approx(fitted.convergence_["objective_value"], rel=1e-12)
+    assert best <= nll(np.array([1.0, 0.0, 0.0])) + 1e-15  # never worse than temperature scaling
+    probabilities = fitted.transform(logits)
+    assert -np.mean(np.log(probabilities[rows, labels])) == pytest.approx(best, rel=1e-12)
+    # no point of a fine grid on the simplex beats the fit (a convex problem: its minimum is global)
+    grid = [np.array([a, b, 1.0 - a - b]) for a in np.linspace(0, 1, 41) for b in np.linspace(0, 1 - a, 41)]
+    assert best <= min(nll(point) for point in grid) + 1e-9
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), logits.argmax(axis=1))
+
+
+def test_ensemble_temperature_documents_refuse_weights_off_the_simplex():
+    logits, labels = overconfident(200, 4, seed=31)
+    document = EnsembleTemperatureScaling().fit(logits, labels).to_dict()
+    assert calibrator_from_dict(document).transform(logits) == pytest.approx(
+        EnsembleTemperatureScaling().fit(logits, labels).transform(logits)
+    )
+    for weights in ([0.5, 0.5, 0.5], [-0.1, 0.6, 0.5], [1.0, 0.0]):
+        with pytest.raises(InvalidInput, match="weights must be three non-negative numbers that sum to 1"):
+            calibrator_from_dict({**document, "params": {**document["params"], "weights": weights}})
 
 
 def test_platt_is_binary_only():

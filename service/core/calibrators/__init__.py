@@ -60,6 +60,7 @@ from service.core.calibrators.affine import MatrixScaling, VectorScaling
 from service.core.calibrators.base import BaseCalibrator, Calibrator
 from service.core.calibrators.beta import BetaCalibration
 from service.core.calibrators.binning import HistogramBinning, IsotonicCalibration
+from service.core.calibrators.ensemble import EnsembleTemperatureScaling
 from service.core.calibrators.platt import PlattScaling
 from service.core.calibrators.temperature import TemperatureScaling
 from service.errors import InvalidInput
@@ -73,6 +74,7 @@ __all__ = [
     "BaseCalibrator",
     "BetaCalibration",
     "Calibrator",
+    "EnsembleTemperatureScaling",
     "HistogramBinning",
     "IsotonicCalibration",
     "MatrixScaling",
@@ -93,6 +95,7 @@ CALIBRATORS: dict[str, type[BaseCalibrator]] = {
     "isotonic": IsotonicCalibration,
     "histogram": HistogramBinning,
     "beta": BetaCalibration,
+    "ensemble_temperature": EnsembleTemperatureScaling,
 }
 # The method names, in the registry's order (CLI choices, API docs).
 METHODS: tuple[str, ...] = tuple(CALIBRATORS)

@@ -102,6 +102,25 @@ class TemperatureModule(torch.nn.Module):
         return answer_dtype(torch.softmax(z * self.inverse_temperature, dim=1), logits)
 
 
+class EnsembleTemperatureModule(torch.nn.Module):
+    """``w1 softmax(z / T) + w2 softmax(z) + w3 / K`` (ensemble temperature scaling)."""
+
+    def __init__(self, temperature: float, weights: np.ndarray) -> None:
+        super().__init__()
+        self.inverse_temperature = 1.0 / float(temperature)
+        self.register_buffer("weights", float64_buffer(weights))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        z = two_columns(into_domain(logits.to(torch.float64)))
+        z = z - z.amax(dim=1, keepdim=True)
+        mixed = (
+            self.weights[0] * torch.softmax(z * self.inverse_temperature, dim=1)
+            + self.weights[1] * torch.softmax(z, dim=1)
+            + self.weights[2] / z.shape[1]
+        )
+        return answer_dtype(mixed, logits)
+
+
 class AffineModule(torch.nn.Module):
     """``softmax(W x + b)`` (``full``, matrix) or ``softmax(w * x + b)`` (vector); ``x = [0, z1 - z0]`` for
     binary models."""
