@@ -110,6 +110,31 @@ def test_binary_platt_on_one_logit_column(client):
     assert np.array(served["probabilities"]).shape == (2, 2)
 
 
+@pytest.mark.parametrize(("method", "columns"), [("beta", 1), ("ensemble_temperature", 10)])
+def test_new_methods_fit_serve_and_export_over_http(client, method, columns):
+    from service.core.calibrators import calibrator_from_dict
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, size=(600, columns))
+    labels = (
+        (rng.random(600) < 1 / (1 + np.exp(-0.4 * logits[:, 0]))).astype(int)
+        if columns == 1
+        else rng.integers(0, columns, 600)
+    )
+    assert client.put("/v1/models/fresh", json={"num_classes": columns}).status_code == 201
+    body = {"logits": logits.tolist(), "labels": labels.tolist(), "method": method}
+    answer = client.post("/v1/models/fresh/fit", json=body)
+    assert answer.status_code == 201, answer.text
+    document = answer.json()
+    assert document["method"] == method
+    served = client.post("/v1/models/fresh/calibrate", json={"logits": logits[:5].tolist()}).json()
+    np.testing.assert_allclose(
+        served["probabilities"], calibrator_from_dict(document).transform(logits[:5]), rtol=1e-12, atol=1e-15
+    )
+    bad = client.post("/v1/models/fresh/fit", json={**body, "options": {"parameters": "xyz"}})
+    assert bad.status_code == 400 and "parameters" in bad.json()["detail"]
+
+
 def test_calibrate_without_a_calibrator_is_plain_softmax(cifar_model, cifar10):
     rows = cifar10["logits_test"][:3]
     body = cifar_model.post("/v1/models/wrn/calibrate", json={"logits": rows.tolist()}).json()
