@@ -37,6 +37,7 @@ METHODS = {
     "ensemble temperature": ("ensemble_temperature", {}),
     "vector": ("vector", {}),
     "matrix": ("matrix", {}),
+    "dirichlet, reg cv": ("dirichlet", {"reg": "cv"}),
     "isotonic": ("isotonic", {}),
     "isotonic, floor 0": ("isotonic", {"floor": 0}),
     "histogram": ("histogram", {}),

@@ -31,6 +31,7 @@ from service.core.calibrators import (
     BaseCalibrator,
     BetaCalibration,
     Calibrator,
+    DirichletCalibration,
     EnsembleTemperatureScaling,
     HistogramBinning,
     IsotonicCalibration,
@@ -41,6 +42,7 @@ from service.core.calibrators import (
     calibrator_from_dict,
     make_calibrator,
 )
+from service.core.calibrators.affine import DIRICHLET_CV_GRID
 from service.errors import InvalidInput, NotFitted
 
 BINARY_ONLY = frozenset(method for method, cls in CALIBRATORS.items() if cls._binary_only)
@@ -716,6 +718,7 @@ def test_registry_and_protocol():
         "histogram",
         "beta",
         "ensemble_temperature",
+        "dirichlet",
     }
     for method, cls in CALIBRATORS.items():
         calibrator = make_calibrator(method)
@@ -944,6 +947,43 @@ def test_ensemble_temperature_documents_refuse_weights_off_the_simplex():
     for weights in ([0.5, 0.5, 0.5], [-0.1, 0.6, 0.5], [1.0, 0.0]):
         with pytest.raises(InvalidInput, match="weights must be three non-negative numbers that sum to 1"):
             calibrator_from_dict({**document, "params": {**document["params"], "weights": weights}})
+
+
+@pytest.mark.parametrize("name", ["netcal_lenet5_c10.npz", "kumar_vgg16_c10.npz"])
+def test_dirichlet_calibration_is_matrix_scaling_of_log_probabilities(name, reference_data):
+    # The sets in tests/data store log(p) as their logits, so ln softmax(z) = z (to rounding) there and
+    # Dirichlet calibration must give matrix scaling's fit: the reference its figures are checked against.
+    data = reference_data(name)
+    logits, labels = data["logits_val"].astype(np.float64), data["labels_val"]
+    dirichlet = DirichletCalibration().fit(logits, labels)
+    matrix = MatrixScaling().fit(log_softmax(logits, axis=1), labels)
+    test = data["logits_test"].astype(np.float64)
+    np.testing.assert_allclose(
+        dirichlet.transform(test), matrix.transform(log_softmax(test, axis=1)), atol=1e-6
+    )
+    # shifting the logits of a row changes nothing (it acts on probabilities), unlike matrix scaling
+    shifted = logits + np.random.default_rng(0).normal(scale=5.0, size=(len(logits), 1))
+    np.testing.assert_allclose(
+        DirichletCalibration().fit(shifted, labels).transform(test), dirichlet.transform(test), atol=1e-6
+    )
+    exported = dirichlet.torch_module()(torch.as_tensor(test)).numpy()
+    np.testing.assert_allclose(exported, dirichlet.transform(test), rtol=1e-9, atol=1e-12)
+
+
+def test_dirichlet_cross_validation_picks_the_grid_point_of_least_held_out_nll(reference_data):
+    data = reference_data("kumar_vgg16_c10.npz")
+    logits, labels = data["logits_val"][:2000].astype(np.float64), data["labels_val"][:2000]
+    fitted = DirichletCalibration(reg="cv").fit(logits, labels)
+    assert len(fitted.cv_scores_) == len(DIRICHLET_CV_GRID)
+    best = min(fitted.cv_scores_, key=fitted.cv_scores_.__getitem__)
+    assert best == f"{fitted.reg_:g},{fitted.off_diagonal_reg_:g}"
+    assert fitted.params["reg"] == "cv"
+    again = calibrator_from_dict(fitted.to_dict())
+    np.testing.assert_array_equal(again.transform(logits[:50]), fitted.transform(logits[:50]))
+    with pytest.raises(InvalidInput, match="folds must be at least 2"):
+        DirichletCalibration(reg="cv", folds=1)
+    with pytest.raises(InvalidInput, match="reg must be one of"):
+        DirichletCalibration(reg="grid")
 
 
 def test_platt_is_binary_only():

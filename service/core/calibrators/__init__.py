@@ -56,7 +56,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.core.calibrators.affine import MatrixScaling, VectorScaling
+from service.core.calibrators.affine import DirichletCalibration, MatrixScaling, VectorScaling
 from service.core.calibrators.base import BaseCalibrator, Calibrator
 from service.core.calibrators.beta import BetaCalibration
 from service.core.calibrators.binning import HistogramBinning, IsotonicCalibration
@@ -74,6 +74,7 @@ __all__ = [
     "BaseCalibrator",
     "BetaCalibration",
     "Calibrator",
+    "DirichletCalibration",
     "EnsembleTemperatureScaling",
     "HistogramBinning",
     "IsotonicCalibration",
@@ -96,6 +97,7 @@ CALIBRATORS: dict[str, type[BaseCalibrator]] = {
     "histogram": HistogramBinning,
     "beta": BetaCalibration,
     "ensemble_temperature": EnsembleTemperatureScaling,
+    "dirichlet": DirichletCalibration,
 }
 # The method names, in the registry's order (CLI choices, API docs).
 METHODS: tuple[str, ...] = tuple(CALIBRATORS)

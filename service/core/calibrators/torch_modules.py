@@ -123,17 +123,22 @@ class EnsembleTemperatureModule(torch.nn.Module):
 
 class AffineModule(torch.nn.Module):
     """``softmax(W x + b)`` (``full``, matrix) or ``softmax(w * x + b)`` (vector); ``x = [0, z1 - z0]`` for
-    binary models."""
+    binary models, or ``x = log_softmax(z)`` (``log_probabilities``: Dirichlet calibration)."""
 
-    def __init__(self, weights: np.ndarray, bias: np.ndarray, *, full: bool) -> None:
+    def __init__(
+        self, weights: np.ndarray, bias: np.ndarray, *, full: bool, log_probabilities: bool = False
+    ) -> None:
         super().__init__()
         self.full = full
+        self.log_probabilities = log_probabilities
         self.register_buffer("weights", float64_buffer(weights))
         self.register_buffer("bias", float64_buffer(bias))
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         z = into_domain(logits.to(torch.float64))
-        if z.shape[1] <= 2:
+        if self.log_probabilities:  # Dirichlet calibration: the map of ln softmax(z)
+            x = torch.log_softmax(two_columns(z), dim=1)
+        elif z.shape[1] <= 2:
             margin = binary_margin(z)
             x = torch.stack([torch.zeros_like(margin), margin], dim=1)
         else:
