@@ -369,6 +369,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     binning=args.binning,
                     bootstrap=args.bootstrap,
                     seed=args.seed,
+                    nll_clip=args.nll_clip,
                     **{kind: scores},
                 )
         else:
@@ -382,6 +383,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 binning=args.binning,
                 bootstrap=args.bootstrap,
                 seed=args.seed,
+                nll_clip=args.nll_clip,
                 progress=progress,
             )  # with a document that has fit-time figures, the report holds its drift against them
     finally:
@@ -654,6 +656,13 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
         f"resamples x rows at most {MAX_BOOTSTRAP_WORK:,})",
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument(
+        "--nll-clip",
+        type=float,
+        metavar="EPS",
+        help="report the NLL with p_y clipped to [EPS, 1 - EPS] (as sklearn's log_loss); default: the exact "
+        "NLL, infinite (null in JSON, rows in nll_infinite_rows) where a true class has probability 0",
+    )
     parser.add_argument(
         "--fail-on",
         action="append",

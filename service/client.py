@@ -494,15 +494,23 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         binning: str = "width",
         bootstrap: int = 0,
         seed: int = 0,
+        nll_clip: float | None = None,
         binary: bool = True,
     ) -> _Json:
         """``POST /v1/models/{name}/evaluate``: the evaluation report of labelled data (uncalibrated vs
-        calibrated). The arrays travel as an ``.npz`` body (``binary=False``: JSON)."""
+        calibrated). The arrays travel as an ``.npz`` body (``binary=False``: JSON). NLL is exact (null
+        where infinite, with ``nll_infinite_rows``) unless ``nll_clip``."""
         arrays = {
             **_one_of(logits=logits, inputs=inputs, probabilities=probabilities),
             "labels": _array(labels),
         }
-        fields = {"n_bins": int(n_bins), "binning": binning, "bootstrap": int(bootstrap), "seed": int(seed)}
+        fields = {
+            "n_bins": int(n_bins),
+            "binning": binning,
+            "bootstrap": int(bootstrap),
+            "seed": int(seed),
+            "nll_clip": nll_clip,
+        }
         return self._send(
             _labelled_call(
                 f"/v1/models/{_name(name)}/evaluate",
@@ -524,10 +532,12 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         losses: bool = True,
         bootstrap: int = 0,
         seed: int = 0,
+        nll_clip: float | None = None,
         binary: bool = True,
     ) -> _Json:
         """``POST /v1/metrics``: stateless figures (ece, mce, brier, nll, accuracy, reliability bins, losses).
-        The arrays travel as an ``.npz`` body (``binary=False``: JSON)."""
+        The arrays travel as an ``.npz`` body (``binary=False``: JSON). NLL is exact (null where infinite,
+        with ``nll_infinite_rows``) unless ``nll_clip``."""
         arrays = {**_one_of(logits=logits, probabilities=probabilities), "labels": _array(labels)}
         fields = {
             "n_bins": int(n_bins),
@@ -535,6 +545,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "losses": bool(losses),
             "bootstrap": int(bootstrap),
             "seed": int(seed),
+            "nll_clip": nll_clip,
         }
         return self._send(_labelled_call("/v1/metrics", arrays, fields, binary=binary))
 

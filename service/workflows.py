@@ -20,8 +20,14 @@ import numpy as np
 from service.core import metrics
 from service.core.calibrators import TemperatureScaling, calibrator_from_dict, make_calibrator
 from service.core.monitoring import confidence_histogram
-from service.core.probability import softmax
-from service.core.validation import check_labelled, check_logits, check_probabilities, same_class_count
+from service.core.probability import log_softmax, softmax
+from service.core.validation import (
+    MAX_ABS_LOGIT,
+    check_labelled,
+    check_logits,
+    check_probabilities,
+    same_class_count,
+)
 from service.errors import InvalidInput
 
 FORMAT_VERSION = 1
@@ -52,17 +58,37 @@ def scores_to_logits(scores: Any, *, from_logits: bool, transform: bool = False)
     """
     if from_logits:
         return check_logits(scores, scale=transform)
-    probabilities = check_probabilities(scores)
+    return probability_logits(check_probabilities(scores))
+
+
+def probability_logits(probabilities: np.ndarray) -> np.ndarray:
+    """Logits whose softmax is ``probabilities`` (validated), for calibrators to work on.
+
+    A probability of 0 has no logit: it is floored at 1e-300 here (log 1e-300 = -690.8), which changes the
+    softmax by less than 1e-300. Figures are never computed from these logits (:func:`evaluate` scores the
+    probabilities themselves), so the floor never reaches an NLL.
+    """
     if probabilities.shape[1] == 1:  # binary P(y=1): its logit is log(p / (1 - p))
-        p = np.clip(probabilities.astype(np.float64), 1e-300, 1.0)
-        q = np.clip(1.0 - probabilities.astype(np.float64), 1e-300, 1.0)
+        p = np.clip(probabilities.astype(np.float64), _PROBABILITY_FLOOR, 1.0)
+        q = np.clip(1.0 - probabilities.astype(np.float64), _PROBABILITY_FLOOR, 1.0)
         return np.log(p) - np.log(q)
-    return np.log(np.clip(probabilities.astype(np.float64), 1e-300, None))
+    return np.log(np.clip(probabilities.astype(np.float64), _PROBABILITY_FLOOR, None))
 
 
-def figures(logits: np.ndarray, labels: np.ndarray, *, n_bins: int = 15, binning: str = "width") -> dict:
-    """The headline figures (ece, mce, brier, nll, accuracy and variants) of softmax(logits)."""
-    return metrics.calibration_report(logits, labels, from_logits=True, n_bins=n_bins, binning=binning)
+def figures(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    *,
+    from_logits: bool = True,
+    n_bins: int = 15,
+    binning: str = "width",
+    nll_clip: float | None = None,
+) -> dict:
+    """The headline figures (ece, mce, brier, nll, accuracy and variants) of softmax(logits), or of
+    probabilities (``from_logits=False``); NLL exact unless ``nll_clip``."""
+    return metrics.calibration_report(
+        scores, labels, from_logits=from_logits, n_bins=n_bins, binning=binning, nll_clip=nll_clip
+    )
 
 
 def fit_document(
@@ -142,13 +168,14 @@ def fit_time_figures(
     calibrator: Any, logits: np.ndarray, labels: np.ndarray, before: dict | None = None
 ) -> tuple[dict, dict]:
     """``(before, after)``: :func:`service.core.metrics.fit_figures` of validated logits (unless given)
-    and of the fitted ``calibrator``'s probabilities (NLL floored as in :func:`calibrated_logits`).
+    and of the fitted ``calibrator``'s answer, with the exact NLL of :func:`evaluate` (infinite where a
+    calibrated true class has probability 0: null in the stored document, the rows in ``nll_infinite_rows``).
 
     Temperature scaling's ``after`` comes from a pass over the logits (the same pass as ``before``, when
     that is not given): its softmax of ``z / T`` is never written out. Other methods' from ``transform``.
     """
     if isinstance(calibrator, TemperatureScaling):
-        groups = [(calibrator.temperature_, _PROBABILITY_FLOOR)]
+        groups = [(calibrator.temperature_, None)]  # from the logits: exact and finite
         if before is None:
             before, after = metrics.fit_figures(logits, labels, groups=[(1.0, None), *groups])
         else:
@@ -157,7 +184,7 @@ def fit_time_figures(
     if before is None:
         (before,) = metrics.fit_figures(logits, labels)
     probabilities = calibrator.transform(logits, validate=False)
-    after = metrics.fit_figures_of_probabilities(probabilities, labels, probability_floor=_PROBABILITY_FLOOR)
+    after = metrics.fit_figures_of_probabilities(probabilities, labels)
     return before, after
 
 
@@ -168,9 +195,24 @@ def _hash_and_figures(logits: np.ndarray, labels: np.ndarray) -> tuple[str, dict
 
 
 def calibrated_logits(calibrator: Any, logits: np.ndarray) -> np.ndarray:
-    """Log of the calibrated probabilities: a logit matrix whose softmax is the calibrated answer."""
+    """Log of the calibrated probabilities, floored at 1e-300: a logit matrix whose softmax is the
+    calibrated answer (the fit-time figures' floored NLL; evaluations use :func:`calibrated_scores`)."""
     with np.errstate(divide="ignore"):
         return np.log(np.clip(calibrator.transform(logits), _PROBABILITY_FLOOR, None))
+
+
+def calibrated_scores(calibrator: Any, logits: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``(scores, from_logits)`` of the calibrated answer, for figures with an exact NLL.
+
+    Temperature scaling: ``log_softmax(z / T)``, logits whose softmax is the answer and whose NLL stays exact
+    (finite) where a calibrated probability underflows to 0. Other methods: their probabilities, whose NLL
+    is infinite where the true class gets probability 0 (histogram binning can do that on purpose).
+    """
+    if isinstance(calibrator, TemperatureScaling):
+        scaled = log_softmax(logits, calibrator.temperature_)
+        if np.all(np.abs(scaled) <= MAX_ABS_LOGIT):  # z / T beyond the logit domain: use the answer
+            return scaled, True
+    return calibrator.transform(logits), False
 
 
 def load_calibrator(document: Mapping[str, Any]) -> Any:
@@ -206,6 +248,7 @@ def evaluate(
     bootstrap: int = 0,
     seed: int = 0,
     confidence: float = 0.95,
+    nll_clip: float | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Figures before and (with a calibrator) after calibration, reliability bins and optional intervals.
@@ -214,18 +257,30 @@ def evaluate(
     ``uncalibrated`` and ``calibrated`` by their short names, with the ``conventions`` that produced them.
     ``drift`` (:func:`drift_against_fit`) is added exactly when ``calibrator_document`` has fit-time figures
     (:func:`has_fit_figures`): the one rule for every entry point (HTTP, CLI).
+
+    Figures are those of the scores as given (probabilities are scored as probabilities, never through
+    logits) and of the calibrated answer (:func:`calibrated_scores`): NLL is exact, infinite where a true
+    class has probability 0 (JSON null, the rows in ``nll_infinite_rows``); ``nll_clip=eps`` asks for the
+    clipped NLL instead (``conventions.nll`` says which).
     """
-    logits = scores_to_logits(scores, from_logits=from_logits)
+    if from_logits:
+        logits = scores_to_logits(scores, from_logits=True)
+        given: np.ndarray = logits
+    else:
+        given = check_probabilities(scores)
+        logits = probability_logits(given)
     logits, y, _ = check_labelled(logits, labels, from_logits=True)
+    if nll_clip is not None:
+        nll_clip = metrics.check_nll_clip(nll_clip)
     # the option limits, before any figure is computed
     metrics.check_binning(n_bins, binning, logits.shape[1])
     if bootstrap:
         metrics.check_bootstrap(bootstrap, logits.shape[0])
-    groups = {"uncalibrated": logits}
+    groups: dict[str, tuple[np.ndarray, bool]] = {"uncalibrated": (given, from_logits)}
     if calibrator is None and calibrator_document is not None:
         calibrator = load_calibrator(calibrator_document)
     if calibrator is not None:
-        groups["calibrated"] = calibrated_logits(calibrator, logits)
+        groups["calibrated"] = calibrated_scores(calibrator, logits)
     report: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "kind": REPORT_KIND,
@@ -234,21 +289,26 @@ def evaluate(
         "num_classes": int(logits.shape[1]),
         "calibrator": _calibrator_summary(calibrator_document, calibrator),
     }
-    for group, group_logits in groups.items():
-        report[group] = figures(group_logits, y, n_bins=n_bins, binning=binning)
+    for group, (values, values_are_logits) in groups.items():
+        report[group] = figures(
+            values, y, from_logits=values_are_logits, n_bins=n_bins, binning=binning, nll_clip=nll_clip
+        )
     report["conventions"] = report["uncalibrated"].pop("conventions", {})
     for group in groups:
         report[group].pop("conventions", None)
     report["reliability"] = {
         group: metrics.reliability_bins(
-            group_logits, y, from_logits=True, n_bins=n_bins, binning=binning
+            values, y, from_logits=values_are_logits, n_bins=n_bins, binning=binning
         ).to_dict()
-        for group, group_logits in groups.items()
+        for group, (values, values_are_logits) in groups.items()
     }
     if bootstrap:
+        binned = {"n_bins": n_bins, "binning": binning}
         report["intervals"] = {
-            group: _intervals(group_logits, y, bootstrap, seed, confidence, n_bins, binning, progress)
-            for group, group_logits in groups.items()
+            group: _intervals(
+                values, y, values_are_logits, bootstrap, seed, confidence, binned, nll_clip, progress
+            )
+            for group, (values, values_are_logits) in groups.items()
         }
         report["conventions"]["bootstrap"] = {
             "n_resamples": bootstrap,
@@ -271,22 +331,21 @@ def _calibrator_summary(document: Mapping[str, Any] | None, calibrator: Any | No
     return summary
 
 
-def _intervals(logits, y, n_resamples, seed, confidence, n_bins, binning, progress) -> dict:
-    binned = {"n_bins": n_bins, "binning": binning}
+def _intervals(scores, y, from_logits, n_resamples, seed, confidence, binned, nll_clip, progress) -> dict:
     functions = {
         "ece": (metrics.expected_calibration_error, binned),
         "mce": (metrics.maximum_calibration_error, binned),
         "brier": (metrics.brier_score, {}),
-        "nll": (metrics.negative_log_likelihood, {}),
+        "nll": (metrics.negative_log_likelihood, {"clip": nll_clip}),
         "accuracy": (metrics.accuracy, {}),
     }
     out = {}
     for index, (name, (function, options)) in enumerate(functions.items()):
         low, high = metrics.bootstrap_interval(
             function,
-            logits,
+            scores,
             y,
-            from_logits=True,
+            from_logits=from_logits,
             n_resamples=n_resamples,
             confidence=confidence,
             seed=seed,
@@ -351,7 +410,7 @@ def check_thresholds(report: dict, expressions: Iterable[str]) -> list[dict]:
             raise InvalidInput(
                 f"threshold {expression!r}: unknown figure {threshold.metric!r} (known: {known})"
             )
-        value = float(figures_of_group[threshold.metric])
+        value = _figure_value(figures_of_group, threshold.metric)
         breached = _OPERATORS[threshold.op](value, threshold.limit)
         results.append(
             {
@@ -366,6 +425,15 @@ def check_thresholds(report: dict, expressions: Iterable[str]) -> list[dict]:
             }
         )
     return results
+
+
+def _figure_value(figures_of_group: Mapping[str, Any], name: str) -> float:
+    """A figure as a float: an infinite one came through JSON as null, with its rows named beside it
+    (``nll_infinite_rows``), and counts as infinite; any other null is NaN (no comparison holds)."""
+    value = figures_of_group[name]
+    if value is None:
+        return float("inf") if figures_of_group.get(f"{name}_infinite_rows") else float("nan")
+    return float(value)
 
 
 def parse_max_increase(spec: str | Mapping[str, float]) -> dict[str, float]:
@@ -498,7 +566,7 @@ def drift_against_fit(report: dict, document: Mapping[str, Any]) -> dict:
     for group in ("uncalibrated", "calibrated"):
         if report.get(group) and baseline.get(group):
             out[group] = {
-                name: float(report[group][name]) - float(baseline[group][name])
+                name: _figure_value(report[group], name) - _figure_value(baseline[group], name)
                 for name in HEADLINE_FIGURES
                 if name in report[group] and name in baseline[group]
             }

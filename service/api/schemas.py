@@ -32,6 +32,10 @@ Method = Literal[METHODS]  # type: ignore[valid-type]
 
 
 MAX_CLASS_NAME_LENGTH = 256
+NLL_CLIP = (
+    "report the NLL with p_y clipped to [nll_clip, 1 - nll_clip] (as sklearn's log_loss); null (default): "
+    "the exact NLL, null when infinite (a true class of probability 0), its rows in nll_infinite_rows"
+)
 """Longest class name accepted (characters): names are labels, echoed in every answer's ``predicted_label``."""
 
 
@@ -141,6 +145,7 @@ class EvaluateRequest(ScoresBody):
     binning: Literal["width", "mass"] = "width"
     bootstrap: int = Field(0, ge=0, le=MAX_BOOTSTRAP_RESAMPLES)
     seed: int = 0
+    nll_clip: float | None = Field(None, gt=0.0, lt=0.5, description=NLL_CLIP)
 
 
 class OutcomesRequest(Strict):
@@ -175,6 +180,7 @@ class MetricsRequest(Strict):
     losses: bool = True
     bootstrap: int = Field(0, ge=0, le=MAX_BOOTSTRAP_RESAMPLES)
     seed: int = 0
+    nll_clip: float | None = Field(None, gt=0.0, lt=0.5, description=NLL_CLIP)
 
 
 def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, Any]:

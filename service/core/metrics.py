@@ -91,11 +91,14 @@ __all__ = [
     "calibration_report_checked",
     "check_binning",
     "check_bootstrap",
+    "check_nll_clip",
     "expected_calibration_error",
     "fit_figures",
     "fit_figures_of_probabilities",
+    "infinite_nll_rows",
     "maximum_calibration_error",
     "negative_log_likelihood",
+    "nll_convention",
     "overconfidence_error",
     "reliability_bins",
     "underconfidence_error",
@@ -629,6 +632,14 @@ def _nll_options(clip: Any = None) -> dict[str, Any]:
     return {"clip": None if clip is None else float(clip)}
 
 
+def check_nll_clip(clip: Any) -> float:
+    """``nll_clip`` checked: a number in (0, 0.5); InvalidInput naming ``nll_clip`` otherwise."""
+    try:
+        return _nll_options(clip)["clip"]
+    except InvalidInput as exc:
+        raise InvalidInput(str(exc).replace("clip", "nll_clip", 1), field="nll_clip") from None
+
+
 def _mean(values: np.ndarray, weights: np.ndarray | None) -> float:
     if weights is None:
         return float(np.mean(values, dtype=np.float64))
@@ -1069,8 +1080,25 @@ def bootstrap_interval(
     if statistics.size == 0:
         raise InvalidInput("every bootstrap resample had zero total sample_weight", field="sample_weight")
     tail = (1.0 - float(confidence)) / 2.0
-    low, high = np.quantile(statistics, [tail, 1.0 - tail])
-    return BootstrapInterval(float(low), float(high))
+    return BootstrapInterval(*_quantiles(statistics, [tail, 1.0 - tail]))
+
+
+def _quantiles(values: np.ndarray, levels: Sequence[float]) -> list[float]:
+    """``numpy.quantile`` (linear interpolation) where an interpolation that touches ``inf`` is ``inf``
+    (an exact NLL can be infinite in some resamples; numpy answers ``inf - inf = NaN`` there)."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return [float(q) for q in np.quantile(values, levels)]
+    ordered = np.sort(values)
+    out = []
+    for level in levels:
+        position = level * (ordered.size - 1)
+        below, above = ordered[math.floor(position)], ordered[math.ceil(position)]
+        if math.isinf(above):
+            out.append(float(above) if position == math.ceil(position) or math.isinf(below) else math.inf)
+        else:
+            out.append(float(np.quantile(ordered, level)))
+    return out
 
 
 def calibration_report(
@@ -1081,8 +1109,12 @@ def calibration_report(
     n_bins: int = DEFAULT_N_BINS,
     binning: str = "width",
     sample_weight: Any = None,
+    nll_clip: float | None = None,
 ) -> dict[str, Any]:
     """Every figure the service stores, from one validation, softmax and argmax.
+
+    ``nll_clip=eps`` reports the clipped NLL of :func:`negative_log_likelihood` (``clip=eps``) under
+    ``nll`` instead of the exact one, and says so in ``conventions["nll"]``; by default NLL is exact.
 
     Returns
     -------
@@ -1090,7 +1122,8 @@ def calibration_report(
         Plain floats under short names: ``ece`` (top-label, L1, ``binning``), ``mce``, ``ece_l2``,
         ``ece_debiased`` (Kumar et al. debiased L2), ``ece_mass`` (equal-mass bins), ``ece_classwise``,
         ``overconfidence`` and ``underconfidence`` (they add up to ``ece``), ``brier``, ``nll`` (exact;
-        ``inf`` if a true class has probability 0), ``accuracy``; ``ece_positive_class`` for binary models
+        ``inf`` if a true class has probability 0, and then ``nll_infinite_rows`` lists those rows: the
+        first :data:`MAX_LISTED_ROWS` indices, ascending), ``accuracy``; ``ece_positive_class`` for binary models
         only; without ``sample_weight``, the statistical tests of top-label calibration of
         :func:`service.core.calibration_tests.calibration_tests` (``spiegelhalter_z``/``_p``,
         ``ks_calibration``/``_p``, ``kuiper_calibration``/``_p``, ``calibration_slope``/``_se``,
@@ -1099,8 +1132,9 @@ def calibration_report(
         int); and ``conventions`` (a dict of strings and ints stating them).
     """
     options = _binning_options(n_bins, binning, "top_label")
+    clip = None if nll_clip is None else check_nll_clip(nll_clip)
     scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
-    return _report(scores, weights, options)
+    return _report(scores, weights, options, nll_clip=clip)
 
 
 def calibration_report_checked(
@@ -1141,7 +1175,9 @@ def calibration_report_checked(
     return _report(scores, sample_weight, options)
 
 
-def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]) -> dict[str, Any]:
+def _report(
+    scores: _Scores, weights: np.ndarray | None, options: dict[str, Any], *, nll_clip: float | None = None
+) -> dict[str, Any]:
     n_bins, binning = options["n_bins"], options["binning"]
     top_label = _binned(scores, weights, **options)
     mass = top_label if binning == "mass" else _binned(scores, weights, **{**options, "binning": "mass"})
@@ -1155,7 +1191,7 @@ def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]
         "ece": error(top_label),
         "mce": error(top_label, "max"),
         "brier": _brier_compute(scores, weights),
-        "nll": _nll_compute(scores, weights, clip=None),
+        "nll": _nll_compute(scores, weights, clip=nll_clip),
         "accuracy": _accuracy_compute(scores, weights),
         "ece_classwise": error(classwise),
         "ece_l2": error(top_label, "l2"),
@@ -1164,6 +1200,9 @@ def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]
         "overconfidence": float(over[0]),
         "underconfidence": float(under[0]),
     }
+    if math.isinf(report["nll"]):
+        # JSON has no infinity (the encoders write null): the rows that make it infinite say why
+        report["nll_infinite_rows"] = infinite_nll_rows(scores, weights)
     if scores.n_classes == 2:
         report["ece_positive_class"] = error(
             _binned(scores, weights, **{**options, "kind": "positive_class"})
@@ -1188,12 +1227,34 @@ def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]
         "ece_debiased": "Kumar et al. 2019 debiased L2, same bins",
         "ece_mass": f"{n_bins} equal-mass bins",
         "ece_classwise": "mean over classes of per-class L1 ECE, same binning",
-        "nll": "exact",
+        "nll": nll_convention(nll_clip),
         "brier": "mean over samples of sum_k (p_k - 1[y=k])^2",
         "accuracy": "argmax, ties to the lowest class",
         **calibration_tests.CONVENTIONS,
     }
     return report
+
+
+MAX_LISTED_ROWS = 1000
+"""Most row indices a report lists in ``nll_infinite_rows``."""
+NLL_EXACT = "exact"
+"""``conventions["nll"]`` of the exact NLL, ``-log p_y``: infinite where ``p_y = 0`` (JSON null, with the rows in
+``nll_infinite_rows``)."""
+
+
+def nll_convention(clip: float | None) -> str:
+    """``conventions["nll"]`` of a report whose NLL is exact (``clip=None``) or clipped at ``clip``."""
+    if clip is None:
+        return NLL_EXACT
+    return f"clipped: -log clip(p_y, {clip!r}, 1 - {clip!r})"
+
+
+def infinite_nll_rows(scores: _Scores, weights: np.ndarray | None) -> list[int]:
+    """Rows (of positive weight) whose true class has probability 0: their exact NLL is infinite."""
+    infinite = np.isinf(scores.true_class_log_probability)
+    if weights is not None:
+        infinite &= weights > 0
+    return np.flatnonzero(infinite)[:MAX_LISTED_ROWS].tolist()
 
 
 # ------------------------------------------------------------------------------------- fit-time figures
@@ -1212,6 +1273,7 @@ class _RowSums:
         self.correct = np.empty(n_samples, dtype=np.bool_)
         self.brier = 0.0
         self.nll = 0.0
+        self.infinite_rows: list[np.ndarray] = []  # rows whose true class has probability 0
 
     def add_block(
         self,
@@ -1259,6 +1321,9 @@ class _RowSums:
             "n": n_samples,
             "conventions": _fit_conventions(n_bins),
         }
+        if math.isinf(self.nll):
+            rows = np.concatenate(self.infinite_rows) if self.infinite_rows else np.empty(0, dtype=np.intp)
+            report["nll_infinite_rows"] = rows[:MAX_LISTED_ROWS].tolist()
         return report
 
 
@@ -1409,4 +1474,8 @@ def fit_figures_of_probabilities(
         sums.brier += float(np.add.reduce(sum_squares[:width] - 2.0 * true_probability + 1.0))
         with np.errstate(divide="ignore"):  # p = 0 without a floor: the exact NLL is infinite
             sums.nll -= float(np.add.reduce(np.log(np.maximum(true_probability, floor))))
+        if floor == 0.0:
+            zero = np.flatnonzero(true_probability == 0.0)
+            if zero.size:
+                sums.infinite_rows.append(zero + start)
     return sums.figures(n_bins)

@@ -110,6 +110,7 @@ class EvaluateSpec:
     binning: str = "width"
     bootstrap: int = 0
     seed: int = 0
+    nll_clip: float | None = None  # None: the exact NLL
 
 
 def check_columns(model: ModelInfo, scores: np.ndarray, field: str) -> None:
@@ -632,6 +633,7 @@ class DataPlane:
             binning=spec.binning,
             bootstrap=spec.bootstrap,
             seed=spec.seed,
+            nll_clip=spec.nll_clip,
         )
         report["model"] = name
         return report
@@ -717,6 +719,7 @@ def _figures(data: Labelled, spec: EvaluateSpec, with_losses: bool) -> dict[str,
         binning=spec.binning,
         bootstrap=spec.bootstrap,
         seed=spec.seed,
+        nll_clip=spec.nll_clip,
     )
     answer = {
         **report["uncalibrated"],
