@@ -348,7 +348,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     # every flag is checked before the (possibly long) evaluation starts
     for expression in args.fail_on or []:
-        workflows.Threshold.parse(expression)
+        if workflows.Threshold.parse(expression).bound is not None and not args.bootstrap:
+            raise CommandError(
+                f"--fail-on {expression}: a bound of a bootstrap interval needs --bootstrap N (e.g. 1000)"
+            )
     baseline = _baseline(args.baseline, baseline_document) if baseline_document is not None else None
     max_increase = (
         workflows.parse_max_increase(args.max_increase or DEFAULT_MAX_INCREASE)
@@ -668,7 +671,8 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
         action="append",
         metavar="EXPR",
         help="fail (exit 1) when a figure satisfies EXPR, e.g. 'ece>0.03', 'uncalibrated.nll>=1', "
-        "'accuracy<0.9'; calibrated figures unless prefixed; repeatable",
+        "'accuracy<0.9', a p-value 'spiegelhalter_p<0.01', or a bound of a bootstrap interval "
+        "'ece.upper>0.03' (with --bootstrap N); calibrated figures unless prefixed; repeatable",
     )
     parser.add_argument(
         "--baseline",

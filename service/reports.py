@@ -142,9 +142,15 @@ def check_message(check: Mapping[str, Any]) -> str:
             f"baseline {_number(baseline)}); allowed {allowed} {_number(limit)}"
         )
     comparison = f"{check.get('op', '?')} {_number(limit, 6)}"
+    subject = f"{metric}.{check['bound']}" if check.get("bound") else metric
+    context = ""
+    if check.get("bound"):  # a bound of a bootstrap interval: say which interval, around which estimate
+        context = f" ({check.get('interval') or 'bootstrap'} interval of {metric} = {_number(check.get('estimate'), 6)})"
+    elif check.get("test"):  # a p-value: the test and its statistic
+        context = f" ({check['test']}: {check.get('statistic')} = {_number(check.get('statistic_value'), 6)})"
     if check.get("status") == "fail":
-        return f"{metric} = {_number(value, 6)} {comparison}"
-    return f"{metric} = {_number(value, 6)} (fails if {comparison})"
+        return f"{subject} = {_number(value, 6)} {comparison}{context}"
+    return f"{subject} = {_number(value, 6)}{context} (fails if {comparison})"
 
 
 def _check_details(check: Mapping[str, Any]) -> str:
@@ -158,6 +164,12 @@ def _check_details(check: Mapping[str, Any]) -> str:
         "value",
         "baseline",
         "change",
+        "bound",
+        "interval",
+        "estimate",
+        "test",
+        "statistic",
+        "statistic_value",
         "status",
         "detail",
     )

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.core import metrics
+from service.core.calibration_tests import P_VALUES
 from service.core.calibrators import TemperatureScaling, calibrator_from_dict, make_calibrator
 from service.core.monitoring import confidence_histogram
 from service.core.probability import log_softmax, softmax
@@ -314,6 +315,9 @@ def evaluate(
             "n_resamples": bootstrap,
             "confidence": confidence,
             "seed": seed,
+            # ECE-like figures are biased upwards, so their percentile intervals sit too high: bias-corrected
+            "interval": {name: metrics.default_interval_method(function) for name, function in INTERVALS},
+            "methods": dict(metrics.INTERVAL_CONVENTIONS),
         }
     report["thresholds"] = []
     report["summary"] = summarise([])
@@ -331,14 +335,21 @@ def _calibrator_summary(document: Mapping[str, Any] | None, calibrator: Any | No
     return summary
 
 
+INTERVALS = (
+    ("ece", metrics.expected_calibration_error),
+    ("mce", metrics.maximum_calibration_error),
+    ("brier", metrics.brier_score),
+    ("nll", metrics.negative_log_likelihood),
+    ("accuracy", metrics.accuracy),
+)
+"""The figures a bootstrap gives intervals of, with their functions (whose default interval method,
+:func:`service.core.metrics.default_interval_method`, is the report's: bias-corrected (``basic``) for
+``ece`` and ``mce``)."""
+
+
 def _intervals(scores, y, from_logits, n_resamples, seed, confidence, binned, nll_clip, progress) -> dict:
-    functions = {
-        "ece": (metrics.expected_calibration_error, binned),
-        "mce": (metrics.maximum_calibration_error, binned),
-        "brier": (metrics.brier_score, {}),
-        "nll": (metrics.negative_log_likelihood, {"clip": nll_clip}),
-        "accuracy": (metrics.accuracy, {}),
-    }
+    options = {"ece": binned, "mce": binned, "nll": {"clip": nll_clip}}
+    functions = {name: (function, options.get(name, {})) for name, function in INTERVALS}
     out = {}
     for index, (name, (function, options)) in enumerate(functions.items()):
         low, high = metrics.bootstrap_interval(
@@ -365,35 +376,47 @@ _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     "<": operator.lt,
 }
-_THRESHOLD = re.compile(r"^\s*(?:(uncalibrated|calibrated)\.)?([a-z_0-9]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+_THRESHOLD = re.compile(
+    r"^\s*(?:(uncalibrated|calibrated)\.)?([a-z_0-9]+)(?:\.(upper|lower))?\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$"
+)
+BOUNDS = {"lower": 0, "upper": 1}
+"""``--fail-on`` bounds of a figure's bootstrap interval (``ece.upper>0.03``): index in ``[low, high]``."""
 
 
 @dataclass(frozen=True)
 class Threshold:
-    """A failure condition such as ``ece>0.03``: breached when the figure satisfies the comparison."""
+    """A failure condition such as ``ece>0.03``: breached when the figure satisfies the comparison.
+
+    ``bound`` (``ece.upper>0.03``, ``calibrated.ece.lower>0.01``) compares a bound of the figure's bootstrap
+    interval instead (the report's ``intervals``, from ``--bootstrap N``): ``ece.lower>0.03`` fails only
+    when the calibration error is above 0.03 beyond the bootstrap's doubt, ``ece.upper>0.03`` unless it is
+    below it beyond that doubt. A p-value figure (``spiegelhalter_p<0.01``) gates on a test of calibration.
+    """
 
     expression: str
     group: str | None
     metric: str
     op: str
     limit: float
+    bound: str | None = None
 
     @classmethod
     def parse(cls, expression: str) -> Threshold:
         match = _THRESHOLD.match(expression)
         if match is None:
             raise InvalidInput(
-                f"threshold {expression!r} must look like 'ece>0.03' or 'calibrated.brier>=0.2'",
+                f"threshold {expression!r} must look like 'ece>0.03', 'calibrated.brier>=0.2', "
+                "'ece.upper>0.03' (a bound of the bootstrap interval) or 'spiegelhalter_p<0.01'",
                 field="fail_on",
             )
-        group, metric, op, limit = match.groups()
+        group, metric, bound, op, limit = match.groups()
         try:
             value = float(limit)
         except ValueError:
             raise InvalidInput(
                 f"threshold {expression!r} has no number after {op}", field="fail_on"
             ) from None
-        return cls(expression.strip(), group, metric, op, value)
+        return cls(expression.strip(), group, metric, op, value, bound)
 
 
 def check_thresholds(report: dict, expressions: Iterable[str]) -> list[dict]:
@@ -410,21 +433,52 @@ def check_thresholds(report: dict, expressions: Iterable[str]) -> list[dict]:
             raise InvalidInput(
                 f"threshold {expression!r}: unknown figure {threshold.metric!r} (known: {known})"
             )
-        value = _figure_value(figures_of_group, threshold.metric)
-        breached = _OPERATORS[threshold.op](value, threshold.limit)
-        results.append(
-            {
-                "name": threshold.expression,
-                "kind": "fail_on",
-                "group": group,
-                "metric": threshold.metric,
-                "op": threshold.op,
-                "limit": threshold.limit,
-                "value": value,
-                "status": "fail" if breached else "pass",
+        check: dict[str, Any] = {
+            "name": threshold.expression,
+            "kind": "fail_on",
+            "group": group,
+            "metric": threshold.metric,
+            "op": threshold.op,
+            "limit": threshold.limit,
+        }
+        if threshold.bound is None:
+            value = _figure_value(figures_of_group, threshold.metric)
+        else:
+            value = _interval_bound(report, group, threshold)
+            check |= {"bound": threshold.bound, "estimate": _figure_value(figures_of_group, threshold.metric)}
+            method = ((report.get("conventions") or {}).get("bootstrap") or {}).get("interval") or {}
+            check["interval"] = method.get(threshold.metric)
+        if threshold.metric in P_VALUES and threshold.bound is None:
+            # a p-value gate: the check names its test and carries the test's statistic
+            test, statistic = P_VALUES[threshold.metric]
+            check |= {
+                "test": test,
+                "statistic": statistic,
+                "statistic_value": figures_of_group.get(statistic),
             }
-        )
+        breached = _OPERATORS[threshold.op](value, threshold.limit)
+        results.append({**check, "value": value, "status": "fail" if breached else "pass"})
     return results
+
+
+def _interval_bound(report: Mapping[str, Any], group: str, threshold: Threshold) -> float:
+    """The ``lower`` or ``upper`` bound of a figure's bootstrap interval; InvalidInput when the report has
+    no interval of it (no ``--bootstrap N``, or a figure without intervals)."""
+    intervals = (report.get("intervals") or {}).get(group)
+    if not intervals:
+        raise InvalidInput(
+            f"threshold {threshold.expression!r} reads the bootstrap interval of {threshold.metric}, and this "
+            "report has none: give --bootstrap N (HTTP 'bootstrap': N)",
+            field="fail_on",
+        )
+    if threshold.metric not in intervals:
+        raise InvalidInput(
+            f"threshold {threshold.expression!r}: {threshold.metric} has no bootstrap interval (intervals: "
+            f"{', '.join(intervals)})",
+            field="fail_on",
+        )
+    value = intervals[threshold.metric][BOUNDS[threshold.bound]]
+    return float("nan") if value is None else float(value)
 
 
 def _figure_value(figures_of_group: Mapping[str, Any], name: str) -> float:
@@ -734,6 +788,10 @@ def _monitor_check(
     if rule.group == "uncalibrated":
         raise InvalidInput(
             f"--fail-on {rule.expression!r}: a monitoring window has calibrated figures only", field="fail_on"
+        )
+    if rule.bound is not None:
+        raise InvalidInput(
+            f"--fail-on {rule.expression!r}: a monitoring window has no bootstrap intervals", field="fail_on"
         )
     check = {
         "name": rule.expression,
