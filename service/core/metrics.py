@@ -62,7 +62,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from service.core import calibration_tests, cancellation
+from service.core import calibration_tests, cancellation, ece_conventions
 from service.core.probability import softmax, two_column_logits, two_column_probabilities
 from service.core.validation import (
     ARGMAX_MIN_COLUMNS,
@@ -722,6 +722,7 @@ def expected_calibration_error(
     norm: str | None = None,
     debiased: bool = False,
     sample_weight: Any = None,
+    convention: str = "calibserve",
 ) -> float:
     r"""Expected calibration error (ECE) and its variants.
 
@@ -761,20 +762,55 @@ def expected_calibration_error(
         here is (Kumar et al. take the root-mean-square over classes instead).
     sample_weight : array-like of shape (n_samples,), default=None
         Non-negative weights; integer weights count like repeated rows.
-
-    Returns
-    -------
-    float
-        The calibration error, in ``[0, 1]``.
+    convention : {"calibserve", "torchmetrics", "sklearn", "netcal", "guo2017", "kumar2019"}
+        ``"calibserve"`` (default): the conventions above. The others reproduce another library's number on
+        the same data (:mod:`service.core.ece_conventions` says how each bins; docs/ece-conventions.md shows
+        where they differ): they take ``n_bins`` and ``kind`` (``top_label`` or ``positive_class``) and
+        none of ``binning``, ``norm``, ``debiased`` or ``sample_weight``. ``"kumar2019"`` is Kumar et al.'s
+        debiased L2 error on their equal-mass bins. From logits, the probabilities are calibserve's float64
+        softmax (the libraries' own softmax may round a confidence across a bin edge).
 
     Raises
     ------
     InvalidInput
         Malformed scores, labels, weights or options; ``kind="positive_class"`` on a non-binary model.
     """
+    convention = check_choice(convention, "convention", ece_conventions.CONVENTIONS)
     options = _ece_options(n_bins=n_bins, binning=binning, kind=kind, norm=norm, debiased=debiased)
+    if convention != "calibserve":
+        return _convention_ece(probabilities, labels, convention, options, from_logits, sample_weight)
     scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
     return _ece_compute(scores, weights, **options)
+
+
+def _convention_ece(
+    probabilities: Any,
+    labels: Any,
+    convention: str,
+    options: dict[str, Any],
+    from_logits: bool,
+    sample_weight: Any,
+) -> float:
+    """:func:`expected_calibration_error` under another library's convention (its binning is its own)."""
+    fixed = {"binning": "width", "norm": "l1", "debiased": False}
+    changed = [name for name, value in fixed.items() if options[name] != value]
+    if changed or sample_weight is not None or options["kind"] == "classwise":
+        given = ", ".join([*changed, *(["sample_weight"] if sample_weight is not None else [])]) or "kind"
+        raise InvalidInput(
+            f"the {convention} ECE convention fixes its own binning and norm and takes neither weights nor "
+            f"kind='classwise'; drop {given}",
+            field="convention",
+        )
+    scores, _ = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=None)
+    if options["kind"] == "positive_class":
+        scores.binned_pair("positive_class")  # the binary-model check, with its message
+    return ece_conventions.convention_ece(
+        scores.probabilities,
+        scores.labels,
+        convention=convention,
+        n_bins=options["n_bins"],
+        kind=options["kind"],
+    )
 
 
 def maximum_calibration_error(
