@@ -373,6 +373,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     bootstrap=args.bootstrap,
                     seed=args.seed,
                     nll_clip=args.nll_clip,
+                    ece_convention=args.ece_convention,
                     **{kind: scores},
                 )
         else:
@@ -387,6 +388,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 bootstrap=args.bootstrap,
                 seed=args.seed,
                 nll_clip=args.nll_clip,
+                ece_convention=args.ece_convention,
                 progress=progress,
             )  # with a document that has fit-time figures, the report holds its drift against them
     finally:
@@ -659,6 +661,12 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
         f"resamples x rows at most {MAX_BOOTSTRAP_WORK:,})",
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument(
+        "--ece-convention",
+        choices=("calibserve", "torchmetrics", "sklearn", "netcal", "guo2017", "kumar2019"),
+        help="also report ece_<NAME>: the top-label ECE as that library computes it on the same data "
+        "(docs/ece-conventions.md); ece itself is unchanged",
+    )
     parser.add_argument(
         "--nll-clip",
         type=float,

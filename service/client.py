@@ -495,11 +495,13 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         bootstrap: int = 0,
         seed: int = 0,
         nll_clip: float | None = None,
+        ece_convention: str | None = None,
         binary: bool = True,
     ) -> _Json:
         """``POST /v1/models/{name}/evaluate``: the evaluation report of labelled data (uncalibrated vs
         calibrated). The arrays travel as an ``.npz`` body (``binary=False``: JSON). NLL is exact (null
-        where infinite, with ``nll_infinite_rows``) unless ``nll_clip``."""
+        where infinite, with ``nll_infinite_rows``) unless ``nll_clip``; ``ece_convention`` adds
+        ``ece_<convention>`` (docs/ece-conventions.md)."""
         arrays = {
             **_one_of(logits=logits, inputs=inputs, probabilities=probabilities),
             "labels": _array(labels),
@@ -510,6 +512,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "bootstrap": int(bootstrap),
             "seed": int(seed),
             "nll_clip": nll_clip,
+            "ece_convention": ece_convention,
         }
         return self._send(
             _labelled_call(
@@ -533,6 +536,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         bootstrap: int = 0,
         seed: int = 0,
         nll_clip: float | None = None,
+        ece_convention: str | None = None,
         binary: bool = True,
     ) -> _Json:
         """``POST /v1/metrics``: stateless figures (ece, mce, brier, nll, accuracy, reliability bins, losses).
@@ -546,6 +550,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "bootstrap": int(bootstrap),
             "seed": int(seed),
             "nll_clip": nll_clip,
+            "ece_convention": ece_convention,
         }
         return self._send(_labelled_call("/v1/metrics", arrays, fields, binary=binary))
 

@@ -84,11 +84,19 @@ def figures(
     n_bins: int = 15,
     binning: str = "width",
     nll_clip: float | None = None,
+    ece_convention: str | None = None,
 ) -> dict:
     """The headline figures (ece, mce, brier, nll, accuracy and variants) of softmax(logits), or of
-    probabilities (``from_logits=False``); NLL exact unless ``nll_clip``."""
+    probabilities (``from_logits=False``); NLL exact unless ``nll_clip``; ``ece_<convention>`` with
+    ``ece_convention``."""
     return metrics.calibration_report(
-        scores, labels, from_logits=from_logits, n_bins=n_bins, binning=binning, nll_clip=nll_clip
+        scores,
+        labels,
+        from_logits=from_logits,
+        n_bins=n_bins,
+        binning=binning,
+        nll_clip=nll_clip,
+        ece_convention=ece_convention,
     )
 
 
@@ -250,6 +258,7 @@ def evaluate(
     seed: int = 0,
     confidence: float = 0.95,
     nll_clip: float | None = None,
+    ece_convention: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Figures before and (with a calibrator) after calibration, reliability bins and optional intervals.
@@ -273,6 +282,7 @@ def evaluate(
     logits, y, _ = check_labelled(logits, labels, from_logits=True)
     if nll_clip is not None:
         nll_clip = metrics.check_nll_clip(nll_clip)
+    ece_convention = metrics.check_ece_convention(ece_convention)
     # the option limits, before any figure is computed
     metrics.check_binning(n_bins, binning, logits.shape[1])
     if bootstrap:
@@ -292,7 +302,13 @@ def evaluate(
     }
     for group, (values, values_are_logits) in groups.items():
         report[group] = figures(
-            values, y, from_logits=values_are_logits, n_bins=n_bins, binning=binning, nll_clip=nll_clip
+            values,
+            y,
+            from_logits=values_are_logits,
+            n_bins=n_bins,
+            binning=binning,
+            nll_clip=nll_clip,
+            ece_convention=ece_convention,
         )
     report["conventions"] = report["uncalibrated"].pop("conventions", {})
     for group in groups:

@@ -148,3 +148,25 @@ def test_cli_evaluate_is_exact_unless_asked(tmp_path: Path):
     clipped = orjson.loads((tmp_path / "clipped.json").read_bytes())
     assert clipped["uncalibrated"]["nll"] == pytest.approx(clipped_nll(), rel=1e-12)
     assert clipped["conventions"]["nll"].startswith("clipped")
+
+
+def test_cli_ece_convention_and_its_gate(tmp_path: Path):
+    """``--ece-convention torchmetrics`` adds ece_torchmetrics, which --fail-on can gate on."""
+    probabilities = np.array([[1.0, 0.0, 0.0], [0.95, 0.05, 0.0], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
+    np.save(tmp_path / "p.npy", probabilities)
+    np.save(tmp_path / "y.npy", np.array([1, 0, 0, 2]))
+    data = ["--probabilities", "p.npy", "--labels", "y.npy"]
+    runs = run_all(
+        {
+            "gate": [
+                *("evaluate", *data, "--ece-convention", "torchmetrics"),
+                *("--fail-on", "ece_torchmetrics>0.45", "--fail-on", "ece>0.45", "--out", "conv.json"),
+            ]
+        },
+        tmp_path,
+    )
+    assert runs["gate"].returncode == 1, runs["gate"].stderr
+    report = orjson.loads((tmp_path / "conv.json").read_bytes())
+    assert report["uncalibrated"]["ece_torchmetrics"] == pytest.approx(0.4625, abs=1e-7)  # float32
+    assert report["uncalibrated"]["ece"] == pytest.approx(0.4375, abs=1e-12)
+    assert [check["status"] for check in report["thresholds"]] == ["fail", "pass"]

@@ -32,6 +32,11 @@ Method = Literal[METHODS]  # type: ignore[valid-type]
 
 
 MAX_CLASS_NAME_LENGTH = 256
+EceConvention = Literal["calibserve", "torchmetrics", "sklearn", "netcal", "guo2017", "kumar2019"]
+ECE_CONVENTION = (
+    "add ece_<convention>: the top-label ECE as that library computes it on the same data "
+    "(docs/ece-conventions.md); the report's own ece is unchanged"
+)
 NLL_CLIP = (
     "report the NLL with p_y clipped to [nll_clip, 1 - nll_clip] (as sklearn's log_loss); null (default): "
     "the exact NLL, null when infinite (a true class of probability 0), its rows in nll_infinite_rows"
@@ -146,6 +151,7 @@ class EvaluateRequest(ScoresBody):
     bootstrap: int = Field(0, ge=0, le=MAX_BOOTSTRAP_RESAMPLES)
     seed: int = 0
     nll_clip: float | None = Field(None, gt=0.0, lt=0.5, description=NLL_CLIP)
+    ece_convention: EceConvention | None = Field(None, description=ECE_CONVENTION)
 
 
 class OutcomesRequest(Strict):
@@ -181,6 +187,7 @@ class MetricsRequest(Strict):
     bootstrap: int = Field(0, ge=0, le=MAX_BOOTSTRAP_RESAMPLES)
     seed: int = 0
     nll_clip: float | None = Field(None, gt=0.0, lt=0.5, description=NLL_CLIP)
+    ece_convention: EceConvention | None = Field(None, description=ECE_CONVENTION)
 
 
 def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, Any]:

@@ -92,6 +92,7 @@ __all__ = [
     "calibration_report_checked",
     "check_binning",
     "check_bootstrap",
+    "check_ece_convention",
     "check_nll_clip",
     "default_interval_method",
     "expected_calibration_error",
@@ -1287,8 +1288,12 @@ def calibration_report(
     binning: str = "width",
     sample_weight: Any = None,
     nll_clip: float | None = None,
+    ece_convention: str | None = None,
 ) -> dict[str, Any]:
     """Every figure the service stores, from one validation, softmax and argmax.
+
+    ``ece_convention`` (one of :data:`service.core.ece_conventions.CONVENTIONS` but ``"calibserve"``) adds
+    ``ece_<convention>``: the top-label ECE of ``n_bins`` bins as that library computes it (unweighted).
 
     ``nll_clip=eps`` reports the clipped NLL of :func:`negative_log_likelihood` (``clip=eps``) under
     ``nll`` instead of the exact one, and says so in ``conventions["nll"]``; by default NLL is exact.
@@ -1310,8 +1315,19 @@ def calibration_report(
     """
     options = _binning_options(n_bins, binning, "top_label")
     clip = None if nll_clip is None else check_nll_clip(nll_clip)
+    convention = check_ece_convention(ece_convention, weighted=sample_weight is not None)
     scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
-    return _report(scores, weights, options, nll_clip=clip)
+    return _report(scores, weights, options, nll_clip=clip, ece_convention=convention)
+
+
+def check_ece_convention(convention: Any, *, weighted: bool = False) -> str | None:
+    """An ``ece_convention`` option: None (or ``"calibserve"``, the report's own ``ece``) or a peer's."""
+    if convention is None or convention == "calibserve":
+        return None
+    convention = check_choice(convention, "ece_convention", ece_conventions.CONVENTIONS)
+    if weighted:
+        raise InvalidInput(f"the {convention} ECE convention takes no sample weights", field="ece_convention")
+    return convention
 
 
 def calibration_report_checked(
@@ -1353,7 +1369,12 @@ def calibration_report_checked(
 
 
 def _report(
-    scores: _Scores, weights: np.ndarray | None, options: dict[str, Any], *, nll_clip: float | None = None
+    scores: _Scores,
+    weights: np.ndarray | None,
+    options: dict[str, Any],
+    *,
+    nll_clip: float | None = None,
+    ece_convention: str | None = None,
 ) -> dict[str, Any]:
     n_bins, binning = options["n_bins"], options["binning"]
     top_label = _binned(scores, weights, **options)
@@ -1377,6 +1398,10 @@ def _report(
         "overconfidence": float(over[0]),
         "underconfidence": float(under[0]),
     }
+    if ece_convention is not None:
+        report[f"ece_{ece_convention}"] = ece_conventions.convention_ece(
+            scores.probabilities, scores.labels, convention=ece_convention, n_bins=n_bins, kind="top_label"
+        )
     if math.isinf(report["nll"]):
         # JSON has no infinity (the encoders write null): the rows that make it infinite say why
         report["nll_infinite_rows"] = infinite_nll_rows(scores, weights)
@@ -1409,6 +1434,8 @@ def _report(
         "accuracy": "argmax, ties to the lowest class",
         **calibration_tests.CONVENTIONS,
     }
+    if ece_convention is not None:
+        report["conventions"][f"ece_{ece_convention}"] = ece_conventions.DESCRIPTIONS[ece_convention]
     return report
 
 

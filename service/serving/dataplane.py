@@ -111,6 +111,7 @@ class EvaluateSpec:
     bootstrap: int = 0
     seed: int = 0
     nll_clip: float | None = None  # None: the exact NLL
+    ece_convention: str | None = None  # a peer's ECE convention, reported as ece_<convention>
 
 
 def check_columns(model: ModelInfo, scores: np.ndarray, field: str) -> None:
@@ -634,6 +635,7 @@ class DataPlane:
             bootstrap=spec.bootstrap,
             seed=spec.seed,
             nll_clip=spec.nll_clip,
+            ece_convention=spec.ece_convention,
         )
         report["model"] = name
         return report
@@ -720,6 +722,7 @@ def _figures(data: Labelled, spec: EvaluateSpec, with_losses: bool) -> dict[str,
         bootstrap=spec.bootstrap,
         seed=spec.seed,
         nll_clip=spec.nll_clip,
+        ece_convention=spec.ece_convention,
     )
     answer = {
         **report["uncalibrated"],

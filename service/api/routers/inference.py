@@ -175,6 +175,7 @@ async def evaluate(name: ModelName, request: Request, plane: Plane, version: Pin
         bootstrap=body.bootstrap,
         seed=body.seed,
         nll_clip=body.nll_clip,
+        ece_convention=body.ece_convention,
     )
     data = labelled(body, LABELLED_KINDS)
     async with cancelled_on_disconnect(request, plane.budget()) as budget:

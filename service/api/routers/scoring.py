@@ -32,6 +32,7 @@ async def figures(request: Request, plane: Plane) -> NumpyJSONResponse:
         bootstrap=body.bootstrap,
         seed=body.seed,
         nll_clip=body.nll_clip,
+        ece_convention=body.ece_convention,
     )
     data = labelled(body, ("logits", "probabilities"))
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
