@@ -319,6 +319,11 @@ def evaluate(
         ).to_dict()
         for group, (values, values_are_logits) in groups.items()
     }
+    # the binning-free diagram beside the binned one (smECE's kernel estimate, at its bandwidth)
+    report["reliability_smooth"] = {
+        group: metrics.smooth_reliability(values, y, from_logits=values_are_logits).to_dict()
+        for group, (values, values_are_logits) in groups.items()
+    }
     if bootstrap:
         binned = {"n_bins": n_bins, "binning": binning}
         report["intervals"] = {

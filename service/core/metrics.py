@@ -62,7 +62,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from service.core import calibration_tests, cancellation, ece_conventions
+from service.core import calibration_tests, cancellation, ece_conventions, smooth_calibration
 from service.core.probability import softmax, two_column_logits, two_column_probabilities
 from service.core.validation import (
     ARGMAX_MIN_COLUMNS,
@@ -104,6 +104,7 @@ __all__ = [
     "nll_convention",
     "overconfidence_error",
     "reliability_bins",
+    "smooth_reliability",
     "underconfidence_error",
 ]
 
@@ -1008,6 +1009,17 @@ def reliability_bins(
     )
 
 
+def smooth_reliability(
+    probabilities: Any, labels: Any, *, from_logits: bool = False
+) -> smooth_calibration.SmoothReliability:
+    """The smoothed reliability diagram of the top-label confidence (kernel estimate of the accuracy at each
+    confidence, at smECE's bandwidth; :func:`service.core.smooth_calibration.smooth_reliability`)."""
+    scores, _ = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=None)
+    return smooth_calibration.smooth_reliability(
+        scores.confidences.astype(np.float64), scores.correct.astype(np.float64)
+    )
+
+
 class BootstrapInterval(NamedTuple):
     """A bootstrap confidence interval (percentile or BCa); unpacks as ``low, high``."""
 
@@ -1411,10 +1423,12 @@ def _report(
         )
     if weights is None:
         # the statistical tests of top-label calibration (unweighted); an undefined figure is left out
-        tests = calibration_tests.calibration_tests_checked(
-            scores.confidences.astype(np.float64), scores.correct.astype(np.float64)
-        )
+        confidences, correct = scores.confidences.astype(np.float64), scores.correct.astype(np.float64)
+        tests = calibration_tests.calibration_tests_checked(confidences, correct)
         report.update({name: value for name, value in tests.items() if math.isfinite(value)})
+        # the binning-free calibration errors (unweighted, as relplot and Gupta et al. define them)
+        report["ece_smooth"] = smooth_calibration.smooth_ece(confidences, correct)[0]
+        report["ece_ks"] = smooth_calibration.ks_calibration_error(confidences, correct)
     report["n"] = scores.n_samples
     report["conventions"] = {
         "kind": "top_label",
@@ -1429,6 +1443,11 @@ def _report(
         "ece_debiased": "Kumar et al. 2019 debiased L2, same bins",
         "ece_mass": f"{n_bins} equal-mass bins",
         "ece_classwise": "mean over classes of per-class L1 ECE, same binning",
+        "ece_smooth": "smECE (Blasiok and Nakkiran 2023, relplot's smECE): kernel-smoothed |E[c - o | c]| "
+        "weighted by the smoothed density, reflected Gaussian kernel, bandwidth the fixed point sigma = "
+        "smECE_sigma; no bins; unweighted",
+        "ece_ks": "KS calibration error (Gupta et al. 2021): max_k |(1/N) sum_{i<=k} (c - o)| sorted by c; "
+        "ks_calibration is the same maximum divided by sigma (a test statistic); unweighted",
         "nll": nll_convention(nll_clip),
         "brier": "mean over samples of sum_k (p_k - 1[y=k])^2",
         "accuracy": "argmax, ties to the lowest class",
