@@ -374,6 +374,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     seed=args.seed,
                     nll_clip=args.nll_clip,
                     ece_convention=args.ece_convention,
+                    per_class_tests=args.per_class_tests,
                     **{kind: scores},
                 )
         else:
@@ -389,6 +390,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 nll_clip=args.nll_clip,
                 ece_convention=args.ece_convention,
+                per_class_tests=args.per_class_tests,
                 progress=progress,
             )  # with a document that has fit-time figures, the report holds its drift against them
     finally:
@@ -666,6 +668,12 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
         choices=("calibserve", "torchmetrics", "sklearn", "netcal", "guo2017", "kumar2019"),
         help="also report ece_<NAME>: the top-label ECE as that library computes it on the same data "
         "(docs/ece-conventions.md); ece itself is unchanged",
+    )
+    parser.add_argument(
+        "--per-class-tests",
+        action="store_true",
+        help="also run the statistical calibration tests on each class's probability (report key "
+        "per_class_tests: a list per figure, one value a class)",
     )
     parser.add_argument(
         "--nll-clip",

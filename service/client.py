@@ -496,6 +496,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         seed: int = 0,
         nll_clip: float | None = None,
         ece_convention: str | None = None,
+        per_class_tests: bool = False,
         binary: bool = True,
     ) -> _Json:
         """``POST /v1/models/{name}/evaluate``: the evaluation report of labelled data (uncalibrated vs
@@ -513,6 +514,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "seed": int(seed),
             "nll_clip": nll_clip,
             "ece_convention": ece_convention,
+            "per_class_tests": bool(per_class_tests),
         }
         return self._send(
             _labelled_call(
@@ -537,6 +539,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         seed: int = 0,
         nll_clip: float | None = None,
         ece_convention: str | None = None,
+        per_class_tests: bool = False,
         binary: bool = True,
     ) -> _Json:
         """``POST /v1/metrics``: stateless figures (ece, mce, brier, nll, accuracy, reliability bins, losses).
@@ -551,6 +554,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "seed": int(seed),
             "nll_clip": nll_clip,
             "ece_convention": ece_convention,
+            "per_class_tests": bool(per_class_tests),
         }
         return self._send(_labelled_call("/v1/metrics", arrays, fields, binary=binary))
 

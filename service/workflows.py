@@ -259,6 +259,7 @@ def evaluate(
     confidence: float = 0.95,
     nll_clip: float | None = None,
     ece_convention: str | None = None,
+    per_class_tests: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Figures before and (with a calibrator) after calibration, reliability bins and optional intervals.
@@ -319,6 +320,12 @@ def evaluate(
         ).to_dict()
         for group, (values, values_are_logits) in groups.items()
     }
+    if per_class_tests:
+        # on request: K tests a figure (each class's p_k against 1[y = k]), a list per figure
+        report["per_class_tests"] = {
+            group: metrics.per_class_calibration_tests(values, y, from_logits=values_are_logits)
+            for group, (values, values_are_logits) in groups.items()
+        }
     # the binning-free diagram beside the binned one (smECE's kernel estimate, at its bandwidth)
     report["reliability_smooth"] = {
         group: metrics.smooth_reliability(values, y, from_logits=values_are_logits).to_dict()

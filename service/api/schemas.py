@@ -152,6 +152,9 @@ class EvaluateRequest(ScoresBody):
     seed: int = 0
     nll_clip: float | None = Field(None, gt=0.0, lt=0.5, description=NLL_CLIP)
     ece_convention: EceConvention | None = Field(None, description=ECE_CONVENTION)
+    per_class_tests: bool = Field(
+        False, description="also the calibration tests of each class (per_class_tests)"
+    )
 
 
 class OutcomesRequest(Strict):
@@ -188,6 +191,9 @@ class MetricsRequest(Strict):
     seed: int = 0
     nll_clip: float | None = Field(None, gt=0.0, lt=0.5, description=NLL_CLIP)
     ece_convention: EceConvention | None = Field(None, description=ECE_CONVENTION)
+    per_class_tests: bool = Field(
+        False, description="also the calibration tests of each class (per_class_tests)"
+    )
 
 
 def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, Any]:

@@ -103,6 +103,7 @@ __all__ = [
     "negative_log_likelihood",
     "nll_convention",
     "overconfidence_error",
+    "per_class_calibration_tests",
     "reliability_bins",
     "smooth_reliability",
     "underconfidence_error",
@@ -1009,6 +1010,29 @@ def reliability_bins(
     )
 
 
+def per_class_calibration_tests(
+    probabilities: Any, labels: Any, *, from_logits: bool = False
+) -> dict[str, list[float | None]]:
+    """The statistical calibration tests of each class's probability ``p_k`` against ``1[y = k]``.
+
+    :func:`service.core.calibration_tests.calibration_tests` once per class (a binary model's one column
+    gives its two classes): ``{figure: [value of class 0, ..., class K-1]}``, ``None`` where a figure is
+    undefined for a class (no row of that class, or every ``p_k`` in {0, 1}). Unweighted. The p-values are
+    per class: with K classes, K tests at level alpha reject a calibrated model somewhere with probability
+    up to K alpha (Bonferroni: gate on ``alpha / K``).
+    """
+    scores, _ = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=None)
+    out: dict[str, list[float | None]] = {}
+    for k in range(scores.n_classes):
+        cancellation.check()
+        figures = calibration_tests.calibration_tests_checked(
+            scores.probabilities[:, k].astype(np.float64), (scores.labels == k).astype(np.float64)
+        )
+        for name, value in figures.items():
+            out.setdefault(name, []).append(value if math.isfinite(value) else None)
+    return out
+
+
 def smooth_reliability(
     probabilities: Any, labels: Any, *, from_logits: bool = False
 ) -> smooth_calibration.SmoothReliability:
@@ -1426,6 +1450,14 @@ def _report(
         confidences, correct = scores.confidences.astype(np.float64), scores.correct.astype(np.float64)
         tests = calibration_tests.calibration_tests_checked(confidences, correct)
         report.update({name: value for name, value in tests.items() if math.isfinite(value)})
+        if scores.n_classes == 2:
+            # binary models: the same tests of P(y = 1) against y, as ece_positive_class is to ece
+            positive = calibration_tests.calibration_tests_checked(
+                scores.probabilities[:, 1].astype(np.float64), (scores.labels == 1).astype(np.float64)
+            )
+            report.update(
+                {f"{name}_positive_class": value for name, value in positive.items() if math.isfinite(value)}
+            )
         # the binning-free calibration errors (unweighted, as relplot and Gupta et al. define them)
         report["ece_smooth"] = smooth_calibration.smooth_ece(confidences, correct)[0]
         report["ece_ks"] = smooth_calibration.ks_calibration_error(confidences, correct)
@@ -1453,6 +1485,10 @@ def _report(
         "accuracy": "argmax, ties to the lowest class",
         **calibration_tests.CONVENTIONS,
     }
+    if scores.n_classes == 2 and weights is None:
+        report["conventions"]["calibration_tests_positive_class"] = (
+            "binary models: each test's figure with the suffix _positive_class tests P(y = 1) against y"
+        )
     if ece_convention is not None:
         report["conventions"][f"ece_{ece_convention}"] = ece_conventions.DESCRIPTIONS[ece_convention]
     return report

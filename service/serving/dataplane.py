@@ -112,6 +112,7 @@ class EvaluateSpec:
     seed: int = 0
     nll_clip: float | None = None  # None: the exact NLL
     ece_convention: str | None = None  # a peer's ECE convention, reported as ece_<convention>
+    per_class_tests: bool = False  # the calibration tests of each class too
 
 
 def check_columns(model: ModelInfo, scores: np.ndarray, field: str) -> None:
@@ -636,6 +637,7 @@ class DataPlane:
             seed=spec.seed,
             nll_clip=spec.nll_clip,
             ece_convention=spec.ece_convention,
+            per_class_tests=spec.per_class_tests,
         )
         report["model"] = name
         return report
@@ -723,14 +725,18 @@ def _figures(data: Labelled, spec: EvaluateSpec, with_losses: bool) -> dict[str,
         seed=spec.seed,
         nll_clip=spec.nll_clip,
         ece_convention=spec.ece_convention,
+        per_class_tests=spec.per_class_tests,
     )
     answer = {
         **report["uncalibrated"],
         "conventions": report["conventions"],
         "reliability": report["reliability"]["uncalibrated"],
+        "reliability_smooth": report["reliability_smooth"]["uncalibrated"],
     }
     if "intervals" in report:
         answer["intervals"] = report["intervals"]["uncalibrated"]
+    if "per_class_tests" in report:
+        answer["per_class_tests"] = report["per_class_tests"]["uncalibrated"]
     if with_losses:
         logits = workflows.scores_to_logits(data.values, from_logits=from_logits)
         answer["losses"] = losses.evaluation_losses(logits, data.labels)

@@ -71,3 +71,21 @@ def test_evaluate_reports_the_convention_before_and_after(client, scores):
         json={"logits": logits.tolist(), "labels": labels.tolist(), "ece_convention": "pandas"},
     )
     assert unknown.status_code in (400, 422)
+
+
+def test_v1_metrics_per_class_tests_on_request(client, scores):
+    logits, labels = scores
+    body = {"logits": logits.tolist(), "labels": labels.tolist(), "losses": False}
+    assert "per_class_tests" not in client.post("/v1/metrics", json=body).json()
+    answer = client.post("/v1/metrics", json={**body, "per_class_tests": True}).json()
+    expected = metrics.per_class_calibration_tests(logits, labels, from_logits=True)
+    assert answer["per_class_tests"]["spiegelhalter_p"] == pytest.approx(
+        expected["spiegelhalter_p"], rel=1e-12
+    )
+    binary = client.post(
+        "/v1/metrics?losses=false&per_class_tests=true",
+        content=npz(logits=logits, labels=labels),
+        headers={"content-type": "application/x-npz"},
+    ).json()
+    assert len(binary["per_class_tests"]["hosmer_lemeshow_p"]) == 3
+    assert "reliability_smooth" in binary and binary["ece_smooth"] == pytest.approx(answer["ece_smooth"])

@@ -176,6 +176,7 @@ async def evaluate(name: ModelName, request: Request, plane: Plane, version: Pin
         seed=body.seed,
         nll_clip=body.nll_clip,
         ece_convention=body.ece_convention,
+        per_class_tests=body.per_class_tests,
     )
     data = labelled(body, LABELLED_KINDS)
     async with cancelled_on_disconnect(request, plane.budget()) as budget:

@@ -33,6 +33,7 @@ async def figures(request: Request, plane: Plane) -> NumpyJSONResponse:
         seed=body.seed,
         nll_clip=body.nll_clip,
         ece_convention=body.ece_convention,
+        per_class_tests=body.per_class_tests,
     )
     data = labelled(body, ("logits", "probabilities"))
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
