@@ -359,6 +359,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else {}
     )
     calibrator = workflows.load_calibrator(document) if document is not None else None
+    segments = None
+    if args.segments:
+        from service import io
+
+        segments = io.read_segments(args.segments)
+    for expression in args.fail_on or []:
+        if workflows.Threshold.parse(expression).worst and segments is None:
+            raise CommandError(f"--fail-on {expression}: the worst segment needs --segments FILE")
 
     progress = Progress("bootstrap")
     try:
@@ -375,6 +383,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     nll_clip=args.nll_clip,
                     ece_convention=args.ece_convention,
                     per_class_tests=args.per_class_tests,
+                    segments=segments,
+                    min_segment_size=args.min_segment_size,
                     **{kind: scores},
                 )
         else:
@@ -391,6 +401,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 nll_clip=args.nll_clip,
                 ece_convention=args.ece_convention,
                 per_class_tests=args.per_class_tests,
+                segments=segments,
+                min_segment_size=args.min_segment_size,
                 progress=progress,
             )  # with a document that has fit-time figures, the report holds its drift against them
     finally:
@@ -668,6 +680,19 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
         choices=("calibserve", "torchmetrics", "sklearn", "netcal", "guo2017", "kumar2019"),
         help="also report ece_<NAME>: the top-label ECE as that library computes it on the same data "
         "(docs/ece-conventions.md); ece itself is unchanged",
+    )
+    parser.add_argument(
+        "--segments",
+        metavar="FILE",
+        help="one segment key per row (.npy/.npz of ints or strings, a one-column .csv, .jsonl): every "
+        "figure per segment, the worst segment, and gates such as 'worst.ece>0.05'",
+    )
+    parser.add_argument(
+        "--min-segment-size",
+        type=int,
+        default=100,
+        metavar="N",
+        help="rows a segment needs to be gated and bootstrapped (default 100); smaller ones are reported only",
     )
     parser.add_argument(
         "--per-class-tests",

@@ -282,6 +282,17 @@ def _labelled_call(
     return _Call("POST", path, params=params, json=body, **call)
 
 
+def _segments(segments: Any) -> Any:
+    """Segment keys as they travel: integer keys as an array (an ``.npz`` member), string keys as a JSON
+    list (an ``.npz`` body holds numbers only, so the call goes as JSON then)."""
+    if segments is None:
+        return None
+    values = segments.tolist() if isinstance(segments, np.ndarray) else list(segments)
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return np.asarray(values, dtype=np.int64)
+    return values
+
+
 def _query_value(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
@@ -497,6 +508,8 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         nll_clip: float | None = None,
         ece_convention: str | None = None,
         per_class_tests: bool = False,
+        segments: Any = None,
+        min_segment_size: int = 100,
         binary: bool = True,
     ) -> _Json:
         """``POST /v1/models/{name}/evaluate``: the evaluation report of labelled data (uncalibrated vs
@@ -506,6 +519,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         arrays = {
             **_one_of(logits=logits, inputs=inputs, probabilities=probabilities),
             "labels": _array(labels),
+            "segments": _segments(segments),
         }
         fields = {
             "n_bins": int(n_bins),
@@ -515,6 +529,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "nll_clip": nll_clip,
             "ece_convention": ece_convention,
             "per_class_tests": bool(per_class_tests),
+            "min_segment_size": int(min_segment_size),
         }
         return self._send(
             _labelled_call(
@@ -540,12 +555,18 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         nll_clip: float | None = None,
         ece_convention: str | None = None,
         per_class_tests: bool = False,
+        segments: Any = None,
+        min_segment_size: int = 100,
         binary: bool = True,
     ) -> _Json:
         """``POST /v1/metrics``: stateless figures (ece, mce, brier, nll, accuracy, reliability bins, losses).
         The arrays travel as an ``.npz`` body (``binary=False``: JSON). NLL is exact (null where infinite,
         with ``nll_infinite_rows``) unless ``nll_clip``."""
-        arrays = {**_one_of(logits=logits, probabilities=probabilities), "labels": _array(labels)}
+        arrays = {
+            **_one_of(logits=logits, probabilities=probabilities),
+            "labels": _array(labels),
+            "segments": _segments(segments),
+        }
         fields = {
             "n_bins": int(n_bins),
             "binning": binning,
@@ -555,6 +576,7 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "nll_clip": nll_clip,
             "ece_convention": ece_convention,
             "per_class_tests": bool(per_class_tests),
+            "min_segment_size": int(min_segment_size),
         }
         return self._send(_labelled_call("/v1/metrics", arrays, fields, binary=binary))
 

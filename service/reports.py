@@ -143,8 +143,11 @@ def check_message(check: Mapping[str, Any]) -> str:
         )
     comparison = f"{check.get('op', '?')} {_number(limit, 6)}"
     subject = f"{metric}.{check['bound']}" if check.get("bound") else metric
+    subject = f"worst.{subject}" if check.get("worst") else subject
     context = ""
-    if check.get("bound"):  # a bound of a bootstrap interval: say which interval, around which estimate
+    if check.get("worst"):  # the worst gated segment: which one, and how large
+        context = f" (segment {check.get('segment')!r}, n = {check.get('segment_n')})"
+    elif check.get("bound"):  # a bound of a bootstrap interval: say which interval, around which estimate
         context = f" ({check.get('interval') or 'bootstrap'} interval of {metric} = {_number(check.get('estimate'), 6)})"
     elif check.get("test"):  # a p-value: the test and its statistic
         context = f" ({check['test']}: {check.get('statistic')} = {_number(check.get('statistic_value'), 6)})"
@@ -164,6 +167,10 @@ def _check_details(check: Mapping[str, Any]) -> str:
         "value",
         "baseline",
         "change",
+        "worst",
+        "segment",
+        "segment_n",
+        "min_segment_size",
         "bound",
         "interval",
         "estimate",

@@ -22,6 +22,7 @@ from service.core.calibration_tests import P_VALUES
 from service.core.calibrators import TemperatureScaling, calibrator_from_dict, make_calibrator
 from service.core.monitoring import confidence_histogram
 from service.core.probability import log_softmax, softmax
+from service.core.segments import DEFAULT_MIN_SEGMENT_SIZE, check_segments
 from service.core.validation import (
     MAX_ABS_LOGIT,
     check_labelled,
@@ -260,6 +261,8 @@ def evaluate(
     nll_clip: float | None = None,
     ece_convention: str | None = None,
     per_class_tests: bool = False,
+    segments: Any = None,
+    min_segment_size: int = DEFAULT_MIN_SEGMENT_SIZE,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Figures before and (with a calibrator) after calibration, reliability bins and optional intervals.
@@ -284,6 +287,18 @@ def evaluate(
     if nll_clip is not None:
         nll_clip = metrics.check_nll_clip(nll_clip)
     ece_convention = metrics.check_ece_convention(ece_convention)
+    segment_codes = None
+    if segments is not None:
+        segment_codes, segment_names = check_segments(segments, logits.shape[0])
+        if (
+            isinstance(min_segment_size, bool)
+            or not isinstance(min_segment_size, int)
+            or min_segment_size < 1
+        ):
+            raise InvalidInput(
+                f"min_segment_size must be a positive integer, got {min_segment_size!r}",
+                field="min_segment_size",
+            )
     # the option limits, before any figure is computed
     metrics.check_binning(n_bins, binning, logits.shape[1])
     if bootstrap:
@@ -347,11 +362,108 @@ def evaluate(
             "interval": {name: metrics.default_interval_method(function) for name, function in INTERVALS},
             "methods": dict(metrics.INTERVAL_CONVENTIONS),
         }
+    if segment_codes is not None:
+        report["segments"] = _segment_reports(
+            groups,
+            y,
+            segment_codes,
+            segment_names,
+            min_segment_size=min_segment_size,
+            options={
+                "n_bins": n_bins,
+                "binning": binning,
+                "nll_clip": nll_clip,
+                "ece_convention": ece_convention,
+            },
+            bootstrap=(bootstrap, seed, confidence),
+        )
     report["thresholds"] = []
     report["summary"] = summarise([])
     if calibrator_document is not None and has_fit_figures(calibrator_document):
         report["drift"] = drift_against_fit(report, calibrator_document)
     return report
+
+
+# Figures for which a smaller value is the worse one (a p-value, accuracy); for every other figure of a
+# segment report (calibration errors, losses, test statistics' sizes) the larger is worse.
+_LOWER_IS_WORSE = ("accuracy", "calibration_slope")
+
+
+def _worse_is_lower(name: str) -> bool:
+    return name in _LOWER_IS_WORSE or name.endswith("_p") or "_p_" in name
+
+
+def _segment_reports(
+    groups: Mapping[str, tuple[np.ndarray, bool]],
+    labels: np.ndarray,
+    codes: np.ndarray,
+    names: list[str],
+    *,
+    min_segment_size: int,
+    options: Mapping[str, Any],
+    bootstrap: tuple[int, int, float],
+) -> dict:
+    """Every figure per segment (and its bootstrap intervals, for segments of at least
+    ``min_segment_size`` rows), and the worst gated segment of each figure.
+
+    A segment smaller than the floor is reported (``gated: false``) but neither gets intervals nor takes
+    part in ``worst``: its figures are too noisy to fail a build on. A segment whose figures cannot be
+    computed (one row, say) says why in ``error``.
+    """
+    n_resamples, seed, confidence = bootstrap
+    by_segment: dict[str, dict] = {}
+    for code, name in enumerate(names):
+        rows = np.flatnonzero(codes == code)
+        entry: dict[str, Any] = {"n": int(rows.size), "gated": bool(rows.size >= min_segment_size)}
+        try:
+            for group, (values, values_are_logits) in groups.items():
+                figures_of_group = figures(
+                    values[rows], labels[rows], from_logits=values_are_logits, **options
+                )
+                figures_of_group.pop("conventions", None)
+                entry[group] = figures_of_group
+            if n_resamples and entry["gated"]:
+                binned = {"n_bins": options["n_bins"], "binning": options["binning"]}
+                entry["intervals"] = {
+                    group: _intervals(
+                        values[rows],
+                        labels[rows],
+                        values_are_logits,
+                        n_resamples,
+                        seed,
+                        confidence,
+                        binned,
+                        options["nll_clip"],
+                        None,
+                    )
+                    for group, (values, values_are_logits) in groups.items()
+                }
+        except InvalidInput as exc:
+            entry = {"n": int(rows.size), "gated": False, "error": str(exc)}
+        by_segment[name] = entry
+    worst: dict[str, dict[str, dict]] = {}
+    for group in groups:
+        candidates: dict[str, dict] = {}
+        for name, entry in by_segment.items():
+            if not entry["gated"] or group not in entry:
+                continue
+            for figure, value in entry[group].items():
+                if figure == "n" or isinstance(value, bool) or not isinstance(value, int | float):
+                    continue
+                best = candidates.get(figure)
+                lower = _worse_is_lower(figure)
+                if best is None or (value < best["value"] if lower else value > best["value"]):
+                    candidates[figure] = {"segment": name, "value": value, "n": entry["n"]}
+        worst[group] = candidates
+    return {
+        "n_segments": len(names),
+        "min_segment_size": min_segment_size,
+        "gated": sum(entry["gated"] for entry in by_segment.values()),
+        "by_segment": by_segment,
+        "worst": worst,
+        "worst_rule": "over segments of at least min_segment_size rows: the largest value of each figure, "
+        "the smallest of accuracy, calibration_slope and p-values",
+    }
 
 
 def _calibrator_summary(document: Mapping[str, Any] | None, calibrator: Any | None) -> dict | None:
@@ -405,7 +517,8 @@ _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
 }
 _THRESHOLD = re.compile(
-    r"^\s*(?:(uncalibrated|calibrated)\.)?([a-z_0-9]+)(?:\.(upper|lower))?\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$"
+    r"^\s*(?:(uncalibrated|calibrated)\.)?(?:(worst)\.)?([a-z_0-9]+)(?:\.(upper|lower))?"
+    r"\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$"
 )
 BOUNDS = {"lower": 0, "upper": 1}
 """``--fail-on`` bounds of a figure's bootstrap interval (``ece.upper>0.03``): index in ``[low, high]``."""
@@ -427,6 +540,7 @@ class Threshold:
     op: str
     limit: float
     bound: str | None = None
+    worst: bool = False
 
     @classmethod
     def parse(cls, expression: str) -> Threshold:
@@ -437,14 +551,16 @@ class Threshold:
                 "'ece.upper>0.03' (a bound of the bootstrap interval) or 'spiegelhalter_p<0.01'",
                 field="fail_on",
             )
-        group, metric, bound, op, limit = match.groups()
+        group, worst, metric, bound, op, limit = match.groups()
+        if worst and metric == "worst":
+            raise InvalidInput(f"threshold {expression!r} names no figure after worst.", field="fail_on")
         try:
             value = float(limit)
         except ValueError:
             raise InvalidInput(
                 f"threshold {expression!r} has no number after {op}", field="fail_on"
             ) from None
-        return cls(expression.strip(), group, metric, op, value, bound)
+        return cls(expression.strip(), group, metric, op, value, bound, worst is not None)
 
 
 def check_thresholds(report: dict, expressions: Iterable[str]) -> list[dict]:
@@ -456,6 +572,9 @@ def check_thresholds(report: dict, expressions: Iterable[str]) -> list[dict]:
         figures_of_group = report.get(group)
         if not figures_of_group:
             raise InvalidInput(f"threshold {expression!r} names {group} figures, which this report has not")
+        if threshold.worst:
+            results.append(_worst_check(report, group, threshold))
+            continue
         if threshold.metric not in figures_of_group:
             known = ", ".join(sorted(k for k, v in figures_of_group.items() if isinstance(v, int | float)))
             raise InvalidInput(
@@ -487,6 +606,66 @@ def check_thresholds(report: dict, expressions: Iterable[str]) -> list[dict]:
         breached = _OPERATORS[threshold.op](value, threshold.limit)
         results.append({**check, "value": value, "status": "fail" if breached else "pass"})
     return results
+
+
+def _worst_check(report: Mapping[str, Any], group: str, threshold: Threshold) -> dict:
+    """A ``worst.<figure>`` threshold: the figure (or a bound of its interval) of the worst segment of at
+    least the report's ``min_segment_size`` rows. ``unknown`` when no segment is that large."""
+    segments = report.get("segments")
+    if not segments:
+        raise InvalidInput(
+            f"threshold {threshold.expression!r} reads the worst segment, and this report has no segments: "
+            "give --segments FILE (HTTP 'segments': [...])",
+            field="fail_on",
+        )
+    lower = _worse_is_lower(threshold.metric)
+    chosen: tuple[float, str, int] | None = None
+    for name, entry in segments["by_segment"].items():
+        if not entry.get("gated") or group not in entry:
+            continue
+        if threshold.bound is None:
+            if threshold.metric not in entry[group]:
+                continue
+            value = _figure_value(entry[group], threshold.metric)
+        else:
+            bounds = ((entry.get("intervals") or {}).get(group) or {}).get(threshold.metric)
+            if bounds is None:
+                raise InvalidInput(
+                    f"threshold {threshold.expression!r} reads bootstrap intervals of the segments: give "
+                    "--bootstrap N (and the figure must have intervals: ece, mce, brier, nll, accuracy)",
+                    field="fail_on",
+                )
+            value = (
+                float("nan")
+                if bounds[BOUNDS[threshold.bound]] is None
+                else float(bounds[BOUNDS[threshold.bound]])
+            )
+        if chosen is None or (value < chosen[0] if lower else value > chosen[0]):
+            chosen = (value, name, entry["n"])
+    check: dict[str, Any] = {
+        "name": threshold.expression,
+        "kind": "fail_on",
+        "group": group,
+        "metric": threshold.metric,
+        "op": threshold.op,
+        "limit": threshold.limit,
+        "worst": True,
+        "min_segment_size": segments.get("min_segment_size"),
+    }
+    if threshold.bound is not None:
+        check["bound"] = threshold.bound
+    if chosen is None:
+        detail = f"no segment of at least {segments.get('min_segment_size')} rows has {threshold.metric}"
+        return {**check, "value": None, "status": "unknown", "detail": detail}
+    value, name, n = chosen
+    breached = _OPERATORS[threshold.op](value, threshold.limit)
+    return {
+        **check,
+        "value": value,
+        "segment": name,
+        "segment_n": n,
+        "status": "fail" if breached else "pass",
+    }
 
 
 def _interval_bound(report: Mapping[str, Any], group: str, threshold: Threshold) -> float:
@@ -817,9 +996,10 @@ def _monitor_check(
         raise InvalidInput(
             f"--fail-on {rule.expression!r}: a monitoring window has calibrated figures only", field="fail_on"
         )
-    if rule.bound is not None:
+    if rule.bound is not None or rule.worst:
         raise InvalidInput(
-            f"--fail-on {rule.expression!r}: a monitoring window has no bootstrap intervals", field="fail_on"
+            f"--fail-on {rule.expression!r}: a monitoring window has no bootstrap intervals or segments",
+            field="fail_on",
         )
     check = {
         "name": rule.expression,

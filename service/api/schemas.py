@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from service.api.bodies import array
 from service.core.calibrators import METHODS
 from service.core.metrics import MAX_BOOTSTRAP_RESAMPLES, MAX_N_BINS
+from service.core.segments import DEFAULT_MIN_SEGMENT_SIZE
 from service.core.validation import MAX_NUM_CLASSES
 from service.errors import InvalidInput
 from service.inference_protocol import tensor_array
@@ -27,6 +28,16 @@ Matrix = Annotated[
 ]
 Vector = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "number"}})]
 Labels = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "integer", "minimum": 0}})]
+Segments = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": ["string", "integer"]},
+            "description": "one segment key per row: every figure per segment, and the worst segment",
+        }
+    ),
+]
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 
@@ -155,6 +166,8 @@ class EvaluateRequest(ScoresBody):
     per_class_tests: bool = Field(
         False, description="also the calibration tests of each class (per_class_tests)"
     )
+    segments: Segments | None = None
+    min_segment_size: int = Field(DEFAULT_MIN_SEGMENT_SIZE, ge=1, le=2**31 - 1)
 
 
 class OutcomesRequest(Strict):
@@ -194,6 +207,8 @@ class MetricsRequest(Strict):
     per_class_tests: bool = Field(
         False, description="also the calibration tests of each class (per_class_tests)"
     )
+    segments: Segments | None = None
+    min_segment_size: int = Field(DEFAULT_MIN_SEGMENT_SIZE, ge=1, le=2**31 - 1)
 
 
 def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, Any]:

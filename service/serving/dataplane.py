@@ -113,6 +113,8 @@ class EvaluateSpec:
     nll_clip: float | None = None  # None: the exact NLL
     ece_convention: str | None = None  # a peer's ECE convention, reported as ece_<convention>
     per_class_tests: bool = False  # the calibration tests of each class too
+    segments: Any = None  # one key per row: figures per segment and the worst one
+    min_segment_size: int = 100  # rows a segment needs to be gated
 
 
 def check_columns(model: ModelInfo, scores: np.ndarray, field: str) -> None:
@@ -638,6 +640,8 @@ class DataPlane:
             nll_clip=spec.nll_clip,
             ece_convention=spec.ece_convention,
             per_class_tests=spec.per_class_tests,
+            segments=spec.segments,
+            min_segment_size=spec.min_segment_size,
         )
         report["model"] = name
         return report
@@ -726,6 +730,8 @@ def _figures(data: Labelled, spec: EvaluateSpec, with_losses: bool) -> dict[str,
         nll_clip=spec.nll_clip,
         ece_convention=spec.ece_convention,
         per_class_tests=spec.per_class_tests,
+        segments=spec.segments,
+        min_segment_size=spec.min_segment_size,
     )
     answer = {
         **report["uncalibrated"],
@@ -737,6 +743,8 @@ def _figures(data: Labelled, spec: EvaluateSpec, with_losses: bool) -> dict[str,
         answer["intervals"] = report["intervals"]["uncalibrated"]
     if "per_class_tests" in report:
         answer["per_class_tests"] = report["per_class_tests"]["uncalibrated"]
+    if "segments" in report:
+        answer["segments"] = report["segments"]
     if with_losses:
         logits = workflows.scores_to_logits(data.values, from_logits=from_logits)
         answer["losses"] = losses.evaluation_losses(logits, data.labels)

@@ -177,6 +177,8 @@ async def evaluate(name: ModelName, request: Request, plane: Plane, version: Pin
         nll_clip=body.nll_clip,
         ece_convention=body.ece_convention,
         per_class_tests=body.per_class_tests,
+        segments=body.segments,
+        min_segment_size=body.min_segment_size,
     )
     data = labelled(body, LABELLED_KINDS)
     async with cancelled_on_disconnect(request, plane.budget()) as budget:

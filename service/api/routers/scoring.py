@@ -34,6 +34,8 @@ async def figures(request: Request, plane: Plane) -> NumpyJSONResponse:
         nll_clip=body.nll_clip,
         ece_convention=body.ece_convention,
         per_class_tests=body.per_class_tests,
+        segments=body.segments,
+        min_segment_size=body.min_segment_size,
     )
     data = labelled(body, ("logits", "probabilities"))
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
