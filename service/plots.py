@@ -148,3 +148,70 @@ def _smooth_diagram(
     upper.legend(loc="upper left", fontsize="x-small")
     lower.set(xlabel="confidence", ylabel="density")
     lower.grid(True, alpha=0.3)
+
+
+MAX_SEGMENT_PANELS = 24
+"""Most segments drawn as small multiples (the worst first, by calibrated ECE where there is one)."""
+
+
+def segment_order(report: Mapping[str, Any]) -> list[str]:
+    """Segment keys, worst first: gated segments by descending ECE (calibrated where present), then the
+    segments under the size floor, by size."""
+    by_segment = (report.get("segments") or {}).get("by_segment") or {}
+    group = "calibrated" if report.get("calibrated") else "uncalibrated"
+
+    def key(name: str) -> tuple:
+        entry = by_segment[name]
+        ece = (entry.get(group) or {}).get("ece")
+        return (not entry.get("gated"), -(ece if isinstance(ece, int | float) else -1.0), -entry.get("n", 0))
+
+    return sorted(by_segment, key=key)
+
+
+def segment_diagrams(report: Mapping[str, Any], *, format: str = "png") -> bytes:
+    """Small multiples: one reliability diagram per segment (at most :data:`MAX_SEGMENT_PANELS`, worst
+    first), before and after calibration, each titled with its key, size and ECE; segments under the size
+    floor are marked "not gated"."""
+    by_segment = (report.get("segments") or {}).get("by_segment") or {}
+    names = [name for name in segment_order(report) if by_segment[name].get("reliability")]
+    names = names[:MAX_SEGMENT_PANELS]
+    if not names:
+        raise InvalidInput("the report has no segment reliability bins to draw", field="segments")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    columns = min(4, len(names))
+    rows = -(-len(names) // columns)
+    figure = Figure(figsize=(2.4 * columns, 2.4 * rows), dpi=DPI, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    for index, axis in enumerate(axes.flat):
+        if index >= len(names):
+            axis.set_visible(False)
+            continue
+        name = names[index]
+        entry = by_segment[name]
+        axis.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=0.8)
+        title_ece = ""
+        for group in ("uncalibrated", "calibrated"):
+            bins = entry["reliability"].get(group)
+            if not bins:
+                continue
+            confidence, accuracy = _points(bins)
+            style = _STYLE[group]
+            axis.plot(confidence, accuracy, marker=style["marker"], markersize=2.5, color=style["color"])
+            ece = (entry.get(group) or {}).get("ece")
+            if isinstance(ece, int | float):
+                title_ece = f", ECE {ece:.3f}"
+        gated = "" if entry.get("gated") else " (not gated)"
+        axis.set_title(f"{str(name)[:24]} n={entry.get('n')}{title_ece}{gated}", fontsize="x-small")
+        axis.set(xlim=(0, 1), ylim=(0, 1))
+        axis.tick_params(labelsize="xx-small")
+        axis.grid(True, alpha=0.3)
+    buffer = io.BytesIO()
+    metadata = {"Date": None} if format == "svg" else {"Software": None}
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "calibserve"}):
+        figure.savefig(buffer, format=format, dpi=DPI, metadata=metadata)
+    return buffer.getvalue()

@@ -377,6 +377,20 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     lines += ["| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in _figure_rows(report)]
+    if report.get("segments"):
+        segments = report["segments"]
+        lines += [
+            "",
+            f"{segments.get('n_segments')} segments, {segments.get('gated')} of at least "
+            f"{segments.get('min_segment_size')} rows (gated); worst first:",
+            "",
+            "| segment | rows | gated | ECE uncalibrated | ECE calibrated |",
+            "|---|---:|---|---:|---:|",
+        ]
+        lines += [
+            "| " + " | ".join(_markdown_cell(cell) for cell in row) + " |"
+            for row in _segment_rows(report)[:20]
+        ]
     checks = report.get("thresholds") or []
     lines.append("")
     if checks:
@@ -473,6 +487,7 @@ def to_html(report: Mapping[str, Any], *, figure_png: bytes | None = None) -> st
     )
     escape = html.escape
     monitoring = f"<p>{escape(_monitoring_text(report))}</p>\n" if report.get("monitoring") else ""
+    segments = _segments_html(report)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -491,9 +506,55 @@ calibrator: {escape(_calibrator_text(report))}; created {escape(str(report.get("
 {check_table}
 <h2>Reliability diagram</h2>
 {image}
-</body>
+{segments}</body>
 </html>
 """
+
+
+def _segment_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """One row per segment, worst first: key, rows, gated, ECE before and after."""
+    from service.plots import segment_order
+
+    by_segment = (report.get("segments") or {}).get("by_segment") or {}
+    rows = []
+    for name in segment_order(report):
+        entry = by_segment[name]
+        rows.append(
+            [
+                str(name),
+                str(entry.get("n")),
+                "yes" if entry.get("gated") else "no",
+                _number((entry.get("uncalibrated") or {}).get("ece")),
+                _number((entry.get("calibrated") or {}).get("ece")) if "calibrated" in entry else "–",
+            ]
+        )
+    return rows
+
+
+def _segments_html(report: Mapping[str, Any]) -> str:
+    """The segments section: a table, worst first, and one small reliability diagram per segment."""
+    segments = report.get("segments")
+    if not segments:
+        return ""
+    from service.plots import segment_diagrams
+
+    rows = _segment_rows(report)
+    table = _html_table(
+        ["segment", "rows", "gated", "ECE uncalibrated", "ECE calibrated"], rows, {1, 3, 4}, [""] * len(rows)
+    )
+    try:
+        image = segment_diagrams(report)
+        picture = (
+            f'<img alt="reliability diagram per segment" '
+            f'src="data:image/png;base64,{base64.b64encode(image).decode()}">'
+        )
+    except InvalidInput:
+        picture = ""
+    floor = html.escape(str(segments.get("min_segment_size")))
+    return (
+        f"<h2>Segments</h2>\n<p>{segments.get('n_segments')} segments, {segments.get('gated')} of at least "
+        f"{floor} rows (gated).</p>\n{table}\n{picture}\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ dispatch

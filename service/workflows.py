@@ -422,6 +422,17 @@ def _segment_reports(
                 )
                 figures_of_group.pop("conventions", None)
                 entry[group] = figures_of_group
+            # the segment's reliability bins: the HTML report draws one small diagram per segment
+            entry["reliability"] = {
+                group: metrics.reliability_bins(
+                    values[rows],
+                    labels[rows],
+                    from_logits=values_are_logits,
+                    n_bins=options["n_bins"],
+                    binning=options["binning"],
+                ).to_dict()
+                for group, (values, values_are_logits) in groups.items()
+            }
             if n_resamples and entry["gated"]:
                 binned = {"n_bins": options["n_bins"], "binning": options["binning"]}
                 entry["intervals"] = {

@@ -141,3 +141,22 @@ def test_cli_segments_and_a_worst_gate(data, tmp_path: Path):
     assert "worst.ece = " in (tmp_path / "segments.md").read_text()
     assert "segment 'south'" in (tmp_path / "segments.xml").read_text()
     assert runs["no_segments"].returncode == 2 and "--segments" in runs["no_segments"].stderr
+
+
+def test_reports_show_segments_worst_first(data):
+    from service import plots, reports
+    from tests.helpers.images import png_size
+
+    report = workflows.evaluate(
+        data["logits"], data["labels"], calibrator_document=data["document"], segments=data["segments"]
+    )
+    assert plots.segment_order(report) == ["south", *plots.segment_order(report)[1:3], "tiny"]
+    markdown = reports.to_markdown(report)
+    table = [line for line in markdown.splitlines() if line.startswith("| south") or line.startswith("| tiny")]
+    assert table[0].startswith("| south") and "| no |" in table[1]
+    image = plots.segment_diagrams(report)
+    assert png_size(image) == (4 * 240, 240)  # four panels of 2.4 in at 100 dpi, one row
+    html = reports.to_html(report)
+    assert "<h2>Segments</h2>" in html and "reliability diagram per segment" in html
+    south = report["segments"]["by_segment"]["south"]["reliability"]["calibrated"]
+    assert sum(south["counts"]) == report["segments"]["by_segment"]["south"]["n"]
