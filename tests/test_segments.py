@@ -152,7 +152,9 @@ def test_reports_show_segments_worst_first(data):
     )
     assert plots.segment_order(report) == ["south", *plots.segment_order(report)[1:3], "tiny"]
     markdown = reports.to_markdown(report)
-    table = [line for line in markdown.splitlines() if line.startswith("| south") or line.startswith("| tiny")]
+    table = [
+        line for line in markdown.splitlines() if line.startswith("| south") or line.startswith("| tiny")
+    ]
     assert table[0].startswith("| south") and "| no |" in table[1]
     image = plots.segment_diagrams(report)
     assert png_size(image) == (4 * 240, 240)  # four panels of 2.4 in at 100 dpi, one row
