@@ -671,8 +671,8 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
         type=int,
         default=0,
         metavar="N",
-        help=f"bootstrap resamples for 95%% intervals (0: none; at most {MAX_BOOTSTRAP_RESAMPLES:,}, and "
-        f"resamples x rows at most {MAX_BOOTSTRAP_WORK:,})",
+        help=f"bootstrap resamples for 95%% intervals, bias-corrected for ece and mce (0: none; at most "
+        f"{MAX_BOOTSTRAP_RESAMPLES:,}, and resamples x rows at most {MAX_BOOTSTRAP_WORK:,})",
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument(
