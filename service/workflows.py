@@ -276,6 +276,14 @@ def evaluate(
     logits) and of the calibrated answer (:func:`calibrated_scores`): NLL is exact, infinite where a true
     class has probability 0 (JSON null, the rows in ``nll_infinite_rows``); ``nll_clip=eps`` asks for the
     clipped NLL instead (``conventions.nll`` says which).
+
+    Options beyond the figures: ``bootstrap`` resamples give ``intervals`` (bias-corrected for ECE and MCE,
+    :data:`INTERVALS`); ``ece_convention`` adds ``ece_<convention>`` (a peer library's ECE,
+    :mod:`service.core.ece_conventions`); ``per_class_tests`` adds ``per_class_tests`` (the statistical
+    tests of each class); ``segments`` (one string or integer key per row) adds ``segments``: every figure
+    per segment, intervals for segments of at least ``min_segment_size`` rows, and the worst such segment
+    of each figure (:func:`_segment_reports`). ``reliability_smooth`` (smECE's kernel estimate of the
+    reliability curve) is always there beside the binned ``reliability``.
     """
     if from_logits:
         logits = scores_to_logits(scores, from_logits=True)
