@@ -351,7 +351,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     # every flag is checked before the (possibly long) evaluation starts
     for expression in args.fail_on or []:
-        workflows.Threshold.parse(expression)
+        if workflows.Threshold.parse(expression).bound is not None and not args.bootstrap:
+            raise CommandError(
+                f"--fail-on {expression}: a bound of a bootstrap interval needs --bootstrap N (e.g. 1000)"
+            )
     baseline = _baseline(args.baseline, baseline_document) if baseline_document is not None else None
     max_increase = (
         workflows.parse_max_increase(args.max_increase or DEFAULT_MAX_INCREASE)
@@ -359,6 +362,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else {}
     )
     calibrator = workflows.load_calibrator(document) if document is not None else None
+    segments = None
+    if args.segments:
+        from service import io
+
+        segments = io.read_segments(args.segments)
+    for expression in args.fail_on or []:
+        if workflows.Threshold.parse(expression).worst and segments is None:
+            raise CommandError(f"--fail-on {expression}: the worst segment needs --segments FILE")
 
     progress = Progress("bootstrap")
     try:
@@ -372,6 +383,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     binning=args.binning,
                     bootstrap=args.bootstrap,
                     seed=args.seed,
+                    nll_clip=args.nll_clip,
+                    ece_convention=args.ece_convention,
+                    per_class_tests=args.per_class_tests,
+                    segments=segments,
+                    min_segment_size=args.min_segment_size,
                     **{kind: scores},
                 )
         else:
@@ -385,6 +401,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 binning=args.binning,
                 bootstrap=args.bootstrap,
                 seed=args.seed,
+                nll_clip=args.nll_clip,
+                ece_convention=args.ece_convention,
+                per_class_tests=args.per_class_tests,
+                segments=segments,
+                min_segment_size=args.min_segment_size,
                 progress=progress,
             )  # with a document that has fit-time figures, the report holds its drift against them
     finally:
@@ -680,16 +701,49 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
         type=int,
         default=0,
         metavar="N",
-        help=f"bootstrap resamples for 95%% intervals (0: none; at most {MAX_BOOTSTRAP_RESAMPLES:,}, and "
-        f"resamples x rows at most {MAX_BOOTSTRAP_WORK:,})",
+        help=f"bootstrap resamples for 95%% intervals, bias-corrected for ece and mce (0: none; at most "
+        f"{MAX_BOOTSTRAP_RESAMPLES:,}, and resamples x rows at most {MAX_BOOTSTRAP_WORK:,})",
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument(
+        "--ece-convention",
+        choices=("calibserve", "torchmetrics", "sklearn", "netcal", "guo2017", "kumar2019"),
+        help="also report ece_<NAME>: the top-label ECE as that library computes it on the same data "
+        "(docs/ece-conventions.md); ece itself is unchanged",
+    )
+    parser.add_argument(
+        "--segments",
+        metavar="FILE",
+        help="one segment key per row (.npy/.npz of ints or strings, a one-column .csv, .jsonl): every "
+        "figure per segment, the worst segment, and gates such as 'worst.ece>0.05'",
+    )
+    parser.add_argument(
+        "--min-segment-size",
+        type=int,
+        default=100,
+        metavar="N",
+        help="rows a segment needs to be gated and bootstrapped (default 100); smaller ones are reported only",
+    )
+    parser.add_argument(
+        "--per-class-tests",
+        action="store_true",
+        help="also run the statistical calibration tests on each class's probability (report key "
+        "per_class_tests: a list per figure, one value a class)",
+    )
+    parser.add_argument(
+        "--nll-clip",
+        type=float,
+        metavar="EPS",
+        help="report the NLL with p_y clipped to [EPS, 1 - EPS] (as sklearn's log_loss); default: the exact "
+        "NLL, infinite (null in JSON, rows in nll_infinite_rows) where a true class has probability 0",
+    )
     parser.add_argument(
         "--fail-on",
         action="append",
         metavar="EXPR",
         help="fail (exit 1) when a figure satisfies EXPR, e.g. 'ece>0.03', 'uncalibrated.nll>=1', "
-        "'accuracy<0.9'; calibrated figures unless prefixed; repeatable",
+        "'accuracy<0.9', a p-value 'spiegelhalter_p<0.01', or a bound of a bootstrap interval "
+        "'ece.upper>0.03' (with --bootstrap N); calibrated figures unless prefixed; repeatable",
     )
     parser.add_argument(
         "--baseline",

@@ -282,6 +282,17 @@ def _labelled_call(
     return _Call("POST", path, params=params, json=body, **call)
 
 
+def _segments(segments: Any) -> Any:
+    """Segment keys as they travel: integer keys as an array (an ``.npz`` member), string keys as a JSON
+    list (an ``.npz`` body holds numbers only, so the call goes as JSON then)."""
+    if segments is None:
+        return None
+    values = segments.tolist() if isinstance(segments, np.ndarray) else list(segments)
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return np.asarray(values, dtype=np.int64)
+    return values
+
+
 def _query_value(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
@@ -494,15 +505,32 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         binning: str = "width",
         bootstrap: int = 0,
         seed: int = 0,
+        nll_clip: float | None = None,
+        ece_convention: str | None = None,
+        per_class_tests: bool = False,
+        segments: Any = None,
+        min_segment_size: int = 100,
         binary: bool = True,
     ) -> _Json:
         """``POST /v1/models/{name}/evaluate``: the evaluation report of labelled data (uncalibrated vs
-        calibrated). The arrays travel as an ``.npz`` body (``binary=False``: JSON)."""
+        calibrated). The arrays travel as an ``.npz`` body (``binary=False``: JSON). NLL is exact (null
+        where infinite, with ``nll_infinite_rows``) unless ``nll_clip``; ``ece_convention`` adds
+        ``ece_<convention>`` (docs/ece-conventions.md)."""
         arrays = {
             **_one_of(logits=logits, inputs=inputs, probabilities=probabilities),
             "labels": _array(labels),
+            "segments": _segments(segments),
         }
-        fields = {"n_bins": int(n_bins), "binning": binning, "bootstrap": int(bootstrap), "seed": int(seed)}
+        fields = {
+            "n_bins": int(n_bins),
+            "binning": binning,
+            "bootstrap": int(bootstrap),
+            "seed": int(seed),
+            "nll_clip": nll_clip,
+            "ece_convention": ece_convention,
+            "per_class_tests": bool(per_class_tests),
+            "min_segment_size": int(min_segment_size),
+        }
         return self._send(
             _labelled_call(
                 f"/v1/models/{_name(name)}/evaluate",
@@ -524,17 +552,31 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         losses: bool = True,
         bootstrap: int = 0,
         seed: int = 0,
+        nll_clip: float | None = None,
+        ece_convention: str | None = None,
+        per_class_tests: bool = False,
+        segments: Any = None,
+        min_segment_size: int = 100,
         binary: bool = True,
     ) -> _Json:
         """``POST /v1/metrics``: stateless figures (ece, mce, brier, nll, accuracy, reliability bins, losses).
-        The arrays travel as an ``.npz`` body (``binary=False``: JSON)."""
-        arrays = {**_one_of(logits=logits, probabilities=probabilities), "labels": _array(labels)}
+        The arrays travel as an ``.npz`` body (``binary=False``: JSON). NLL is exact (null where infinite,
+        with ``nll_infinite_rows``) unless ``nll_clip``."""
+        arrays = {
+            **_one_of(logits=logits, probabilities=probabilities),
+            "labels": _array(labels),
+            "segments": _segments(segments),
+        }
         fields = {
             "n_bins": int(n_bins),
             "binning": binning,
             "losses": bool(losses),
             "bootstrap": int(bootstrap),
             "seed": int(seed),
+            "nll_clip": nll_clip,
+            "ece_convention": ece_convention,
+            "per_class_tests": bool(per_class_tests),
+            "min_segment_size": int(min_segment_size),
         }
         return self._send(_labelled_call("/v1/metrics", arrays, fields, binary=binary))
 

@@ -255,6 +255,31 @@ def read_labels(spec: str | Path, *, progress: Progress | None = None) -> np.nda
     return array
 
 
+def read_segments(spec: str | Path, *, progress: Progress | None = None) -> list[Any]:
+    """Read one segment key (a string or an integer) per sample from ``spec``: ``.npy``/``.npz`` arrays of
+    integers or strings, a one-column ``.csv`` (each cell a key as written: ``007`` stays ``"007"``), or
+    ``.jsonl`` (one JSON string or integer a line)."""
+    path, key = split_spec(spec)
+    suffix = _suffix(path)
+    if suffix in (".npy", ".npz"):
+        array = _load_npy(path) if suffix == ".npy" else _load_npz(path, key, "segments")
+        if array.ndim == 2 and array.shape[1] == 1:
+            array = array[:, 0]
+        if array.ndim != 1 or array.dtype.kind not in "iuU":
+            raise InvalidInput(
+                f"{path}: segments are a 1-D array of integers or strings, got {array.dtype} {array.shape}",
+                field="segments",
+            )
+        return array.tolist()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, progress)
+    text = path.read_text(encoding="utf-8")
+    cells = [line.strip() for line in text.splitlines() if line.strip()]
+    if any("," in cell for cell in cells):
+        raise InvalidInput(f"{path}: a segments CSV has one column", field="segments")
+    return cells
+
+
 def labels_spec_from_scores(spec: str | Path) -> str | None:
     """Where labels live when no labels file is given: the same ``.npz`` (key ``labels``) or ``.jsonl`` records.
 

@@ -69,8 +69,14 @@ def reliability_diagram(
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # a Figure without pyplot: no global state, nothing to close
 
+    smooth = report.get("reliability_smooth") or {}
+    smooth_groups = [group for group in groups if smooth.get(group)]
     figure = Figure(figsize=FIGURE_SIZE_IN, dpi=DPI, layout="constrained")
-    upper, lower = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    columns = 2 if smooth_groups else 1
+    axes = figure.subplots(2, columns, sharex=True, squeeze=False, gridspec_kw={"height_ratios": (3, 1)})
+    upper, lower = axes[0][0], axes[1][0]
+    if smooth_groups:
+        _smooth_diagram(report, smooth, smooth_groups, axes[0][1], axes[1][1])
     upper.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=1, label="perfect calibration")
     for group in groups:
         bins = reliability[group]
@@ -104,6 +110,8 @@ def reliability_diagram(
     lower.set(xlabel="confidence (top-label probability)", ylabel="samples per bin")
     lower.grid(True, alpha=0.3)
 
+    if smooth_groups:
+        upper.set_title(f"binned: n = {report.get('n', sum(first['counts']))}, {n_bins} {binning} bins")
     buffer = io.BytesIO()
     # SVG text stays text (searchable, small); fixed ids and no date so the same report gives the same file
     metadata = {"Date": None} if format == "svg" else {"Software": None}
@@ -113,3 +121,97 @@ def reliability_diagram(
     if path is not None:
         Path(path).write_bytes(image)
     return image
+
+
+def _smooth_diagram(
+    report: Mapping[str, Any], smooth: Mapping[str, Any], groups: list[str], upper: Any, lower: Any
+) -> None:
+    """The smoothed reliability diagram (smECE's kernel estimate) beside the binned one: the curve of the
+    accuracy at each confidence, and below it the confidences' smoothed density."""
+    upper.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=1)
+    for group in groups:
+        curve = smooth[group]
+        style = _STYLE[group]
+        value = (report.get(group) or {}).get("ece_smooth", curve.get("ece_smooth"))
+        upper.plot(
+            curve["mesh"],
+            curve["accuracy"],
+            color=style["color"],
+            linewidth=1.5,
+            label=f"smECE = {value:.4f} (sigma {curve['sigma']:.3g})"
+            if value is not None
+            else style["label"],
+        )
+        lower.plot(curve["mesh"], curve["density"], color=style["color"], linewidth=1.5)
+    upper.set(xlim=(0, 1), ylim=(0, 1), title="smoothed (smECE kernel)")
+    upper.grid(True, alpha=0.3)
+    upper.legend(loc="upper left", fontsize="x-small")
+    lower.set(xlabel="confidence", ylabel="density")
+    lower.grid(True, alpha=0.3)
+
+
+MAX_SEGMENT_PANELS = 24
+"""Most segments drawn as small multiples (the worst first, by calibrated ECE where there is one)."""
+
+
+def segment_order(report: Mapping[str, Any]) -> list[str]:
+    """Segment keys, worst first: gated segments by descending ECE (calibrated where present), then the
+    segments under the size floor, by size."""
+    by_segment = (report.get("segments") or {}).get("by_segment") or {}
+    group = "calibrated" if report.get("calibrated") else "uncalibrated"
+
+    def key(name: str) -> tuple:
+        entry = by_segment[name]
+        ece = (entry.get(group) or {}).get("ece")
+        return (not entry.get("gated"), -(ece if isinstance(ece, int | float) else -1.0), -entry.get("n", 0))
+
+    return sorted(by_segment, key=key)
+
+
+def segment_diagrams(report: Mapping[str, Any], *, format: str = "png") -> bytes:
+    """Small multiples: one reliability diagram per segment (at most :data:`MAX_SEGMENT_PANELS`, worst
+    first), before and after calibration, each titled with its key, size and ECE; segments under the size
+    floor are marked "not gated"."""
+    by_segment = (report.get("segments") or {}).get("by_segment") or {}
+    names = [name for name in segment_order(report) if by_segment[name].get("reliability")]
+    names = names[:MAX_SEGMENT_PANELS]
+    if not names:
+        raise InvalidInput("the report has no segment reliability bins to draw", field="segments")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    columns = min(4, len(names))
+    rows = -(-len(names) // columns)
+    figure = Figure(figsize=(2.4 * columns, 2.4 * rows), dpi=DPI, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    for index, axis in enumerate(axes.flat):
+        if index >= len(names):
+            axis.set_visible(False)
+            continue
+        name = names[index]
+        entry = by_segment[name]
+        axis.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=0.8)
+        title_ece = ""
+        for group in ("uncalibrated", "calibrated"):
+            bins = entry["reliability"].get(group)
+            if not bins:
+                continue
+            confidence, accuracy = _points(bins)
+            style = _STYLE[group]
+            axis.plot(confidence, accuracy, marker=style["marker"], markersize=2.5, color=style["color"])
+            ece = (entry.get(group) or {}).get("ece")
+            if isinstance(ece, int | float):
+                title_ece = f", ECE {ece:.3f}"
+        gated = "" if entry.get("gated") else " (not gated)"
+        axis.set_title(f"{str(name)[:24]} n={entry.get('n')}{title_ece}{gated}", fontsize="x-small")
+        axis.set(xlim=(0, 1), ylim=(0, 1))
+        axis.tick_params(labelsize="xx-small")
+        axis.grid(True, alpha=0.3)
+    buffer = io.BytesIO()
+    metadata = {"Date": None} if format == "svg" else {"Software": None}
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "calibserve"}):
+        figure.savefig(buffer, format=format, dpi=DPI, metadata=metadata)
+    return buffer.getvalue()

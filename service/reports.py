@@ -142,9 +142,18 @@ def check_message(check: Mapping[str, Any]) -> str:
             f"baseline {_number(baseline)}); allowed {allowed} {_number(limit)}"
         )
     comparison = f"{check.get('op', '?')} {_number(limit, 6)}"
+    subject = f"{metric}.{check['bound']}" if check.get("bound") else metric
+    subject = f"worst.{subject}" if check.get("worst") else subject
+    context = ""
+    if check.get("worst"):  # the worst gated segment: which one, and how large
+        context = f" (segment {check.get('segment')!r}, n = {check.get('segment_n')})"
+    elif check.get("bound"):  # a bound of a bootstrap interval: say which interval, around which estimate
+        context = f" ({check.get('interval') or 'bootstrap'} interval of {metric} = {_number(check.get('estimate'), 6)})"
+    elif check.get("test"):  # a p-value: the test and its statistic
+        context = f" ({check['test']}: {check.get('statistic')} = {_number(check.get('statistic_value'), 6)})"
     if check.get("status") == "fail":
-        return f"{metric} = {_number(value, 6)} {comparison}"
-    return f"{metric} = {_number(value, 6)} (fails if {comparison})"
+        return f"{subject} = {_number(value, 6)} {comparison}{context}"
+    return f"{subject} = {_number(value, 6)}{context} (fails if {comparison})"
 
 
 def _check_details(check: Mapping[str, Any]) -> str:
@@ -158,6 +167,16 @@ def _check_details(check: Mapping[str, Any]) -> str:
         "value",
         "baseline",
         "change",
+        "worst",
+        "segment",
+        "segment_n",
+        "min_segment_size",
+        "bound",
+        "interval",
+        "estimate",
+        "test",
+        "statistic",
+        "statistic_value",
         "status",
         "detail",
     )
@@ -358,6 +377,20 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     lines += ["| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in _figure_rows(report)]
+    if report.get("segments"):
+        segments = report["segments"]
+        lines += [
+            "",
+            f"{segments.get('n_segments')} segments, {segments.get('gated')} of at least "
+            f"{segments.get('min_segment_size')} rows (gated); worst first:",
+            "",
+            "| segment | rows | gated | ECE uncalibrated | ECE calibrated |",
+            "|---|---:|---|---:|---:|",
+        ]
+        lines += [
+            "| " + " | ".join(_markdown_cell(cell) for cell in row) + " |"
+            for row in _segment_rows(report)[:20]
+        ]
     checks = report.get("thresholds") or []
     lines.append("")
     if checks:
@@ -454,6 +487,7 @@ def to_html(report: Mapping[str, Any], *, figure_png: bytes | None = None) -> st
     )
     escape = html.escape
     monitoring = f"<p>{escape(_monitoring_text(report))}</p>\n" if report.get("monitoring") else ""
+    segments = _segments_html(report)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -472,9 +506,55 @@ calibrator: {escape(_calibrator_text(report))}; created {escape(str(report.get("
 {check_table}
 <h2>Reliability diagram</h2>
 {image}
-</body>
+{segments}</body>
 </html>
 """
+
+
+def _segment_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """One row per segment, worst first: key, rows, gated, ECE before and after."""
+    from service.plots import segment_order
+
+    by_segment = (report.get("segments") or {}).get("by_segment") or {}
+    rows = []
+    for name in segment_order(report):
+        entry = by_segment[name]
+        rows.append(
+            [
+                str(name),
+                str(entry.get("n")),
+                "yes" if entry.get("gated") else "no",
+                _number((entry.get("uncalibrated") or {}).get("ece")),
+                _number((entry.get("calibrated") or {}).get("ece")) if "calibrated" in entry else "–",
+            ]
+        )
+    return rows
+
+
+def _segments_html(report: Mapping[str, Any]) -> str:
+    """The segments section: a table, worst first, and one small reliability diagram per segment."""
+    segments = report.get("segments")
+    if not segments:
+        return ""
+    from service.plots import segment_diagrams
+
+    rows = _segment_rows(report)
+    table = _html_table(
+        ["segment", "rows", "gated", "ECE uncalibrated", "ECE calibrated"], rows, {1, 3, 4}, [""] * len(rows)
+    )
+    try:
+        image = segment_diagrams(report)
+        picture = (
+            f'<img alt="reliability diagram per segment" '
+            f'src="data:image/png;base64,{base64.b64encode(image).decode()}">'
+        )
+    except InvalidInput:
+        picture = ""
+    floor = html.escape(str(segments.get("min_segment_size")))
+    return (
+        f"<h2>Segments</h2>\n<p>{segments.get('n_segments')} segments, {segments.get('gated')} of at least "
+        f"{floor} rows (gated).</p>\n{table}\n{picture}\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ dispatch

@@ -18,10 +18,18 @@ from typing import Any
 import numpy as np
 
 from service.core import metrics
+from service.core.calibration_tests import P_VALUES
 from service.core.calibrators import TemperatureScaling, calibrator_from_dict, make_calibrator
 from service.core.monitoring import confidence_histogram
-from service.core.probability import softmax
-from service.core.validation import check_labelled, check_logits, check_probabilities, same_class_count
+from service.core.probability import log_softmax, softmax
+from service.core.segments import DEFAULT_MIN_SEGMENT_SIZE, check_segments
+from service.core.validation import (
+    MAX_ABS_LOGIT,
+    check_labelled,
+    check_logits,
+    check_probabilities,
+    same_class_count,
+)
 from service.errors import InvalidInput
 
 FORMAT_VERSION = 1
@@ -52,17 +60,45 @@ def scores_to_logits(scores: Any, *, from_logits: bool, transform: bool = False)
     """
     if from_logits:
         return check_logits(scores, scale=transform)
-    probabilities = check_probabilities(scores)
+    return probability_logits(check_probabilities(scores))
+
+
+def probability_logits(probabilities: np.ndarray) -> np.ndarray:
+    """Logits whose softmax is ``probabilities`` (validated), for calibrators to work on.
+
+    A probability of 0 has no logit: it is floored at 1e-300 here (log 1e-300 = -690.8), which changes the
+    softmax by less than 1e-300. Figures are never computed from these logits (:func:`evaluate` scores the
+    probabilities themselves), so the floor never reaches an NLL.
+    """
     if probabilities.shape[1] == 1:  # binary P(y=1): its logit is log(p / (1 - p))
-        p = np.clip(probabilities.astype(np.float64), 1e-300, 1.0)
-        q = np.clip(1.0 - probabilities.astype(np.float64), 1e-300, 1.0)
+        p = np.clip(probabilities.astype(np.float64), _PROBABILITY_FLOOR, 1.0)
+        q = np.clip(1.0 - probabilities.astype(np.float64), _PROBABILITY_FLOOR, 1.0)
         return np.log(p) - np.log(q)
-    return np.log(np.clip(probabilities.astype(np.float64), 1e-300, None))
+    return np.log(np.clip(probabilities.astype(np.float64), _PROBABILITY_FLOOR, None))
 
 
-def figures(logits: np.ndarray, labels: np.ndarray, *, n_bins: int = 15, binning: str = "width") -> dict:
-    """The headline figures (ece, mce, brier, nll, accuracy and variants) of softmax(logits)."""
-    return metrics.calibration_report(logits, labels, from_logits=True, n_bins=n_bins, binning=binning)
+def figures(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    *,
+    from_logits: bool = True,
+    n_bins: int = 15,
+    binning: str = "width",
+    nll_clip: float | None = None,
+    ece_convention: str | None = None,
+) -> dict:
+    """The headline figures (ece, mce, brier, nll, accuracy and variants) of softmax(logits), or of
+    probabilities (``from_logits=False``); NLL exact unless ``nll_clip``; ``ece_<convention>`` with
+    ``ece_convention``."""
+    return metrics.calibration_report(
+        scores,
+        labels,
+        from_logits=from_logits,
+        n_bins=n_bins,
+        binning=binning,
+        nll_clip=nll_clip,
+        ece_convention=ece_convention,
+    )
 
 
 def fit_document(
@@ -142,13 +178,14 @@ def fit_time_figures(
     calibrator: Any, logits: np.ndarray, labels: np.ndarray, before: dict | None = None
 ) -> tuple[dict, dict]:
     """``(before, after)``: :func:`service.core.metrics.fit_figures` of validated logits (unless given)
-    and of the fitted ``calibrator``'s probabilities (NLL floored as in :func:`calibrated_logits`).
+    and of the fitted ``calibrator``'s answer, with the exact NLL of :func:`evaluate` (infinite where a
+    calibrated true class has probability 0: null in the stored document, the rows in ``nll_infinite_rows``).
 
     Temperature scaling's ``after`` comes from a pass over the logits (the same pass as ``before``, when
     that is not given): its softmax of ``z / T`` is never written out. Other methods' from ``transform``.
     """
     if isinstance(calibrator, TemperatureScaling):
-        groups = [(calibrator.temperature_, _PROBABILITY_FLOOR)]
+        groups = [(calibrator.temperature_, None)]  # from the logits: exact and finite
         if before is None:
             before, after = metrics.fit_figures(logits, labels, groups=[(1.0, None), *groups])
         else:
@@ -157,7 +194,7 @@ def fit_time_figures(
     if before is None:
         (before,) = metrics.fit_figures(logits, labels)
     probabilities = calibrator.transform(logits, validate=False)
-    after = metrics.fit_figures_of_probabilities(probabilities, labels, probability_floor=_PROBABILITY_FLOOR)
+    after = metrics.fit_figures_of_probabilities(probabilities, labels)
     return before, after
 
 
@@ -168,9 +205,24 @@ def _hash_and_figures(logits: np.ndarray, labels: np.ndarray) -> tuple[str, dict
 
 
 def calibrated_logits(calibrator: Any, logits: np.ndarray) -> np.ndarray:
-    """Log of the calibrated probabilities: a logit matrix whose softmax is the calibrated answer."""
+    """Log of the calibrated probabilities, floored at 1e-300: a logit matrix whose softmax is the
+    calibrated answer (the fit-time figures' floored NLL; evaluations use :func:`calibrated_scores`)."""
     with np.errstate(divide="ignore"):
         return np.log(np.clip(calibrator.transform(logits), _PROBABILITY_FLOOR, None))
+
+
+def calibrated_scores(calibrator: Any, logits: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``(scores, from_logits)`` of the calibrated answer, for figures with an exact NLL.
+
+    Temperature scaling: ``log_softmax(z / T)``, logits whose softmax is the answer and whose NLL stays exact
+    (finite) where a calibrated probability underflows to 0. Other methods: their probabilities, whose NLL
+    is infinite where the true class gets probability 0 (histogram binning can do that on purpose).
+    """
+    if isinstance(calibrator, TemperatureScaling):
+        scaled = log_softmax(logits, calibrator.temperature_)
+        if np.all(np.abs(scaled) <= MAX_ABS_LOGIT):  # z / T beyond the logit domain: use the answer
+            return scaled, True
+    return calibrator.transform(logits), False
 
 
 def load_calibrator(document: Mapping[str, Any]) -> Any:
@@ -206,6 +258,11 @@ def evaluate(
     bootstrap: int = 0,
     seed: int = 0,
     confidence: float = 0.95,
+    nll_clip: float | None = None,
+    ece_convention: str | None = None,
+    per_class_tests: bool = False,
+    segments: Any = None,
+    min_segment_size: int = DEFAULT_MIN_SEGMENT_SIZE,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Figures before and (with a calibrator) after calibration, reliability bins and optional intervals.
@@ -214,18 +271,51 @@ def evaluate(
     ``uncalibrated`` and ``calibrated`` by their short names, with the ``conventions`` that produced them.
     ``drift`` (:func:`drift_against_fit`) is added exactly when ``calibrator_document`` has fit-time figures
     (:func:`has_fit_figures`): the one rule for every entry point (HTTP, CLI).
+
+    Figures are those of the scores as given (probabilities are scored as probabilities, never through
+    logits) and of the calibrated answer (:func:`calibrated_scores`): NLL is exact, infinite where a true
+    class has probability 0 (JSON null, the rows in ``nll_infinite_rows``); ``nll_clip=eps`` asks for the
+    clipped NLL instead (``conventions.nll`` says which).
+
+    Options beyond the figures: ``bootstrap`` resamples give ``intervals`` (bias-corrected for ECE and MCE,
+    :data:`INTERVALS`); ``ece_convention`` adds ``ece_<convention>`` (a peer library's ECE,
+    :mod:`service.core.ece_conventions`); ``per_class_tests`` adds ``per_class_tests`` (the statistical
+    tests of each class); ``segments`` (one string or integer key per row) adds ``segments``: every figure
+    per segment, intervals for segments of at least ``min_segment_size`` rows, and the worst such segment
+    of each figure (:func:`_segment_reports`). ``reliability_smooth`` (smECE's kernel estimate of the
+    reliability curve) is always there beside the binned ``reliability``.
     """
-    logits = scores_to_logits(scores, from_logits=from_logits)
+    if from_logits:
+        logits = scores_to_logits(scores, from_logits=True)
+        given: np.ndarray = logits
+    else:
+        given = check_probabilities(scores)
+        logits = probability_logits(given)
     logits, y, _ = check_labelled(logits, labels, from_logits=True)
+    if nll_clip is not None:
+        nll_clip = metrics.check_nll_clip(nll_clip)
+    ece_convention = metrics.check_ece_convention(ece_convention)
+    segment_codes = None
+    if segments is not None:
+        segment_codes, segment_names = check_segments(segments, logits.shape[0])
+        if (
+            isinstance(min_segment_size, bool)
+            or not isinstance(min_segment_size, int)
+            or min_segment_size < 1
+        ):
+            raise InvalidInput(
+                f"min_segment_size must be a positive integer, got {min_segment_size!r}",
+                field="min_segment_size",
+            )
     # the option limits, before any figure is computed
     metrics.check_binning(n_bins, binning, logits.shape[1])
     if bootstrap:
         metrics.check_bootstrap(bootstrap, logits.shape[0])
-    groups = {"uncalibrated": logits}
+    groups: dict[str, tuple[np.ndarray, bool]] = {"uncalibrated": (given, from_logits)}
     if calibrator is None and calibrator_document is not None:
         calibrator = load_calibrator(calibrator_document)
     if calibrator is not None:
-        groups["calibrated"] = calibrated_logits(calibrator, logits)
+        groups["calibrated"] = calibrated_scores(calibrator, logits)
     report: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "kind": REPORT_KIND,
@@ -234,32 +324,165 @@ def evaluate(
         "num_classes": int(logits.shape[1]),
         "calibrator": _calibrator_summary(calibrator_document, calibrator),
     }
-    for group, group_logits in groups.items():
-        report[group] = figures(group_logits, y, n_bins=n_bins, binning=binning)
+    for group, (values, values_are_logits) in groups.items():
+        report[group] = figures(
+            values,
+            y,
+            from_logits=values_are_logits,
+            n_bins=n_bins,
+            binning=binning,
+            nll_clip=nll_clip,
+            ece_convention=ece_convention,
+        )
     report["conventions"] = report["uncalibrated"].pop("conventions", {})
     for group in groups:
         report[group].pop("conventions", None)
     report["reliability"] = {
         group: metrics.reliability_bins(
-            group_logits, y, from_logits=True, n_bins=n_bins, binning=binning
+            values, y, from_logits=values_are_logits, n_bins=n_bins, binning=binning
         ).to_dict()
-        for group, group_logits in groups.items()
+        for group, (values, values_are_logits) in groups.items()
+    }
+    if per_class_tests:
+        # on request: K tests a figure (each class's p_k against 1[y = k]), a list per figure
+        report["per_class_tests"] = {
+            group: metrics.per_class_calibration_tests(values, y, from_logits=values_are_logits)
+            for group, (values, values_are_logits) in groups.items()
+        }
+    # the binning-free diagram beside the binned one (smECE's kernel estimate, at its bandwidth)
+    report["reliability_smooth"] = {
+        group: metrics.smooth_reliability(values, y, from_logits=values_are_logits).to_dict()
+        for group, (values, values_are_logits) in groups.items()
     }
     if bootstrap:
+        binned = {"n_bins": n_bins, "binning": binning}
         report["intervals"] = {
-            group: _intervals(group_logits, y, bootstrap, seed, confidence, n_bins, binning, progress)
-            for group, group_logits in groups.items()
+            group: _intervals(
+                values, y, values_are_logits, bootstrap, seed, confidence, binned, nll_clip, progress
+            )
+            for group, (values, values_are_logits) in groups.items()
         }
         report["conventions"]["bootstrap"] = {
             "n_resamples": bootstrap,
             "confidence": confidence,
             "seed": seed,
+            # ECE-like figures are biased upwards, so their percentile intervals sit too high: bias-corrected
+            "interval": {name: metrics.default_interval_method(function) for name, function in INTERVALS},
+            "methods": dict(metrics.INTERVAL_CONVENTIONS),
         }
+    if segment_codes is not None:
+        report["segments"] = _segment_reports(
+            groups,
+            y,
+            segment_codes,
+            segment_names,
+            min_segment_size=min_segment_size,
+            options={
+                "n_bins": n_bins,
+                "binning": binning,
+                "nll_clip": nll_clip,
+                "ece_convention": ece_convention,
+            },
+            bootstrap=(bootstrap, seed, confidence),
+        )
     report["thresholds"] = []
     report["summary"] = summarise([])
     if calibrator_document is not None and has_fit_figures(calibrator_document):
         report["drift"] = drift_against_fit(report, calibrator_document)
     return report
+
+
+# Figures for which a smaller value is the worse one (a p-value, accuracy); for every other figure of a
+# segment report (calibration errors, losses, test statistics' sizes) the larger is worse.
+_LOWER_IS_WORSE = ("accuracy", "calibration_slope")
+
+
+def _worse_is_lower(name: str) -> bool:
+    return name in _LOWER_IS_WORSE or name.endswith("_p") or "_p_" in name
+
+
+def _segment_reports(
+    groups: Mapping[str, tuple[np.ndarray, bool]],
+    labels: np.ndarray,
+    codes: np.ndarray,
+    names: list[str],
+    *,
+    min_segment_size: int,
+    options: Mapping[str, Any],
+    bootstrap: tuple[int, int, float],
+) -> dict:
+    """Every figure per segment (and its bootstrap intervals, for segments of at least
+    ``min_segment_size`` rows), and the worst gated segment of each figure.
+
+    A segment smaller than the floor is reported (``gated: false``) but neither gets intervals nor takes
+    part in ``worst``: its figures are too noisy to fail a build on. A segment whose figures cannot be
+    computed (one row, say) says why in ``error``.
+    """
+    n_resamples, seed, confidence = bootstrap
+    by_segment: dict[str, dict] = {}
+    for code, name in enumerate(names):
+        rows = np.flatnonzero(codes == code)
+        entry: dict[str, Any] = {"n": int(rows.size), "gated": bool(rows.size >= min_segment_size)}
+        try:
+            for group, (values, values_are_logits) in groups.items():
+                figures_of_group = figures(
+                    values[rows], labels[rows], from_logits=values_are_logits, **options
+                )
+                figures_of_group.pop("conventions", None)
+                entry[group] = figures_of_group
+            # the segment's reliability bins: the HTML report draws one small diagram per segment
+            entry["reliability"] = {
+                group: metrics.reliability_bins(
+                    values[rows],
+                    labels[rows],
+                    from_logits=values_are_logits,
+                    n_bins=options["n_bins"],
+                    binning=options["binning"],
+                ).to_dict()
+                for group, (values, values_are_logits) in groups.items()
+            }
+            if n_resamples and entry["gated"]:
+                binned = {"n_bins": options["n_bins"], "binning": options["binning"]}
+                entry["intervals"] = {
+                    group: _intervals(
+                        values[rows],
+                        labels[rows],
+                        values_are_logits,
+                        n_resamples,
+                        seed,
+                        confidence,
+                        binned,
+                        options["nll_clip"],
+                        None,
+                    )
+                    for group, (values, values_are_logits) in groups.items()
+                }
+        except InvalidInput as exc:
+            entry = {"n": int(rows.size), "gated": False, "error": str(exc)}
+        by_segment[name] = entry
+    worst: dict[str, dict[str, dict]] = {}
+    for group in groups:
+        candidates: dict[str, dict] = {}
+        for name, entry in by_segment.items():
+            if not entry["gated"] or group not in entry:
+                continue
+            for figure, value in entry[group].items():
+                if figure == "n" or isinstance(value, bool) or not isinstance(value, int | float):
+                    continue
+                best = candidates.get(figure)
+                lower = _worse_is_lower(figure)
+                if best is None or (value < best["value"] if lower else value > best["value"]):
+                    candidates[figure] = {"segment": name, "value": value, "n": entry["n"]}
+        worst[group] = candidates
+    return {
+        "n_segments": len(names),
+        "min_segment_size": min_segment_size,
+        "gated": sum(entry["gated"] for entry in by_segment.values()),
+        "by_segment": by_segment,
+        "worst": worst,
+        "worst_rule": "over segments of at least min_segment_size rows: the largest value of each figure, "
+        "the smallest of accuracy, calibration_slope and p-values",
+    }
 
 
 def _calibrator_summary(document: Mapping[str, Any] | None, calibrator: Any | None) -> dict | None:
@@ -271,22 +494,28 @@ def _calibrator_summary(document: Mapping[str, Any] | None, calibrator: Any | No
     return summary
 
 
-def _intervals(logits, y, n_resamples, seed, confidence, n_bins, binning, progress) -> dict:
-    binned = {"n_bins": n_bins, "binning": binning}
-    functions = {
-        "ece": (metrics.expected_calibration_error, binned),
-        "mce": (metrics.maximum_calibration_error, binned),
-        "brier": (metrics.brier_score, {}),
-        "nll": (metrics.negative_log_likelihood, {}),
-        "accuracy": (metrics.accuracy, {}),
-    }
+INTERVALS = (
+    ("ece", metrics.expected_calibration_error),
+    ("mce", metrics.maximum_calibration_error),
+    ("brier", metrics.brier_score),
+    ("nll", metrics.negative_log_likelihood),
+    ("accuracy", metrics.accuracy),
+)
+"""The figures a bootstrap gives intervals of, with their functions (whose default interval method,
+:func:`service.core.metrics.default_interval_method`, is the report's: bias-corrected (``basic``) for
+``ece`` and ``mce``)."""
+
+
+def _intervals(scores, y, from_logits, n_resamples, seed, confidence, binned, nll_clip, progress) -> dict:
+    options = {"ece": binned, "mce": binned, "nll": {"clip": nll_clip}}
+    functions = {name: (function, options.get(name, {})) for name, function in INTERVALS}
     out = {}
     for index, (name, (function, options)) in enumerate(functions.items()):
         low, high = metrics.bootstrap_interval(
             function,
-            logits,
+            scores,
             y,
-            from_logits=True,
+            from_logits=from_logits,
             n_resamples=n_resamples,
             confidence=confidence,
             seed=seed,
@@ -306,35 +535,51 @@ _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     "<": operator.lt,
 }
-_THRESHOLD = re.compile(r"^\s*(?:(uncalibrated|calibrated)\.)?([a-z_0-9]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+_THRESHOLD = re.compile(
+    r"^\s*(?:(uncalibrated|calibrated)\.)?(?:(worst)\.)?([a-z_0-9]+)(?:\.(upper|lower))?"
+    r"\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$"
+)
+BOUNDS = {"lower": 0, "upper": 1}
+"""``--fail-on`` bounds of a figure's bootstrap interval (``ece.upper>0.03``): index in ``[low, high]``."""
 
 
 @dataclass(frozen=True)
 class Threshold:
-    """A failure condition such as ``ece>0.03``: breached when the figure satisfies the comparison."""
+    """A failure condition such as ``ece>0.03``: breached when the figure satisfies the comparison.
+
+    ``bound`` (``ece.upper>0.03``, ``calibrated.ece.lower>0.01``) compares a bound of the figure's bootstrap
+    interval instead (the report's ``intervals``, from ``--bootstrap N``): ``ece.lower>0.03`` fails only
+    when the calibration error is above 0.03 beyond the bootstrap's doubt, ``ece.upper>0.03`` unless it is
+    below it beyond that doubt. A p-value figure (``spiegelhalter_p<0.01``) gates on a test of calibration.
+    """
 
     expression: str
     group: str | None
     metric: str
     op: str
     limit: float
+    bound: str | None = None
+    worst: bool = False
 
     @classmethod
     def parse(cls, expression: str) -> Threshold:
         match = _THRESHOLD.match(expression)
         if match is None:
             raise InvalidInput(
-                f"threshold {expression!r} must look like 'ece>0.03' or 'calibrated.brier>=0.2'",
+                f"threshold {expression!r} must look like 'ece>0.03', 'calibrated.brier>=0.2', "
+                "'ece.upper>0.03' (a bound of the bootstrap interval) or 'spiegelhalter_p<0.01'",
                 field="fail_on",
             )
-        group, metric, op, limit = match.groups()
+        group, worst, metric, bound, op, limit = match.groups()
+        if worst and metric == "worst":
+            raise InvalidInput(f"threshold {expression!r} names no figure after worst.", field="fail_on")
         try:
             value = float(limit)
         except ValueError:
             raise InvalidInput(
                 f"threshold {expression!r} has no number after {op}", field="fail_on"
             ) from None
-        return cls(expression.strip(), group, metric, op, value)
+        return cls(expression.strip(), group, metric, op, value, bound, worst is not None)
 
 
 def check_thresholds(report: dict, expressions: Iterable[str]) -> list[dict]:
@@ -346,26 +591,129 @@ def check_thresholds(report: dict, expressions: Iterable[str]) -> list[dict]:
         figures_of_group = report.get(group)
         if not figures_of_group:
             raise InvalidInput(f"threshold {expression!r} names {group} figures, which this report has not")
+        if threshold.worst:
+            results.append(_worst_check(report, group, threshold))
+            continue
         if threshold.metric not in figures_of_group:
             known = ", ".join(sorted(k for k, v in figures_of_group.items() if isinstance(v, int | float)))
             raise InvalidInput(
                 f"threshold {expression!r}: unknown figure {threshold.metric!r} (known: {known})"
             )
-        value = float(figures_of_group[threshold.metric])
-        breached = _OPERATORS[threshold.op](value, threshold.limit)
-        results.append(
-            {
-                "name": threshold.expression,
-                "kind": "fail_on",
-                "group": group,
-                "metric": threshold.metric,
-                "op": threshold.op,
-                "limit": threshold.limit,
-                "value": value,
-                "status": "fail" if breached else "pass",
+        check: dict[str, Any] = {
+            "name": threshold.expression,
+            "kind": "fail_on",
+            "group": group,
+            "metric": threshold.metric,
+            "op": threshold.op,
+            "limit": threshold.limit,
+        }
+        if threshold.bound is None:
+            value = _figure_value(figures_of_group, threshold.metric)
+        else:
+            value = _interval_bound(report, group, threshold)
+            check |= {"bound": threshold.bound, "estimate": _figure_value(figures_of_group, threshold.metric)}
+            method = ((report.get("conventions") or {}).get("bootstrap") or {}).get("interval") or {}
+            check["interval"] = method.get(threshold.metric)
+        if threshold.metric in P_VALUES and threshold.bound is None:
+            # a p-value gate: the check names its test and carries the test's statistic
+            test, statistic = P_VALUES[threshold.metric]
+            check |= {
+                "test": test,
+                "statistic": statistic,
+                "statistic_value": figures_of_group.get(statistic),
             }
-        )
+        breached = _OPERATORS[threshold.op](value, threshold.limit)
+        results.append({**check, "value": value, "status": "fail" if breached else "pass"})
     return results
+
+
+def _worst_check(report: Mapping[str, Any], group: str, threshold: Threshold) -> dict:
+    """A ``worst.<figure>`` threshold: the figure (or a bound of its interval) of the worst segment of at
+    least the report's ``min_segment_size`` rows. ``unknown`` when no segment is that large."""
+    segments = report.get("segments")
+    if not segments:
+        raise InvalidInput(
+            f"threshold {threshold.expression!r} reads the worst segment, and this report has no segments: "
+            "give --segments FILE (HTTP 'segments': [...])",
+            field="fail_on",
+        )
+    lower = _worse_is_lower(threshold.metric)
+    chosen: tuple[float, str, int] | None = None
+    for name, entry in segments["by_segment"].items():
+        if not entry.get("gated") or group not in entry:
+            continue
+        if threshold.bound is None:
+            if threshold.metric not in entry[group]:
+                continue
+            value = _figure_value(entry[group], threshold.metric)
+        else:
+            bounds = ((entry.get("intervals") or {}).get(group) or {}).get(threshold.metric)
+            if bounds is None:
+                raise InvalidInput(
+                    f"threshold {threshold.expression!r} reads bootstrap intervals of the segments: give "
+                    "--bootstrap N (and the figure must have intervals: ece, mce, brier, nll, accuracy)",
+                    field="fail_on",
+                )
+            value = (
+                float("nan")
+                if bounds[BOUNDS[threshold.bound]] is None
+                else float(bounds[BOUNDS[threshold.bound]])
+            )
+        if chosen is None or (value < chosen[0] if lower else value > chosen[0]):
+            chosen = (value, name, entry["n"])
+    check: dict[str, Any] = {
+        "name": threshold.expression,
+        "kind": "fail_on",
+        "group": group,
+        "metric": threshold.metric,
+        "op": threshold.op,
+        "limit": threshold.limit,
+        "worst": True,
+        "min_segment_size": segments.get("min_segment_size"),
+    }
+    if threshold.bound is not None:
+        check["bound"] = threshold.bound
+    if chosen is None:
+        detail = f"no segment of at least {segments.get('min_segment_size')} rows has {threshold.metric}"
+        return {**check, "value": None, "status": "unknown", "detail": detail}
+    value, name, n = chosen
+    breached = _OPERATORS[threshold.op](value, threshold.limit)
+    return {
+        **check,
+        "value": value,
+        "segment": name,
+        "segment_n": n,
+        "status": "fail" if breached else "pass",
+    }
+
+
+def _interval_bound(report: Mapping[str, Any], group: str, threshold: Threshold) -> float:
+    """The ``lower`` or ``upper`` bound of a figure's bootstrap interval; InvalidInput when the report has
+    no interval of it (no ``--bootstrap N``, or a figure without intervals)."""
+    intervals = (report.get("intervals") or {}).get(group)
+    if not intervals:
+        raise InvalidInput(
+            f"threshold {threshold.expression!r} reads the bootstrap interval of {threshold.metric}, and this "
+            "report has none: give --bootstrap N (HTTP 'bootstrap': N)",
+            field="fail_on",
+        )
+    if threshold.metric not in intervals:
+        raise InvalidInput(
+            f"threshold {threshold.expression!r}: {threshold.metric} has no bootstrap interval (intervals: "
+            f"{', '.join(intervals)})",
+            field="fail_on",
+        )
+    value = intervals[threshold.metric][BOUNDS[threshold.bound]]
+    return float("nan") if value is None else float(value)
+
+
+def _figure_value(figures_of_group: Mapping[str, Any], name: str) -> float:
+    """A figure as a float: an infinite one came through JSON as null, with its rows named beside it
+    (``nll_infinite_rows``), and counts as infinite; any other null is NaN (no comparison holds)."""
+    value = figures_of_group[name]
+    if value is None:
+        return float("inf") if figures_of_group.get(f"{name}_infinite_rows") else float("nan")
+    return float(value)
 
 
 def parse_max_increase(spec: str | Mapping[str, float]) -> dict[str, float]:
@@ -498,7 +846,7 @@ def drift_against_fit(report: dict, document: Mapping[str, Any]) -> dict:
     for group in ("uncalibrated", "calibrated"):
         if report.get(group) and baseline.get(group):
             out[group] = {
-                name: float(report[group][name]) - float(baseline[group][name])
+                name: _figure_value(report[group], name) - _figure_value(baseline[group], name)
                 for name in HEADLINE_FIGURES
                 if name in report[group] and name in baseline[group]
             }
@@ -666,6 +1014,11 @@ def _monitor_check(
     if rule.group == "uncalibrated":
         raise InvalidInput(
             f"--fail-on {rule.expression!r}: a monitoring window has calibrated figures only", field="fail_on"
+        )
+    if rule.bound is not None or rule.worst:
+        raise InvalidInput(
+            f"--fail-on {rule.expression!r}: a monitoring window has no bootstrap intervals or segments",
+            field="fail_on",
         )
     check = {
         "name": rule.expression,

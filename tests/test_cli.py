@@ -132,6 +132,13 @@ def runs(work: Path) -> dict[str, Run]:
                 ),
                 *("--out", "spiegelhalter.json", "--out", "spiegelhalter.xml", "--out", "spiegelhalter.md"),
             ],
+            # a bound of the bootstrap interval: miscalibrated beyond the bootstrap's doubt (lower bound)
+            "interval_gate": [
+                *("evaluate", *test, "--calibrator=calibrator.json", "--bootstrap", "200"),
+                *("--fail-on", "uncalibrated.ece.lower>0.03", "--fail-on", "calibrated.ece.upper>0.03"),
+                *("--out", "interval.json", "--out", "interval.xml", "--out", "interval.md"),
+            ],
+            "bound_without_bootstrap": ["evaluate", *test, "--fail-on", "ece.upper>0.03"],
             "uncalibrated_breach": [
                 "evaluate",
                 *test,
@@ -303,6 +310,39 @@ def test_fail_on_a_p_value_of_a_calibration_test(runs, work):
     junit = (work / "spiegelhalter.xml").read_text()
     assert "spiegelhalter_z\t" in junit and "kuiper_calibration_p\t" in junit
     assert "breached uncalibrated.spiegelhalter_p<0.01" in run.stderr
+    # each p-value gate names its test and shows its statistic beside the p-value, in JUnit and Markdown
+    assert breached["test"] == "Spiegelhalter's Z test" and breached["statistic"] == "spiegelhalter_z"
+    assert breached["statistic_value"] == report["uncalibrated"]["spiegelhalter_z"]
+    assert held["statistic_value"] == report["calibrated"]["ks_calibration"]
+    root = ET.fromstring(junit)
+    cases = {case.get("name"): case for case in root.iter("testcase")}
+    failure = cases["uncalibrated.spiegelhalter_p<0.01"].find("failure")
+    assert "Spiegelhalter's Z test: spiegelhalter_z = " in failure.get("message")
+    assert "statistic_value: " in failure.text
+    passed = cases["calibrated.ks_calibration_p<0.01"].find("system-out").text
+    assert "Kolmogorov-Smirnov test of the cumulative calibration curve: ks_calibration = " in passed
+    assert "Spiegelhalter's Z test: spiegelhalter_z = " in markdown
+    assert "ks_calibration = " in markdown
+
+
+def test_fail_on_a_bound_of_the_bootstrap_interval(runs, work):
+    """``uncalibrated.ece.lower>0.03``: the WRN's ECE (0.055) is above 0.03 beyond the bootstrap's doubt;
+    ``calibrated.ece.upper>0.03`` holds after temperature scaling. Without --bootstrap, exit 2 at once."""
+    run = runs["interval_gate"]
+    assert_ok(run, 1)
+    report = load(work, "interval.json")
+    checks = {check["name"]: check for check in report["thresholds"]}
+    lower = checks["uncalibrated.ece.lower>0.03"]
+    assert lower["status"] == "fail" and lower["bound"] == "lower" and lower["interval"] == "basic"
+    assert lower["value"] == report["intervals"]["uncalibrated"]["ece"][0]
+    assert lower["estimate"] == report["uncalibrated"]["ece"]
+    upper = checks["calibrated.ece.upper>0.03"]
+    assert upper["status"] == "pass" and upper["value"] == report["intervals"]["calibrated"]["ece"][1]
+    assert report["conventions"]["bootstrap"]["interval"]["ece"] == "basic"
+    assert "ece.lower = " in (work / "interval.md").read_text()
+    assert "basic interval of ece = " in (work / "interval.xml").read_text()
+    refused = runs["bound_without_bootstrap"]
+    assert refused.returncode == 2 and "--bootstrap N" in refused.stderr
 
 
 # ------------------------------------------------------------------------------------------------- drift

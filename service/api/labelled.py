@@ -65,6 +65,7 @@ async def _whole_body(request: Request) -> bytes:
 
 _BOOLEANS = {"true": True, "false": False}
 _INTEGER = re.compile(r"^[+-]?[0-9]{1,19}$")
+_FLOAT = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 
 
 def _query_scalar(model: type[BaseModel], key: str, value: Any) -> Any:
@@ -79,6 +80,8 @@ def _query_scalar(model: type[BaseModel], key: str, value: Any) -> Any:
         return _BOOLEANS[value.lower()]
     if annotation is int and _INTEGER.match(value):
         return int(value)
+    if annotation in (float, float | None) and _FLOAT.match(value):
+        return float(value)
     return value
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from service.api.bodies import array
 from service.core.calibrators import METHODS
 from service.core.metrics import MAX_BOOTSTRAP_RESAMPLES, MAX_N_BINS
+from service.core.segments import DEFAULT_MIN_SEGMENT_SIZE
 from service.core.validation import MAX_NUM_CLASSES
 from service.errors import InvalidInput
 from service.inference_protocol import tensor_array
@@ -27,11 +28,30 @@ Matrix = Annotated[
 ]
 Vector = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "number"}})]
 Labels = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "integer", "minimum": 0}})]
+Segments = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": ["string", "integer"]},
+            "description": "one segment key per row: every figure per segment, and the worst segment",
+        }
+    ),
+]
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 
 
 MAX_CLASS_NAME_LENGTH = 256
+EceConvention = Literal["calibserve", "torchmetrics", "sklearn", "netcal", "guo2017", "kumar2019"]
+ECE_CONVENTION = (
+    "add ece_<convention>: the top-label ECE as that library computes it on the same data "
+    "(docs/ece-conventions.md); the report's own ece is unchanged"
+)
+NLL_CLIP = (
+    "report the NLL with p_y clipped to [nll_clip, 1 - nll_clip] (as sklearn's log_loss); null (default): "
+    "the exact NLL, null when infinite (a true class of probability 0), its rows in nll_infinite_rows"
+)
 """Longest class name accepted (characters): names are labels, echoed in every answer's ``predicted_label``."""
 
 
@@ -141,6 +161,13 @@ class EvaluateRequest(ScoresBody):
     binning: Literal["width", "mass"] = "width"
     bootstrap: int = Field(0, ge=0, le=MAX_BOOTSTRAP_RESAMPLES)
     seed: int = 0
+    nll_clip: float | None = Field(None, gt=0.0, lt=0.5, description=NLL_CLIP)
+    ece_convention: EceConvention | None = Field(None, description=ECE_CONVENTION)
+    per_class_tests: bool = Field(
+        False, description="also the calibration tests of each class (per_class_tests)"
+    )
+    segments: Segments | None = None
+    min_segment_size: int = Field(DEFAULT_MIN_SEGMENT_SIZE, ge=1, le=2**31 - 1)
 
 
 class OutcomesRequest(Strict):
@@ -175,6 +202,13 @@ class MetricsRequest(Strict):
     losses: bool = True
     bootstrap: int = Field(0, ge=0, le=MAX_BOOTSTRAP_RESAMPLES)
     seed: int = 0
+    nll_clip: float | None = Field(None, gt=0.0, lt=0.5, description=NLL_CLIP)
+    ece_convention: EceConvention | None = Field(None, description=ECE_CONVENTION)
+    per_class_tests: bool = Field(
+        False, description="also the calibration tests of each class (per_class_tests)"
+    )
+    segments: Segments | None = None
+    min_segment_size: int = Field(DEFAULT_MIN_SEGMENT_SIZE, ge=1, le=2**31 - 1)
 
 
 def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, Any]:

@@ -55,6 +55,7 @@ from service.errors import InvalidInput
 __all__ = [
     "CALIBRATION_TEST_FIGURES",
     "CONVENTIONS",
+    "P_VALUES",
     "CoxCalibration",
     "calibration_slope_intercept",
     "calibration_tests",
@@ -85,6 +86,13 @@ CALIBRATION_TEST_FIGURES = (
     "e50",
     "e90",
 )
+P_VALUES = {
+    "spiegelhalter_p": ("Spiegelhalter's Z test", "spiegelhalter_z"),
+    "ks_calibration_p": ("Kolmogorov-Smirnov test of the cumulative calibration curve", "ks_calibration"),
+    "kuiper_calibration_p": ("Kuiper test of the cumulative calibration curve", "kuiper_calibration"),
+    "hosmer_lemeshow_p": ("Hosmer-Lemeshow test", "hosmer_lemeshow"),
+}
+"""Each p-value figure: ``(the test's name, the figure of its statistic)``."""
 DEFAULT_HL_GROUPS = 10
 LOWESS_FRACTION = 2.0 / 3.0
 LOWESS_EXACT_MAX = 10_000

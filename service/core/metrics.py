@@ -62,7 +62,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from service.core import calibration_tests, cancellation
+from service.core import calibration_tests, cancellation, ece_conventions, smooth_calibration
 from service.core.probability import softmax, two_column_logits, two_column_probabilities
 from service.core.validation import (
     ARGMAX_MIN_COLUMNS,
@@ -85,19 +85,27 @@ __all__ = [
     "BootstrapInterval",
     "ReliabilityBins",
     "accuracy",
+    "bca_levels",
     "bootstrap_interval",
     "brier_score",
     "calibration_report",
     "calibration_report_checked",
     "check_binning",
     "check_bootstrap",
+    "check_ece_convention",
+    "check_nll_clip",
+    "default_interval_method",
     "expected_calibration_error",
     "fit_figures",
     "fit_figures_of_probabilities",
+    "infinite_nll_rows",
     "maximum_calibration_error",
     "negative_log_likelihood",
+    "nll_convention",
     "overconfidence_error",
+    "per_class_calibration_tests",
     "reliability_bins",
+    "smooth_reliability",
     "underconfidence_error",
 ]
 
@@ -629,6 +637,14 @@ def _nll_options(clip: Any = None) -> dict[str, Any]:
     return {"clip": None if clip is None else float(clip)}
 
 
+def check_nll_clip(clip: Any) -> float:
+    """``nll_clip`` checked: a number in (0, 0.5); InvalidInput naming ``nll_clip`` otherwise."""
+    try:
+        return _nll_options(clip)["clip"]
+    except InvalidInput as exc:
+        raise InvalidInput(str(exc).replace("clip", "nll_clip", 1), field="nll_clip") from None
+
+
 def _mean(values: np.ndarray, weights: np.ndarray | None) -> float:
     if weights is None:
         return float(np.mean(values, dtype=np.float64))
@@ -709,6 +725,7 @@ def expected_calibration_error(
     norm: str | None = None,
     debiased: bool = False,
     sample_weight: Any = None,
+    convention: str = "calibserve",
 ) -> float:
     r"""Expected calibration error (ECE) and its variants.
 
@@ -748,20 +765,55 @@ def expected_calibration_error(
         here is (Kumar et al. take the root-mean-square over classes instead).
     sample_weight : array-like of shape (n_samples,), default=None
         Non-negative weights; integer weights count like repeated rows.
-
-    Returns
-    -------
-    float
-        The calibration error, in ``[0, 1]``.
+    convention : {"calibserve", "torchmetrics", "sklearn", "netcal", "guo2017", "kumar2019"}
+        ``"calibserve"`` (default): the conventions above. The others reproduce another library's number on
+        the same data (:mod:`service.core.ece_conventions` says how each bins; docs/ece-conventions.md shows
+        where they differ): they take ``n_bins`` and ``kind`` (``top_label`` or ``positive_class``) and
+        none of ``binning``, ``norm``, ``debiased`` or ``sample_weight``. ``"kumar2019"`` is Kumar et al.'s
+        debiased L2 error on their equal-mass bins. From logits, the probabilities are calibserve's float64
+        softmax (the libraries' own softmax may round a confidence across a bin edge).
 
     Raises
     ------
     InvalidInput
         Malformed scores, labels, weights or options; ``kind="positive_class"`` on a non-binary model.
     """
+    convention = check_choice(convention, "convention", ece_conventions.CONVENTIONS)
     options = _ece_options(n_bins=n_bins, binning=binning, kind=kind, norm=norm, debiased=debiased)
+    if convention != "calibserve":
+        return _convention_ece(probabilities, labels, convention, options, from_logits, sample_weight)
     scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
     return _ece_compute(scores, weights, **options)
+
+
+def _convention_ece(
+    probabilities: Any,
+    labels: Any,
+    convention: str,
+    options: dict[str, Any],
+    from_logits: bool,
+    sample_weight: Any,
+) -> float:
+    """:func:`expected_calibration_error` under another library's convention (its binning is its own)."""
+    fixed = {"binning": "width", "norm": "l1", "debiased": False}
+    changed = [name for name, value in fixed.items() if options[name] != value]
+    if changed or sample_weight is not None or options["kind"] == "classwise":
+        given = ", ".join([*changed, *(["sample_weight"] if sample_weight is not None else [])]) or "kind"
+        raise InvalidInput(
+            f"the {convention} ECE convention fixes its own binning and norm and takes neither weights nor "
+            f"kind='classwise'; drop {given}",
+            field="convention",
+        )
+    scores, _ = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=None)
+    if options["kind"] == "positive_class":
+        scores.binned_pair("positive_class")  # the binary-model check, with its message
+    return ece_conventions.convention_ece(
+        scores.probabilities,
+        scores.labels,
+        convention=convention,
+        n_bins=options["n_bins"],
+        kind=options["kind"],
+    )
 
 
 def maximum_calibration_error(
@@ -958,11 +1010,60 @@ def reliability_bins(
     )
 
 
+def per_class_calibration_tests(
+    probabilities: Any, labels: Any, *, from_logits: bool = False
+) -> dict[str, list[float | None]]:
+    """The statistical calibration tests of each class's probability ``p_k`` against ``1[y = k]``.
+
+    :func:`service.core.calibration_tests.calibration_tests` once per class (a binary model's one column
+    gives its two classes): ``{figure: [value of class 0, ..., class K-1]}``, ``None`` where a figure is
+    undefined for a class (no row of that class, or every ``p_k`` in {0, 1}). Unweighted. The p-values are
+    per class: with K classes, K tests at level alpha reject a calibrated model somewhere with probability
+    up to K alpha (Bonferroni: gate on ``alpha / K``).
+    """
+    scores, _ = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=None)
+    out: dict[str, list[float | None]] = {}
+    for k in range(scores.n_classes):
+        cancellation.check()
+        figures = calibration_tests.calibration_tests_checked(
+            scores.probabilities[:, k].astype(np.float64), (scores.labels == k).astype(np.float64)
+        )
+        for name, value in figures.items():
+            out.setdefault(name, []).append(value if math.isfinite(value) else None)
+    return out
+
+
+def smooth_reliability(
+    probabilities: Any, labels: Any, *, from_logits: bool = False
+) -> smooth_calibration.SmoothReliability:
+    """The smoothed reliability diagram of the top-label confidence (kernel estimate of the accuracy at each
+    confidence, at smECE's bandwidth; :func:`service.core.smooth_calibration.smooth_reliability`)."""
+    scores, _ = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=None)
+    return smooth_calibration.smooth_reliability(
+        scores.confidences.astype(np.float64), scores.correct.astype(np.float64)
+    )
+
+
 class BootstrapInterval(NamedTuple):
-    """A percentile bootstrap confidence interval; unpacks as ``low, high``."""
+    """A bootstrap confidence interval (percentile or BCa); unpacks as ``low, high``."""
 
     low: float
     high: float
+
+
+INTERVAL_METHODS = ("basic", "bca", "percentile")
+JACKKNIFE_GROUPS = 200
+"""Most groups of the grouped jackknife that estimates BCa's acceleration: leave-one-out (exact, as
+``scipy.stats.bootstrap``) up to this many rows, then this many groups of about ``n / 200`` rows each."""
+INTERVAL_CONVENTIONS = {
+    "basic": "bias-corrected (basic bootstrap): the interval of the bootstrap-debiased estimate "
+    "2 theta - mean(theta*), [2 theta - q_(1+c)/2, 2 theta - q_(1-c)/2] of the resamples' quantiles q, "
+    "lower bound at least 0",
+    "bca": "BCa (Efron 1987): percentile levels corrected for the bootstrap median bias z0 = Phi^-1(share of "
+    f"resamples below the estimate) and the acceleration of a jackknife (leave-one-out up to "
+    f"{JACKKNIFE_GROUPS} rows, else {JACKKNIFE_GROUPS} groups)",
+    "percentile": "percentile: the (1 - confidence)/2 and (1 + confidence)/2 quantiles of the resamples",
+}
 
 
 # Metrics computed from prepared scores and resampled weights, skipping validation, softmax, argmax and
@@ -976,6 +1077,24 @@ _FAST_PATHS: dict[Callable[..., float], tuple[Callable[..., dict[str, Any]], Cal
     negative_log_likelihood: (_nll_options, _nll_compute),
     accuracy: (_no_options, _accuracy_compute),
 }
+# Figures whose plug-in estimate is biased upwards (a sum or maximum of absolute bin gaps): BCa by default.
+_BIASED_UPWARDS = frozenset(
+    {expected_calibration_error, maximum_calibration_error, overconfidence_error, underconfidence_error}
+)
+
+
+def default_interval_method(metric: Callable[..., float]) -> str:
+    """``"basic"`` (bias-corrected) for the binned calibration errors of this module (ECE and its variants,
+    MCE, the two parts of ECE), whose resampled values sit mostly above the estimate; ``"percentile"``
+    otherwise.
+
+    Why ``basic`` rather than ``bca``: 90 % intervals of the ECE of simulated over-confident models, 100
+    data sets each (``tests/core/test_bootstrap_bca.py``), covered the population ECE 84-91 times with
+    ``basic`` in every setting tried, 68-87 with ``bca`` and 15-91 with ``percentile`` (15 for a nearly
+    calibrated model: population ECE 0.0125 at 5,000 rows, where the resamples' upward bias is largest
+    against the spread).
+    """
+    return "basic" if metric in _BIASED_UPWARDS else "percentile"
 
 
 def check_bootstrap(n_resamples: Any, n_samples: int) -> int:
@@ -1000,13 +1119,45 @@ def bootstrap_interval(
     confidence: float = 0.95,
     seed: int | None = 0,
     sample_weight: Any = None,
+    method: str | None = None,
     **metric_kwargs: Any,
 ) -> BootstrapInterval:
-    """Percentile bootstrap interval of ``metric(probabilities, labels, **metric_kwargs)``.
+    r"""Bootstrap interval of ``metric(probabilities, labels, **metric_kwargs)``: BCa or percentile.
 
-    Each resample draws ``n_samples`` rows uniformly with replacement (``numpy.random.default_rng(seed)``);
-    the interval is the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles (linear
+    Each resample draws ``n_samples`` rows uniformly with replacement (``numpy.random.default_rng(seed)``),
+    giving ``B`` values :math:`\hat\theta^*_b`.
+
+    ``method="percentile"``: the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles (linear
     interpolation) of the resampled values (Efron and Tibshirani 1993, ch. 13).
+
+    ``method="bca"``: the bias-corrected and accelerated interval (Efron 1987; Efron and Tibshirani 1993,
+    ch. 14.3), the quantiles at levels
+
+    .. math::
+
+        \alpha_{1,2} = \Phi\Big(z_0 + \frac{z_0 + z_{\alpha}}{1 - a (z_0 + z_{\alpha})}\Big), \quad
+        z_0 = \Phi^{-1}\big(\#\{\hat\theta^*_b < \hat\theta\} / B\big), \quad
+        a = \frac{\sum_j (\bar\theta_{(\cdot)} - \hat\theta_{(j)})^3}
+                 {6 \big(\sum_j (\bar\theta_{(\cdot)} - \hat\theta_{(j)})^2\big)^{3/2}}
+
+    with :math:`z_\alpha = \Phi^{-1}((1 \mp \text{confidence}) / 2)` and :math:`\hat\theta_{(j)}` the
+    estimate without row ``j`` (up to :data:`JACKKNIFE_GROUPS` rows: exactly ``scipy.stats.bootstrap``'s
+    ``method="BCa"`` given the same resamples), or without the ``j``-th of :data:`JACKKNIFE_GROUPS` groups
+    of rows (a grouped jackknife; the groups are a seeded random partition). Binned calibration errors are
+    biased upwards (each bin adds :math:`|\text{gap}_b|`, and noise only makes it larger): on real data
+    after temperature scaling only 1.5-2.4 % of resampled ECEs fell below the estimate, and the percentile
+    interval excluded it. :math:`z_0` moves the levels down by as much. Where BCa is undefined (an infinite
+    estimate or jackknife value, or every resample on one side of the estimate: :math:`z_0 = \pm\infty`
+    then gives the resamples' minimum or maximum), the levels are those its formula gives at the limit.
+
+    ``method="basic"``: the basic bootstrap interval :math:`[2\hat\theta - q_{(1+c)/2},
+    2\hat\theta - q_{(1-c)/2}]` (Davison and Hinkley 1997, eq. 5.6; ``scipy.stats.bootstrap``'s
+    ``method="basic"``), the interval of the bootstrap-debiased estimate :math:`2\hat\theta -
+    \bar\theta^*`: where the resamples sit above the estimate by a bias, the interval sits below it by as
+    much. For this module's metrics (never negative) its lower bound is raised to 0.
+
+    ``method=None`` (default): ``"basic"`` for the binned calibration errors of this module
+    (:func:`default_interval_method` says why), ``"percentile"`` for the others.
 
     ``metric`` is any function of ``(probabilities, labels, **metric_kwargs)`` returning a float (also given
     ``sample_weight`` when one is passed here). The metrics of this module (passed themselves, not wrapped
@@ -1026,6 +1177,8 @@ def bootstrap_interval(
         raise InvalidInput(f"confidence must be a number in (0, 1), got {confidence!r}", field="confidence")
     if not callable(metric):
         raise InvalidInput(f"metric must be a function, got {metric!r}", field="metric")
+    method = default_interval_method(metric) if method is None else method
+    method = check_choice(method, "method", INTERVAL_METHODS)
     from_logits = bool(metric_kwargs.get("from_logits", False))
     rng = np.random.default_rng(seed)
 
@@ -1046,6 +1199,14 @@ def bootstrap_interval(
                 return math.nan
             return compute(scores, resample_weights, **options)
 
+        def estimate() -> float:
+            return compute(scores, weights, **options)
+
+        def without(rows: np.ndarray) -> float:
+            kept = np.ones(n_samples) if weights is None else weights.copy()
+            kept[rows] = 0.0
+            return compute(scores, kept, **options) if kept.sum() > 0 else math.nan
+
     else:
         values, y, weights = check_labelled(
             probabilities, labels, from_logits=from_logits, sample_weight=sample_weight
@@ -1060,6 +1221,14 @@ def bootstrap_interval(
                 return math.nan
             return float(metric(values[rows], y[rows], sample_weight=weights[rows], **metric_kwargs))
 
+        def estimate() -> float:
+            return resampled(np.arange(n_samples))
+
+        def without(rows: np.ndarray) -> float:
+            kept = np.ones(n_samples, dtype=bool)
+            kept[rows] = False
+            return resampled(np.flatnonzero(kept)) if kept.any() else math.nan
+
     def one_resample() -> float:
         cancellation.check()
         return resampled(rng.integers(0, n_samples, n_samples))
@@ -1069,8 +1238,81 @@ def bootstrap_interval(
     if statistics.size == 0:
         raise InvalidInput("every bootstrap resample had zero total sample_weight", field="sample_weight")
     tail = (1.0 - float(confidence)) / 2.0
-    low, high = np.quantile(statistics, [tail, 1.0 - tail])
-    return BootstrapInterval(float(low), float(high))
+    levels = [tail, 1.0 - tail]
+    if method == "bca":
+        # after the resamples, so that a seed gives the same resamples whichever the method
+        groups = _jackknife_groups(n_samples, rng)
+        jackknife = []
+        for rows in groups:
+            cancellation.check()
+            jackknife.append(without(rows))
+        levels = bca_levels(estimate(), statistics, np.array(jackknife), levels)
+    if method == "basic":
+        theta = estimate()
+        if math.isfinite(theta):
+            upper_quantile, lower_quantile = _quantiles(statistics, levels[::-1])
+            low, high = 2.0 * theta - upper_quantile, 2.0 * theta - lower_quantile
+            if fast_path is not None:  # this module's metrics are never negative
+                low = max(low, 0.0)
+            return BootstrapInterval(low, high)
+    return BootstrapInterval(*_quantiles(statistics, levels))
+
+
+def _jackknife_groups(n_samples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Rows left out by each jackknife value: one row each up to :data:`JACKKNIFE_GROUPS` rows, else a
+    seeded random partition into that many groups of near-equal size."""
+    if n_samples <= JACKKNIFE_GROUPS:
+        return [np.array([row]) for row in range(n_samples)]
+    return np.array_split(rng.permutation(n_samples), JACKKNIFE_GROUPS)
+
+
+def bca_levels(
+    estimate: float, statistics: np.ndarray, jackknife: np.ndarray, levels: Sequence[float]
+) -> list[float]:
+    """BCa's quantile levels (see :func:`bootstrap_interval`) for the nominal ``levels``.
+
+    ``statistics`` are the resampled values, ``jackknife`` the leave-one-out (or leave-one-group-out)
+    values; NaN jackknife values (a group that held every weight) are left out. The formulas are
+    ``scipy.stats.bootstrap``'s (``scipy/stats/_resampling.py``, ``_bca_interval``). Where the estimate or
+    a jackknife value is infinite, the acceleration is taken as 0.
+    """
+    from scipy.special import ndtr, ndtri  # scipy is a runtime dependency; imported where needed
+
+    if not math.isfinite(estimate):
+        return list(levels)
+    z0 = float(ndtri(np.mean(statistics < estimate)))
+    jackknife = jackknife[~np.isnan(jackknife)]
+    acceleration = 0.0
+    if jackknife.size > 1 and np.isfinite(jackknife).all():
+        deviation = jackknife.mean() - jackknife
+        denominator = 6.0 * float(np.sum(deviation**2)) ** 1.5
+        if denominator > 0:
+            acceleration = float(np.sum(deviation**3)) / denominator
+    out = []
+    for level in levels:
+        z = float(ndtri(level))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shifted = z0 + (z0 + z) / (1.0 - acceleration * (z0 + z))
+        out.append(float(ndtr(shifted)) if not math.isnan(shifted) else level)
+    return out
+
+
+def _quantiles(values: np.ndarray, levels: Sequence[float]) -> list[float]:
+    """``numpy.quantile`` (linear interpolation) where an interpolation that touches ``inf`` is ``inf``
+    (an exact NLL can be infinite in some resamples; numpy answers ``inf - inf = NaN`` there)."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return [float(q) for q in np.quantile(values, levels)]
+    ordered = np.sort(values)
+    out = []
+    for level in levels:
+        position = level * (ordered.size - 1)
+        below, above = ordered[math.floor(position)], ordered[math.ceil(position)]
+        if math.isinf(above):
+            out.append(float(above) if position == math.ceil(position) or math.isinf(below) else math.inf)
+        else:
+            out.append(float(np.quantile(ordered, level)))
+    return out
 
 
 def calibration_report(
@@ -1081,8 +1323,16 @@ def calibration_report(
     n_bins: int = DEFAULT_N_BINS,
     binning: str = "width",
     sample_weight: Any = None,
+    nll_clip: float | None = None,
+    ece_convention: str | None = None,
 ) -> dict[str, Any]:
     """Every figure the service stores, from one validation, softmax and argmax.
+
+    ``ece_convention`` (one of :data:`service.core.ece_conventions.CONVENTIONS` but ``"calibserve"``) adds
+    ``ece_<convention>``: the top-label ECE of ``n_bins`` bins as that library computes it (unweighted).
+
+    ``nll_clip=eps`` reports the clipped NLL of :func:`negative_log_likelihood` (``clip=eps``) under
+    ``nll`` instead of the exact one, and says so in ``conventions["nll"]``; by default NLL is exact.
 
     Returns
     -------
@@ -1090,7 +1340,8 @@ def calibration_report(
         Plain floats under short names: ``ece`` (top-label, L1, ``binning``), ``mce``, ``ece_l2``,
         ``ece_debiased`` (Kumar et al. debiased L2), ``ece_mass`` (equal-mass bins), ``ece_classwise``,
         ``overconfidence`` and ``underconfidence`` (they add up to ``ece``), ``brier``, ``nll`` (exact;
-        ``inf`` if a true class has probability 0), ``accuracy``; ``ece_positive_class`` for binary models
+        ``inf`` if a true class has probability 0, and then ``nll_infinite_rows`` lists those rows: the
+        first :data:`MAX_LISTED_ROWS` indices, ascending), ``accuracy``; ``ece_positive_class`` for binary models
         only; without ``sample_weight``, the statistical tests of top-label calibration of
         :func:`service.core.calibration_tests.calibration_tests` (``spiegelhalter_z``/``_p``,
         ``ks_calibration``/``_p``, ``kuiper_calibration``/``_p``, ``calibration_slope``/``_se``,
@@ -1099,8 +1350,20 @@ def calibration_report(
         int); and ``conventions`` (a dict of strings and ints stating them).
     """
     options = _binning_options(n_bins, binning, "top_label")
+    clip = None if nll_clip is None else check_nll_clip(nll_clip)
+    convention = check_ece_convention(ece_convention, weighted=sample_weight is not None)
     scores, weights = _prepare(probabilities, labels, from_logits=from_logits, sample_weight=sample_weight)
-    return _report(scores, weights, options)
+    return _report(scores, weights, options, nll_clip=clip, ece_convention=convention)
+
+
+def check_ece_convention(convention: Any, *, weighted: bool = False) -> str | None:
+    """An ``ece_convention`` option: None (or ``"calibserve"``, the report's own ``ece``) or a peer's."""
+    if convention is None or convention == "calibserve":
+        return None
+    convention = check_choice(convention, "ece_convention", ece_conventions.CONVENTIONS)
+    if weighted:
+        raise InvalidInput(f"the {convention} ECE convention takes no sample weights", field="ece_convention")
+    return convention
 
 
 def calibration_report_checked(
@@ -1141,7 +1404,14 @@ def calibration_report_checked(
     return _report(scores, sample_weight, options)
 
 
-def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]) -> dict[str, Any]:
+def _report(
+    scores: _Scores,
+    weights: np.ndarray | None,
+    options: dict[str, Any],
+    *,
+    nll_clip: float | None = None,
+    ece_convention: str | None = None,
+) -> dict[str, Any]:
     n_bins, binning = options["n_bins"], options["binning"]
     top_label = _binned(scores, weights, **options)
     mass = top_label if binning == "mass" else _binned(scores, weights, **{**options, "binning": "mass"})
@@ -1155,7 +1425,7 @@ def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]
         "ece": error(top_label),
         "mce": error(top_label, "max"),
         "brier": _brier_compute(scores, weights),
-        "nll": _nll_compute(scores, weights, clip=None),
+        "nll": _nll_compute(scores, weights, clip=nll_clip),
         "accuracy": _accuracy_compute(scores, weights),
         "ece_classwise": error(classwise),
         "ece_l2": error(top_label, "l2"),
@@ -1164,16 +1434,33 @@ def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]
         "overconfidence": float(over[0]),
         "underconfidence": float(under[0]),
     }
+    if ece_convention is not None:
+        report[f"ece_{ece_convention}"] = ece_conventions.convention_ece(
+            scores.probabilities, scores.labels, convention=ece_convention, n_bins=n_bins, kind="top_label"
+        )
+    if math.isinf(report["nll"]):
+        # JSON has no infinity (the encoders write null): the rows that make it infinite say why
+        report["nll_infinite_rows"] = infinite_nll_rows(scores, weights)
     if scores.n_classes == 2:
         report["ece_positive_class"] = error(
             _binned(scores, weights, **{**options, "kind": "positive_class"})
         )
     if weights is None:
         # the statistical tests of top-label calibration (unweighted); an undefined figure is left out
-        tests = calibration_tests.calibration_tests_checked(
-            scores.confidences.astype(np.float64), scores.correct.astype(np.float64)
-        )
+        confidences, correct = scores.confidences.astype(np.float64), scores.correct.astype(np.float64)
+        tests = calibration_tests.calibration_tests_checked(confidences, correct)
         report.update({name: value for name, value in tests.items() if math.isfinite(value)})
+        if scores.n_classes == 2:
+            # binary models: the same tests of P(y = 1) against y, as ece_positive_class is to ece
+            positive = calibration_tests.calibration_tests_checked(
+                scores.probabilities[:, 1].astype(np.float64), (scores.labels == 1).astype(np.float64)
+            )
+            report.update(
+                {f"{name}_positive_class": value for name, value in positive.items() if math.isfinite(value)}
+            )
+        # the binning-free calibration errors (unweighted, as relplot and Gupta et al. define them)
+        report["ece_smooth"] = smooth_calibration.smooth_ece(confidences, correct)[0]
+        report["ece_ks"] = smooth_calibration.ks_calibration_error(confidences, correct)
     report["n"] = scores.n_samples
     report["conventions"] = {
         "kind": "top_label",
@@ -1188,12 +1475,45 @@ def _report(scores: _Scores, weights: np.ndarray | None, options: dict[str, Any]
         "ece_debiased": "Kumar et al. 2019 debiased L2, same bins",
         "ece_mass": f"{n_bins} equal-mass bins",
         "ece_classwise": "mean over classes of per-class L1 ECE, same binning",
-        "nll": "exact",
+        "ece_smooth": "smECE (Blasiok and Nakkiran 2023, relplot's smECE): kernel-smoothed |E[c - o | c]| "
+        "weighted by the smoothed density, reflected Gaussian kernel, bandwidth the fixed point sigma = "
+        "smECE_sigma; no bins; unweighted",
+        "ece_ks": "KS calibration error (Gupta et al. 2021): max_k |(1/N) sum_{i<=k} (c - o)| sorted by c; "
+        "ks_calibration is the same maximum divided by sigma (a test statistic); unweighted",
+        "nll": nll_convention(nll_clip),
         "brier": "mean over samples of sum_k (p_k - 1[y=k])^2",
         "accuracy": "argmax, ties to the lowest class",
         **calibration_tests.CONVENTIONS,
     }
+    if scores.n_classes == 2 and weights is None:
+        report["conventions"]["calibration_tests_positive_class"] = (
+            "binary models: each test's figure with the suffix _positive_class tests P(y = 1) against y"
+        )
+    if ece_convention is not None:
+        report["conventions"][f"ece_{ece_convention}"] = ece_conventions.DESCRIPTIONS[ece_convention]
     return report
+
+
+MAX_LISTED_ROWS = 1000
+"""Most row indices a report lists in ``nll_infinite_rows``."""
+NLL_EXACT = "exact"
+"""``conventions["nll"]`` of the exact NLL, ``-log p_y``: infinite where ``p_y = 0`` (JSON null, with the rows in
+``nll_infinite_rows``)."""
+
+
+def nll_convention(clip: float | None) -> str:
+    """``conventions["nll"]`` of a report whose NLL is exact (``clip=None``) or clipped at ``clip``."""
+    if clip is None:
+        return NLL_EXACT
+    return f"clipped: -log clip(p_y, {clip!r}, 1 - {clip!r})"
+
+
+def infinite_nll_rows(scores: _Scores, weights: np.ndarray | None) -> list[int]:
+    """Rows (of positive weight) whose true class has probability 0: their exact NLL is infinite."""
+    infinite = np.isinf(scores.true_class_log_probability)
+    if weights is not None:
+        infinite &= weights > 0
+    return np.flatnonzero(infinite)[:MAX_LISTED_ROWS].tolist()
 
 
 # ------------------------------------------------------------------------------------- fit-time figures
@@ -1212,6 +1532,7 @@ class _RowSums:
         self.correct = np.empty(n_samples, dtype=np.bool_)
         self.brier = 0.0
         self.nll = 0.0
+        self.infinite_rows: list[np.ndarray] = []  # rows whose true class has probability 0
 
     def add_block(
         self,
@@ -1259,6 +1580,9 @@ class _RowSums:
             "n": n_samples,
             "conventions": _fit_conventions(n_bins),
         }
+        if math.isinf(self.nll):
+            rows = np.concatenate(self.infinite_rows) if self.infinite_rows else np.empty(0, dtype=np.intp)
+            report["nll_infinite_rows"] = rows[:MAX_LISTED_ROWS].tolist()
         return report
 
 
@@ -1409,4 +1733,8 @@ def fit_figures_of_probabilities(
         sums.brier += float(np.add.reduce(sum_squares[:width] - 2.0 * true_probability + 1.0))
         with np.errstate(divide="ignore"):  # p = 0 without a floor: the exact NLL is infinite
             sums.nll -= float(np.add.reduce(np.log(np.maximum(true_probability, floor))))
+        if floor == 0.0:
+            zero = np.flatnonzero(true_probability == 0.0)
+            if zero.size:
+                sums.infinite_rows.append(zero + start)
     return sums.figures(n_bins)

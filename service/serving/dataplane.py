@@ -110,6 +110,11 @@ class EvaluateSpec:
     binning: str = "width"
     bootstrap: int = 0
     seed: int = 0
+    nll_clip: float | None = None  # None: the exact NLL
+    ece_convention: str | None = None  # a peer's ECE convention, reported as ece_<convention>
+    per_class_tests: bool = False  # the calibration tests of each class too
+    segments: Any = None  # one key per row: figures per segment and the worst one
+    min_segment_size: int = 100  # rows a segment needs to be gated
 
 
 def check_columns(model: ModelInfo, scores: np.ndarray, field: str) -> None:
@@ -656,6 +661,11 @@ class DataPlane:
             binning=spec.binning,
             bootstrap=spec.bootstrap,
             seed=spec.seed,
+            nll_clip=spec.nll_clip,
+            ece_convention=spec.ece_convention,
+            per_class_tests=spec.per_class_tests,
+            segments=spec.segments,
+            min_segment_size=spec.min_segment_size,
         )
         report["model"] = name
         return report
@@ -741,14 +751,24 @@ def _figures(data: Labelled, spec: EvaluateSpec, with_losses: bool) -> dict[str,
         binning=spec.binning,
         bootstrap=spec.bootstrap,
         seed=spec.seed,
+        nll_clip=spec.nll_clip,
+        ece_convention=spec.ece_convention,
+        per_class_tests=spec.per_class_tests,
+        segments=spec.segments,
+        min_segment_size=spec.min_segment_size,
     )
     answer = {
         **report["uncalibrated"],
         "conventions": report["conventions"],
         "reliability": report["reliability"]["uncalibrated"],
+        "reliability_smooth": report["reliability_smooth"]["uncalibrated"],
     }
     if "intervals" in report:
         answer["intervals"] = report["intervals"]["uncalibrated"]
+    if "per_class_tests" in report:
+        answer["per_class_tests"] = report["per_class_tests"]["uncalibrated"]
+    if "segments" in report:
+        answer["segments"] = report["segments"]
     if with_losses:
         logits = workflows.scores_to_logits(data.values, from_logits=from_logits)
         answer["losses"] = losses.evaluation_losses(logits, data.labels)

@@ -177,7 +177,17 @@ ROUTES = [
 )
 async def evaluate(name: ModelName, request: Request, plane: Plane, version: PinnedVersion = None):
     body = await read_labelled(request, EvaluateRequest, route_parameters=("version",))
-    spec = EvaluateSpec(n_bins=body.n_bins, binning=body.binning, bootstrap=body.bootstrap, seed=body.seed)
+    spec = EvaluateSpec(
+        n_bins=body.n_bins,
+        binning=body.binning,
+        bootstrap=body.bootstrap,
+        seed=body.seed,
+        nll_clip=body.nll_clip,
+        ece_convention=body.ece_convention,
+        per_class_tests=body.per_class_tests,
+        segments=body.segments,
+        min_segment_size=body.min_segment_size,
+    )
     data = labelled(body, LABELLED_KINDS)
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
         report = await plane.evaluate(name, version, data, spec, budget)

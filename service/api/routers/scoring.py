@@ -26,7 +26,17 @@ router = APIRouter(prefix="/v1", tags=["metrics"], dependencies=[*ReadAccess, *J
 )
 async def figures(request: Request, plane: Plane) -> NumpyJSONResponse:
     body = await read_labelled(request, MetricsRequest)
-    spec = EvaluateSpec(n_bins=body.n_bins, binning=body.binning, bootstrap=body.bootstrap, seed=body.seed)
+    spec = EvaluateSpec(
+        n_bins=body.n_bins,
+        binning=body.binning,
+        bootstrap=body.bootstrap,
+        seed=body.seed,
+        nll_clip=body.nll_clip,
+        ece_convention=body.ece_convention,
+        per_class_tests=body.per_class_tests,
+        segments=body.segments,
+        min_segment_size=body.min_segment_size,
+    )
     data = labelled(body, ("logits", "probabilities"))
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
         answer = await plane.figures(data, spec, with_losses=body.losses, budget=budget)
