@@ -89,7 +89,8 @@ CAS_ATTEMPTS = 16
 WATCH_S = 60.0
 MAX_WATCHED = 256
 # botocore's "standard" retry mode: exponential backoff with full jitter on throttling, 5xx and connection
-# errors. Three attempts bound a failing call to a few seconds, so a write answers 503 rather than hang.
+# errors. Three attempts in all (the first and two retries: `total_max_attempts`; botocore's `max_attempts`
+# counts retries only) bound a failing call to a few seconds, so a write answers 503 rather than hang.
 RETRY_ATTEMPTS = 3
 CONNECT_TIMEOUT_S = 2.0
 READ_TIMEOUT_S = 10.0
@@ -204,7 +205,7 @@ class S3CalibratorStore:
             with self._lock:
                 if self._client is None:
                     config = botocore_config.Config(
-                        retries={"max_attempts": RETRY_ATTEMPTS, "mode": "standard"},
+                        retries={"total_max_attempts": RETRY_ATTEMPTS, "mode": "standard"},
                         connect_timeout=CONNECT_TIMEOUT_S,
                         read_timeout=READ_TIMEOUT_S,
                         max_pool_connections=32,
@@ -226,7 +227,7 @@ class S3CalibratorStore:
             elif code in _CREDENTIAL_CODES:
                 reason = f"credentials refused by the object store ({code})"
             elif code in ("SlowDown", "Throttling", "ThrottlingException", "503"):
-                reason = f"the object store is throttling requests ({code}; retried {RETRY_ATTEMPTS} times)"
+                reason = f"the object store is throttling requests ({code}; tried {RETRY_ATTEMPTS} times)"
             else:
                 reason = f"the object store answered {status} {code}: {error.get('Message', '')}".rstrip(": ")
         elif isinstance(exc, botocore_exceptions.NoCredentialsError):

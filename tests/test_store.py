@@ -819,3 +819,38 @@ def test_import_calibrator_keeps_the_number_and_is_idempotent(store: Any) -> Non
     assert store.add_calibrator("m", _doc())["version"] == 8  # numbering goes on after it
     with pytest.raises(InvalidInput):
         store.import_calibrator("m", _doc())  # no version
+
+
+@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])
+def test_s3_throttling_and_5xx_are_retried_a_bounded_number_of_times_then_503(
+    moto_s3: S3Endpoint, tmp_path: Path, status: int, code: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.store_s3 import RETRY_ATTEMPTS
+    from tests.helpers.s3 import FaultyS3
+
+    faulty = FaultyS3(moto_s3)
+    try:
+        for key, value in faulty.endpoint.environment.items():
+            monkeypatch.setenv(key, value)
+        bucket = moto_s3.new_bucket()
+        s = S3CalibratorStore(f"s3://{bucket}/p", refresh_s=0, cache_dir=tmp_path)
+        s.put_model("m", {"num_classes": 2})
+        # fewer faults than attempts: botocore's backoff rides them out and the write succeeds, once
+        faulty.fail_next(RETRY_ATTEMPTS - 1, status, code)
+        stored = s.add_calibrator("m", _doc(1.5))
+        assert faulty.faults_answered == RETRY_ATTEMPTS - 1
+        assert s.get_calibrator("m", stored["version"]) == stored and s.active_version("m") == 1
+        # as many faults as attempts: the call gives up after exactly RETRY_ATTEMPTS tries and says why
+        before = faulty.requests
+        faulty.fail_next(RETRY_ATTEMPTS, status, code)
+        with pytest.raises(StoreUnavailable) as raised:
+            s.add_calibrator("m", _doc(2.0))
+        assert faulty.requests - before == RETRY_ATTEMPTS  # one call, its bounded retries, no more
+        assert str(status) in str(raised.value) or code in str(raised.value)
+        # the faults are over: the store carries on where it was (the failed fit claimed nothing)
+        assert s.active_version("m") == 1
+        assert s.add_calibrator("m", _doc(2.5))["version"] == 2
+        assert [item["version"] for item in s.list_calibrators("m")[0]] == [2, 1]
+        s.close()
+    finally:
+        faulty.close()

@@ -212,3 +212,80 @@ def check_bucket(client: Any, bucket: str, prefix: str) -> dict[str, dict[str, A
         assert active is None or active in versions, f"{name}: the pointer names missing version {active}"
         state[name] = {"active": active, "versions": versions}
     return state
+
+
+class FaultyS3:
+    """A real HTTP reverse proxy in front of an S3 endpoint that answers the next requests with an S3 error
+    of our choice (``503 SlowDown``: throttling, ``500 InternalError``) before forwarding again: the faults a
+    real bucket produces, which neither moto nor SeaweedFS can be asked for. It counts what it saw."""
+
+    def __init__(self, upstream: S3Endpoint) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream.url)
+        proxy = self
+        self.lock = threading.Lock()
+        self.pending: list[tuple[int, str]] = []  # faults to answer, first first
+        self.requests = 0
+        self.faults_answered = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy.lock:
+                    proxy.requests += 1
+                    fault = proxy.pending.pop(0) if proxy.pending else None
+                    if fault is not None:
+                        proxy.faults_answered += 1
+                if fault is not None:
+                    status, code = fault
+                    error = (
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>injected by the test</Message></Error>"
+                    ).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                headers = {key: value for key, value in self.headers.items() if key.lower() != "host"}
+                headers["Host"] = target.netloc
+                connection.request(self.command, self.path, body=body, headers=headers)
+                answer = connection.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                connection.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = S3Endpoint(f"http://127.0.0.1:{self.server.server_address[1]}")
+
+    def fail_next(self, count: int, status: int = 503, code: str = "SlowDown") -> None:
+        with self.lock:
+            self.pending = [(status, code)] * count
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
