@@ -547,6 +547,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {
         "host": args.host,
         "port": args.port if args.port is not None else args.http_port,
+        "grpc_port": args.grpc_port,
         "upstream": _kserve_upstream(args),
         "upstream_timeout_s": args.predictor_request_timeout_seconds,
         "workers": args.workers,
@@ -769,6 +770,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve.add_argument(
+        "--grpc-port",
+        "--grpc_port",
+        dest="grpc_port",
+        type=int,
+        help="also serve the Open Inference Protocol over gRPC on this port, in every worker (default off; "
+        "needs the grpc extra)",
+    )
     serve.add_argument("--models-dir", type=Path, metavar="DIR", help="TorchScript model repository")
     serve.add_argument("--store-dir", type=Path, metavar="DIR", help="calibrator store")
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N")

@@ -21,7 +21,7 @@ import numpy as np
 from service import inference_protocol as wire
 from service import workflows
 from service.errors import InvalidInput, NotReady, UpstreamFailed
-from service.serving.dataplane import DataPlane
+from service.serving.dataplane import DataPlane, UpstreamPrediction
 from service.serving.proxy import logits_output
 from service.serving.state import ModelInfo
 
@@ -230,3 +230,32 @@ async def model_not_ready(plane: DataPlane, name: str, version: int | None) -> s
     if reason is None and info.kind == "upstream":
         reason = await plane.upstream_not_ready(info)
     return reason
+
+
+# ------------------------------------------------------------------------------------ upstream models
+
+
+def upstream_outputs(
+    result: UpstreamPrediction, wanted: Sequence[str] | None
+) -> list[tuple[str, tuple[str, np.ndarray] | None]]:
+    """The outputs of an upstream model's answer, in order: ``(name, (datatype, array))`` for calibserve's
+    own (``probabilities``, ``predicted_class``), ``(name, None)`` for one the upstream wrote (the codec
+    copies it as it came). Without ``wanted``, as the upstream does: every output, ``probabilities`` in
+    place of the logits. UpstreamFailed for a wanted output the upstream did not answer."""
+    answer = result.answer
+    if wanted is None:
+        wanted = ["probabilities", *(name for name in answer.outputs if name != answer.logits_output)]
+    float_type = "FP64" if answer.datatype == "FP64" else "FP32"
+    outputs: list[tuple[str, tuple[str, np.ndarray] | None]] = []
+    for name in wanted:
+        if name == "probabilities":
+            outputs.append((name, (float_type, result.probabilities)))
+        elif name == "predicted_class":
+            outputs.append((name, ("INT64", result.predicted_class)))
+        elif name in answer.outputs:
+            outputs.append((name, None))
+        else:
+            spec = result.model.upstream
+            model = spec.model if spec is not None else result.model.name
+            raise UpstreamFailed(f"upstream model {model!r} answered no output {name!r}")
+    return outputs

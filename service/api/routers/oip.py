@@ -49,7 +49,7 @@ from service.api.bodies import LeanRequest, LeanRoute, authorize
 from service.api.deps import ModelName, Plane, Version
 from service.api.routers import fallback
 from service.api.tensors import JSON, RAW, body_type, check_shape
-from service.errors import InvalidInput, UpstreamFailed
+from service.errors import InvalidInput
 from service.names import parse_version, validate_model_name
 from service.serving import open_inference as v2
 from service.serving.dataplane import DataPlane
@@ -286,19 +286,18 @@ async def run_upstream_infer(
     if wanted is None:  # as the upstream did: every output, in the request's default form
         parameters = _object(request.get("parameters") or {}, "parameters")
         default = bool(parameters.get("binary_data_output", False))
-        others = [name for name in upstream_answer.outputs if name != upstream_answer.logits_output]
-        wanted = [("probabilities", default), *((name, default) for name in others)]
-    float_type = "FP64" if upstream_answer.datatype == "FP64" else "FP32"
+        binary_of = {}
+        names = None
+    else:
+        default = False
+        binary_of = dict(wanted)
+        names = [name for name, _ in wanted]
     outputs = []
-    for name, as_binary in wanted:
-        if name == "probabilities":
-            outputs.append(_own_output(name, result.probabilities, float_type, as_binary))
-        elif name == "predicted_class":
-            outputs.append(_own_output(name, result.predicted_class, "INT64", as_binary))
-        elif name in upstream_answer.outputs:
+    for name, own in v2.upstream_outputs(result, names):
+        if own is None:
             outputs.append(upstream_answer.outputs[name])
         else:
-            raise UpstreamFailed(f"upstream model {info.upstream.model!r} answered no output {name!r}")
+            outputs.append(_own_output(name, own[1], own[0], binary_of.get(name, default)))
     parameters = {"upstream_model_version": upstream_answer.document.get("model_version")}
     if result.ids is not None:
         parameters["prediction_ids"] = result.ids.as_list()
