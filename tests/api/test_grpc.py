@@ -8,6 +8,10 @@ on serving.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
+
 import grpc
 import httpx
 import numpy as np
@@ -17,7 +21,9 @@ import tritonclient.http as triton_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.helpers.processes import wait_for_workers
 from tests.helpers.servers import Server
+from tests.helpers.waiting import wait_until
 
 ADMIN, READ = "admin-key-grpc", "read-key-grpc"
 KEY = {"x-api-key": READ}
@@ -339,3 +345,45 @@ def test_unimplemented_rpcs(stub, client):
     call = lambda: stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), metadata=tuple(KEY.items()))  # noqa: E731
     assert code_of(call) == grpc.StatusCode.UNIMPLEMENTED
     still_serving(client)
+
+
+# ------------------------------------------------------------------------------------------ several workers
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on ``port`` (state 0A); grpc binds 127.0.0.1 as an IPv6 socket on
+    ::ffff:127.0.0.1, so /proc/net/tcp6 is read too."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                inodes.add(inode)
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                found.add(target[len("socket:[") : -1])
+    return found
+
+
+def test_every_worker_serves_the_grpc_port(tmp_path):
+    """Each worker listens on the gRPC port itself (SO_REUSEPORT): a socket of its own, checked in /proc."""
+    with Server(tmp_path / "store", workers=2, grpc=True) as running:
+        workers = wait_for_workers(running, 2)
+        wait_until(
+            lambda: len(listening_inodes(running.grpc_port)) == 2, "both workers listen on the gRPC port"
+        )
+        listeners = listening_inodes(running.grpc_port)
+        held = [socket_inodes(pid) & listeners for pid in workers]
+        assert all(len(mine) == 1 for mine in held) and held[0] != held[1], held
+        for _ in range(4):  # new channels, each a new connection that either worker may take
+            client = triton_grpc.InferenceServerClient(running.grpc_target)
+            assert client.is_server_ready()
+            client.close()
