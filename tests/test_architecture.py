@@ -23,7 +23,14 @@ ALLOWED: list[tuple[str, set[str]]] = [
     ("service.inference_grpc", {"service.errors", "service.inference_protocol", "service.lazy"}),
     ("service.monitoring_store", {"service.errors", "service.core"}),
     ("service.monitoring_postgres", {"service.errors", "service.core", "service.monitoring_store"}),
-    ("service.upstream", {"service.errors", "service.names", "service.inference_protocol"}),
+    (
+        "service.upstream_grpc",
+        {"service.errors", "service.inference_protocol", "service.inference_grpc", "service.lazy"},
+    ),
+    (
+        "service.upstream",
+        {"service.errors", "service.names", "service.inference_protocol", "service.upstream_grpc"},
+    ),
     ("service.core", {"service.errors", "service.core", "service.lazy"}),
     ("service.store", {"service.errors", "service.names"}),
     ("service.registry", {"service.errors", "service.names", "service.core", "service.lazy"}),
@@ -86,6 +93,7 @@ FORBIDDEN_THIRD_PARTY = {
     "service.store": WEB,
     "service.registry": WEB,
     "service.upstream": WEB,
+    "service.upstream_grpc": (*WEB, "httpx", "aiohttp"),
     "service.inference_protocol": (*WEB, "httpx"),
     "service.inference_grpc": (*WEB, "httpx"),
     "service.monitoring_store": (*WEB, "psycopg"),
