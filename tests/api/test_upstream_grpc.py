@@ -4,6 +4,9 @@ gRPC clients alike, and gets the answers of the same model reached over HTTP."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import numpy as np
 import pytest
@@ -11,8 +14,10 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from scipy.special import softmax
 
-from tests.helpers.servers import Server
+from tests.helpers.data import REPO
+from tests.helpers.servers import Server, free_port
 from tests.helpers.triton import linear_logits
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -102,7 +107,7 @@ def test_faults_of_a_grpc_upstream(triton, proxy):
 def test_a_grpc_default_upstream_passes_unknown_names_through(triton, tmp_path):
     """``--upstream grpc://...``: a name only Triton knows goes through unchanged until it has a calibrator."""
     env = {"CALIBSERVE_UPSTREAM": f"grpc://127.0.0.1:{triton.grpc_port}"}
-    with Server(tmp_path / "store", models=tmp_path / "models", env=env) as server:
+    with Server(tmp_path / "store", models=tmp_path / "models", env=env, grpc=True) as server:
         x = rows(5).astype(np.float64)
         for binary in (False, True):
             tensor = triton_http.InferInput("x", list(x.shape), "FP64")
@@ -116,3 +121,34 @@ def test_a_grpc_default_upstream_passes_unknown_names_through(triton, tmp_path):
             np.testing.assert_allclose(through.as_numpy("logits"), direct.as_numpy("logits"), rtol=1e-12)
             assert through.get_response()["id"] == "r1"
         assert httpx.get(server.url + "/v2/health/ready").status_code == 200
+        # and a gRPC client of calibserve, for a name only Triton knows: Triton's answer, as gRPC
+        tensor = triton_grpc.InferInput("x", list(x.shape), "FP64")
+        tensor.set_data_from_numpy(x)
+        through = triton_grpc.InferenceServerClient(server.grpc_target).infer("linear64", [tensor])
+        assert [output.name for output in through.get_response().outputs] == ["logits"]
+        np.testing.assert_allclose(through.as_numpy("logits"), linear_logits(x), rtol=1e-6)
+
+
+def test_kserve_grpc_v2_reaches_the_predictor_over_grpc(triton, tmp_path):
+    """KServe's transformer arguments with ``--protocol grpc-v2``: the predictor host is a gRPC server."""
+    port = free_port()
+    command = [sys.executable, "-m", "service", "serve", "--protocol", "grpc-v2"]
+    command += ["--predictor_host", f"127.0.0.1:{triton.grpc_port}", "--http_port", str(port)]
+    command += ["--store-dir", str(tmp_path / "store"), "--models-dir", str(tmp_path / "none")]
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(url + "/v2/health/ready").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, "the transformer is ready")
+        x = rows(3)
+        answer = http_infer(url, "linear", x, ["logits"])
+        np.testing.assert_allclose(answer.as_numpy("logits"), linear_logits(x), rtol=1e-5)
+    finally:
+        process.terminate()
+        process.wait(30)
