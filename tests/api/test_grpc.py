@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -21,8 +23,9 @@ import tritonclient.http as triton_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.helpers.data import REPO
 from tests.helpers.processes import wait_for_workers
-from tests.helpers.servers import Server
+from tests.helpers.servers import Server, free_port
 from tests.helpers.waiting import wait_until
 
 ADMIN, READ = "admin-key-grpc", "read-key-grpc"
@@ -387,3 +390,10 @@ def test_every_worker_serves_the_grpc_port(tmp_path):
             client = triton_grpc.InferenceServerClient(running.grpc_target)
             assert client.is_server_ready()
             client.close()
+        # SO_REUSEPORT would let a second calibserve join the port and split the calls between two stores: the
+        # supervisor holds the port's claim, so a second one refuses to start, naming it
+        command = [sys.executable, "-m", "service", "serve", "--port", str(free_port())]
+        command += ["--grpc-port", str(running.grpc_port), "--store-dir", str(tmp_path / "other")]
+        second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+        assert second.returncode != 0 and str(running.grpc_port) in second.stderr, second.stderr[-2000:]
+        assert running.stop() == 0  # SIGTERM: the workers' gRPC servers stop with them
