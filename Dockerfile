@@ -31,15 +31,16 @@ RUN if [ "$WITH_TORCH" = "1" ]; then \
         echo "WITH_TORCH must be 1 or 0, not '${WITH_TORCH}'" >&2; exit 1; \
     fi
 # The same lock as `make install` (refreshed by `make lock`): every dependency at the version the tests ran.
-# Both ways install the `postgres` extra (psycopg 3), so the image can use CALIBSERVE_DATABASE_URL=postgresql://...
-# WITH_TORCH=0: pyproject's runtime dependencies and the postgres extra's but torch, then the project itself with
+# Both ways install the `postgres` extra (psycopg 3), so the image can use CALIBSERVE_DATABASE_URL=postgresql://...,
+# and the `grpc` extra (grpcio, Triton's stubs), so it can serve CALIBSERVE_GRPC_PORT and reach grpc:// upstreams.
+# WITH_TORCH=0: pyproject's runtime dependencies and those extras' but torch, then the project itself with
 # --no-deps (a plain `pip install .` would fetch torch, the multi-GB CUDA build, from PyPI for its torch requirement).
 COPY requirements.lock pyproject.toml README.md ./
 COPY service ./service
 RUN if [ "$WITH_TORCH" = "1" ]; then \
-        pip install -c requirements.lock ".[postgres]"; \
+        pip install -c requirements.lock ".[postgres,grpc]"; \
     else \
-        python -c 'import re, tomllib; project = tomllib.load(open("pyproject.toml", "rb"))["project"]; deps = project["dependencies"] + project["optional-dependencies"]["postgres"]; print("\n".join(d for d in deps if re.match(r"[A-Za-z0-9._-]+", d).group().lower() != "torch"))' > /tmp/requirements-no-torch.txt \
+        python -c 'import re, tomllib; project = tomllib.load(open("pyproject.toml", "rb"))["project"]; deps = project["dependencies"] + project["optional-dependencies"]["postgres"] + project["optional-dependencies"]["grpc"]; print("\n".join(d for d in deps if re.match(r"[A-Za-z0-9._-]+", d).group().lower() != "torch"))' > /tmp/requirements-no-torch.txt \
         && pip install -c requirements.lock -r /tmp/requirements-no-torch.txt \
         && pip install -c requirements.lock --no-deps . \
         && rm /tmp/requirements-no-torch.txt; \

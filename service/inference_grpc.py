@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, MissingDependency
 from service.inference_protocol import NUMPY_TYPES
 from service.lazy import require_module
 
@@ -49,18 +49,29 @@ CONTENTS_FIELD = {
 _ALL_CONTENTS = (*sorted(set(CONTENTS_FIELD.values())), "bytes_contents")
 
 
+def require(name: str) -> ModuleType:
+    """Module ``name`` of the grpc extra; MissingDependency naming the extra where it is not installed."""
+    try:
+        return require_module(name, needed_for=NEEDED_FOR)
+    except (MissingDependency, ModuleNotFoundError):  # name the extra to install, not the module
+        raise MissingDependency(
+            f"{NEEDED_FOR} needs grpcio and tritonclient[grpc], which this installation lacks: "
+            "install calibserve[grpc]"
+        ) from None
+
+
 @cache
 def messages() -> ModuleType:
     """``service_pb2``: the protocol's request and response messages."""
-    require_module("grpc", needed_for=NEEDED_FOR)
-    return require_module("tritonclient.grpc.service_pb2", needed_for=NEEDED_FOR)
+    require("grpc")
+    return require("tritonclient.grpc.service_pb2")
 
 
 @cache
 def services() -> ModuleType:
     """``service_pb2_grpc``: the service's servicer base class and client stub."""
     messages()
-    return require_module("tritonclient.grpc.service_pb2_grpc", needed_for=NEEDED_FOR)
+    return require("tritonclient.grpc.service_pb2_grpc")
 
 
 def tensor_shape(shape: Sequence[int], what: str) -> tuple[int, ...]:

@@ -31,7 +31,6 @@ from service.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from service.lazy import require_module
 
 METADATA_TTL_S = 30.0
 READY_TTL_S = 1.0
@@ -71,14 +70,14 @@ class GrpcUpstreamClient:
 
     def _client(self) -> Any:
         if self._stub is None:
-            grpc = require_module("grpc", needed_for=codec.NEEDED_FOR)
+            grpc = codec.require("grpc")
             options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
             self._channel = grpc.aio.insecure_channel(self.target, options=options)
             self._stub = codec.services().GRPCInferenceServiceStub(self._channel)
         return self._stub
 
     async def _call(self, rpc: str, request: Any, what: str) -> Any:
-        grpc = require_module("grpc", needed_for=codec.NEEDED_FOR)
+        grpc = codec.require("grpc")
         try:
             return await getattr(self._client(), rpc)(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:

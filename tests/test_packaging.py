@@ -126,8 +126,9 @@ def test_the_dockerfile_installs_from_the_lock():
     installs = [line for line in lines if re.search(r"\bpip install\b", line)]
     project = [line for line in installs if re.search(r"""pip install .*\s["']?\.(\[|["';\s]|$)""", line)]
     assert project and all("-c requirements.lock" in line for line in project), installs
-    # the image can use the PostgreSQL monitoring database (CALIBSERVE_DATABASE_URL=postgresql://...)
-    assert any(".[postgres]" in line for line in project), project
+    # the image can use the PostgreSQL monitoring database (CALIBSERVE_DATABASE_URL=postgresql://...) and serve
+    # the Open Inference Protocol over gRPC (CALIBSERVE_GRPC_PORT)
+    assert any(".[postgres,grpc]" in line for line in project), project
     torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1)
     assert Version(torch) == locked()["torch"]
 
