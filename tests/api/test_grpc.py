@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import subprocess
 import sys
 from pathlib import Path
@@ -397,3 +398,52 @@ def test_every_worker_serves_the_grpc_port(tmp_path):
         second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
         assert second.returncode != 0 and str(running.grpc_port) in second.stderr, second.stderr[-2000:]
         assert running.stop() == 0  # SIGTERM: the workers' gRPC servers stop with them
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+def test_stream_infer_answers_each_request_and_survives_a_bad_one(server, client):
+    """ModelStreamInfer (tritonclient's start_stream): answers in order, the HTTP route's probabilities, and a
+    bad request in the stream is its own error while the next is answered."""
+    answers: queue.Queue = queue.Queue()
+    stream = triton_grpc.InferenceServerClient(server.grpc_target)
+    stream.start_stream(callback=lambda result, error: answers.put((result, error)), headers=KEY)
+    try:
+        arrays = [logits_of(3, seed=seed).astype(np.float32) for seed in range(3)]
+        for index, array in enumerate(arrays):
+            model = "no-such-model" if index == 1 else MODEL
+            tensor = triton_grpc.InferInput("logits", list(array.shape), "FP32")
+            tensor.set_data_from_numpy(array)
+            stream.async_stream_infer(model, [tensor], request_id=f"s{index}")
+        got = [answers.get(timeout=60) for _ in arrays]
+    finally:
+        stream.stop_stream()
+        stream.close()
+    (first, error0), (_, error1), (third, error2) = got
+    assert error0 is None and error2 is None
+    assert error1 is not None and "no-such-model" in str(error1)
+    for result, array in ((first, arrays[0]), (third, arrays[2])):
+        expected = http_infer(server, array, "FP32").as_numpy("probabilities")
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=0, atol=1e-6)
+    assert [first.get_response().id, third.get_response().id] == ["s0", "s2"]
+    still_serving(client)
+
+
+def test_stream_infer_needs_a_key(server, client):
+    answers: queue.Queue = queue.Queue()
+    stream = triton_grpc.InferenceServerClient(server.grpc_target)
+    stream.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        array = logits_of(1).astype(np.float32)
+        tensor = triton_grpc.InferInput("logits", list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        # the stream ends when it opens without a key: the request may find it ended already
+        with contextlib.suppress(InferenceServerException):
+            stream.async_stream_infer(MODEL, [tensor])
+        result, error = answers.get(timeout=60)
+    finally:
+        stream.stop_stream()
+        stream.close()
+    assert result is None and "UNAUTHENTICATED" in str(error.status())
+    still_serving(client)

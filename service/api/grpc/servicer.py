@@ -2,9 +2,9 @@
 :mod:`service.serving.open_inference` and encodes the answer, as ``routers/oip.py`` does for HTTP.
 
 RPCs: ``ServerLive``, ``ServerReady``, ``ServerMetadata`` (open, like ``/v2/health/*``), ``ModelReady``,
-``ModelMetadata``, ``ModelInfer`` (the ``read`` role: an API key in metadata ``x-api-key`` or
-``authorization: Bearer <key>``). The others of Triton's service (repository, statistics, shared memory,
-streaming) answer ``UNIMPLEMENTED``.
+``ModelMetadata``, ``ModelInfer`` and ``ModelStreamInfer`` (the ``read`` role: an API key in metadata
+``x-api-key`` or ``authorization: Bearer <key>``). The others of Triton's service (repository, statistics,
+shared memory, trace, logging) answer ``UNIMPLEMENTED``.
 
 ``ModelInfer`` takes the inputs of the HTTP route (one tensor ``logits``, ``probabilities`` or ``inputs``;
 FP32, FP64 or FP16) as typed ``contents`` or ``raw_input_contents``, and answers its outputs in the same form
@@ -84,8 +84,7 @@ class InferenceServicer(codec.services().GRPCInferenceServiceServicer):
         status, model = 200, ""
         try:
             if role is not None:
-                metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
-                authorize(self.settings, presented_key(metadata.get), role)
+                self._authorize(context, role)
             response, model = await handle()
             return response
         except CalibserveError as exc:
@@ -96,12 +95,18 @@ class InferenceServicer(codec.services().GRPCInferenceServiceServicer):
             logger.exception("gRPC %s failed", rpc)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by calibserve)")
         finally:
-            route = f"/{codec.SERVICE}/{rpc}"
-            elapsed = time.perf_counter() - start
-            REQUESTS.labels(METHOD, route, model if status < 400 else "", str(status)).inc()
-            LATENCY.labels(METHOD, route).observe(elapsed)
-            if model and status < 400 and model in self.latency_models:
-                MODEL_LATENCY.labels(METHOD, route, model).observe(elapsed)
+            self._count(rpc, model, status, time.perf_counter() - start)
+
+    def _authorize(self, context: grpc.aio.ServicerContext, role: str) -> None:
+        metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
+        authorize(self.settings, presented_key(metadata.get), role)
+
+    def _count(self, rpc: str, model: str, status: int, elapsed: float) -> None:
+        route = f"/{codec.SERVICE}/{rpc}"
+        REQUESTS.labels(METHOD, route, model if status < 400 else "", str(status)).inc()
+        LATENCY.labels(METHOD, route).observe(elapsed)
+        if model and status < 400 and model in self.latency_models:
+            MODEL_LATENCY.labels(METHOD, route, model).observe(elapsed)
 
     # --------------------------------------------------------------------------------- health, metadata
 
@@ -152,16 +157,43 @@ class InferenceServicer(codec.services().GRPCInferenceServiceServicer):
     # ----------------------------------------------------------------------------------------- infer
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def handle() -> tuple[Any, str]:
-            name = validate_model_name(request.model_name)
-            version = _version(request.model_version)
-            self.plane.require_ready()
-            upstream = self.plane.upstream_model(name, version)
-            if upstream is not None:
-                return await self._infer_upstream(request, *upstream), name
-            return await self._infer(request, name, version), name
+        return await self._answer("ModelInfer", context, "read", lambda: self._infer_any(request))
 
-        return await self._answer("ModelInfer", context, "read", handle)
+    async def ModelStreamInfer(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's streaming inference: each request of the stream answered in order, as ModelInfer would.
+        The key is checked once, for the stream (a wrong one ends it with its status); an error of one
+        request is that answer's ``error_message`` (its ``id`` kept), and the stream goes on."""
+        try:
+            self._authorize(context, "read")
+        except CalibserveError as exc:
+            self._count("ModelStreamInfer", "", status_of(exc)[0], 0.0)
+            await context.abort(code_of(exc), str(exc))
+        async for request in requests:
+            start = time.perf_counter()
+            status, model = 200, ""
+            try:
+                response, model = await self._infer_any(request)
+                yield pb.ModelStreamInferResponse(infer_response=response)
+            except CalibserveError as exc:
+                status = status_of(exc)[0]
+                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                yield pb.ModelStreamInferResponse(error_message=str(exc), infer_response=failed)
+            except Exception:
+                status = 500
+                logger.exception("gRPC ModelStreamInfer failed")
+                yield pb.ModelStreamInferResponse(error_message="internal error (logged by calibserve)")
+            finally:
+                self._count("ModelStreamInfer", model, status, time.perf_counter() - start)
+
+    async def _infer_any(self, request: Any) -> tuple[Any, str]:
+        """One inference request, of a model calibserve runs or of an upstream model: (answer, model)."""
+        name = validate_model_name(request.model_name)
+        version = _version(request.model_version)
+        self.plane.require_ready()
+        upstream = self.plane.upstream_model(name, version)
+        if upstream is not None:
+            return await self._infer_upstream(request, *upstream), name
+        return await self._infer(request, name, version), name
 
     async def _infer(self, request: Any, name: str, version: int | None) -> Any:
         if len(request.inputs) != 1:
