@@ -32,7 +32,7 @@ from service.api.errors import status_of
 from service.api.grpc.status import code_of
 from service.api.observability import LATENCY, MODEL_LATENCY, REQUESTS
 from service.config import Settings
-from service.errors import CalibserveError, InvalidInput
+from service.errors import CalibserveError, InvalidInput, UpstreamFailed
 from service.names import parse_version, validate_model_name
 from service.serving import open_inference as v2
 from service.serving.dataplane import DataPlane
@@ -258,39 +258,49 @@ class InferenceServicer(codec.services().GRPCInferenceServiceServicer):
         result = await self.plane.infer_upstream(info, entry, document, binary, (body, headers))
         if isinstance(result, PassedThrough):
             return self._passed_through(request, info.name, result)
-        response = self._response(
-            request, info.name, result.calibrator_version, result.ids and result.ids.as_list()
-        )
+        ids = result.ids.as_list() if result.ids is not None else None
+        response = self._response(request, info.name, result.calibrator_version, ids)
         upstream_version = result.answer.document.get("model_version")
         if upstream_version is not None:
             codec.set_parameter(response.parameters, "upstream_model_version", upstream_version)
         for output, own in v2.upstream_outputs(result, wanted):
             if own is None:
-                output_entry, chunk = result.answer.outputs[output]
-                array = wire.tensor_array(output_entry, chunk, f"upstream output {output!r}")
-                own = (str(output_entry["datatype"]), array)
-            response.raw_output_contents.append(
-                codec.set_tensor(response.outputs.add(), output, own[0], own[1], raw=True)
-            )
+                _upstream_output(response, *result.answer.outputs[output])
+            else:
+                response.raw_output_contents.append(
+                    codec.set_tensor(response.outputs.add(), output, own[0], own[1], raw=True)
+                )
         return response
 
     def _passed_through(self, request: Any, name: str, result: PassedThrough) -> Any:
         """An upstream's answer that passed through unchanged (no calibrator yet), as gRPC."""
-        document, binary = wire.split_body(
-            result.body, result.headers.get(wire.HEADER_LENGTH.lower()), "the upstream answer"
-        )
-        entries = document.get("outputs") or []
-        chunks = wire.tensor_chunks(entries, binary, "upstream outputs")
+        try:
+            document, binary = wire.split_body(
+                result.body, result.headers.get(wire.HEADER_LENGTH.lower()), "the upstream answer"
+            )
+            entries = document.get("outputs") or []
+            chunks = wire.tensor_chunks(entries, binary, "upstream outputs")
+        except InvalidInput as exc:  # the upstream's fault, not the caller's
+            raise UpstreamFailed(str(exc)) from None
         response = pb.ModelInferResponse(model_name=name, id=request.id)
         for output_entry, chunk in zip(entries, chunks, strict=True):
-            array = wire.tensor_array(output_entry, chunk, f"upstream output {output_entry.get('name')!r}")
-            response.raw_output_contents.append(
-                codec.set_tensor(
-                    response.outputs.add(),
-                    str(output_entry.get("name")),
-                    str(output_entry["datatype"]),
-                    array,
-                    raw=True,
-                )
-            )
+            _upstream_output(response, output_entry, chunk)
         return response
+
+
+def _upstream_output(response: Any, entry: dict[str, Any], chunk: bytes | None) -> None:
+    """An output as the upstream wrote it, added to a gRPC answer as raw contents: its binary bytes as they
+    came (any datatype, BYTES included), or its JSON numbers encoded."""
+    name, datatype = str(entry.get("name")), str(entry.get("datatype"))
+    try:
+        if chunk is not None:
+            tensor = response.outputs.add(name=name, datatype=datatype)
+            tensor.shape.extend(codec.tensor_shape(entry.get("shape") or [], f"upstream output {name!r}"))
+            response.raw_output_contents.append(bytes(chunk))
+            return
+        array = wire.tensor_array(entry, None, f"upstream output {name!r}")
+    except (InvalidInput, TypeError, ValueError) as exc:
+        raise UpstreamFailed(f"upstream output {name!r}: {exc}") from None
+    response.raw_output_contents.append(
+        codec.set_tensor(response.outputs.add(), name, datatype, array, raw=True)
+    )
