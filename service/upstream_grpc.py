@@ -124,8 +124,14 @@ class GrpcUpstreamClient:
             raws = codec.raw_contents(response.outputs, response.raw_output_contents, "outputs")
             entries, chunks = [], []
             for tensor, raw in zip(response.outputs, raws, strict=True):
-                array = codec.tensor_array(tensor, raw, f"output {tensor.name!r}")
-                entry, chunk = wire.binary_entry(tensor.name, array)
+                if raw is not None:  # bytes as they came (any datatype, BYTES included): read where used
+                    shape = list(codec.tensor_shape(tensor.shape, f"output {tensor.name!r}"))
+                    entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": shape}
+                    entry["parameters"] = {"binary_data_size": len(raw)}
+                    chunk = raw
+                else:
+                    array = codec.tensor_array(tensor, None, f"output {tensor.name!r}")
+                    entry, chunk = wire.binary_entry(tensor.name, array)
                 entries.append(entry)
                 chunks.append(chunk)
         except InvalidInput as exc:

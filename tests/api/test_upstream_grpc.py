@@ -98,6 +98,21 @@ def test_faults_of_a_grpc_upstream(triton, proxy):
         answer = http.post("/v2/models/absent-upstream/infer", json={"inputs": [tensor]})
         assert answer.status_code in (400, 404, 502), answer.text  # Triton's refusal, named
         assert "absent" in answer.json()["error"]
+        # logits that are not finite: never a probability
+        record = {
+            "num_classes": 3,
+            "upstream": {"url": f"grpc://127.0.0.1:{triton.grpc_port}", "model": "nan"},
+        }
+        assert http.put("/v1/models/nan-upstream", json=record).status_code in (200, 201)
+        answer = http.post("/v2/models/nan-upstream/infer", json={"inputs": [tensor]})
+        assert answer.status_code == 502 and "nan-upstream" in answer.json()["error"], answer.text
+        # nothing listens there: unavailable, and the other models keep being served
+        record = {"num_classes": 3, "upstream": {"url": f"grpc://127.0.0.1:{free_port()}", "model": "linear"}}
+        assert http.put("/v1/models/nowhere", json=record).status_code in (200, 201)
+        answer = http.post("/v2/models/nowhere/infer", json={"inputs": [tensor]})
+        assert answer.status_code == 503, answer.text
+        over_grpc = http.post("/v2/models/over-grpc/infer", json={"inputs": [tensor]})
+        assert over_grpc.status_code == 200, over_grpc.text
         bad = {"num_classes": 3, "upstream": {"url": "grpc://127.0.0.1:1/path", "model": "linear"}}
         refused = http.put("/v1/models/bad-upstream", json=bad)
         assert refused.status_code in (400, 422) and "path" in refused.text
