@@ -32,15 +32,16 @@ RUN if [ "$WITH_TORCH" = "1" ]; then \
     fi
 # The same lock as `make install` (refreshed by `make lock`): every dependency at the version the tests ran.
 # Both ways install the `postgres` extra (psycopg 3), so the image can use CALIBSERVE_DATABASE_URL=postgresql://...,
-# and the `s3` extra (boto3), so it can use CALIBSERVE_STORE_URL=s3://bucket/prefix.
-# WITH_TORCH=0: pyproject's runtime dependencies and the postgres extra's but torch, then the project itself with
+# and the `s3` extra (boto3), so it can use CALIBSERVE_STORE_URL=s3://bucket/prefix, and the `grpc` extra
+# (grpcio, Triton's stubs), so it can serve CALIBSERVE_GRPC_PORT and reach grpc:// upstreams.
+# WITH_TORCH=0: pyproject's runtime dependencies and those extras' but torch, then the project itself with
 # --no-deps (a plain `pip install .` would fetch torch, the multi-GB CUDA build, from PyPI for its torch requirement).
 COPY requirements.lock pyproject.toml README.md ./
 COPY service ./service
 RUN if [ "$WITH_TORCH" = "1" ]; then \
-        pip install -c requirements.lock ".[postgres,s3]"; \
+        pip install -c requirements.lock ".[postgres,s3,grpc]"; \
     else \
-        python -c 'import re, tomllib; project = tomllib.load(open("pyproject.toml", "rb"))["project"]; deps = project["dependencies"] + project["optional-dependencies"]["postgres"] + project["optional-dependencies"]["s3"]; print("\n".join(d for d in deps if re.match(r"[A-Za-z0-9._-]+", d).group().lower() != "torch"))' > /tmp/requirements-no-torch.txt \
+        python -c 'import re, tomllib; project = tomllib.load(open("pyproject.toml", "rb"))["project"]; deps = project["dependencies"] + project["optional-dependencies"]["postgres"] + project["optional-dependencies"]["s3"] + project["optional-dependencies"]["grpc"]; print("\n".join(d for d in deps if re.match(r"[A-Za-z0-9._-]+", d).group().lower() != "torch"))' > /tmp/requirements-no-torch.txt \
         && pip install -c requirements.lock -r /tmp/requirements-no-torch.txt \
         && pip install -c requirements.lock --no-deps . \
         && rm /tmp/requirements-no-torch.txt; \

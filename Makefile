@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 # Dockerfile; `make lock` refreshes it from pyproject.toml's ranges.
 LOCK := requirements.lock
 # Every optional-dependency group of pyproject.toml: `make install` installs them all (a test checks that).
-EXTRAS := dev,postgres,s3
+EXTRAS := dev,postgres,s3,grpc
 # The real Triton Inference Server the tests talk to (tests/triton/serve.py) runs from its own virtualenv:
 # PyTriton needs numpy<2, calibserve numpy 2. Its constraints list the exact versions of everything in it.
 TRITON_VENV := .venv-triton

@@ -545,18 +545,23 @@ def _log_window(report: dict) -> None:
 
 
 def _kserve_upstream(args: argparse.Namespace) -> str | None:
-    """The upstream URL of ``--upstream`` or KServe's ``--predictor_host`` (a host[:port], no scheme)."""
-    if args.protocol is not None and args.protocol.lower() != "v2":
+    """The upstream URL of ``--upstream`` or KServe's ``--predictor_host`` (a host[:port], no scheme): over
+    HTTP for ``--protocol v2``, over gRPC for ``grpc-v2``."""
+    protocol = (args.protocol or "v2").lower()
+    if protocol not in ("v2", "grpc-v2"):
         raise CalibserveError(
-            f"--protocol {args.protocol}: calibserve forwards the Open Inference Protocol (v2) over HTTP only"
+            f"--protocol {args.protocol}: calibserve forwards the Open Inference Protocol only (v2 or grpc-v2)"
         )
     if args.predictor_host is None:
         return args.upstream
     if args.upstream is not None:
         raise CalibserveError("give --upstream or --predictor_host, not both")
+    if protocol == "grpc-v2" and args.predictor_use_ssl:
+        raise CalibserveError("--predictor_use_ssl: calibserve reaches a gRPC predictor without TLS only")
     host = args.predictor_host
     if "://" not in host:
-        host = f"{'https' if args.predictor_use_ssl else 'http'}://{host}"
+        scheme = "grpc" if protocol == "grpc-v2" else "https" if args.predictor_use_ssl else "http"
+        host = f"{scheme}://{host}"
     return host
 
 
@@ -571,6 +576,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {
         "host": args.host,
         "port": args.port if args.port is not None else args.http_port,
+        "grpc_port": args.grpc_port,
         "upstream": _kserve_upstream(args),
         "upstream_timeout_s": args.predictor_request_timeout_seconds,
         "workers": args.workers,
@@ -853,6 +859,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve.add_argument(
+        "--grpc-port",
+        "--grpc_port",
+        dest="grpc_port",
+        type=int,
+        help="also serve the Open Inference Protocol over gRPC on this port, in every worker (default off; "
+        "needs the grpc extra)",
+    )
     serve.add_argument("--models-dir", type=Path, metavar="DIR", help="TorchScript model repository")
     serve.add_argument(
         "--store-dir", type=Path, metavar="DIR", help="calibrator store (with --store-url s3://: local state)"
@@ -883,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--protocol",
         "--predictor_protocol",
         dest="protocol",
-        help="v2 (the only protocol calibserve forwards)",
+        help="v2 (the predictor over HTTP) or grpc-v2 (over gRPC)",
     )
     kserve.add_argument("--http_port", type=int, metavar="PORT", help="--port")
     kserve.add_argument(

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
         description="longest a TorchScript forward pass (or an upload's smoke check) may run; "
         "past it the request answers 504 and the model is marked stalled",
     )
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol over gRPC, served by every worker on the same host "
+        "(None: off; needs the grpc extra)",
+    )
     upstream: str | None = Field(
         None,
         description="Open Inference Protocol server (http://host:port) that serves every V2 model name "

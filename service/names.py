@@ -70,8 +70,9 @@ def parse_version(text: str | None, *, field: str = "version") -> int | None:
 
 
 def normalise_url(url: str) -> str:
-    """``http(s)://host[:port]`` without a trailing slash; a bare ``host:port`` (as KServe passes its
-    ``--predictor_host``) is taken as ``http://``. InvalidInput for anything else."""
+    """``http(s)://host[:port]`` without a trailing slash, or ``grpc://host:port`` (the protocol over gRPC);
+    a bare ``host:port`` (as KServe passes its ``--predictor_host``) is taken as ``http://``. InvalidInput
+    for anything else."""
     if not isinstance(url, str) or not url.strip():
         raise InvalidInput(
             "the upstream URL must be a non-empty string such as http://triton:8000", field="url"
@@ -80,10 +81,13 @@ def normalise_url(url: str) -> str:
     if "://" not in text:
         text = f"http://{text}"
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https", "grpc") or not parts.hostname:
         raise InvalidInput(
-            f"upstream URL {url!r} must be http://host[:port] or https://host[:port]", field="url"
+            f"upstream URL {url!r} must be http://host[:port], https://host[:port] or grpc://host:port",
+            field="url",
         )
+    if parts.scheme == "grpc" and parts.path.strip("/"):
+        raise InvalidInput(f"upstream URL {url!r}: a gRPC server has no path", field="url")
     if parts.query or parts.fragment:
         raise InvalidInput(f"upstream URL {url!r} must not have a query or fragment", field="url")
     try:

@@ -20,9 +20,17 @@ ALLOWED: list[tuple[str, set[str]]] = [
     ("service.lazy", {"service.errors"}),
     ("service.names", {"service.errors"}),
     ("service.inference_protocol", {"service.errors"}),
+    ("service.inference_grpc", {"service.errors", "service.inference_protocol", "service.lazy"}),
     ("service.monitoring_store", {"service.errors", "service.core"}),
     ("service.monitoring_postgres", {"service.errors", "service.core", "service.monitoring_store"}),
-    ("service.upstream", {"service.errors", "service.names", "service.inference_protocol"}),
+    (
+        "service.upstream_grpc",
+        {"service.errors", "service.inference_protocol", "service.inference_grpc", "service.lazy"},
+    ),
+    (
+        "service.upstream",
+        {"service.errors", "service.names", "service.inference_protocol", "service.upstream_grpc"},
+    ),
     ("service.core", {"service.errors", "service.core", "service.lazy"}),
     ("service.store", {"service.errors", "service.names"}),
     ("service.store_s3", {"service.errors", "service.names", "service.lazy", "service.store"}),
@@ -50,6 +58,7 @@ ALLOWED: list[tuple[str, set[str]]] = [
             "service.serving",
             "service.upstream",
             "service.inference_protocol",
+            "service.inference_grpc",
             "service.lazy",
             "service.monitoring_store",
             "service.monitoring_postgres",
@@ -72,6 +81,7 @@ ALLOWED: list[tuple[str, set[str]]] = [
             "service.api",
             "service.upstream",
             "service.inference_protocol",
+            "service.inference_grpc",
             "service.monitoring_store",
         },
     ),
@@ -91,7 +101,9 @@ FORBIDDEN_THIRD_PARTY = {
     "service.stores": WEB,
     "service.registry": WEB,
     "service.upstream": WEB,
+    "service.upstream_grpc": (*WEB, "httpx", "aiohttp"),
     "service.inference_protocol": (*WEB, "httpx"),
+    "service.inference_grpc": (*WEB, "httpx"),
     "service.monitoring_store": (*WEB, "psycopg"),
     "service.monitoring_postgres": (*WEB, "httpx"),
 }
@@ -181,6 +193,31 @@ def test_only_the_postgres_backend_imports_psycopg_and_only_lazily():
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
             assert POSTGRES_BACKEND not in names, (
                 f"{module_name(path)} imports {POSTGRES_BACKEND} at import time"
+            )
+
+
+# grpcio and the stubs are the `grpc` extra: only the gRPC codec imports grpc, and the app imports the codec
+# only in its lifespan where CALIBSERVE_GRPC_PORT is set, so an install without the extra serves HTTP.
+GRPC_DRIVER = "grpc"
+GRPC_CODEC = "service.api.grpc"
+
+
+def test_only_the_grpc_codec_imports_grpcio_and_only_lazily():
+    importers = sorted(
+        module_name(path)
+        for path in MODULES
+        if any(target.split(".")[0] == GRPC_DRIVER for target in imports(path))
+    )
+    assert importers and all(within(name, {GRPC_CODEC}) for name in importers), importers
+    for path in MODULES:
+        if within(module_name(path), {GRPC_CODEC}):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+        for node in top_level:
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+            assert not any(within(str(name), {GRPC_CODEC, "tritonclient"}) for name in names), (
+                f"{module_name(path)} imports {names} at import time"
             )
 
 

@@ -209,6 +209,27 @@ def test_proxy_bench_runs_through_triton_and_writes_its_table(tmp_path: Path) ->
     assert len(rows) == 8  # the speed table and the CPU table
 
 
+def test_grpc_bench_runs_every_side_and_writes_its_table(tmp_path: Path) -> None:
+    # calibserve over gRPC and HTTP and Triton over gRPC, one short window per side and cell: only that every
+    # cell ran every side without errors (each checked one answer first) and the section is written
+    require_triton()
+    readme, figures = tmp_path / "README.md", tmp_path / "figures.json"
+    readme.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    run_bench(
+        "bench_grpc.py",
+        *("--seconds", "0.2", "--rounds", "1", "--concurrency", "2", "--sizes", "1x10", "2x1000"),
+        *("--write", "--readme", str(readme), "--json", str(figures)),
+    )
+    text = readme.read_text()
+    assert "<!-- other:start -->\nkept\n<!-- other:end -->" in text
+    assert "<!-- bench_grpc:start -->\n## Open Inference Protocol over gRPC" in text
+    cells = json.loads(figures.read_text())["cells"]
+    assert [cell["size"] for cell in cells] == ["1 x 10", "2 x 1000"]
+    for cell in cells:
+        for side in ("calibserve gRPC", "calibserve HTTP binary", "Triton gRPC"):
+            assert cell[side]["requests"] > 0 and cell[side]["errors"] == 0, cell
+
+
 def test_footprint_bench_starts_each_deployment_and_writes_its_table(tmp_path: Path) -> None:
     # one start of each deployment; only that each served its requests and which of them mapped torch
     require_triton()

@@ -166,6 +166,11 @@ def s3_requirements() -> list[str]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["s3"]
 
 
+def grpc_requirements() -> list[str]:
+    """The ``grpc`` extra: the Open Inference Protocol over gRPC (service/api/grpc/, service/upstream_grpc.py)."""
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["grpc"]
+
+
 def test_the_postgres_extra_brings_psycopg_3_with_its_own_libpq():
     # python:3.11-slim has no libpq: psycopg's binary build (libpq bundled) is what the image can import
     (psycopg,) = [
@@ -182,7 +187,7 @@ def test_with_torch_1_installs_torch_from_its_index_then_the_project_with_its_de
     args = build_args()
     assert [call["args"] for call in calls] == [
         ["install", "--no-deps", "--index-url", args["TORCH_INDEX"], f"torch=={args['TORCH_VERSION']}"],
-        ["install", "-c", "requirements.lock", ".[postgres,s3]"],
+        ["install", "-c", "requirements.lock", ".[postgres,s3,grpc]"],
     ]
 
 
@@ -197,10 +202,11 @@ def test_with_torch_0_installs_every_runtime_and_postgres_dependency_but_torch_a
     (requirements,) = listed["requirements"]
     names = {Requirement(line).name.lower() for line in requirements}
     declared = [
-        Requirement(line) for line in runtime_requirements() + postgres_requirements() + s3_requirements()
+        Requirement(line)
+        for line in runtime_requirements() + postgres_requirements() + s3_requirements() + grpc_requirements()
     ]
     expected = {requirement.name.lower() for requirement in declared} - {"torch"}
-    assert expected and names == expected and {"psycopg", "boto3"} <= names
+    assert expected and names == expected and {"psycopg", "boto3", "grpcio", "tritonclient"} <= names
     # each as declared: psycopg with its [binary] extra, the ranges kept (the lock pins the versions)
     assert {str(Requirement(line)) for line in requirements} == {
         str(requirement) for requirement in declared if requirement.name != "torch"

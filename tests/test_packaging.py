@@ -130,6 +130,8 @@ def test_the_dockerfile_installs_from_the_lock():
     assert any(re.search(r"\.\[[^\]]*\bpostgres\b", line) for line in project), project
     # and the S3 calibrator store (CALIBSERVE_STORE_URL=s3://...)
     assert any(re.search(r"\.\[[^\]]*\bs3\b", line) for line in project), project
+    # and serve the Open Inference Protocol over gRPC (CALIBSERVE_GRPC_PORT)
+    assert any(re.search(r"\.\[[^\]]*\bgrpc\b", line) for line in project), project
     torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1)
     assert Version(torch) == locked()["torch"]
 

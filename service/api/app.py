@@ -72,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
             max_size=settings.batch_max_size, max_delay=settings.batch_max_delay_ms / 1000.0
         )
     plane = DataPlane(state)
+    latency_models = frozenset(n.strip() for n in settings.metrics_model_latency.split(",") if n.strip())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,8 +85,17 @@ def create_app(settings: Settings) -> FastAPI:
             logger.error("calibserve starts without its store: %s", exc)
             names = state.registry.names()
         plane.monitoring.start()
+        grpc_server = None
+        if settings.grpc_port is not None:  # grpcio and the stubs are imported only when asked for
+            from service.api.grpc.server import start_grpc_server
+
+            grpc_server = await start_grpc_server(plane, settings, latency_models=latency_models)
         logger.info("calibserve ready: %d models, store %s", len(names), settings.store_location)
         yield
+        if grpc_server is not None:
+            from service.api.grpc.server import stop_grpc_server
+
+            await stop_grpc_server(grpc_server)
         await state.upstreams.aclose()
         await in_thread(plane.monitoring.close)
         state.store.close()
@@ -119,7 +129,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(export.router)
     app.include_router(fallback.router)  # last: only paths no other route matched
     openapi.install(app)
-    latency_models = frozenset(n.strip() for n in settings.metrics_model_latency.split(",") if n.strip())
     app.add_middleware(MetricsMiddleware, latency_models=latency_models)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(ConcurrencyLimitMiddleware, max_concurrency=settings.max_concurrency)

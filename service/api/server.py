@@ -175,6 +175,8 @@ def serve(settings: Settings) -> None:
 
     settings.check_bind_is_safe()
     lock = claim_port(settings.host, settings.port)
+    # The workers' gRPC servers share their port with SO_REUSEPORT: claimed here so nothing else can.
+    grpc_lock = claim_port(settings.host, settings.grpc_port) if settings.grpc_port else None
     os.environ.update(settings_environment(settings))
     get_settings.cache_clear()
     metrics_dir = None
@@ -186,8 +188,9 @@ def serve(settings: Settings) -> None:
     finally:
         if metrics_dir is not None:  # the workers' metric files die with the server
             shutil.rmtree(metrics_dir, ignore_errors=True)
-        if lock is not None:
-            os.close(lock)
+        for held in (lock, grpc_lock):
+            if held is not None:
+                os.close(held)
 
 
 def _run(settings: Settings) -> None:

@@ -31,7 +31,8 @@ def port_is_free(port: int) -> bool:
 
 
 class Server:
-    """A `calibserve serve` process; `stop()` sends SIGTERM (or SIGKILL) and waits."""
+    """A `calibserve serve` process; `stop()` sends SIGTERM (or SIGKILL) and waits. With ``grpc`` it also
+    serves the Open Inference Protocol over gRPC, at ``grpc_target`` (``127.0.0.1:<port>``)."""
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class Server:
         workers: int = 1,
         env: dict | None = None,
         wait_loaded: bool = True,
+        grpc: bool = False,
     ):
         environment = {**os.environ, "CALIBSERVE_LOG_LEVEL": "warning", **(env or {})}
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -52,12 +54,17 @@ class Server:
             command = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
             command += ["--store-dir", str(store), "--models-dir", str(models or SHIPPED_MODELS)]
             command += ["--workers", str(workers)]
+            self.grpc_port = free_port() if grpc else None
+            self.grpc_target = f"127.0.0.1:{self.grpc_port}" if grpc else None
+            if grpc:
+                command += ["--grpc-port", str(self.grpc_port)]
             self.process = subprocess.Popen(command, env=environment, cwd=REPO, start_new_session=True)
             try:
                 self.wait_ready(loaded=wait_loaded)
                 return
             except RuntimeError:
-                if attempt == 2 or self.process.poll() is None or port_is_free(self.port):
+                ports = [self.port] if self.grpc_port is None else [self.port, self.grpc_port]
+                if attempt == 2 or self.process.poll() is None or all(map(port_is_free, ports)):
                     raise
 
     def wait_ready(self, timeout: float = 60.0, *, loaded: bool = True) -> None:

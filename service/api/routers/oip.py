@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -45,27 +44,25 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import inference_protocol as wire
-from service import workflows
 from service.api.auth import ReadAccess
 from service.api.bodies import LeanRequest, LeanRoute, authorize
 from service.api.deps import ModelName, Plane, Version
 from service.api.routers import fallback
 from service.api.tensors import JSON, RAW, body_type, check_shape
-from service.errors import InvalidInput, NotReady, UpstreamFailed
+from service.errors import InvalidInput
 from service.names import parse_version, validate_model_name
-from service.serving.concurrency import in_thread
+from service.serving import open_inference as v2
 from service.serving.dataplane import DataPlane
-from service.serving.proxy import PassedThrough, logits_output
+from service.serving.proxy import PassedThrough
 from service.serving.state import ActiveCalibrator, ModelInfo
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
 HEADER_LENGTH = wire.HEADER_LENGTH
-DATATYPES: dict[str, np.dtype] = {name: wire.NUMPY_TYPES[name] for name in wire.FLOAT_TYPES}
-INPUT_NAMES = ("logits", "probabilities", "inputs")
-OUTPUT_NAMES = ("probabilities", "logits", "predicted_class")
-EXTENSIONS = ["binary_tensor_data"]
-MAX_VERSIONS_LISTED = 100
+# The protocol's rules (inputs, outputs, datatypes) are the data plane's, shared with the gRPC codec.
+DATATYPES = v2.DATATYPES
+INPUT_NAMES = v2.INPUT_NAMES
+OUTPUT_NAMES = v2.OUTPUT_NAMES
 
 
 def json_response(content: Any, status: int = 200) -> Response:
@@ -133,16 +130,10 @@ def parse_infer_document(request: dict[str, Any], binary: bytes) -> InferRequest
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise InvalidInput(f"inputs must be a list of exactly one tensor named {', '.join(INPUT_NAMES)}")
     tensor = _object(inputs[0], "inputs[0]")
-    name = tensor.get("name")
-    if name not in INPUT_NAMES:
-        raise InvalidInput(f"input name must be one of {', '.join(INPUT_NAMES)}, got {name!r}")
+    name = v2.input_name(tensor.get("name"))
     shape = _shape(tensor.get("shape"), name)
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
-        raise InvalidInput(
-            f"input {name!r}: datatype must be one of {', '.join(DATATYPES)}, got {datatype!r}"
-        )
-    dtype = DATATYPES[datatype]
+    dtype = v2.input_dtype(name, datatype)
     parameters = _object(tensor.get("parameters") or {}, f"input {name!r} parameters")
     size = parameters.get("binary_data_size")
     if size is not None:
@@ -167,10 +158,7 @@ def parse_infer_document(request: dict[str, Any], binary: bytes) -> InferRequest
         if "data" not in tensor:
             raise InvalidInput(f"input {name!r}: data (or parameters.binary_data_size) is required")
         values = _tensor_from_json(tensor["data"], name, shape, dtype)
-    if name != "inputs" and values.ndim != 2:
-        raise InvalidInput(f"input {name!r}: shape must be [N, K], got {list(shape)}")
-    if name == "inputs" and values.ndim < 2:
-        raise InvalidInput(f"input 'inputs': shape must be [N, ...] (a batch), got {list(shape)}")
+    v2.check_input_shape(name, values)
 
     request_parameters = _object(request.get("parameters") or {}, "parameters")
     binary_default = _flag(request_parameters.get("binary_data_output", False), "binary_data_output")
@@ -183,11 +171,7 @@ def parse_infer_document(request: dict[str, Any], binary: bytes) -> InferRequest
             raise InvalidInput("outputs must be a non-empty list of {name, parameters}")
         for index, item in enumerate(requested):
             item = _object(item, f"outputs[{index}]")
-            output_name = item.get("name")
-            if output_name not in OUTPUT_NAMES:
-                raise InvalidInput(
-                    f"output name must be one of {', '.join(OUTPUT_NAMES)}, got {output_name!r}"
-                )
+            output_name = v2.output_name(item.get("name"))
             output_parameters = _object(item.get("parameters") or {}, f"output {output_name!r} parameters")
             if output_parameters.get("classification"):
                 raise InvalidInput("the classification extension is not supported; ask for predicted_class")
@@ -236,42 +220,22 @@ def answer(
     return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
 
 
-def infer_response(
-    name: str,
-    request: InferRequest,
-    tensors: dict[str, np.ndarray],
-    version: int | None,
-    parameters: dict[str, Any] | None = None,
-) -> Response:
-    float_type = "FP64" if request.datatype == "FP64" else "FP32"
+async def run_infer(plane: DataPlane, name: str, version: int | None, request: InferRequest) -> Response:
+    result = await v2.infer(
+        plane,
+        name,
+        version,
+        input_name=request.input_name,
+        values=request.values,
+        datatype=request.datatype,
+        outputs=[output_name for output_name, _ in request.outputs],
+    )
     outputs = [
-        _own_output(
-            output_name,
-            tensors[output_name],
-            "INT64" if output_name == "predicted_class" else float_type,
-            binary,
-        )
+        _own_output(output_name, result.outputs[output_name][1], result.outputs[output_name][0], binary)
         for output_name, binary in request.outputs
     ]
-    return answer(name, request.id, version, outputs, parameters)
-
-
-async def run_infer(plane: DataPlane, name: str, version: int | None, request: InferRequest) -> Response:
-    if request.input_name == "inputs":
-        prediction = await plane.predict(name, version, request.values)
-        logits = prediction.logits
-    else:
-        prediction = await plane.calibrate(name, version, request.input_name, request.values)
-        logits = request.values
-    tensors: dict[str, np.ndarray] = {"probabilities": prediction.probabilities}
-    parameters = {"prediction_ids": prediction.ids.as_list()} if prediction.ids is not None else None
-    wanted = {output_name for output_name, _ in request.outputs}
-    if "logits" in wanted:
-        from_logits = request.input_name != "probabilities"
-        tensors["logits"] = logits if from_logits else workflows.scores_to_logits(logits, from_logits=False)
-    if "predicted_class" in wanted:
-        tensors["predicted_class"] = prediction.predicted_class
-    return infer_response(name, request, tensors, prediction.calibrator_version, parameters)
+    parameters = {"prediction_ids": result.prediction_ids} if result.prediction_ids is not None else None
+    return answer(name, request.id, result.calibrator_version, outputs, parameters)
 
 
 def _requested_outputs(request: dict[str, Any]) -> list[tuple[str, bool]] | None:
@@ -322,19 +286,18 @@ async def run_upstream_infer(
     if wanted is None:  # as the upstream did: every output, in the request's default form
         parameters = _object(request.get("parameters") or {}, "parameters")
         default = bool(parameters.get("binary_data_output", False))
-        others = [name for name in upstream_answer.outputs if name != upstream_answer.logits_output]
-        wanted = [("probabilities", default), *((name, default) for name in others)]
-    float_type = "FP64" if upstream_answer.datatype == "FP64" else "FP32"
+        binary_of = {}
+        names = None
+    else:
+        default = False
+        binary_of = dict(wanted)
+        names = [name for name, _ in wanted]
     outputs = []
-    for name, as_binary in wanted:
-        if name == "probabilities":
-            outputs.append(_own_output(name, result.probabilities, float_type, as_binary))
-        elif name == "predicted_class":
-            outputs.append(_own_output(name, result.predicted_class, "INT64", as_binary))
-        elif name in upstream_answer.outputs:
+    for name, own in v2.upstream_outputs(result, names):
+        if own is None:
             outputs.append(upstream_answer.outputs[name])
         else:
-            raise UpstreamFailed(f"upstream model {info.upstream.model!r} answered no output {name!r}")
+            outputs.append(_own_output(name, own[1], own[0], binary_of.get(name, default)))
     parameters = {"upstream_model_version": upstream_answer.document.get("model_version")}
     if result.ids is not None:
         parameters["prediction_ids"] = result.ids.as_list()
@@ -373,39 +336,6 @@ ROUTES = [
 # -------------------------------------------------------------------------------------- metadata, health
 
 
-def _server_version() -> str:
-    try:
-        return metadata.version("calibserve")
-    except metadata.PackageNotFoundError:
-        return "0"
-
-
-def model_metadata(info: ModelInfo, versions: list[str]) -> dict[str, Any]:
-    columns = info.num_classes if info.num_classes is not None else -1
-    classes = 2 if columns == 1 else columns
-    inputs = [
-        {"name": "logits", "datatype": "FP32", "shape": [-1, columns]},
-        {"name": "probabilities", "datatype": "FP32", "shape": [-1, columns]},
-    ]
-    if info.kind == "torchscript":
-        sample = list(info.input_shape) if info.input_shape else [-1]
-        datatype = {"float32": "FP32", "float64": "FP64", "float16": "FP16"}.get(
-            info.input_dtype or "", "FP32"
-        )
-        inputs.insert(0, {"name": "inputs", "datatype": datatype, "shape": [-1, *sample]})
-    return {
-        "name": info.name,
-        "versions": versions,
-        "platform": f"calibserve_{info.kind}",
-        "inputs": inputs,
-        "outputs": [
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
-            {"name": "logits", "datatype": "FP32", "shape": [-1, columns]},
-            {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
-        ],
-    }
-
-
 _ERRORS = {
     400: {"description": 'bad request or tensor: {"error": "..."}'},
     404: {"description": 'unknown model or version: {"error": "..."}'},
@@ -415,7 +345,7 @@ _ERRORS = {
 
 @router.get("", summary="Server metadata (Open Inference Protocol)")
 async def server_metadata() -> Response:
-    return json_response({"name": "calibserve", "version": _server_version(), "extensions": EXTENSIONS})
+    return json_response(v2.server_metadata())
 
 
 @router.get("/health/live", summary="Server liveness (Open Inference Protocol)")
@@ -428,45 +358,10 @@ async def server_ready(plane: Plane) -> Response:
     """Ready once loaded, and while every upstream server in use is ready (else 503 naming it)."""
     if not plane.ready:
         return json_response({"ready": False}, 503)
-    try:
-        await plane.require_upstreams_ready()
-    except NotReady as exc:
-        return json_response({"ready": False, "error": str(exc)}, 503)
+    reason = await v2.server_not_ready(plane)
+    if reason is not None:
+        return json_response({"ready": False, "error": reason}, 503)
     return json_response({"ready": True})
-
-
-def upstream_model_metadata(info: ModelInfo, versions: list[str], upstream: dict[str, Any]) -> dict[str, Any]:
-    """The upstream's metadata with calibserve's outputs first and where it comes from under ``parameters``."""
-    outputs = [item for item in upstream.get("outputs", []) if isinstance(item, dict)]
-    spec = info.upstream
-    classes = info.num_classes
-    if classes is None:
-        try:
-            name = logits_output(spec, [str(item.get("name")) for item in outputs]) if spec else None
-        except UpstreamFailed:
-            name = None
-        shapes = [item.get("shape") for item in outputs if item.get("name") == name]
-        shape = shapes[0] if shapes else None
-        classes = shape[-1] if isinstance(shape, list) and shape and isinstance(shape[-1], int) else -1
-    classes = 2 if classes == 1 else classes
-    return {
-        "name": info.name,
-        "versions": versions,
-        "platform": "calibserve_upstream",
-        "inputs": upstream.get("inputs", []),
-        "outputs": [
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
-            {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
-            *outputs,
-        ],
-        "parameters": {
-            "upstream": {
-                **(spec.to_record() if spec is not None else {}),
-                "platform": upstream.get("platform"),
-                "versions": upstream.get("versions"),
-            }
-        },
-    }
 
 
 @router.get(
@@ -476,12 +371,7 @@ def upstream_model_metadata(info: ModelInfo, versions: list[str], upstream: dict
     dependencies=ReadAccess,
 )
 async def get_model_metadata(name: ModelName, plane: Plane) -> Response:
-    info = await in_thread(plane.model, name)  # threads: with the S3 store these may ask the bucket
-    listed = await in_thread(plane.calibrator_versions, name, limit=MAX_VERSIONS_LISTED)
-    versions = [str(version) for version in listed]
-    if info.kind == "upstream":
-        return json_response(upstream_model_metadata(info, versions, await plane.upstream_metadata(info)))
-    return json_response(model_metadata(info, versions))
+    return json_response(await v2.model_metadata(plane, name, None))
 
 
 @router.get(
@@ -491,19 +381,11 @@ async def get_model_metadata(name: ModelName, plane: Plane) -> Response:
     dependencies=ReadAccess,
 )
 async def get_model_version_metadata(name: ModelName, version: Version, plane: Plane) -> Response:
-    info, _ = await plane.lookup_async(name, version)  # NotFound for a version that does not exist
-    if info.kind == "upstream":
-        return json_response(
-            upstream_model_metadata(info, [str(version)], await plane.upstream_metadata(info))
-        )
-    return json_response(model_metadata(info, [str(version)]))
+    return json_response(await v2.model_metadata(plane, name, version))
 
 
 async def _ready(plane: DataPlane, name: str, version: int | None) -> Response:
-    info, _ = await plane.lookup_async(name, version)
-    reason = info.failing
-    if reason is None and info.kind == "upstream":
-        reason = await plane.upstream_not_ready(info)
+    reason = await v2.model_not_ready(plane, name, version)
     if reason is not None:
         return json_response({"name": name, "ready": False, "reason": reason}, 503)
     return json_response({"name": name, "ready": True})
