@@ -111,6 +111,7 @@ def fit_document(
     model: str | None = None,
     num_classes: int | None = None,
     sample_weight: Any = None,
+    segments: Any = None,
 ) -> dict:
     """Fit a calibrator and return its document (the one format used by CLI files, the store and the API).
 
@@ -132,18 +133,25 @@ def fit_document(
             field="logits",
         )
     calibrator = make_calibrator(method, **dict(options or {}))
+    if segments is not None and not hasattr(calibrator, "transform_segments"):
+        raise InvalidInput(
+            f"segments are for method segment_temperature (a temperature per segment); method {method!r} "
+            "takes none",
+            field="segments",
+        )
+    segmented = () if segments is None else (segments,)  # fit's third argument, for a segment calibrator
     if logits.nbytes < _SECOND_THREAD_BYTES:
         digest = data_sha256(logits, y)
-        calibrator.fit(logits, y, sample_weight=weight, validate=False)
-        before, after = fit_time_figures(calibrator, logits, y)
+        calibrator.fit(logits, y, *segmented, sample_weight=weight, validate=False)
+        before, after = fit_time_figures(calibrator, logits, y, segments=segments)
     else:
         # the hash and the 'before' figures depend on the data alone: a second thread does them during the
         # fit (hashlib and numpy's loops let go of the GIL)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibserve-fit-data") as pool:
             data_work = pool.submit(_hash_and_figures, logits, y)
-            calibrator.fit(logits, y, sample_weight=weight, validate=False)
+            calibrator.fit(logits, y, *segmented, sample_weight=weight, validate=False)
             digest, before = data_work.result()
-            before, after = fit_time_figures(calibrator, logits, y, before)
+            before, after = fit_time_figures(calibrator, logits, y, before, segments=segments)
     document = {
         "format_version": FORMAT_VERSION,
         "model": model,
@@ -155,7 +163,7 @@ def fit_document(
             "data_sha256": digest,
             "before": before,
             "after": after,
-            "confidence_histogram": fit_confidence_histogram(calibrator, logits),
+            "confidence_histogram": fit_confidence_histogram(calibrator, logits, segments),
         },
     }
     return document
@@ -165,17 +173,26 @@ def fit_document(
 _HISTOGRAM_ROWS = 100_000
 
 
-def fit_confidence_histogram(calibrator: Any, logits: np.ndarray) -> list[int]:
+def fit_confidence_histogram(calibrator: Any, logits: np.ndarray, segments: Any = None) -> list[int]:
     """Counts of the calibrated top-label confidence of the fit data in
     :data:`~service.core.monitoring.CONFIDENCE_BINS` bins (of an even subsample beyond 100k rows): the
     reference of the monitoring's confidence shift (PSI, KS)."""
     step = max(1, -(-logits.shape[0] // _HISTOGRAM_ROWS))
-    probabilities = calibrator.transform(logits[::step], validate=False)
+    if segments is not None:  # a segment calibrator: each row with its own segment's temperature
+        keys = list(segments.tolist() if isinstance(segments, np.ndarray) else segments)[::step]
+        probabilities = calibrator.transform_segments(logits[::step], keys, validate=False)[0]
+    else:
+        probabilities = calibrator.transform(logits[::step], validate=False)
     return confidence_histogram(probabilities.max(axis=1)).tolist()
 
 
 def fit_time_figures(
-    calibrator: Any, logits: np.ndarray, labels: np.ndarray, before: dict | None = None
+    calibrator: Any,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    before: dict | None = None,
+    *,
+    segments: Any = None,
 ) -> tuple[dict, dict]:
     """``(before, after)``: :func:`service.core.metrics.fit_figures` of validated logits (unless given)
     and of the fitted ``calibrator``'s answer, with the exact NLL of :func:`evaluate` (infinite where a
@@ -193,7 +210,10 @@ def fit_time_figures(
         return before, after
     if before is None:
         (before,) = metrics.fit_figures(logits, labels)
-    probabilities = calibrator.transform(logits, validate=False)
+    if segments is not None:  # a segment calibrator's answer for the fit rows with their segments
+        probabilities = calibrator.transform_segments(logits, segments, validate=False)[0]
+    else:
+        probabilities = calibrator.transform(logits, validate=False)
     after = metrics.fit_figures_of_probabilities(probabilities, labels)
     return before, after
 

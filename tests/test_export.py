@@ -35,6 +35,10 @@ def test_every_method_exports_its_transform(method, n_columns):
         pytest.skip(f"{method} is binary only")
     logits, labels = _data(n_columns)
     calibrator = make_calibrator(method).fit(logits, labels)
+    if method == "segment_temperature":  # a row's temperature hangs on a key that is not in its logits
+        with pytest.raises(InvalidInput, match="'segment_temperature' cannot be exported to TorchScript"):
+            export_torchscript(calibrator, metadata={"method": method})
+        return
     module, metadata = _load(export_torchscript(calibrator, metadata={"method": method}))
     assert metadata == {"method": method}
     with torch.no_grad():

@@ -137,14 +137,29 @@ class ScoresBody(Strict):
     upstream_inputs: UpstreamTensors | None = None
 
 
+RowSegments = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": ["string", "integer", "null"]},
+            "description": "one segment key per row, for a segment_temperature calibrator: a row of a segment "
+            "the fit did not see (or null) gets the global temperature, and segment_fallback says so",
+        }
+    ),
+]
+
+
 class CalibrateRequest(Strict):
     logits: Matrix | None = None
     probabilities: Matrix | None = None
+    segments: RowSegments | None = None
 
 
 class PredictRequest(Strict):
     inputs: Matrix
     return_logits: bool = False
+    segments: RowSegments | None = None
 
 
 class FitRequest(ScoresBody):
@@ -153,6 +168,9 @@ class FitRequest(ScoresBody):
     options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the calibrator")
     activate: bool = True
     sample_weight: Vector | None = None
+    segments: Segments | None = Field(
+        None, description="one segment key per row: method segment_temperature fits a temperature per segment"
+    )
 
 
 class EvaluateRequest(ScoresBody):
@@ -242,4 +260,6 @@ def named_tensors(value: Any) -> list[tuple[str, np.ndarray]]:
 def labelled(body: BaseModel, kinds: tuple[str, ...]) -> Labelled:
     """The labelled set of a fit, evaluate or figures body."""
     kind, values = one_of(body, kinds)
-    return Labelled(kind, values, body.labels, getattr(body, "sample_weight", None))
+    return Labelled(
+        kind, values, body.labels, getattr(body, "sample_weight", None), getattr(body, "segments", None)
+    )

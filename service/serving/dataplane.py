@@ -46,6 +46,8 @@ class Prediction:
     calibrator_version: int | None
     logits: np.ndarray | None = None
     ids: PredictionIds | None = None  # the logged rows' ids, where the prediction log is on
+    # a segment_temperature calibrator's answer: the rows that got the global temperature
+    segment_fallback: np.ndarray | None = None
 
     @property
     def predicted_class(self) -> np.ndarray:
@@ -82,6 +84,7 @@ class Labelled:
     values: np.ndarray
     labels: Any
     sample_weight: Any = None
+    segments: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,33 @@ def calibrate_array(calibrator: Any | None, scores: Any, *, from_logits: bool) -
     if n_label_classes(logits.shape[1]) != calibrator.num_classes_:
         return calibrator.transform(logits)  # raises the calibrator's own message
     return calibrator.transform(logits, validate=False)
+
+
+def _segmented(calibrator: Any | None) -> bool:
+    return calibrator is not None and hasattr(calibrator, "transform_segments")
+
+
+def calibrate_segments(
+    entry: ActiveCalibrator, scores: Any, segments: Any, *, from_logits: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities, fallback)`` of a segment_temperature calibrator: each row's segment temperature,
+    the global one (``fallback``) for a row whose segment the fit did not see, or for every row when
+    ``segments`` is None. InvalidInput for segments sent to any other calibrator."""
+    calibrator = entry.calibrator
+    if not _segmented(calibrator):
+        method = getattr(calibrator, "method", None)
+        raise InvalidInput(
+            f"segments are for a segment_temperature calibrator; calibrator version {entry.version} is "
+            f"{method or 'none (plain softmax)'}",
+            field="segments",
+        )
+    logits = workflows.scores_to_logits(scores, from_logits=from_logits, transform=True)
+    if n_label_classes(logits.shape[1]) != calibrator.num_classes_:
+        calibrator.transform(logits)  # raises the calibrator's own message
+    if segments is None:
+        probabilities = calibrator.transform(logits, validate=False)
+        return probabilities, np.ones(len(probabilities), dtype=bool)
+    return calibrator.transform_segments(logits, segments, validate=False)
 
 
 class DataPlane:
@@ -374,6 +404,7 @@ class DataPlane:
             model=name,
             num_classes=info.num_classes,
             sample_weight=data.sample_weight,
+            segments=data.segments,
         )
         stored = await self._store(info, document, activate=spec.activate)
         FITS.labels(name, spec.method).inc()
@@ -402,38 +433,52 @@ class DataPlane:
 
     # ---------------------------------------------------------------------------------------- inference
 
-    async def calibrate(self, name: str, version: int | None, kind: str, scores: np.ndarray) -> Prediction:
-        """Calibrated probabilities for ``scores`` (``kind`` logits or probabilities)."""
+    async def calibrate(
+        self, name: str, version: int | None, kind: str, scores: np.ndarray, segments: Any = None
+    ) -> Prediction:
+        """Calibrated probabilities for ``scores`` (``kind`` logits or probabilities), with a segment per row
+        for a segment_temperature calibrator."""
         info, entry = await self.lookup_async(name, version)
         check_columns(info, scores, kind)
-        probabilities = await compute(
-            calibrate_array, entry.calibrator, scores, from_logits=kind == "logits", size=scores.size
-        )
+        fallback = None
+        if segments is not None or _segmented(entry.calibrator):
+            probabilities, fallback = await compute(
+                calibrate_segments, entry, scores, segments, from_logits=kind == "logits", size=scores.size
+            )
+        else:
+            probabilities = await compute(
+                calibrate_array, entry.calibrator, scores, from_logits=kind == "logits", size=scores.size
+            )
         ids = None
         if self.monitoring.logs(name):
             logits = scores if kind == "logits" else workflows.scores_to_logits(scores, from_logits=False)
             ids = self.monitoring.record(name, entry.version, logits, probabilities)
-        return Prediction(info, probabilities, entry.version, ids=ids)
+        return Prediction(info, probabilities, entry.version, ids=ids, segment_fallback=fallback)
 
-    async def predict(self, name: str, version: int | None, inputs: np.ndarray) -> Prediction:
-        """The TorchScript model's logits for ``inputs``, calibrated."""
+    async def predict(
+        self, name: str, version: int | None, inputs: np.ndarray, segments: Any = None
+    ) -> Prediction:
+        """The model's logits for ``inputs`` (TorchScript, or an upstream server's), calibrated (with a
+        segment per row for a segment_temperature calibrator)."""
         info, entry = await self.lookup_async(name, version)
         if info.kind == "upstream":
             logits = await self.upstream_models.logits(info, entry, inputs)
-            probabilities = await compute(
-                calibrate_array, entry.calibrator, logits, from_logits=True, size=logits.size
-            )
-            ids = self.monitoring.record(name, entry.version, logits, probabilities)
-            return Prediction(info, probabilities, entry.version, logits, ids)
-        if info.kind != "torchscript":
+            probabilities = None
+        elif info.kind != "torchscript":
             raise InvalidInput(f"model {name!r} is logits-only; send its logits to calibrate", field="inputs")
-        logits, probabilities = await self._run_model(name, entry, inputs)
-        if probabilities is None:
+        else:
+            logits, probabilities = await self._run_model(name, entry, inputs)
+        fallback = None
+        if segments is not None or _segmented(entry.calibrator):
+            probabilities, fallback = await compute(
+                calibrate_segments, entry, logits, segments, from_logits=True, size=logits.size
+            )
+        elif probabilities is None:
             probabilities = await compute(
                 calibrate_array, entry.calibrator, logits, from_logits=True, size=logits.size
             )
         ids = self.monitoring.record(name, entry.version, logits, probabilities)
-        return Prediction(info, probabilities, entry.version, logits, ids)
+        return Prediction(info, probabilities, entry.version, logits, ids, segment_fallback=fallback)
 
     async def upstream_model_async(
         self, name: str, version: int | None
@@ -496,7 +541,10 @@ class DataPlane:
         model, batch = await compute(registry.prepare, name, inputs, size=inputs.size)
         calibrator = entry.calibrator
         # A calibrator fitted for another class count is left to the CPU path, which names the mismatch.
-        fits = calibrator is None or calibrator.num_classes_ == model.num_classes
+        # (a segment calibrator has no module: its rows' temperatures hang on keys, applied on the CPU)
+        fits = calibrator is None or (
+            calibrator.num_classes_ == model.num_classes and not _segmented(calibrator)
+        )
         on_device = model.device.type != "cpu" and fits
 
         def run(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

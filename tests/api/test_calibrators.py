@@ -185,3 +185,41 @@ def test_binary_models_accept_one_or_two_logit_columns(client, declared, columns
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-6)
     three = client.post("/v1/models/b/calibrate", json={"logits": [[0.0, 1.0, 2.0]]})
     assert_problem(three, 400, "3 columns")
+
+
+def test_a_temperature_per_segment_is_fitted_and_served_with_a_segment_per_row(client):
+    from service.core.calibrators import calibrator_from_dict
+
+    rng = np.random.default_rng(8)
+    n = 3000
+    logits = rng.normal(0.0, 3.0, size=(n, 4))
+    labels = (logits / 2 + rng.gumbel(size=logits.shape)).argmax(axis=1)
+    segments = [("shop" if i % 3 else "app") for i in range(n)]
+    logits[np.array(segments) == "app"] *= 3.0  # the app's model is three times over-confident
+    assert client.put("/v1/models/seg", json={"num_classes": 4}).status_code == 201
+    body = {"logits": logits.tolist(), "labels": labels.tolist(), "method": "segment_temperature"}
+    document = client.post("/v1/models/seg/fit", json={**body, "segments": segments}).json()
+    temperatures = document["params"]["segment_temperatures"]
+    assert temperatures["app"] > 2.5 * temperatures["shop"]  # each segment got its own
+    assert document["fit"]["after"]["nll"] < document["fit"]["before"]["nll"]
+    rows = logits[:6].tolist()
+    keys = ["app", "shop", "never-seen", None, 7, "app"]
+    served = client.post("/v1/models/seg/calibrate", json={"logits": rows, "segments": keys}).json()
+    assert served["segment_fallback"] == [False, False, True, True, True, False]
+    expected, _ = calibrator_from_dict(document).transform_segments(np.array(rows), keys)
+    np.testing.assert_allclose(served["probabilities"], expected, rtol=1e-12, atol=1e-15)
+    plain = client.post("/v1/models/seg/calibrate", json={"logits": rows}).json()  # no segments: global T
+    assert plain["segment_fallback"] == [True] * 6
+    np.testing.assert_allclose(
+        plain["probabilities"], softmax(np.array(rows) / document["temperature"], axis=1), rtol=1e-12
+    )
+    # what is refused, and said so
+    short = client.post("/v1/models/seg/calibrate", json={"logits": rows, "segments": keys[:2]})
+    assert short.status_code == 400 and "one segment per row" in short.json()["detail"]
+    wrong = client.post("/v1/models/seg/fit", json={**body, "method": "temperature", "segments": segments})
+    assert wrong.status_code == 400 and "segment_temperature" in wrong.json()["detail"]
+    assert client.put("/v1/models/flat", json={"num_classes": 4}).status_code == 201
+    flat = {"logits": logits.tolist(), "labels": labels.tolist()}
+    assert client.post("/v1/models/flat/fit", json=flat).status_code == 201
+    refused = client.post("/v1/models/flat/calibrate", json={"logits": rows, "segments": keys})
+    assert refused.status_code == 400 and "segment_temperature" in refused.json()["detail"]

@@ -719,6 +719,7 @@ def test_registry_and_protocol():
         "beta",
         "ensemble_temperature",
         "dirichlet",
+        "segment_temperature",
     }
     for method, cls in CALIBRATORS.items():
         calibrator = make_calibrator(method)

@@ -101,6 +101,7 @@ def modules(fitted) -> dict[str, torch.jit.ScriptModule]:
     return {
         method: torch.jit.load(io.BytesIO(export_torchscript(calibrator, metadata={})), map_location="cpu")
         for method, calibrator in fitted.items()
+        if type(calibrator).torch_module is not calibrators.BaseCalibrator.torch_module  # exportable
     }
 
 
@@ -132,7 +133,7 @@ def test_the_module_domain_is_the_service_domain():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_path_answers_finite_rows_or_names_the_row(method, fitted, served, modules):
-    calibrator, module, k = fitted[method], modules[method], columns(method)
+    calibrator, module, k = fitted[method], modules.get(method), columns(method)
 
     @settings(
         max_examples=25,
@@ -186,6 +187,8 @@ def test_every_path_answers_finite_rows_or_names_the_row(method, fitted, served,
             assert_rows(probabilities, n)
             np.testing.assert_allclose(probabilities, library, rtol=1e-9, atol=1e-12)
 
+        if module is None:  # a method without an export (segment_temperature)
+            return
         # the exported module: float64 (scaled into the domain where needed) and float32 where z fits it
         assert_rows(module(torch.from_numpy(z)).numpy(), n)
         if np.abs(z).max() < 3.4e38:

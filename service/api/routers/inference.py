@@ -53,6 +53,8 @@ def answer(prediction: Prediction, extra: dict | None = None) -> dict[str, Any]:
         body["predicted_label"] = labels
     if prediction.ids is not None:
         body["prediction_ids"] = prediction.ids.as_list()
+    if prediction.segment_fallback is not None:
+        body["segment_fallback"] = prediction.segment_fallback
     if extra:
         body.update(extra)
     return body
@@ -66,6 +68,7 @@ class Scores:
     values: np.ndarray
     dtype: np.dtype | None
     return_logits: bool = False
+    segments: list | None = None  # JSON bodies only: one key per row, for a segment_temperature calibrator
 
 
 def read_scores(
@@ -76,9 +79,12 @@ def read_scores(
         data = parse_object(body)
         if predict:
             request = validate_object(data, PredictRequest)
-            return Scores("inputs", array(request.inputs, "inputs"), None, request.return_logits)
-        kind, values = one_of(validate_object(data, CalibrateRequest), names)
-        return Scores(kind, values, None)  # JSON numbers carry no width: binary answers are float32
+            segments = _row_segments(request.segments)
+            return Scores("inputs", array(request.inputs, "inputs"), None, request.return_logits, segments)
+        request = validate_object(data, CalibrateRequest)
+        kind, values = one_of(request, names)
+        # JSON numbers carry no width: binary answers are float32
+        return Scores(kind, values, None, segments=_row_segments(request.segments))
     named = header(tensors.NAME_HEADER.lower())
     kind = (named.decode("latin-1") if isinstance(named, bytes) else named or names[0]).strip()
     if kind not in names:
@@ -94,6 +100,16 @@ def read_scores(
             tensors.raw_dtype(header(tensors.DTYPE_HEADER.lower())),
         )
     return Scores(kind, values, values.dtype if values.dtype.kind == "f" else None)
+
+
+def _row_segments(segments: Any) -> list | None:
+    if segments is None:
+        return None
+    if not isinstance(segments, list):
+        raise InvalidInput(
+            "segments must be a list with one key (string, integer or null) per row", field="segments"
+        )
+    return segments
 
 
 def tensor_response(
@@ -123,13 +139,13 @@ def tensor_response(
 
 async def serve_calibrate(plane: DataPlane, request: LeanRequest) -> Response:
     name, version, accept, scores = await _decode(plane, request, predict=False)
-    prediction = await plane.calibrate(name, version, scores.kind, scores.values)
+    prediction = await plane.calibrate(name, version, scores.kind, scores.values, scores.segments)
     return _with_store_age(plane, tensor_response(accept, prediction, scores.dtype))
 
 
 async def serve_predict(plane: DataPlane, request: LeanRequest) -> Response:
     name, version, accept, scores = await _decode(plane, request, predict=True)
-    prediction = await plane.predict(name, version, scores.values)
+    prediction = await plane.predict(name, version, scores.values, scores.segments)
     extra = {"logits": prediction.logits} if scores.return_logits else None
     return _with_store_age(plane, tensor_response(accept, prediction, scores.dtype, extra))
 

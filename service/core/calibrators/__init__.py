@@ -62,6 +62,7 @@ from service.core.calibrators.beta import BetaCalibration
 from service.core.calibrators.binning import HistogramBinning, IsotonicCalibration
 from service.core.calibrators.ensemble import EnsembleTemperatureScaling
 from service.core.calibrators.platt import PlattScaling
+from service.core.calibrators.segment_temperature import SegmentTemperatureScaling
 from service.core.calibrators.temperature import TemperatureScaling
 from service.errors import InvalidInput
 
@@ -80,6 +81,7 @@ __all__ = [
     "IsotonicCalibration",
     "MatrixScaling",
     "PlattScaling",
+    "SegmentTemperatureScaling",
     "TemperatureScaling",
     "VectorScaling",
     "calibrator_from_dict",
@@ -98,6 +100,7 @@ CALIBRATORS: dict[str, type[BaseCalibrator]] = {
     "beta": BetaCalibration,
     "ensemble_temperature": EnsembleTemperatureScaling,
     "dirichlet": DirichletCalibration,
+    "segment_temperature": SegmentTemperatureScaling,
 }
 # The method names, in the registry's order (CLI choices, API docs).
 METHODS: tuple[str, ...] = tuple(CALIBRATORS)

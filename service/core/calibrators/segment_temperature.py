@@ -25,8 +25,8 @@ Each segment's objective is minimised by bounded Brent on ``u`` within ``log(bou
 Rows of a segment the calibrator has not seen, or without a segment, get the global temperature, and
 :meth:`SegmentTemperatureScaling.transform_segments` says which rows those were.
 
-This is the library half of issue #15's per-segment calibrator: it is not yet one of the service's
-methods (``METHODS``); serving it needs a ``segment`` per row on calibrate and predict.
+It is the service's method ``segment_temperature``: the fit route, calibrate and predict take a
+``segments`` list (one key per row), and answers say which rows fell back to the global temperature.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from service.core.calibrators.base import BaseCalibrator, _check_real
 from service.core.calibrators.temperature import TemperatureScaling
-from service.core.probability import log_softmax, two_column_logits
-from service.core.segments import check_segments
-from service.core.validation import check_labelled, check_logits
-from service.errors import InvalidInput, NotFitted
+from service.core.probability import log_softmax, softmax, two_column_logits
+from service.core.segments import MAX_SEGMENTS, check_segments
+from service.errors import InvalidInput
 
 __all__ = ["DEFAULT_PRIOR_STRENGTH", "SegmentTemperatureScaling"]
 
@@ -50,9 +50,11 @@ DEFAULT_PRIOR_STRENGTH = 100.0
 _BOUNDS = (0.05, 100.0)
 
 
-def _mean_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+def _mean_nll(
+    logits: np.ndarray, labels: np.ndarray, temperature: float, weights: np.ndarray | None = None
+) -> float:
     scaled = log_softmax(logits, temperature)
-    return float(-np.mean(scaled[np.arange(labels.size), labels]))
+    return float(-np.average(scaled[np.arange(labels.size), labels], weights=weights))
 
 
 def _curvature_per_row(logits: np.ndarray, temperature: float) -> float:
@@ -65,8 +67,13 @@ def _curvature_per_row(logits: np.ndarray, temperature: float) -> float:
     return float(np.mean(np.maximum(variance, 0.0))) / temperature**2
 
 
-class SegmentTemperatureScaling:
+class SegmentTemperatureScaling(BaseCalibrator):
     """Temperature scaling per segment, shrunk towards the global temperature (module docstring).
+
+    Fitted with a segment per row (``fit(logits, labels, segments)``; without segments only the global
+    temperature is fitted), applied with one (:meth:`transform_segments`); :meth:`transform` without segments
+    uses the global temperature for every row. It has no TorchScript export: a row's temperature depends on
+    a key that is not in the logits.
 
     Parameters
     ----------
@@ -84,67 +91,90 @@ class SegmentTemperatureScaling:
         Each segment's temperature (keys as strings, as :func:`service.core.segments.check_segments`).
     segment_counts_ : dict of str to int
         Rows of each segment in the fit.
+    num_classes_ : int
+    convergence_ : dict
+        The global temperature fit's record, and ``segments`` (how many).
     """
 
     method = "segment_temperature"
+    _option_names = ("prior_strength", "bounds")
+    _fitted_names = ("temperature", "segment_temperatures", "segment_counts")
+    _needs_two_classes = False
+
+    temperature_: float
+    segment_temperatures_: dict[str, float]
+    segment_counts_: dict[str, int]
 
     def __init__(self, *, prior_strength: float = DEFAULT_PRIOR_STRENGTH, bounds: Sequence[float] = _BOUNDS):
-        if isinstance(prior_strength, bool) or not isinstance(prior_strength, int | float):
-            raise InvalidInput(
-                f"prior_strength must be a number >= 0, got {prior_strength!r}", field="prior_strength"
-            )
-        if not (math.isfinite(prior_strength) and prior_strength >= 0):
-            raise InvalidInput(
-                f"prior_strength must be a number >= 0, got {prior_strength!r}", field="prior_strength"
-            )
-        low, high = (float(b) for b in bounds)
+        self.prior_strength = _check_real(prior_strength, "prior_strength", minimum=0.0)
+        if isinstance(bounds, str) or not isinstance(bounds, Sequence) or len(bounds) != 2:
+            raise InvalidInput(f"bounds must be two numbers 0 < low < high, got {bounds!r}", field="bounds")
+        low, high = (_check_real(value, "bounds") for value in bounds)
         if not 0 < low < high < math.inf:
             raise InvalidInput(f"bounds must be 0 < low < high, got {bounds!r}", field="bounds")
-        self.prior_strength = float(prior_strength)
         self.bounds = (low, high)
-        self.temperature_: float | None = None
-        self.segment_temperatures_: dict[str, float] = {}
-        self.segment_counts_: dict[str, int] = {}
-        self.num_classes_: int | None = None
+        self._segments: Any = None
 
-    def fit(self, logits: Any, labels: Any, segments: Any) -> SegmentTemperatureScaling:
+    def fit(
+        self,
+        logits: Any,
+        labels: Any,
+        segments: Any = None,
+        *,
+        sample_weight: Any = None,
+        validate: bool = True,
+    ) -> SegmentTemperatureScaling:
         """Fit the global temperature on every row, then each segment's, shrunk towards it."""
+        self._segments = segments
+        try:
+            return super().fit(logits, labels, sample_weight=sample_weight, validate=validate)
+        finally:
+            self._segments = None
+
+    def _fit(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
         from scipy.optimize import minimize_scalar  # scipy.optimize only where a fit runs
 
-        z, y, _ = check_labelled(logits, labels, from_logits=True)
-        codes, names = check_segments(segments, z.shape[0])
-        glob = TemperatureScaling(bounds=list(self.bounds)).fit(z, y)
+        glob = TemperatureScaling(bounds=list(self.bounds)).fit(z, y, sample_weight=w, validate=False)
         temperature = float(glob.temperature_)
-        u_global = math.log(temperature)
-        strength = self.prior_strength * _curvature_per_row(z, temperature)
-        log_low, log_high = math.log(self.bounds[0]), math.log(self.bounds[1])
-        temperatures, counts = {}, {}
-        for code, name in enumerate(names):
-            rows = np.flatnonzero(codes == code)
-            z_s, y_s = z[rows], y[rows]
+        temperatures: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        if self._segments is not None:
+            codes, names = check_segments(self._segments, z.shape[0])
+            u_global = math.log(temperature)
+            strength = self.prior_strength * _curvature_per_row(z, temperature)
+            log_low, log_high = math.log(self.bounds[0]), math.log(self.bounds[1])
+            for code, name in enumerate(names):
+                rows = np.flatnonzero(codes == code)
+                z_s, y_s = z[rows], y[rows]
+                w_s = None if w is None else w[rows]
+                n_s = float(rows.size)  # rows; sample weights weigh rows within the segment's mean
 
-            def objective(
-                u: float, z_s: np.ndarray = z_s, y_s: np.ndarray = y_s, n_s: int = rows.size
-            ) -> float:
-                return n_s * _mean_nll(z_s, y_s, math.exp(u)) + 0.5 * strength * (u - u_global) ** 2
+                def objective(
+                    u: float, z_s: np.ndarray = z_s, y_s: np.ndarray = y_s, w_s: Any = w_s, n_s: float = n_s
+                ) -> float:
+                    return n_s * _mean_nll(z_s, y_s, math.exp(u), w_s) + 0.5 * strength * (u - u_global) ** 2
 
-            result = minimize_scalar(
-                objective, bounds=(log_low, log_high), method="bounded", options={"xatol": 1e-10}
-            )
-            temperatures[name] = float(math.exp(result.x))
-            counts[name] = int(rows.size)
+                result = minimize_scalar(
+                    objective, bounds=(log_low, log_high), method="bounded", options={"xatol": 1e-10}
+                )
+                temperatures[name] = float(math.exp(result.x))
+                counts[name] = int(rows.size)
         self.temperature_ = temperature
         self.segment_temperatures_ = temperatures
         self.segment_counts_ = counts
-        self.num_classes_ = max(2, z.shape[1])
-        return self
+        self.convergence_ = {**glob.convergence_, "segments": len(temperatures)}
 
-    def transform_segments(self, logits: Any, segments: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _transform(self, z: np.ndarray) -> np.ndarray:
+        return softmax(z, self.temperature_)
+
+    def transform_segments(
+        self, logits: Any, segments: Any, *, validate: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(probabilities, fallback)``: ``softmax(z / T_s)`` with each row's segment temperature, and
         which rows got the global temperature instead (a segment the fit did not see, or ``None``)."""
-        if self.temperature_ is None:
-            raise NotFitted("SegmentTemperatureScaling is not fitted: call fit first")
-        z = two_column_logits(check_logits(logits).astype(np.float64))
+        self._check_fitted()
+        z = self._check_transform_input(logits) if validate else logits
+        z = two_column_logits(np.asarray(z, dtype=np.float64))
         keys = list(segments.tolist() if isinstance(segments, np.ndarray) else segments)
         if len(keys) != z.shape[0]:
             raise InvalidInput(
@@ -154,7 +184,11 @@ class SegmentTemperatureScaling:
         temperatures = np.empty(z.shape[0])
         fallback = np.zeros(z.shape[0], dtype=bool)
         for row, key in enumerate(keys):
-            known = None if key is None or isinstance(key, bool) else self.segment_temperatures_.get(str(key))
+            if key is not None and (isinstance(key, bool) or not isinstance(key, str | int)):
+                raise InvalidInput(
+                    f"segments[{row}] is {key!r}; a segment is a string, an integer or null", field="segments"
+                )
+            known = None if key is None else self.segment_temperatures_.get(str(key))
             if known is None:
                 temperatures[row], fallback[row] = self.temperature_, True
             else:
@@ -166,48 +200,50 @@ class SegmentTemperatureScaling:
         return probabilities, fallback
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON: the global ``temperature`` at top level, the segments' in ``params``."""
-        if self.temperature_ is None:
-            raise NotFitted("SegmentTemperatureScaling is not fitted: call fit first")
+        """The document, with the global ``temperature`` also at top level (as temperature scaling's)."""
+        document = super().to_dict()
+        return {"method": self.method, "temperature": self.temperature_, **document}
+
+    def _fitted_params(self) -> dict[str, Any]:
         return {
-            "method": self.method,
             "temperature": self.temperature_,
-            "num_classes": self.num_classes_,
-            "params": {
-                "temperature": self.temperature_,
-                "segment_temperatures": dict(self.segment_temperatures_),
-                "segment_counts": dict(self.segment_counts_),
-                "prior_strength": self.prior_strength,
-                "bounds": list(self.bounds),
-            },
+            "segment_temperatures": dict(self.segment_temperatures_),
+            "segment_counts": dict(self.segment_counts_),
         }
 
-    @classmethod
-    def from_dict(cls, document: Mapping[str, Any]) -> SegmentTemperatureScaling:
-        if document.get("method") != cls.method:
-            raise InvalidInput(f"not a {cls.method} document", field="method")
-        params = document.get("params") or {}
-        calibrator = cls(
-            prior_strength=params.get("prior_strength", DEFAULT_PRIOR_STRENGTH),
-            bounds=params.get("bounds", _BOUNDS),
-        )
-        low, high = calibrator.bounds
+    def _load_fitted(self, document: Mapping[str, Any], params: Mapping[str, Any], num_classes: int) -> None:
+        low, high = self.bounds
 
         def temperature_of(value: Any, where: str) -> float:
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
                 raise InvalidInput(
-                    f"{where} must be a number within {calibrator.bounds}, got {value!r}", field=where
+                    f"calibrator document {where} must be a number within [{low:g}, {high:g}], got {value!r}",
+                    field=where,
                 )
             return float(value)
 
-        calibrator.temperature_ = temperature_of(params.get("temperature"), "temperature")
-        segments = params.get("segment_temperatures") or {}
-        if not isinstance(segments, Mapping):
-            raise InvalidInput("segment_temperatures must be an object", field="segment_temperatures")
-        calibrator.segment_temperatures_ = {
+        self.temperature_ = temperature_of(params["temperature"], "temperature")
+        segments = params["segment_temperatures"]
+        counts = params["segment_counts"]
+        if not isinstance(segments, Mapping) or not isinstance(counts, Mapping):
+            raise InvalidInput(
+                "calibrator document segment_temperatures and segment_counts must be objects",
+                field="segment_temperatures",
+            )
+        if len(segments) > MAX_SEGMENTS:
+            raise InvalidInput(
+                f"calibrator document has {len(segments)} segments, above the limit of {MAX_SEGMENTS}",
+                field="segment_temperatures",
+            )
+        self.segment_temperatures_ = {
             str(key): temperature_of(value, f"segment_temperatures[{key!r}]")
             for key, value in segments.items()
         }
-        calibrator.segment_counts_ = {str(k): int(v) for k, v in (params.get("segment_counts") or {}).items()}
-        calibrator.num_classes_ = int(document.get("num_classes") or 2)
-        return calibrator
+        self.segment_counts_ = {}
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInput(
+                    f"calibrator document segment_counts[{key!r}] must be a count, got {value!r}",
+                    field="segment_counts",
+                )
+            self.segment_counts_[str(key)] = value
