@@ -106,6 +106,34 @@ def _check_version(version: object) -> int:
     return number
 
 
+def calibrator_page(
+    store: Any, name: str, *, limit: object, cursor: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of ``list_calibrators`` over any store's ``_versions`` (newest first) and
+    ``get_calibrator``: the documents below the cursor's version, and the next cursor (None: the last
+    page). A version deleted between listing and reading is skipped."""
+    limit = _check_limit(limit)
+    below: int | None = None
+    if cursor is not None:
+        try:
+            below = _check_version(int(str(cursor)))
+        except (ValueError, InvalidInput):
+            raise InvalidInput(f"invalid cursor {cursor!r}", field="cursor") from None
+    items: list[dict[str, Any]] = []
+    last_version = 0
+    for version in store._versions(name):
+        if below is not None and version >= below:
+            continue
+        if len(items) == limit:
+            return items, str(last_version)
+        try:
+            items.append(store.get_calibrator(name, version))
+        except NotFound:
+            continue  # deleted between listing and reading
+        last_version = version
+    return items, None
+
+
 def _check_limit(limit: object) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_PAGE:
         raise InvalidInput(f"limit must be an integer in [1, {_MAX_PAGE}], got {limit!r}", field="limit")
@@ -698,27 +726,7 @@ class CalibratorStore:
             None when this is the last page.
         """
         self._model_dir(name)
-        limit = _check_limit(limit)
-        below: int | None = None
-        if cursor is not None:
-            try:
-                below = _check_version(int(str(cursor)))
-            except (ValueError, InvalidInput):
-                raise InvalidInput(f"invalid cursor {cursor!r}", field="cursor") from None
-        versions = self._versions(name)
-        if below is not None:
-            versions = [v for v in versions if v < below]
-        items: list[dict[str, Any]] = []
-        last_version = 0
-        for version in versions:
-            if len(items) == limit:
-                return items, str(last_version)
-            try:
-                items.append(self.get_calibrator(name, version))
-            except NotFound:
-                continue  # deleted between listing and reading
-            last_version = version
-        return items, None
+        return calibrator_page(self, name, limit=limit, cursor=cursor)
 
     def delete_calibrator(self, name: str, version: int) -> None:
         """Delete one version; Conflict if it is the active one. Its number stays reserved forever."""

@@ -68,7 +68,7 @@ import orjson
 from service.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from service.lazy import lazy_module
 from service.names import validate_model_name
-from service.store import _check_limit, _check_version, _encode
+from service.store import _check_limit, _check_version, _encode, calibrator_page
 
 boto3 = lazy_module("boto3", globals(), needed_for="an s3:// calibrator store (the `s3` extra)")
 botocore_config = lazy_module(
@@ -745,25 +745,7 @@ class S3CalibratorStore:
     ) -> tuple[list[dict[str, Any]], str | None]:
         """One page of the model's calibrator documents, newest first, and the next page's cursor."""
         validate_model_name(name)
-        limit = _check_limit(limit)
-        below: int | None = None
-        if cursor is not None:
-            try:
-                below = _check_version(int(str(cursor)))
-            except (ValueError, InvalidInput):
-                raise InvalidInput(f"invalid cursor {cursor!r}", field="cursor") from None
-        versions = [v for v in self._versions(name) if below is None or v < below]
-        items: list[dict[str, Any]] = []
-        last_version = 0
-        for version in versions:
-            if len(items) == limit:
-                return items, str(last_version)
-            try:
-                items.append(self.get_calibrator(name, version))
-            except NotFound:
-                continue  # deleted between listing and reading
-            last_version = version
-        return items, None
+        return calibrator_page(self, name, limit=limit, cursor=cursor)
 
     def delete_calibrator(self, name: str, version: int) -> None:
         """Delete one version; Conflict if it is the active one. Its number stays reserved forever."""

@@ -14,7 +14,7 @@ from service.core.segments import DEFAULT_MIN_SEGMENT_SIZE
 from service.core.validation import MAX_NUM_CLASSES
 from service.errors import InvalidInput
 from service.inference_protocol import tensor_array
-from service.serving.dataplane import Labelled
+from service.serving.dataplane import EvaluateSpec, Labelled
 
 Matrix = Annotated[
     Any,
@@ -173,8 +173,9 @@ class FitRequest(ScoresBody):
     )
 
 
-class EvaluateRequest(ScoresBody):
-    labels: Labels
+class FigureOptions(Strict):
+    """How an evaluation or ``/v1/metrics`` computes its figures (:class:`EvaluateSpec`)."""
+
     n_bins: int = Field(15, ge=1, le=MAX_N_BINS)
     binning: Literal["width", "mass"] = "width"
     bootstrap: int = Field(0, ge=0, le=MAX_BOOTSTRAP_RESAMPLES)
@@ -186,6 +187,13 @@ class EvaluateRequest(ScoresBody):
     )
     segments: Segments | None = None
     min_segment_size: int = Field(DEFAULT_MIN_SEGMENT_SIZE, ge=1, le=2**31 - 1)
+
+    def spec(self) -> EvaluateSpec:
+        return EvaluateSpec(**{name: getattr(self, name) for name in FigureOptions.model_fields})
+
+
+class EvaluateRequest(ScoresBody, FigureOptions):
+    labels: Labels
 
 
 class OutcomesRequest(Strict):
@@ -211,22 +219,11 @@ class RefitRequest(Strict):
     seed: int = 0
 
 
-class MetricsRequest(Strict):
+class MetricsRequest(FigureOptions):
     logits: Matrix | None = None
     probabilities: Matrix | None = None
     labels: Labels
-    n_bins: int = Field(15, ge=1, le=MAX_N_BINS)
-    binning: Literal["width", "mass"] = "width"
     losses: bool = True
-    bootstrap: int = Field(0, ge=0, le=MAX_BOOTSTRAP_RESAMPLES)
-    seed: int = 0
-    nll_clip: float | None = Field(None, gt=0.0, lt=0.5, description=NLL_CLIP)
-    ece_convention: EceConvention | None = Field(None, description=ECE_CONVENTION)
-    per_class_tests: bool = Field(
-        False, description="also the calibration tests of each class (per_class_tests)"
-    )
-    segments: Segments | None = None
-    min_segment_size: int = Field(DEFAULT_MIN_SEGMENT_SIZE, ge=1, le=2**31 - 1)
 
 
 def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, Any]:

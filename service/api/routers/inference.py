@@ -34,7 +34,7 @@ from service.api.labelled import labelled_bodies, read_labelled
 from service.api.schemas import CalibrateRequest, EvaluateRequest, PredictRequest, labelled, one_of
 from service.errors import InvalidInput
 from service.names import parse_version, validate_model_name
-from service.serving.dataplane import LABELLED_KINDS, DataPlane, EvaluateSpec, Prediction
+from service.serving.dataplane import LABELLED_KINDS, DataPlane, Prediction
 
 router = APIRouter(prefix="/v1/models/{name}", tags=["inference"], dependencies=[*ReadAccess, *JSONAnswer])
 
@@ -193,17 +193,7 @@ ROUTES = [
 )
 async def evaluate(name: ModelName, request: Request, plane: Plane, version: PinnedVersion = None):
     body = await read_labelled(request, EvaluateRequest, route_parameters=("version",))
-    spec = EvaluateSpec(
-        n_bins=body.n_bins,
-        binning=body.binning,
-        bootstrap=body.bootstrap,
-        seed=body.seed,
-        nll_clip=body.nll_clip,
-        ece_convention=body.ece_convention,
-        per_class_tests=body.per_class_tests,
-        segments=body.segments,
-        min_segment_size=body.min_segment_size,
-    )
+    spec = body.spec()
     data = labelled(body, LABELLED_KINDS)
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
         report = await plane.evaluate(name, version, data, spec, budget)

@@ -10,7 +10,6 @@ from service.api.bodies import NumpyJSONResponse, cancelled_on_disconnect, json_
 from service.api.deps import JSONAnswer, Plane
 from service.api.labelled import labelled_bodies, read_labelled
 from service.api.schemas import MetricsRequest, labelled
-from service.serving.dataplane import EvaluateSpec
 
 router = APIRouter(prefix="/v1", tags=["metrics"], dependencies=[*ReadAccess, *JSONAnswer])
 
@@ -26,17 +25,7 @@ router = APIRouter(prefix="/v1", tags=["metrics"], dependencies=[*ReadAccess, *J
 )
 async def figures(request: Request, plane: Plane) -> NumpyJSONResponse:
     body = await read_labelled(request, MetricsRequest)
-    spec = EvaluateSpec(
-        n_bins=body.n_bins,
-        binning=body.binning,
-        bootstrap=body.bootstrap,
-        seed=body.seed,
-        nll_clip=body.nll_clip,
-        ece_convention=body.ece_convention,
-        per_class_tests=body.per_class_tests,
-        segments=body.segments,
-        min_segment_size=body.min_segment_size,
-    )
+    spec = body.spec()
     data = labelled(body, ("logits", "probabilities"))
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
         answer = await plane.figures(data, spec, with_losses=body.losses, budget=budget)
