@@ -88,7 +88,10 @@ def binary_isotonic() -> tuple[dict, np.ndarray, np.ndarray]:
     """An isotonic calibrator that learnt P(y=1) = 0 below 0, and rows it gives a true class of 0."""
     rng = np.random.default_rng(0)
     logits = rng.normal(0.0, 3.0, size=(2000, 1))
-    document = workflows.fit_document(logits, (logits[:, 0] > 0).astype(int), method="isotonic")
+    # floor 0: the plain isotonic curve (the default floor keeps every class above 0)
+    document = workflows.fit_document(
+        logits, (logits[:, 0] > 0).astype(int), method="isotonic", options={"floor": 0}
+    )
     return document, np.array([[-5.0], [5.0], [-6.0]]), np.array([1, 1, 0])
 
 
