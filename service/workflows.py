@@ -412,13 +412,24 @@ def evaluate(
     return report
 
 
-# Figures for which a smaller value is the worse one (a p-value, accuracy); for every other figure of a
-# segment report (calibration errors, losses, test statistics' sizes) the larger is worse.
-_LOWER_IS_WORSE = ("accuracy", "calibration_slope")
+# Figures for which a smaller value is the worse one (a p-value, accuracy); signed figures whose ideal is a
+# value (a calibration intercept of 0, a slope of 1, Spiegelhalter's z of 0), for which the worse is the one
+# further from it, either way; for every other figure of a segment report (calibration errors, losses, test
+# statistics' sizes) the larger is worse.
+_LOWER_IS_WORSE = ("accuracy",)
+_IDEAL_VALUES = {"calibration_intercept": 0.0, "calibration_slope": 1.0, "spiegelhalter_z": 0.0}
 
 
 def _worse_is_lower(name: str) -> bool:
     return name in _LOWER_IS_WORSE or name.endswith("_p") or "_p_" in name
+
+
+def _badness(name: str, value: float) -> float:
+    """How bad a figure's value is, larger worse, so that the worst segment is the maximum."""
+    ideal = next((target for prefix, target in _IDEAL_VALUES.items() if name.startswith(prefix)), None)
+    if ideal is not None and not name.endswith("_p") and "_p_" not in name and not name.endswith("_se"):
+        return abs(value - ideal)
+    return -value if _worse_is_lower(name) else value
 
 
 def _segment_reports(
@@ -490,8 +501,7 @@ def _segment_reports(
                 if figure == "n" or isinstance(value, bool) or not isinstance(value, int | float):
                     continue
                 best = candidates.get(figure)
-                lower = _worse_is_lower(figure)
-                if best is None or (value < best["value"] if lower else value > best["value"]):
+                if best is None or _badness(figure, value) > _badness(figure, best["value"]):
                     candidates[figure] = {"segment": name, "value": value, "n": entry["n"]}
         worst[group] = candidates
     return {
@@ -501,7 +511,8 @@ def _segment_reports(
         "by_segment": by_segment,
         "worst": worst,
         "worst_rule": "over segments of at least min_segment_size rows: the largest value of each figure, "
-        "the smallest of accuracy, calibration_slope and p-values",
+        "the smallest of accuracy and p-values, and the furthest from its ideal of calibration_intercept (0), "
+        "calibration_slope (1) and spiegelhalter_z (0)",
     }
 
 
@@ -657,7 +668,7 @@ def _worst_check(report: Mapping[str, Any], group: str, threshold: Threshold) ->
             "give --segments FILE (HTTP 'segments': [...])",
             field="fail_on",
         )
-    lower = _worse_is_lower(threshold.metric)
+    below = threshold.op in ("<", "<=")
     chosen: tuple[float, str, int] | None = None
     for name, entry in segments["by_segment"].items():
         if not entry.get("gated") or group not in entry:
@@ -679,7 +690,8 @@ def _worst_check(report: Mapping[str, Any], group: str, threshold: Threshold) ->
                 if bounds[BOUNDS[threshold.bound]] is None
                 else float(bounds[BOUNDS[threshold.bound]])
             )
-        if chosen is None or (value < chosen[0] if lower else value > chosen[0]):
+        # the segment nearest to breaching the gate: the smallest value for "<", the largest for ">"
+        if chosen is None or (value < chosen[0] if below else value > chosen[0]):
             chosen = (value, name, entry["n"])
     check: dict[str, Any] = {
         "name": threshold.expression,

@@ -85,6 +85,29 @@ def test_worst_gates_and_interval_bounds(data):
     assert checks[0]["segment"] == "south" and checks[0]["segment_n"] >= 500
 
 
+def test_signed_figures_are_worst_furthest_from_their_ideal_and_gates_take_the_side_they_test(data):
+    # south is over-confident (slope well below 1); make east under-confident (logits shrunk: slope above 1)
+    logits = data["logits"].copy()
+    east = np.array([s == "east" for s in data["segments"]])
+    logits[east] /= 4.0
+    report = workflows.evaluate(
+        logits, data["labels"], calibrator_document=data["document"], segments=data["segments"]
+    )
+    by_segment = report["segments"]["by_segment"]
+    slopes = {
+        name: entry["calibrated"]["calibration_slope"] for name, entry in by_segment.items() if entry["gated"]
+    }
+    assert slopes["south"] < 1 < slopes["east"]
+    worst = report["segments"]["worst"]["calibrated"]["calibration_slope"]
+    assert worst["segment"] == max(slopes, key=lambda name: abs(slopes[name] - 1.0))
+    # a gate reads the segment nearest to breaching it, on the side it tests
+    low, high = workflows.check_thresholds(
+        report, ["worst.calibration_slope<0.9", "worst.calibration_slope>1.1"]
+    )
+    assert (low["segment"], low["value"]) == ("south", slopes["south"]) and low["status"] == "fail"
+    assert (high["segment"], high["value"]) == ("east", slopes["east"]) and high["status"] == "fail"
+
+
 def test_a_floor_above_every_segment_leaves_worst_gates_unknown(data):
     report = workflows.evaluate(
         data["logits"], data["labels"], segments=data["segments"], min_segment_size=5000
