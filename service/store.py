@@ -106,6 +106,26 @@ def _check_version(version: object) -> int:
     return number
 
 
+def model_page(
+    store: Any, names: list[str], *, limit: int, cursor: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of ``list_models`` over any store's sorted model ``names``: the metadata of up to ``limit``
+    models after ``cursor``, and the next cursor (None: no real model follows). A model being created or
+    deleted meanwhile is skipped."""
+    names = [n for n in names if cursor is None or n > cursor]
+    items: list[dict[str, Any]] = []
+    for position, model_name in enumerate(names):
+        if len(items) == limit:
+            # A page is "not the last" only if a real model follows it.
+            more = any(store.model_exists(n) for n in names[position:])
+            return items, (items[-1]["name"] if more else None)
+        try:
+            items.append(store.get_model(model_name))
+        except NotFound:
+            continue  # being created or deleted right now
+    return items, None
+
+
 def calibrator_page(
     store: Any, name: str, *, limit: object, cursor: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
@@ -168,6 +188,19 @@ def _opened_dir(name: str | Path, *, dir_fd: int | None = None) -> Iterator[int]
         yield fd
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _calibrator_dirs(model_fd: int) -> Iterator[tuple[int, int]]:
+    """``(calibrators_fd, reserved_fd)`` of a model, each made where missing: both exist in a model made by
+    put_model, but a model.json copied in by hand may come alone."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(_CALIBRATORS_DIR, 0o755, dir_fd=model_fd)
+    with _opened_dir(_CALIBRATORS_DIR, dir_fd=model_fd) as calibrators_fd:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(_RESERVED_DIR, 0o755, dir_fd=calibrators_fd)
+        with _opened_dir(_RESERVED_DIR, dir_fd=calibrators_fd) as reserved_fd:
+            yield calibrators_fd, reserved_fd
 
 
 def _pointer_at(model_fd: int) -> int | None:
@@ -497,19 +530,7 @@ class CalibratorStore:
             return [], None
         except OSError as exc:
             raise _unreadable(exc, ".") from exc
-        if cursor is not None:
-            names = [n for n in names if n > cursor]
-        items: list[dict[str, Any]] = []
-        for position, model_name in enumerate(names):
-            if len(items) == limit:
-                # A page is "not the last" only if a real model follows it.
-                more = any(self.model_exists(n) for n in names[position:])
-                return items, (items[-1]["name"] if more else None)
-            try:
-                items.append(self.get_model(model_name))
-            except NotFound:
-                continue  # being created or deleted right now
-        return items, None
+        return model_page(self, names, limit=limit, cursor=cursor)
 
     def delete_model(self, name: str) -> None:
         """Delete a model with all its versions, pointer and TorchScript file.
@@ -573,17 +594,13 @@ class CalibratorStore:
             raise InvalidInput("calibrator document must be a JSON object", field="document")
         _encode({**document, "model": name, "version": 0}, what="calibrator document")  # fail before claiming
         try:
-            with self._open_model(name) as model_fd:
-                # Both exist in a model made by put_model; a model.json copied in by hand may come alone.
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(_CALIBRATORS_DIR, 0o755, dir_fd=model_fd)
-                with _opened_dir(_CALIBRATORS_DIR, dir_fd=model_fd) as calibrators_fd:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(_RESERVED_DIR, 0o755, dir_fd=calibrators_fd)
-                    with _opened_dir(_RESERVED_DIR, dir_fd=calibrators_fd) as reserved_fd:
-                        version, data = self._claim_and_write(name, document, calibrators_fd, reserved_fd)
-                    if activate:
-                        self._activate_new(model_fd, calibrators_fd, version)
+            with (
+                self._open_model(name) as model_fd,
+                _calibrator_dirs(model_fd) as (calibrators_fd, reserved_fd),
+            ):
+                version, data = self._claim_and_write(name, document, calibrators_fd, reserved_fd)
+                if activate:
+                    self._activate_new(model_fd, calibrators_fd, version)
         except OSError as exc:
             raise self._write_failed(name, exc) from exc
         logger.info("stored calibrator version %d of model %r (activate=%s)", version, name, activate)
@@ -601,25 +618,22 @@ class CalibratorStore:
         version = _check_version(document.get("version"))
         data = _encode({**document, "model": name}, what="calibrator document")
         try:
-            with self._open_model(name) as model_fd:
+            with (
+                self._open_model(name) as model_fd,
+                _calibrator_dirs(model_fd) as (calibrators_fd, reserved_fd),
+            ):
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(_CALIBRATORS_DIR, 0o755, dir_fd=model_fd)
-                with _opened_dir(_CALIBRATORS_DIR, dir_fd=model_fd) as calibrators_fd:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(_RESERVED_DIR, 0o755, dir_fd=calibrators_fd)
-                    with _opened_dir(_RESERVED_DIR, dir_fd=calibrators_fd) as reserved_fd:
-                        with contextlib.suppress(FileExistsError):
-                            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                            os.close(os.open(str(version), flags, 0o644, dir_fd=reserved_fd))
-                        os.fsync(reserved_fd)
-                    try:
-                        _write_file_at(calibrators_fd, f"{version}.json", data, exclusive=True)
-                    except FileExistsError:
-                        if self.get_calibrator(name, version) != orjson.loads(data):
-                            raise Conflict(
-                                f"model {name!r} holds a different calibrator version {version}"
-                            ) from None
-                        return False
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                    os.close(os.open(str(version), flags, 0o644, dir_fd=reserved_fd))
+                os.fsync(reserved_fd)
+                try:
+                    _write_file_at(calibrators_fd, f"{version}.json", data, exclusive=True)
+                except FileExistsError:
+                    if self.get_calibrator(name, version) != orjson.loads(data):
+                        raise Conflict(
+                            f"model {name!r} holds a different calibrator version {version}"
+                        ) from None
+                    return False
         except OSError as exc:
             raise self._write_failed(name, exc) from exc
         return True

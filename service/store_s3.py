@@ -68,7 +68,7 @@ import orjson
 from service.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from service.lazy import lazy_module
 from service.names import validate_model_name
-from service.store import _check_limit, _check_version, _encode, calibrator_page
+from service.store import _check_limit, _check_version, _encode, calibrator_page, model_page
 
 boto3 = lazy_module("boto3", globals(), needed_for="an s3:// calibrator store (the `s3` extra)")
 botocore_config = lazy_module(
@@ -533,17 +533,7 @@ class S3CalibratorStore:
                 validate_model_name(cursor)
             except InvalidInput:
                 raise InvalidInput(f"invalid cursor {cursor!r}", field="cursor") from None
-        names = [n for n in self._model_names() if cursor is None or n > cursor]
-        items: list[dict[str, Any]] = []
-        for position, model_name in enumerate(names):
-            if len(items) == limit:
-                more = any(self.model_exists(n) for n in names[position:])
-                return items, (items[-1]["name"] if more else None)
-            try:
-                items.append(self.get_model(model_name))
-            except NotFound:
-                continue  # being created or deleted right now
-        return items, None
+        return model_page(self, self._model_names(), limit=limit, cursor=cursor)
 
     def delete_model(self, name: str) -> None:
         """Delete a model: its metadata first (gone for every reader at once), then every other object."""
