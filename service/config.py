@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     upstream_batch_size: int = Field(
         256, ge=1, le=1_000_000, description="rows per upstream call when fitting or evaluating on inputs"
     )
+    upstream_share_calls: bool = Field(
+        True,
+        description="concurrent inference requests of an upstream model that takes batches (its server states "
+        "a max_batch_size) share one upstream call while another is in flight",
+    )
     prediction_log: Literal["on", "off"] = Field(
         "off", description="log every calibrated row (ids in the answers) for outcomes and monitoring"
     )

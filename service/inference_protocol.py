@@ -134,7 +134,7 @@ def tensor_array(entry: Mapping[str, Any], chunk: bytes | None, what: str) -> np
             )
         return np.frombuffer(chunk, dtype=dtype).reshape(shape)
     data = entry.get("data")
-    if not isinstance(data, list):
+    if not isinstance(data, list | np.ndarray):  # an array: an entry calibserve wrote (tensor_entry)
         raise InvalidInput(f"{what}: data must be a list of numbers (flat or nested)")
     try:
         array = np.asarray(data)
@@ -161,6 +161,16 @@ def binary_entry(name: str, array: np.ndarray) -> tuple[dict[str, Any], bytes]:
         "parameters": {"binary_data_size": len(data)},
     }
     return entry, data
+
+
+def tensor_entry(name: str, array: np.ndarray, *, binary: bool) -> tuple[dict[str, Any], bytes | None]:
+    """A tensor entry of ``array`` (its datatype kept), with binary data and its bytes, or with JSON data
+    (``data``, flat, row-major) and None."""
+    if binary:
+        return binary_entry(name, array)
+    entry = {"name": name, "datatype": datatype_of(array), "shape": list(array.shape)}
+    entry["data"] = np.ascontiguousarray(array).reshape(-1)
+    return entry, None
 
 
 def encode(document: Mapping[str, Any], chunks: Sequence[bytes]) -> tuple[bytes, int | None]:

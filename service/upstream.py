@@ -281,9 +281,11 @@ class Upstreams:
         timeout: float = 30.0,
         max_connections: int = 100,
         batch_size: int = 256,
+        share_calls: bool = True,
     ) -> None:
         self.default_url = default_url
         self.batch_size = batch_size
+        self.share_calls = share_calls
         self._options = {
             "connect_timeout": connect_timeout,
             "timeout": timeout,

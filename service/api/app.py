@@ -65,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
             timeout=settings.upstream_timeout_s,
             max_connections=settings.upstream_max_connections,
             batch_size=settings.upstream_batch_size,
+            share_calls=settings.upstream_share_calls,
         ),
     )
     if settings.batch_max_size > 0:

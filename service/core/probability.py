@@ -35,10 +35,13 @@ def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def softmax(logits: np.ndarray, temperature: float = 1.0, *, dtype: type = np.float64) -> np.ndarray:
     """``softmax(z / T)`` row-wise; rows sum to 1; one logit column gives two probability columns."""
-    z = two_column_logits(np.asarray(logits, dtype=dtype))
+    logits = two_column_logits(np.asarray(logits))
+    # one new array, cast and scaled in one pass; everything after works in it, in place
     if temperature != 1.0:
-        z = z * dtype(1.0 / temperature)
-    z = z - z.max(axis=1, keepdims=True)
+        z = np.multiply(logits, dtype(1.0 / temperature), dtype=dtype)
+    else:
+        z = np.array(logits, dtype=dtype)
+    z -= z.max(axis=1, keepdims=True)
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
     return z

@@ -1,8 +1,10 @@
 """Models served by an upstream inference server: their logits come from its infer call, and calibserve
 calibrates them in the same round trip (the use cases behind every protocol's inference on such a model).
 
-An inference request's inputs go upstream unchanged (JSON or binary, any datatype and shape the upstream
-takes); what comes back is checked before a probability is computed from it: the logits output must be
+An inference request's inputs go upstream as they came (JSON or binary, any datatype and shape the upstream
+takes), or, where the request holds numeric tensors only and the model takes batches, as binary tensors in one
+call with the requests of the same shape that queued meanwhile (:mod:`service.serving.upstream_batching`);
+what comes back is checked before a probability is computed from it: the logits output must be
 there, of a float type, with the model's class count and finite values, else :class:`UpstreamFailed` (502)
 names the model. Every other output the client asked for passes through as the upstream wrote it.
 """
@@ -19,6 +21,7 @@ from service import inference_protocol as wire
 from service.core.validation import same_class_count
 from service.errors import InvalidInput, UpstreamFailed
 from service.serving.state import ActiveCalibrator, ModelInfo
+from service.serving.upstream_batching import Named, UpstreamBatcher
 from service.upstream import UpstreamClient, Upstreams, UpstreamSpec
 
 # The outputs calibserve adds to an upstream model's: never asked of the upstream.
@@ -67,14 +70,22 @@ def read_logits(
     they are not float logits of ``expected`` classes, finite."""
     where = f"upstream model {spec.model!r} (model {info.name!r})"
     datatype = entry.get("datatype")
-    if datatype not in wire.FLOAT_TYPES:
-        raise UpstreamFailed(
-            f"{where}: logits output {entry.get('name')!r} is {datatype!r}, not FP32/FP64/FP16"
-        )
+    _check_float(datatype, entry.get("name"), where)
     try:
         logits = wire.tensor_array(entry, chunk, f"{where} output {entry.get('name')!r}")
     except InvalidInput as exc:
         raise UpstreamFailed(str(exc)) from None
+    return checked_logits(logits, where, expected), datatype
+
+
+def _check_float(datatype: Any, name: Any, where: str) -> None:
+    if datatype not in wire.FLOAT_TYPES:
+        raise UpstreamFailed(f"{where}: logits output {name!r} is {datatype!r}, not FP32/FP64/FP16")
+
+
+def checked_logits(logits: np.ndarray, where: str, expected: int | None) -> np.ndarray:
+    """``logits`` as ``[N, K]``; UpstreamFailed naming ``where`` when they are not ``expected`` classes, or
+    not finite."""
     if logits.ndim == 1:
         logits = logits.reshape(-1, 1)  # one logit per row: a binary model
     if logits.ndim != 2 or logits.shape[1] == 0:
@@ -85,7 +96,80 @@ def read_logits(
         )
     if not np.isfinite(logits).all():
         raise UpstreamFailed(f"{where}: answered logits that are NaN or infinite")
-    return logits, datatype
+    return logits
+
+
+@dataclass(frozen=True, slots=True)
+class SharedCall:
+    """An inference request that can share an upstream call with others (see
+    :mod:`service.serving.upstream_batching`): its inputs decoded, what a call for it must look like, and the
+    form (JSON or binary) of each upstream output the client asked for."""
+
+    inputs: list[tuple[str, np.ndarray]]
+    signature: tuple[tuple[str, str, tuple[int, ...]], ...]
+    outputs: tuple[str, ...] | None
+    binary_of: dict[str, bool]
+    binary_default: bool
+
+    @property
+    def rows(self) -> int:
+        return self.inputs[0][1].shape[0]
+
+
+_REQUEST_FIELDS = frozenset({"id", "inputs", "outputs", "parameters"})
+_INPUT_FIELDS = frozenset({"name", "datatype", "shape", "data", "parameters"})
+
+
+def shared_call(document: Mapping[str, Any], binary: bytes) -> SharedCall | None:
+    """The request as a :class:`SharedCall`, or None when it must go upstream alone, as it came: anything
+    beyond numeric tensors with a batch dimension and the binary-data flags (request parameters such as a
+    sequence id or a priority, BYTES tensors, a classification output) is the upstream's to read, per
+    request."""
+    if not _REQUEST_FIELDS.issuperset(document):
+        return None
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, Mapping) or not {"binary_data_output"}.issuperset(parameters):
+        return None
+    binary_default = parameters.get("binary_data_output", False)
+    entries = document.get("inputs")
+    if not isinstance(entries, list) or not entries or not isinstance(binary_default, bool):
+        return None
+    try:
+        chunks = wire.tensor_chunks(entries, binary, "inputs")
+        inputs = []
+        for entry, chunk in zip(entries, chunks, strict=True):
+            name = entry.get("name")
+            if (
+                not isinstance(name, str)
+                or not _INPUT_FIELDS.issuperset(entry)
+                or not {"binary_data_size"}.issuperset(entry.get("parameters") or {})
+            ):
+                return None
+            inputs.append((name, wire.tensor_array(entry, chunk, f"input {name!r}")))
+    except InvalidInput:  # the upstream says what is wrong with it, in its own words
+        return None
+    if len({array.shape[0] for _, array in inputs}) != 1 or inputs[0][1].shape[0] == 0:
+        return None
+    requested = document.get("outputs")
+    outputs, binary_of = None, {}
+    if requested is not None:
+        if not isinstance(requested, list):
+            return None
+        for item in requested:
+            output_parameters = item.get("parameters") or {} if isinstance(item, Mapping) else None
+            if (
+                not isinstance(output_parameters, Mapping)
+                or not {"name", "parameters"}.issuperset(item)
+                or not {"binary_data"}.issuperset(output_parameters)
+                or not isinstance(item.get("name"), str)
+                or not isinstance(output_parameters.get("binary_data", False), bool)
+            ):
+                return None
+            if "binary_data" in output_parameters:
+                binary_of[item["name"]] = output_parameters["binary_data"]
+        outputs = tuple(item["name"] for item in requested if item["name"] not in OWN_OUTPUTS)
+    signature = tuple((name, wire.datatype_of(array), array.shape[1:]) for name, array in inputs)
+    return SharedCall(inputs, signature, outputs, binary_of, binary_default)
 
 
 def expected_classes(info: ModelInfo, entry: ActiveCalibrator) -> int | None:
@@ -99,6 +183,7 @@ class UpstreamModels:
 
     def __init__(self, upstreams: Upstreams) -> None:
         self.upstreams = upstreams
+        self.batcher = UpstreamBatcher() if upstreams.share_calls else None
 
     def client(self, info: ModelInfo) -> tuple[UpstreamClient, UpstreamSpec]:
         spec = info.upstream
@@ -121,8 +206,15 @@ class UpstreamModels:
         self, info: ModelInfo, entry: ActiveCalibrator, document: Mapping[str, Any], binary: bytes
     ) -> UpstreamAnswer:
         """One inference request of a client: its inputs upstream unchanged, its outputs less calibserve's
-        own, plus the logits output (binary: exact and cheap); the answer read and checked."""
+        own, plus the logits output (binary: exact and cheap); the answer read and checked. Requests that can
+        share a call with others in flight meanwhile do (:meth:`infer_shared`)."""
         client, spec = self.client(info)
+        if self.batcher is not None:
+            call = shared_call(document, binary)
+            if call is not None:
+                answer = await self.infer_shared(info, entry, client, spec, call)
+                if answer is not None:
+                    return answer
         forwarded = dict(document)
         requested = document.get("outputs")
         logits_name = spec.output
@@ -139,6 +231,68 @@ class UpstreamModels:
         answer, answer_binary = await client.infer(spec, forwarded, [binary] if binary else [])
         return self.read_answer(info, spec, entry, answer, answer_binary, logits_name)
 
+    async def infer_shared(
+        self,
+        info: ModelInfo,
+        entry: ActiveCalibrator,
+        client: UpstreamClient,
+        spec: UpstreamSpec,
+        call: SharedCall,
+    ) -> UpstreamAnswer | None:
+        """The answer to ``call``, from one upstream call with the requests of the same shape that queued
+        while another was in flight; None where the model takes no batches (its server states no
+        ``max_batch_size``), the request is larger than one, or an output is not numbers."""
+        max_rows = await client.max_batch_size(spec)
+        if max_rows is None or call.rows > max_rows:
+            return None
+        metadata = await client.model_metadata(spec)
+        declared = {
+            str(item.get("name")): item.get("datatype")
+            for item in metadata.get("outputs", [])
+            if isinstance(item, Mapping)
+        }
+        logits_name = logits_output(spec, list(declared))
+        passed = call.outputs if call.outputs is not None else tuple(declared)
+        asked = (*passed, logits_name) if logits_name not in passed else passed
+        if any(declared.get(name) not in wire.NUMPY_TYPES for name in asked):
+            return None
+
+        async def send(inputs: Named) -> tuple[Any, dict[str, np.ndarray]]:
+            entries, chunks = zip(*(wire.binary_entry(name, array) for name, array in inputs), strict=True)
+            request = {
+                "inputs": list(entries),
+                "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in asked],
+            }
+            answer, binary = await client.infer(spec, request, list(chunks))
+            arrays = {}
+            for name, (output, chunk) in self.outputs(spec, answer, binary).items():
+                try:
+                    arrays[name] = wire.tensor_array(output, chunk, f"output {name!r} of {spec.model!r}")
+                except InvalidInput as exc:
+                    raise UpstreamFailed(f"upstream {client.url}: {exc}") from None
+            if logits_name not in arrays:
+                raise UpstreamFailed(
+                    f"upstream model {spec.model!r} answered no output {logits_name!r} (its logits)"
+                )
+            return answer.get("model_version"), arrays
+
+        key = (client.url, spec, call.signature, asked)
+        model_version, arrays = await self.batcher.infer(key, call.inputs, max_rows=max_rows, send=send)
+        where = f"upstream model {spec.model!r} (model {info.name!r})"
+        _check_float(wire.datatype_of(arrays[logits_name]), logits_name, where)
+        logits = checked_logits(arrays[logits_name], where, expected_classes(info, entry))
+        outputs = {}
+        for name in passed:
+            if name in arrays:
+                binary = call.binary_of.get(name, call.binary_default)
+                outputs[name] = wire.tensor_entry(name, arrays[name], binary=binary)
+        document = {
+            "model_name": spec.model,
+            "model_version": model_version,
+            "outputs": [e for e, _ in outputs.values()],
+        }
+        return UpstreamAnswer(document, outputs, logits_name, logits, wire.datatype_of(arrays[logits_name]))
+
     def read_answer(
         self,
         info: ModelInfo,
@@ -148,6 +302,18 @@ class UpstreamModels:
         binary: bytes,
         logits_name: str | None,
     ) -> UpstreamAnswer:
+        outputs = self.outputs(spec, document, binary)
+        name = logits_name or logits_output(spec, list(outputs))
+        if name not in outputs:
+            raise UpstreamFailed(f"upstream model {spec.model!r} answered no output {name!r} (its logits)")
+        logits, datatype = read_logits(info, spec, *outputs[name], expected_classes(info, entry))
+        return UpstreamAnswer(document, outputs, name, logits, datatype)
+
+    @staticmethod
+    def outputs(
+        spec: UpstreamSpec, document: Mapping[str, Any], binary: bytes
+    ) -> dict[str, tuple[dict[str, Any], bytes | None]]:
+        """An upstream answer's outputs by name: ``(entry, binary bytes or None)``."""
         entries = document.get("outputs")
         if not isinstance(entries, list):
             raise UpstreamFailed(f"upstream model {spec.model!r} answered no outputs list")
@@ -155,12 +321,7 @@ class UpstreamModels:
             chunks = wire.tensor_chunks(entries, binary, f"outputs of upstream model {spec.model!r}")
         except InvalidInput as exc:
             raise UpstreamFailed(str(exc)) from None
-        outputs = {str(item.get("name")): (item, chunk) for item, chunk in zip(entries, chunks, strict=True)}
-        name = logits_name or logits_output(spec, list(outputs))
-        if name not in outputs:
-            raise UpstreamFailed(f"upstream model {spec.model!r} answered no output {name!r} (its logits)")
-        logits, datatype = read_logits(info, spec, *outputs[name], expected_classes(info, entry))
-        return UpstreamAnswer(document, outputs, name, logits, datatype)
+        return {str(item.get("name")): (item, chunk) for item, chunk in zip(entries, chunks, strict=True)}
 
     async def logits(
         self, info: ModelInfo, entry: ActiveCalibrator, inputs: np.ndarray | Sequence[tuple[str, np.ndarray]]

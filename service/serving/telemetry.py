@@ -49,6 +49,16 @@ BATCH_ROWS = Histogram(
     "Rows of one forward pass of dynamic batching",
     buckets=(1, 4, 16, 64, 256, 1024, 4096),
 )
+UPSTREAM_BATCH_REQUESTS = Histogram(
+    "calibserve_upstream_batch_requests",
+    "Inference requests of an upstream model served by one upstream call",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+UPSTREAM_BATCH_ROWS = Histogram(
+    "calibserve_upstream_batch_rows",
+    "Rows of one upstream inference call",
+    buckets=(1, 4, 16, 64, 256, 1024, 4096),
+)
 WORK_STOPPED = Counter(
     "calibserve_work_stopped_total",
     "Fits, evaluations and figures stopped before their end (reason: timeout, or cancelled: nobody waited)",

@@ -5,6 +5,7 @@ documented status while calibserve keeps serving its other models."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -157,6 +158,88 @@ def test_a_temperature_fitted_through_the_proxy_calibrates_tritonclient_answers(
         predicted = http.post("/v1/models/linear/predict", json={"inputs": sample.tolist()})
         assert predicted.status_code == 200, predicted.text
         assert_close(predicted.json()["probabilities"], want)
+
+
+def _request_body(x, *, binary, outputs, request_id):
+    """tritonclient's own body of an infer request (JSON or binary tensors), and its headers."""
+    tensor = triton_http.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    requested = [triton_http.InferRequestedOutput(name, binary_data=binary) for name in outputs]
+    body, header_length = triton_http.InferenceServerClient.generate_request_body(
+        [tensor], outputs=requested, request_id=request_id
+    )
+    headers = {} if header_length is None else {"Inference-Header-Content-Length": str(header_length)}
+    return body, headers
+
+
+def _metric(text, name):
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_concurrent_requests_share_upstream_calls_and_each_gets_its_own_rows(triton, proxy):
+    """48 requests at once (1 to 4 rows, JSON and binary, some asking for Triton's other output, one with
+    NaN inputs): calls to Triton are shared, each answer holds the calibrated softmax of its own rows, and
+    the one request whose logits are NaN fails alone."""
+    with httpx.Client(base_url=proxy.url, timeout=60) as http:
+        made = http.put("/v1/models/shared", json={"num_classes": 3, "upstream": {"model": "linear"}})
+        assert made.status_code == 201, made.text
+        x = rows(300, seed=11)
+        labels = labels_for(linear_logits(x), 2.0)
+        fitted = http.post("/v1/models/shared/fit", json={"inputs": x.tolist(), "labels": labels.tolist()})
+        assert fitted.status_code == 201, fitted.text
+        temperature = fitted.json()["temperature"]
+        before = http.get("/metrics").text
+
+    rng = np.random.default_rng(3)
+    requests = []
+    for index in range(48):
+        sample = rows(int(rng.integers(1, 5)), seed=100 + index)
+        if index == 17:
+            sample[0, 0] = np.nan
+        outputs = ["probabilities", "norm"] if index % 3 == 0 else ["probabilities"]
+        requests.append((sample, index % 2 == 1, outputs, f"r{index}"))
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=60) as client:
+
+            async def one(sample, binary, outputs, request_id):
+                body, headers = _request_body(sample, binary=binary, outputs=outputs, request_id=request_id)
+                return await client.post("/v2/models/shared/infer", content=body, headers=headers)
+
+            return await asyncio.gather(*(one(*request) for request in requests))
+
+    answers = asyncio.run(send_all())
+    for (sample, binary, outputs, request_id), answer in zip(requests, answers, strict=True):
+        if request_id == "r17":
+            assert answer.status_code == 502, answer.text
+            assert "NaN" in answer.json()["error"] and "shared" in answer.json()["error"]
+            continue
+        assert answer.status_code == 200, answer.text
+        length = answer.headers.get("inference-header-content-length")
+        result = triton_http.InferResult.from_response_body(
+            answer.content, header_length=None if length is None else int(length)
+        )
+        response = result.get_response()
+        assert response["id"] == request_id
+        assert [o["name"] for o in response["outputs"]] == outputs
+        assert all(("parameters" in o) == binary for o in response["outputs"])
+        want = softmax(linear_logits(sample) / temperature, axis=1)
+        assert_close(result.as_numpy("probabilities"), want)
+        if "norm" in outputs:
+            assert result.as_numpy("norm").shape == (len(sample), 1)
+            assert_close(result.as_numpy("norm"), sample.sum(axis=1, keepdims=True), rtol=1e-5)
+
+    with httpx.Client(base_url=proxy.url, timeout=60) as http:
+        after = http.get("/metrics").text
+    calls = _metric(after, "calibserve_upstream_batch_requests_count") - _metric(
+        before, "calibserve_upstream_batch_requests_count"
+    )
+    served = _metric(after, "calibserve_upstream_batch_requests_sum") - _metric(
+        before, "calibserve_upstream_batch_requests_sum"
+    )
+    # the requests of one shape (JSON or binary decode alike) share calls: fewer calls than requests
+    assert served >= len(requests)
+    assert 0 < calls < len(requests)
 
 
 def test_fit_and_evaluate_from_real_data_run_the_inputs_through_triton_in_batches(

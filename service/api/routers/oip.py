@@ -189,14 +189,7 @@ def parse_infer_document(request: dict[str, Any], binary: bytes) -> InferRequest
 def _own_output(
     name: str, array: np.ndarray, datatype: str, binary: bool
 ) -> tuple[dict[str, Any], bytes | None]:
-    array = np.ascontiguousarray(array, dtype=wire.NUMPY_TYPES[datatype])
-    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-    if binary:
-        data = array.tobytes()
-        entry["parameters"] = {"binary_data_size": len(data)}
-        return entry, data
-    entry["data"] = array.reshape(-1)
-    return entry, None
+    return wire.tensor_entry(name, np.asarray(array, dtype=wire.NUMPY_TYPES[datatype]), binary=binary)
 
 
 def answer(
