@@ -141,6 +141,7 @@ class Side:
     calibserve_cpu: float = 0.0
     triton_cpu: float = 0.0
     client_cpu: float = 0.0
+    upstream_calls: float = 0.0  # calibserve's calls to Triton (its calibserve_upstream_batch_requests count)
 
 
 @dataclass
@@ -221,6 +222,13 @@ def check_answers(targets: dict[str, Target], x: np.ndarray, temperature: float)
     assert answer.get_response()["parameters"]["calibrator_version"] == 1, answer.get_response()
 
 
+def upstream_calls(url: str) -> float:
+    """How many upstream calls calibserve has made for inference so far (every worker: one here)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    name = "calibserve_upstream_batch_requests_count "
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
 def measure_cell(
     cell: Cell,
     urls: dict[str, str],
@@ -243,11 +251,14 @@ def measure_cell(
                 record = cell.sides[side]
                 calibserve_before = cpu_seconds(pids["calibserve"])
                 triton_before = group_cpu_seconds(pids["triton"])
+                calls_before = upstream_calls(urls["proxy"]) if side == "proxy" else 0.0
                 client_before = time.process_time()
                 latencies, errors, elapsed = window(
                     targets[side], cell.concurrency, seconds, args.max_requests
                 )
                 record.client_cpu += time.process_time() - client_before
+                if side == "proxy":
+                    record.upstream_calls += upstream_calls(urls["proxy"]) - calls_before
                 record.calibserve_cpu += cpu_seconds(pids["calibserve"]) - calibserve_before
                 record.triton_cpu += group_cpu_seconds(pids["triton"]) - triton_before
                 record.rates.append(len(latencies) / elapsed)
@@ -357,10 +368,18 @@ def figures(cell: Cell) -> dict:
             "calibserve_cpu_per_request": record.calibserve_cpu / served,
             "triton_cpu_per_request": record.triton_cpu / served,
             "client_cpu_per_request": record.client_cpu / served,
+            "requests_per_upstream_call": record.requests / record.upstream_calls
+            if record.upstream_calls
+            else None,
         }
     out["ratio"] = out["proxy"]["rate"] / out["direct"]["rate"]
     out["added_p50"] = out["proxy"]["p50"] - out["direct"]["p50"]
     return out
+
+
+def _per_call(row: dict) -> str:
+    shared = row["proxy"]["requests_per_upstream_call"]
+    return "—" if shared is None else f"{shared:.1f}"
 
 
 def _ms(seconds: float) -> str:
@@ -413,6 +432,7 @@ def tables(rows: list[dict]) -> tuple[str, str]:
             "Triton, behind the proxy",
             "client, direct",
             "client, proxy",
+            "requests per call to Triton (proxy)",
         ],
         [
             [
@@ -424,6 +444,7 @@ def tables(rows: list[dict]) -> tuple[str, str]:
                 _ms(row["proxy"]["triton_cpu_per_request"]),
                 _ms(row["direct"]["client_cpu_per_request"]),
                 _ms(row["proxy"]["client_cpu_per_request"]),
+                _per_call(row),
             ]
             for row in rows
         ],
@@ -478,14 +499,24 @@ def reading(rows: list[dict], cores: int) -> str:
         f"the {cores} cores are saturated, requests/s are about cores / CPU per request, which bounds the "
         f"ratio near {direct / proxy:.2f} whatever the latency."
     )
-    faster = [row for row in rows if row["ratio"] > 1.0]
+    shared = max(rows, key=lambda row: row["proxy"]["requests_per_upstream_call"] or 0.0)
+    sentences.append(
+        "Requests that arrive while a call to Triton is in flight share the next call "
+        "(`serving/upstream_batching.py`): up to "
+        f"{_per_call(shared)} requests per call ({shared['size']} "
+        f"{shared['encoding']}, concurrency {shared['concurrency']}), where Triton spent "
+        f"{shared['proxy']['triton_cpu_per_request'] * 1e3:.2f} ms of CPU per proxied request against "
+        f"{shared['direct']['triton_cpu_per_request'] * 1e3:.2f} ms per direct one."
+    )
+    faster = [row for row in rows if row["ratio"] > 1.0 and row["encoding"] == "JSON"]
     if faster:
         row = max(faster, key=lambda row: row["ratio"])
         sentences.append(
-            f"Where the proxy is faster ({row['size']} {row['encoding']}, up to {row['ratio']:.2f}x), Triton "
-            f"spent {row['direct']['triton_cpu_per_request'] * 1e3:.1f} ms of CPU per request answering JSON "
-            f"directly but {row['proxy']['triton_cpu_per_request'] * 1e3:.1f} ms behind the proxy, which asks it "
-            "for binary logits and writes the JSON answer itself (calibserve "
+            f"Where the proxy is faster with JSON tensors ({row['size']}, concurrency {row['concurrency']}: "
+            f"{row['ratio']:.2f}x), Triton spent {row['direct']['triton_cpu_per_request'] * 1e3:.1f} ms of CPU "
+            "per request parsing and answering JSON directly but "
+            f"{row['proxy']['triton_cpu_per_request'] * 1e3:.1f} ms behind the proxy, which sends it binary "
+            "tensors and writes the JSON answer itself (calibserve "
             f"{row['proxy']['calibserve_cpu_per_request'] * 1e3:.1f} ms)."
         )
     single = [row for row in rows if row["concurrency"] == min(r["concurrency"] for r in rows)]
