@@ -88,6 +88,15 @@ def check_label_matrix(labels: Any, n_samples: int, n_labels: int, name: str = "
         stacked = np.stack(rows) if rows[0].dtype.kind != "O" else np.array(labels, dtype=object)
         if stacked.dtype.kind == "b" or _is_binary(stacked):
             return _matrix(stacked, n_samples, n_labels, name)
+    widths = {row.shape[0] for row in rows if row.ndim == 1}
+    if len(widths) == 1 and all(row.ndim == 1 and _is_binary(row) for row in rows) and widths != {0}:
+        width = widths.pop()
+        if any(np.unique(row).size != row.size for row in rows):  # not index lists: a matrix of another width
+            raise InvalidInput(
+                f"{name} is a 0/1 matrix of {width} columns; the model has {n_labels} labels, so it must "
+                f"have shape ({n_samples}, {n_labels})",
+                field=name,
+            )
     matrix = np.zeros((n_samples, n_labels), dtype=np.int8)
     for i, row in enumerate(rows):
         if row.ndim != 1:
