@@ -716,6 +716,7 @@ class DataPlane:
         """Labels for logged predictions (``prediction_ids``), or labelled scores (``kind`` logits or
         probabilities) scored with ``calibrator_version`` (the active one when None)."""
         info = self.model(name)
+        _no_live_monitoring(info)
         if prediction_ids is not None:
             return await in_thread(self.monitoring.outcomes_by_id, name, prediction_ids, labels)
         if scores is None or kind not in SCORE_KINDS:
@@ -728,6 +729,7 @@ class DataPlane:
 
     async def monitoring_report(self, name: str, window: str, version: int | None) -> dict[str, Any]:
         """Figures, label-free estimates and drift of ``name``'s outcomes in the last ``window``."""
+        _no_live_monitoring(self.model(name))
         active = self.calibrator_view(name, None)
         return await in_thread(self.monitoring.report, name, window, version, active)
 
@@ -735,6 +737,7 @@ class DataPlane:
         """Fit a new version on the window's labelled outcomes, store it (inactive unless asked), and compare
         it with the active calibrator on a held-out part of those outcomes."""
         info, entry = await self.lookup_async(name, None)
+        _no_live_monitoring(info)
         if spec.activate not in (True, False, "if_better"):
             raise InvalidInput('activate must be true, false or "if_better"', field="activate")
         if not 0.0 < spec.holdout < 1.0:
@@ -850,6 +853,18 @@ class DataPlane:
         }
         data = await in_thread(export_torchscript, entry.calibrator, model=model, metadata=metadata)
         return data, entry.version
+
+
+def _no_live_monitoring(info: ModelInfo) -> None:
+    """InvalidInput for a multi-label model: the prediction log, outcomes, monitoring windows and refits
+    keep one top-label row per prediction (softmax models); a multi-label model's calibration is checked
+    with evaluate and drift (the CLI's ``calibserve drift``) instead."""
+    if info.task == "multilabel":
+        raise InvalidInput(
+            f"model {info.name!r} is multilabel: live monitoring (outcomes, monitoring windows, refits) is not "
+            "supported for multi-label models; check them with evaluate or calibserve drift",
+            field="task",
+        )
 
 
 def _refit_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

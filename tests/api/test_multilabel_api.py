@@ -214,3 +214,18 @@ def test_the_cli_fits_and_evaluates_against_the_server(server, http, data, tmp_p
     assert orjson.loads(report.read_bytes())["calibrated"]["per_label"][0]["n_positive"] == int(
         test_labels[:, 0].sum()
     )
+
+
+def test_live_monitoring_is_refused_by_name_for_a_multilabel_model(http, model, data):
+    logits, labels = data[2][:20], data[3][:20]
+    outcomes = http.post(
+        f"/v1/models/{model}/outcomes", json={"logits": logits.tolist(), "labels": labels.tolist()}
+    )
+    window = http.get(f"/v1/models/{model}/monitoring?window=1h")
+    refit = http.post(f"/v1/models/{model}/refit", json={"window": "1h"})
+    for answer in (outcomes, window, refit):
+        assert answer.status_code == 400, answer.text
+        assert (
+            "live monitoring (outcomes, monitoring windows, refits) is not supported for multi-label"
+            in answer.text
+        )
