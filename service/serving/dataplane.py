@@ -850,6 +850,7 @@ class DataPlane:
             "input_shape": list(model.input_shape) if model is not None and model.input_shape else None,
             "calibrator_version": entry.version,
             "calibrator": entry.document,
+            **({"task": "multilabel"} if info.task == "multilabel" else {}),
         }
         data = await in_thread(export_torchscript, entry.calibrator, model=model, metadata=metadata)
         return data, entry.version

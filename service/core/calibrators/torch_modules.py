@@ -39,6 +39,9 @@ def into_domain(z: torch.Tensor) -> torch.Tensor:
     if not bool(outside.any()):
         return z
     exponent = torch.ceil(torch.log2(torch.where(outside, magnitude, torch.ones_like(magnitude)) / limit))
+    # rows within the limit keep their logits (exponent 0): without this, a batch with one row beyond the
+    # limit multiplied every other row by 2**332 (one-hot answers)
+    exponent = torch.where(outside, exponent, torch.zeros_like(exponent))
     return z * torch.exp2(-exponent)
 
 
