@@ -80,6 +80,8 @@ class UpstreamPrediction:
 
     @property
     def predicted_class(self) -> np.ndarray:
+        if self.model.task == "multilabel":  # a 0/1 matrix, as Prediction's
+            return (self.probabilities >= 0.5).astype(np.int64)
         return self.probabilities.argmax(axis=1)
 
 
@@ -593,6 +595,11 @@ class DataPlane:
         if info.transparent and entry.version is None:
             return await self.upstream_models.forward(info, *raw)
         answer = await self.upstream_models.infer(info, entry, document, binary)
+        if info.task == "multilabel":  # K sigmoid probabilities per row, not logged (as calibrate)
+            probabilities = await compute(
+                multilabel_workflows.calibrate, entry.calibrator, answer.logits, size=answer.logits.size
+            )
+            return UpstreamPrediction(info, answer, probabilities, entry.version)
         probabilities = await compute(
             calibrate_array, entry.calibrator, answer.logits, from_logits=True, size=answer.logits.size
         )

@@ -103,6 +103,8 @@ class ModelInfo:
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "description": self.description,
             "upstream": self.upstream.to_record() if self.upstream is not None else None,
+            # kept where declared (a shipped model's model.json), so the record a first fit writes keeps it
+            "task": self.extra.get("task"),
         }
         return {key: value for key, value in values.items() if value is not None}
 

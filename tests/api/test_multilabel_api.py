@@ -24,7 +24,7 @@ from tests.helpers.torchscript import Linear, scripted
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     store = tmp_path_factory.mktemp("multilabel-store")
-    with Server(store) as running:
+    with Server(store, grpc=True) as running:
         yield running
 
 
@@ -229,3 +229,26 @@ def test_live_monitoring_is_refused_by_name_for_a_multilabel_model(http, model, 
             "live monitoring (outcomes, monitoring windows, refits) is not supported for multi-label"
             in answer.text
         )
+
+
+def test_grpc_infer_answers_as_http_and_metadata_says_multilabel(server, http, model, data):
+    import tritonclient.grpc as triton_grpc
+
+    logits = data[2][:6]
+    client = triton_grpc.InferenceServerClient(server.grpc_target)
+    tensor = triton_grpc.InferInput("logits", list(logits.shape), "FP64")
+    tensor.set_data_from_numpy(logits)
+    outputs = [
+        triton_grpc.InferRequestedOutput("probabilities"),
+        triton_grpc.InferRequestedOutput("predicted_class"),
+    ]
+    result = client.infer(model, [tensor], outputs=outputs)
+    v1 = http.post(f"/v1/models/{model}/calibrate", json={"logits": logits.tolist()}).json()
+    np.testing.assert_allclose(result.as_numpy("probabilities"), v1["probabilities"], rtol=1e-12)
+    chosen = result.as_numpy("predicted_class")
+    assert chosen.shape == (6, 5)
+    assert [np.flatnonzero(row).tolist() for row in chosen] == v1["predicted_labels"]
+    metadata = http.get(f"/v2/models/{model}").json()
+    assert metadata["parameters"] == {"task": "multilabel"}
+    shapes = {output["name"]: output["shape"] for output in metadata["outputs"]}
+    assert shapes["probabilities"] == [-1, 5] and shapes["predicted_class"] == [-1, 5]
