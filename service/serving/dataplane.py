@@ -790,6 +790,7 @@ class DataPlane:
         info, entry = await self.lookup_async(name, version)
         scores, from_logits = await self._scores(info, data)
         if info.task == "multilabel":
+            _check_multilabel_evaluation(spec)
             report = await bounded(
                 budget or self.budget(),
                 multilabel_workflows.evaluate,
@@ -861,6 +862,23 @@ class DataPlane:
         }
         data = await in_thread(export_torchscript, entry.calibrator, model=model, metadata=metadata)
         return data, entry.version
+
+
+def _check_multilabel_evaluation(spec: EvaluateSpec) -> None:
+    """InvalidInput naming the evaluation options a multi-label model's figures do not have (its figures
+    are per label, equal-width bins, exact NLL)."""
+    default = EvaluateSpec()
+    unsupported = [
+        name
+        for name in ("binning", "bootstrap", "nll_clip", "ece_convention", "per_class_tests", "segments")
+        if getattr(spec, name) != getattr(default, name)
+    ]
+    if unsupported:
+        raise InvalidInput(
+            f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not supported for a "
+            "multi-label model (its figures are per label, with equal-width bins and the exact NLL)",
+            field=unsupported[0],
+        )
 
 
 def _no_live_monitoring(info: ModelInfo) -> None:

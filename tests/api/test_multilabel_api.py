@@ -252,3 +252,25 @@ def test_grpc_infer_answers_as_http_and_metadata_says_multilabel(server, http, m
     assert metadata["parameters"] == {"task": "multilabel"}
     shapes = {output["name"]: output["shape"] for output in metadata["outputs"]}
     assert shapes["probabilities"] == [-1, 5] and shapes["predicted_class"] == [-1, 5]
+
+
+def test_evaluate_refuses_options_multilabel_figures_do_not_have(http, model, data):
+    body = {"logits": data[2].tolist(), "labels": data[3].tolist(), "bootstrap": 100, "binning": "mass"}
+    answer = http.post(f"/v1/models/{model}/evaluate", json=body)
+    assert answer.status_code == 400, answer.text
+    assert "binning, bootstrap are not supported for a multi-label model" in answer.json()["detail"]
+
+
+def test_the_cli_exports_the_multilabel_calibration_of_the_server(server, http, model, data, tmp_path):
+    out = tmp_path / "tags.pt"
+    assert cli.main(["export", "--server", server.url, "--model", model, "--out", str(out)]) == 0
+    extra = {"calibserve.json": ""}
+    module = torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
+    assert orjson.loads(extra["calibserve.json"])["task"] == "multilabel"
+    logits = data[2][:50]
+    with torch.no_grad():
+        exported = module(torch.as_tensor(logits)).numpy()
+    served = http.post(f"/v1/models/{model}/calibrate", json={"logits": logits.tolist()}).json()[
+        "probabilities"
+    ]
+    np.testing.assert_allclose(exported, served, atol=1e-6, rtol=0)

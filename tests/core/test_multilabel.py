@@ -72,7 +72,8 @@ def test_index_lists_and_the_matrix_are_the_same_labels():
     ("labels", "message"),
     [
         ([[0, 5]], r"labels\[0\] holds label index 5, outside \[0, 3\)"),
-        ([[1, 1]], r"labels\[0\] repeats a label index"),
+        ([[2, 2]], r"labels\[0\] repeats a label index"),
+        ([[1, 1]], r"a 0/1 matrix of 2 columns; the model has 3 labels, so it must have shape \(1, 3\)"),
         ([[0.5]], r"labels\[0\] must hold integer label indices"),
         ([[True]], r"labels\[0\] holds a boolean"),
         ([[0], [1]], "labels has 2 rows but the scores have 1 rows"),
@@ -252,3 +253,14 @@ def test_answers_are_k_probabilities_in_0_1_monotone_per_label(method, logits, s
 def test_rows_need_not_sum_to_one():
     p = _fitted("temperature").transform(np.full((1, 5), 4.0))
     assert p.sum() > 4.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrix=arrays(np.int8, st.tuples(st.integers(1, 12), st.integers(1, 6)), elements=st.integers(0, 1)))
+def test_matrix_and_index_lists_read_the_same(matrix):
+    n, k = matrix.shape
+    lists = index_lists(matrix)
+    np.testing.assert_array_equal(check_label_matrix(matrix, n, k), matrix)
+    np.testing.assert_array_equal(check_label_matrix(matrix.tolist(), n, k), matrix)
+    if k > 2 or any(len(row) not in (0, k) for row in lists):  # (an all-0/1 list of width K reads as a row)
+        np.testing.assert_array_equal(check_label_matrix(lists, n, k), matrix)
