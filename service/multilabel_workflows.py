@@ -12,7 +12,7 @@ and baselines read them as for any model), the micro averages as ``ece_micro`` .
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -133,11 +133,13 @@ def evaluate(
     calibrator_document: Mapping[str, Any] | None = None,
     n_bins: int = 15,
     num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The evaluation report of a multi-label model: figures of the scores (``uncalibrated``) and, with a
     calibrator, of its answer (``calibrated``), each a :func:`group_figures` group; the reliability bins of
     every label (``reliability_per_label``: ``uncalibrated`` and ``calibrated``, one list of non-empty bins
-    per label); ``drift`` against the calibrator's fit-time figures when its document has them."""
+    per label); ``drift`` against the calibrator's fit-time figures when its document has them.
+    ``label_names`` (the model's class names, one per label) name each ``per_label`` entry."""
     if from_logits:
         logits = scores_to_logits(scores, from_logits=True)
         uncalibrated = {"logits": logits}
@@ -147,7 +149,8 @@ def evaluate(
         uncalibrated = {"probabilities": probabilities}
     check_label_count(logits.shape[1], num_labels, "logits" if from_logits else "probabilities")
     y = check_label_matrix(labels, logits.shape[0], logits.shape[1])
-    before = label_figures(y, n_bins=n_bins, **uncalibrated)
+    names = list(label_names) if label_names and len(label_names) == logits.shape[1] else None
+    before = label_figures(y, n_bins=n_bins, label_names=names, **uncalibrated)
     report: dict[str, Any] = {
         "kind": REPORT_KIND,
         "format_version": FORMAT_VERSION,
@@ -159,7 +162,9 @@ def evaluate(
         "reliability_per_label": {"uncalibrated": before["reliability"]},
     }
     if calibrator is not None:
-        after = label_figures(y, probabilities=calibrate(calibrator, logits), n_bins=n_bins)
+        after = label_figures(
+            y, probabilities=calibrate(calibrator, logits), n_bins=n_bins, label_names=names
+        )
         report["calibrated"] = group_figures(after)
         report["reliability_per_label"]["calibrated"] = after["reliability"]
         report["calibrator"] = {

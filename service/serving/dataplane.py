@@ -801,6 +801,7 @@ class DataPlane:
                 calibrator_document=entry.document,
                 n_bins=spec.n_bins,
                 num_labels=info.num_classes,
+                label_names=info.class_names,
             )
             report["model"] = name
             return report

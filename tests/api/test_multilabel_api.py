@@ -274,3 +274,42 @@ def test_the_cli_exports_the_multilabel_calibration_of_the_server(server, http, 
         "probabilities"
     ]
     np.testing.assert_allclose(exported, served, atol=1e-6, rtol=0)
+
+
+def test_a_models_task_cannot_change_under_its_active_calibrator_and_names_label_figures(http, data):
+    made = http.put(
+        "/v1/models/named", json={"num_classes": 5, "task": "multilabel", "class_names": list("abcde")}
+    )
+    assert made.status_code == 201, made.text
+    logits, labels = data[0][:300], data[1][:300]
+    assert (
+        http.post(
+            "/v1/models/named/fit", json={"logits": logits.tolist(), "labels": labels.tolist()}
+        ).status_code
+        == 201
+    )
+    changed = http.put("/v1/models/named", json={"num_classes": 5, "task": "multiclass"})
+    assert changed.status_code == 409 and "active calibrator of another task" in changed.text
+    report = http.post(
+        "/v1/models/named/evaluate", json={"logits": logits.tolist(), "labels": labels.tolist()}
+    ).json()
+    assert [row["name"] for row in report["calibrated"]["per_label"]] == list("abcde")
+    answer = http.post("/v1/models/named/calibrate", json={"logits": [[9.0, -9.0, 9.0, -9.0, -9.0]]}).json()
+    assert answer["predicted_labels"] == [[0, 2]] and answer["predicted_label"] == [["a", "c"]]
+
+
+def test_a_shipped_torchscript_models_json_declares_the_task(tmp_path):
+    from service.errors import ModelFailed
+    from service.registry import ModelRegistry
+
+    for name, task in (("tagger", "multilabel"), ("broken", "several")):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "model.pt").write_bytes(scripted(Linear(seed=1, n_features=4, n_out=5)))
+        (directory / "model.json").write_text(orjson.dumps({"input_shape": [4], "task": task}).decode())
+    registry = ModelRegistry(tmp_path, device="cpu")
+    registry.load_all()
+    assert registry.get("tagger").task == "multilabel"
+    assert "task must be one of multiclass, multilabel" in registry.failing()["broken"]
+    with pytest.raises(ModelFailed, match="task must be one of"):
+        registry.get("broken")

@@ -264,3 +264,15 @@ def test_matrix_and_index_lists_read_the_same(matrix):
     np.testing.assert_array_equal(check_label_matrix(matrix.tolist(), n, k), matrix)
     if k > 2 or any(len(row) not in (0, k) for row in lists):  # (an all-0/1 list of width K reads as a row)
         np.testing.assert_array_equal(check_label_matrix(lists, n, k), matrix)
+
+
+@pytest.mark.parametrize("method", ["temperature", "shared_temperature", "platt", "isotonic"])
+def test_integer_sample_weights_equal_repeated_rows(method, data):
+    logits, labels = data[0][:400], data[1][:400]
+    weights = np.random.default_rng(5).integers(0, 4, size=400)
+    repeated = np.repeat(np.arange(400), weights)
+    # (isotonic's default floor, 1 / (2 n), counts rows, not weights: the plain curve is compared)
+    options = {"floor": 0} if method == "isotonic" else {}
+    weighted = PerLabelCalibration(method, **options).fit(logits, labels, sample_weight=weights.astype(float))
+    plain = PerLabelCalibration(method, **options).fit(logits[repeated], labels[repeated])
+    np.testing.assert_allclose(weighted.transform(logits), plain.transform(logits), rtol=1e-6, atol=1e-9)
