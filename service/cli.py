@@ -325,7 +325,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if _multilabel(args, document):  # per-label scores: rows need not sum to 1
         from service import multilabel_workflows
 
-        scores = multilabel_workflows.scores_to_logits(scores, from_logits=from_logits)
+        scores = multilabel_workflows.scores_to_logits(scores, from_logits=from_logits, transform=True)
         from_logits = True
     else:
         scores = check_scores(scores, from_logits=from_logits)

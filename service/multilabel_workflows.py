@@ -30,7 +30,7 @@ from service.core.multilabel import (
     probability_logits,
     sigmoid,
 )
-from service.core.validation import check_logits, check_sample_weight
+from service.core.validation import as_float_matrix, check_logits, check_sample_weight
 from service.errors import InvalidInput
 from service.workflows import FORMAT_VERSION, REPORT_KIND, data_sha256, drift_against_fit, has_fit_figures
 
@@ -49,10 +49,15 @@ def is_multilabel(task: Any) -> bool:
 
 
 def scores_to_logits(scores: Any, *, from_logits: bool, transform: bool = False) -> np.ndarray:
-    """Per-label logits: as given (validated; rows beyond the logit domain scaled with ``transform``), or
-    the logit of each per-label probability (which need not sum to 1 over a row)."""
+    """Per-label logits: as given (validated), or the logit of each per-label probability (which need not
+    sum to 1 over a row).
+
+    ``transform`` (the logits are to be calibrated): every finite logit is accepted, and none is scaled
+    here; each label's calibrator scales its own column's logits beyond ``MAX_ABS_LOGIT`` (a row-wise scale
+    would move the other labels of the row).
+    """
     if from_logits:
-        return check_logits(scores, scale=transform)
+        return as_float_matrix(scores, "logits") if transform else check_logits(scores)
     return probability_logits(check_label_probabilities(scores))
 
 

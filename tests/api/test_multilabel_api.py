@@ -313,3 +313,14 @@ def test_a_shipped_torchscript_models_json_declares_the_task(tmp_path):
     assert "task must be one of multiclass, multilabel" in registry.failing()["broken"]
     with pytest.raises(ModelFailed, match="task must be one of"):
         registry.get("broken")
+
+
+def test_a_huge_logit_moves_only_its_own_label(http, model, data):
+    row = data[2][:1].copy()
+    huge = row.copy()
+    huge[0, 0] = 1e200
+    answers = http.post(f"/v1/models/{model}/calibrate", json={"logits": [row[0].tolist(), huge[0].tolist()]})
+    assert answers.status_code == 200, answers.text
+    plain, with_huge = np.asarray(answers.json()["probabilities"])
+    np.testing.assert_array_equal(with_huge[1:], plain[1:])
+    assert with_huge[0] >= plain[0]
