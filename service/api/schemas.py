@@ -245,6 +245,9 @@ class MetricsRequest(FigureOptions):
     probabilities: Matrix | None = None
     labels: Labels
     losses: bool = True
+    task: Literal["multiclass", "multilabel"] | None = Field(
+        None, description="multilabel: per-label sigmoid scores and a 0/1 label matrix (or index lists)"
+    )
 
 
 def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, Any]:

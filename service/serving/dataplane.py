@@ -828,9 +828,19 @@ class DataPlane:
         return report
 
     async def figures(
-        self, data: Labelled, spec: EvaluateSpec, *, with_losses: bool, budget: Budget | None = None
+        self,
+        data: Labelled,
+        spec: EvaluateSpec,
+        *,
+        with_losses: bool,
+        budget: Budget | None = None,
+        task: str | None = None,
     ) -> dict[str, Any]:
-        """Stateless: every calibration figure (and the evaluation losses) of labelled scores."""
+        """Stateless: every calibration figure (and the evaluation losses) of labelled scores; of per-label
+        scores with ``task`` multilabel (the per-label, macro and micro figures; no losses)."""
+        if task == "multilabel":
+            _check_multilabel_evaluation(spec)
+            return await bounded(budget or self.budget(), _multilabel_figures, data, spec)
         return await bounded(budget or self.budget(), _figures, data, spec, with_losses)
 
     # ------------------------------------------------------------------------------------------- export
@@ -926,6 +936,17 @@ def calibrator_summary(document: Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(figures, Mapping):
                 summary["fit"][group] = {key: figures.get(key) for key in ("ece", "nll", "accuracy")}
     return summary
+
+
+def _multilabel_figures(data: Labelled, spec: EvaluateSpec) -> dict[str, Any]:
+    report = multilabel_workflows.evaluate(
+        data.values, data.labels, from_logits=data.kind == "logits", n_bins=spec.n_bins
+    )
+    return {
+        **report["uncalibrated"],
+        "task": "multilabel",
+        "reliability_per_label": report["reliability_per_label"]["uncalibrated"],
+    }
 
 
 def _figures(data: Labelled, spec: EvaluateSpec, with_losses: bool) -> dict[str, Any]:

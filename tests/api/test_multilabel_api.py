@@ -324,3 +324,26 @@ def test_a_huge_logit_moves_only_its_own_label(http, model, data):
     plain, with_huge = np.asarray(answers.json()["probabilities"])
     np.testing.assert_array_equal(with_huge[1:], plain[1:])
     assert with_huge[0] >= plain[0]
+
+
+def test_v1_metrics_scores_per_label_sigmoid_scores(http, data):
+    logits, labels = data[2], data[3]
+    answer = http.post(
+        "/v1/metrics", json={"logits": logits.tolist(), "labels": labels.tolist(), "task": "multilabel"}
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    local = multilabel_workflows.evaluate(logits, labels)["uncalibrated"]
+    assert body["ece"] == pytest.approx(local["ece"], rel=1e-12) and body["nll_micro"] == pytest.approx(
+        local["nll_micro"]
+    )
+    assert len(body["reliability_per_label"]) == 5
+    buffer = io.BytesIO()
+    np.savez(buffer, probabilities=expit(logits), labels=labels)
+    binary = http.post(
+        "/v1/metrics?task=multilabel",
+        content=buffer.getvalue(),
+        headers={"content-type": "application/x-npz"},
+    )
+    assert binary.status_code == 200, binary.text
+    assert binary.json()["brier"] == pytest.approx(local["brier"], rel=1e-12)
