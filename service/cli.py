@@ -40,7 +40,7 @@ from typing import Any, TextIO
 
 # The method names come from the calibrators' registry (numpy and scipy.special only: the fits' heavier
 # imports, scipy.optimize, scikit-learn and torch, wait for a fit).
-from service.core.calibrators import METHODS
+from service.core.calibrators import METHODS, MULTILABEL_METHODS
 from service.core.metrics import MAX_BOOTSTRAP_RESAMPLES, MAX_BOOTSTRAP_WORK, MAX_N_BINS
 from service.errors import CalibserveError
 from service.names import validate_model_name
@@ -170,8 +170,34 @@ def _read_labelled(args: argparse.Namespace) -> tuple[Any, Any, str]:
         if args.server:
             return scores, labels, kind
         scores, kind = _model_logits(args, scores), "logits"
+    if _multilabel(args):
+        return _read_multilabel(scores, labels, kind)
     scores, labels, _ = check_labelled(scores, labels, from_logits=kind == "logits")
     return scores, labels, kind
+
+
+def _multilabel(args: argparse.Namespace, document: dict | None = None) -> bool:
+    """Whether the command is about a multi-label model: ``--task multilabel``, or a calibrator document
+    of one."""
+    return getattr(args, "task", None) == "multilabel" or (
+        isinstance(document, dict) and document.get("task") == "multilabel"
+    )
+
+
+def _read_multilabel(scores: Any, labels: Any, kind: str) -> tuple[Any, Any, str]:
+    """A multi-label model's scores (per-label logits or probabilities) and its 0/1 label matrix."""
+    from service.core.multilabel import check_label_matrix
+    from service.multilabel_workflows import scores_to_logits
+
+    if kind == "probabilities":
+        from service.core.multilabel import check_label_probabilities
+
+        scores = check_label_probabilities(scores)
+    else:
+        scores = scores_to_logits(scores, from_logits=True)
+    if getattr(labels, "ndim", None) == 1 and scores.shape[1] == 1:  # one label: a (n, 1) matrix read flat
+        labels = labels[:, None]
+    return scores, check_label_matrix(labels, scores.shape[0], scores.shape[1]), kind
 
 
 def _read_labels(args: argparse.Namespace) -> Any:
@@ -240,6 +266,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 options=options or None,
                 **{kind: scores},
             )
+    elif _multilabel(args):
+        from service import multilabel_workflows
+
+        document = multilabel_workflows.fit_document(
+            scores,
+            labels,
+            from_logits=kind == "logits",
+            method=args.method,
+            options=options,
+            model=args.model,
+        )
     else:
         from service.workflows import fit_document
 
@@ -280,7 +317,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from service.core.validation import check_scores
 
     scores, from_logits = _read_scores(args)
-    scores = check_scores(scores, from_logits=from_logits)
+    document = None
+    if not args.server and args.calibrator:
+        from service import reports
+
+        document = reports.load_json(args.calibrator)
+    if _multilabel(args, document):  # per-label scores: rows need not sum to 1
+        from service import multilabel_workflows
+
+        scores = multilabel_workflows.scores_to_logits(scores, from_logits=from_logits, transform=True)
+        from_logits = True
+    else:
+        scores = check_scores(scores, from_logits=from_logits)
     if args.server:
         with _client(args) as client:
             answer = client.calibrate(
@@ -292,8 +340,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
             raise CommandError("apply needs --calibrator FILE (or --server URL --model NAME)")
         from service import reports, workflows
 
-        calibrator = workflows.load_calibrator(reports.load_json(args.calibrator))
-        probabilities = workflows.calibrate(calibrator, scores, from_logits=from_logits)
+        calibrator = workflows.load_calibrator(document)
+        if _multilabel(args, document):
+            from service import multilabel_workflows
+
+            probabilities = multilabel_workflows.calibrate(calibrator, scores)
+        else:
+            probabilities = workflows.calibrate(calibrator, scores, from_logits=from_logits)
     io.write_array(args.out, probabilities)
     logger.info("wrote %d x %d probabilities to %s", *probabilities.shape, args.out)
     return EXIT_OK
@@ -344,6 +397,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     outputs = _outputs(args)
     document = reports.load_json(args.calibrator) if args.calibrator else None
     baseline_document = reports.load_json(args.baseline) if args.baseline else None
+    if _multilabel(args, document) and not getattr(args, "task", None):
+        args.task = "multilabel"  # the calibrator document says so
     scores, labels, kind = _read_labelled(args)
     from_logits = kind == "logits"
 
@@ -390,6 +445,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     min_segment_size=args.min_segment_size,
                     **{kind: scores},
                 )
+        elif _multilabel(args):
+            from service import multilabel_workflows
+
+            report = multilabel_workflows.evaluate(
+                scores,
+                labels,
+                from_logits=from_logits,
+                calibrator=calibrator,
+                calibrator_document=document,
+                n_bins=args.bins,
+            )
         else:
             report = workflows.evaluate(
                 scores,
@@ -436,7 +502,15 @@ def _write_reports(report: dict, outputs: list[tuple[str, str]], plot: str | Non
 
     figure_png = None
     wants_html = any(format == "html" for format, _ in outputs)
-    if (plot or wants_html) and not report.get("reliability"):
+    if report.get("task") == "multilabel" and (plot or wants_html):  # one diagram per label
+        from service.plots import label_diagrams
+
+        if plot:
+            image = label_diagrams(report, path=plot)
+            figure_png = image if plot.lower().endswith(".png") else None
+        if figure_png is None and wants_html:
+            figure_png = label_diagrams(report, format="png")
+    elif (plot or wants_html) and not report.get("reliability"):
         logger.warning("no outcomes to draw: the report has no reliability diagram")
     elif plot or wants_html:
         from service.plots import reliability_diagram
@@ -666,6 +740,15 @@ def _add_scores(parser: argparse.ArgumentParser, *, labels: bool, inputs: bool =
         )
 
 
+def _add_task(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        choices=("multiclass", "multilabel"),
+        help="multilabel: K independent sigmoid outputs, labels a 0/1 matrix (n, K) in .npy/.npz "
+        "(default multiclass; read from a multi-label --calibrator document)",
+    )
+
+
 def _add_client(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
     group = parser.add_argument_group("client mode (run against a service)")
     group.add_argument(
@@ -782,7 +865,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit a calibrator and write its document", parents=[quiet])
     _add_scores(fit, labels=True, inputs=True)
-    fit.add_argument("--method", choices=METHODS, default="temperature", help="calibration method")
+    fit.add_argument(
+        "--method",
+        choices=tuple(dict.fromkeys((*METHODS, *MULTILABEL_METHODS))),
+        default="temperature",
+        help="calibration method (multi-label models: temperature, shared_temperature, platt, isotonic)",
+    )
+    _add_task(fit)
     fit.add_argument(
         "--option",
         action="append",
@@ -799,6 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--calibrator", metavar="FILE", help="calibrator document (from calibserve fit)")
     apply.add_argument("--version", type=int, help="with --server: use this calibrator version")
     apply.add_argument("--out", required=True, metavar="FILE", help="probabilities: .npy, .csv or .jsonl")
+    _add_task(apply)
     _add_client(apply)
     apply.set_defaults(handler=cmd_apply)
 
@@ -807,6 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_scores(evaluate, labels=True, inputs=True)
     _add_evaluation(evaluate, baseline_required=False)
+    _add_task(evaluate)
     _add_client(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
@@ -817,6 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_scores(drift, labels=True, inputs=True)
     _add_evaluation(drift, baseline_required=True)
+    _add_task(drift)
     _add_client(drift)
     drift.set_defaults(handler=cmd_evaluate)
 

@@ -48,9 +48,19 @@ def export_torchscript(
     ``.to(device)`` after loading. ``metadata`` is stored in the file as ``calibserve.json`` (read it back
     by passing ``_extra_files={"calibserve.json": ""}`` to torch's TorchScript loader).
 
+    A multi-label model's file (``metadata["task"] == "multilabel"``) answers K per-label probabilities
+    ``(N, K)`` that need not sum to 1; without a calibrator, the sigmoid of each logit.
+
     Raises InvalidInput for a method that cannot be exported, or a model that cannot be embedded.
     """
-    module = calibrator_module(calibrator)
+    if calibrator is None and (metadata or {}).get("task") == "multilabel":
+        from service.core.calibrators.torch_modules import (
+            SigmoidModule,
+        )  # no calibrator: each label's sigmoid
+
+        module: torch.nn.Module = SigmoidModule()
+    else:
+        module = calibrator_module(calibrator)
     if model is not None:
         module = _ModelThenCalibrator(cpu_copy(model.module), module)
     module.eval()

@@ -215,3 +215,74 @@ def segment_diagrams(report: Mapping[str, Any], *, format: str = "png") -> bytes
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "calibserve"}):
         figure.savefig(buffer, format=format, dpi=DPI, metadata=metadata)
     return buffer.getvalue()
+
+
+MAX_LABEL_PANELS = 48
+"""Most labels drawn by :func:`label_diagrams` (the first ones, in label order)."""
+
+
+def label_diagrams(
+    report: Mapping[str, Any], *, path: str | Path | None = None, format: str | None = None
+) -> bytes:
+    """Small multiples of a multi-label report (:func:`service.multilabel_workflows.evaluate`): one
+    reliability diagram per label (at most :data:`MAX_LABEL_PANELS`), the observed frequency of the label
+    against the mean predicted probability of each non-empty bin, before and after calibration, each panel
+    titled with the label, its prevalence and its ECE (after calibration when there is one)."""
+    if format is None:
+        format = Path(path).suffix.lower().lstrip(".") if path is not None else "png"
+    if format not in FORMATS:
+        raise InvalidInput(f"reliability diagrams are written as .png or .svg, not {format!r}", field="plot")
+    reliability = report.get("reliability_per_label") or {}
+    groups = [group for group in ("uncalibrated", "calibrated") if reliability.get(group)]
+    if not groups:
+        raise InvalidInput("the report has no per-label reliability bins to draw", field="reliability")
+    n_labels = min(len(reliability[groups[0]]), MAX_LABEL_PANELS)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    columns = min(4, n_labels)
+    rows = -(-n_labels // columns)
+    figure = Figure(figsize=(2.4 * columns, 2.4 * rows + 0.4), dpi=DPI, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    for index, axis in enumerate(axes.flat):
+        if index >= n_labels:
+            axis.set_visible(False)
+            continue
+        axis.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=0.8)
+        title_ece = ""
+        for group in groups:
+            bins = reliability[group][index]
+            style = _STYLE[group]
+            axis.plot(
+                bins["mean_probability"],
+                bins["frequency"],
+                marker=style["marker"],
+                markersize=2.5,
+                color=style["color"],
+                label=style["label"],
+            )
+            ece = (report[group]["per_label"][index] or {}).get("ece")
+            if isinstance(ece, int | float):
+                title_ece = f", ECE {ece:.3f}"
+        row = report[groups[0]]["per_label"][index]
+        name = row.get("name", f"label {index}")
+        axis.set_title(f"{str(name)[:20]} (p={row.get('prevalence', 0):.2f}){title_ece}", fontsize="x-small")
+        axis.set(xlim=(0, 1), ylim=(0, 1))
+        axis.tick_params(labelsize="xx-small")
+        axis.grid(True, alpha=0.3)
+    axes.flat[0].legend(loc="upper left", fontsize="xx-small")
+    figure.suptitle(
+        f"Per-label reliability (n = {report.get('n')}, x: predicted probability, y: observed frequency)",
+        fontsize="small",
+    )
+    buffer = io.BytesIO()
+    metadata = {"Date": None} if format == "svg" else {"Software": None}
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "calibserve"}):
+        figure.savefig(buffer, format=format, dpi=DPI, metadata=metadata)
+    image = buffer.getvalue()
+    if path is not None:
+        Path(path).write_bytes(image)
+    return image

@@ -124,6 +124,7 @@ class LoadedModel:
     source: Path | None
     input_dtype: str = "float32"
     output_columns: int | None = None
+    task: str | None = None  # "multilabel" where the metadata declares K independent sigmoid outputs
     stamp: Any = None
     runner: ModelRunner | None = field(default=None, repr=False, compare=False)
 
@@ -135,6 +136,7 @@ class _Metadata:
     input_dtype: str
     class_names: tuple[str, ...] | None
     description: str | None
+    task: str | None = None
 
 
 def _parse_metadata(name: str, metadata: Mapping[str, Any] | None) -> _Metadata:
@@ -187,7 +189,12 @@ def _parse_metadata(name: str, metadata: Mapping[str, Any] | None) -> _Metadata:
     description = metadata.get("description")
     if description is not None and not isinstance(description, str):
         raise InvalidInput(f"description of model {name!r} must be a string", field="description")
-    return _Metadata(num_classes, input_shape, input_dtype, class_names, description)
+    task = metadata.get("task")
+    if task is not None:
+        from service.core.multilabel import check_task
+
+        task = check_task(task)
+    return _Metadata(num_classes, input_shape, input_dtype, class_names, description, task)
 
 
 def _columns_fit_classes(columns: int, num_classes: int) -> bool:
@@ -445,6 +452,7 @@ class ModelRegistry:
             input_dtype=meta.input_dtype,
             output_columns=output_columns,
             runner=runner,
+            task=meta.task,
         )
         return model
 

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from service.api.bodies import array
-from service.core.calibrators import METHODS
+from service.core.calibrators import METHODS, MULTILABEL_METHODS
 from service.core.metrics import MAX_BOOTSTRAP_RESAMPLES, MAX_N_BINS
 from service.core.segments import DEFAULT_MIN_SEGMENT_SIZE
 from service.core.validation import MAX_NUM_CLASSES
@@ -27,7 +27,22 @@ Matrix = Annotated[
     ),
 ]
 Vector = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "number"}})]
-Labels = Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "integer", "minimum": 0}})]
+Labels = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 0},
+                    {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                ]
+            },
+            "description": "one class per row; for a multi-label model, a 0/1 row per sample (N x K) or the "
+            "list of its label indices",
+        }
+    ),
+]
 Segments = Annotated[
     Any,
     WithJsonSchema(
@@ -39,7 +54,8 @@ Segments = Annotated[
     ),
 ]
 
-Method = Literal[METHODS]  # type: ignore[valid-type]
+# the multiclass methods, then those only a multi-label model has (shared_temperature)
+Method = Literal[tuple(dict.fromkeys((*METHODS, *MULTILABEL_METHODS)))]  # type: ignore[valid-type]
 
 
 MAX_CLASS_NAME_LENGTH = 256
@@ -125,6 +141,11 @@ class ModelSpec(Strict):
     class_names: list[ClassName] | None = Field(None, max_length=MAX_NUM_CLASSES)
     description: str | None = Field(None, max_length=2000)
     upstream: UpstreamSpec | None = None
+    task: Literal["multiclass", "multilabel"] | None = Field(
+        None,
+        description="multilabel: num_classes independent sigmoid outputs (labels a 0/1 matrix or index lists; "
+        "answers K probabilities per row that need not sum to 1); default multiclass",
+    )
 
 
 class ScoresBody(Strict):
@@ -224,6 +245,9 @@ class MetricsRequest(FigureOptions):
     probabilities: Matrix | None = None
     labels: Labels
     losses: bool = True
+    task: Literal["multiclass", "multilabel"] | None = Field(
+        None, description="multilabel: per-label sigmoid scores and a 0/1 label matrix (or index lists)"
+    )
 
 
 def one_of(body: BaseModel, names: tuple[str, ...]) -> tuple[str, Any]:

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from service import workflows
+from service import multilabel_workflows, workflows
 from service.core import losses
 from service.core.cancellation import Budget
+from service.core.multilabel import check_label_count, check_task
 from service.core.probability import softmax
 from service.core.validation import n_label_classes, same_class_count
 from service.errors import Conflict, InvalidInput, ModelFailed, NotFound, NotReady, StoreUnavailable
@@ -50,7 +51,13 @@ class Prediction:
     segment_fallback: np.ndarray | None = None
 
     @property
+    def multilabel(self) -> bool:
+        return self.model.task == "multilabel"
+
+    @property
     def predicted_class(self) -> np.ndarray:
+        if self.multilabel:  # a 0/1 matrix: each label whose calibrated probability is at least 1/2
+            return (self.probabilities >= 0.5).astype(np.int64)
         return self.probabilities.argmax(axis=1)
 
     def predicted_labels(self, predicted: np.ndarray | None = None) -> list[str] | None:
@@ -73,6 +80,8 @@ class UpstreamPrediction:
 
     @property
     def predicted_class(self) -> np.ndarray:
+        if self.model.task == "multilabel":  # a 0/1 matrix, as Prediction's
+            return (self.probabilities >= 0.5).astype(np.int64)
         return self.probabilities.argmax(axis=1)
 
 
@@ -264,10 +273,13 @@ class DataPlane:
         class_names: list[str] | None,
         description: str | None,
         upstream: Mapping[str, Any] | None = None,
+        task: str | None = None,
     ) -> tuple[ModelInfo, bool]:
         """Create or update a logits-only model, or one served by an upstream inference server
-        (``upstream``: url, model, version, output); ``(the model, whether it was created)``."""
+        (``upstream``: url, model, version, output); ``(the model, whether it was created)``. ``task``
+        ``multilabel`` declares K independent sigmoid outputs (``num_classes`` = K labels)."""
         self.state.require_ready()
+        task = check_task(task) if task is not None else None
         spec = None
         if upstream is not None:
             spec = UpstreamSpec.from_record(upstream, default_model=name)
@@ -285,6 +297,15 @@ class DataPlane:
                 f"model {name!r} has an active calibrator for {active['num_classes']} classes; "
                 "delete the model first to change its class count"
             )
+        if (
+            task is not None
+            and active is not None
+            and (active.get("task") == "multilabel") != (task == "multilabel")
+        ):
+            raise Conflict(
+                f"model {name!r} has an active calibrator of another task; delete the model first to change "
+                "its task"
+            )
         if loaded is not None and spec is not None:
             raise Conflict(
                 f"model {name!r} is a TorchScript model; an upstream model needs a name of its own"
@@ -294,6 +315,7 @@ class DataPlane:
             "class_names": class_names,
             "description": description,
             "upstream": spec.to_record() if spec is not None else None,
+            "task": task,
         }
         kind = "upstream" if spec is not None else "logits"
         metadata = {"kind": kind, **{key: value for key, value in fields.items() if value is not None}}
@@ -393,6 +415,8 @@ class DataPlane:
         self.state.require_ready()
         info = self.state.model_info(name)
         scores, from_logits = await self._scores(info, data)
+        if info.task == "multilabel":
+            return await self._fit_multilabel(info, scores, from_logits, data, spec, budget)
         document = await bounded(
             budget or self.budget(),
             workflows.fit_document,
@@ -410,11 +434,45 @@ class DataPlane:
         FITS.labels(name, spec.method).inc()
         return stored
 
+    async def _fit_multilabel(
+        self,
+        info: ModelInfo,
+        scores: np.ndarray,
+        from_logits: bool,
+        data: Labelled,
+        spec: FitSpec,
+        budget: Budget | None,
+    ) -> dict[str, Any]:
+        """A multi-label model's fit: a binary calibrator per label (:mod:`service.multilabel_workflows`)."""
+        if data.segments is not None:
+            raise InvalidInput("segments are not supported for a multi-label model", field="segments")
+        document = await bounded(
+            budget or self.budget(),
+            multilabel_workflows.fit_document,
+            scores,
+            data.labels,
+            from_logits=from_logits,
+            method=spec.method,
+            options=spec.options,
+            model=info.name,
+            num_labels=info.num_classes,
+            sample_weight=data.sample_weight,
+        )
+        stored = await self._store(info, document, activate=spec.activate)
+        FITS.labels(info.name, spec.method).inc()
+        return stored
+
     async def upload_calibrator(self, name: str, document: Any, *, activate: bool) -> dict[str, Any]:
         """Store a calibrator document made elsewhere (e.g. by ``calibserve fit``) as a new version."""
         self.state.require_ready()
         calibrator = workflows.load_calibrator(document)  # refuses malformed documents before any write
         info = self.state.model_info(name)
+        if (info.task == "multilabel") != (getattr(calibrator, "task", None) == "multilabel"):
+            raise InvalidInput(
+                f"model {name!r} is {info.task}; the calibrator document is "
+                f"{'multilabel' if getattr(calibrator, 'task', None) == 'multilabel' else 'multiclass'}",
+                field="task",
+            )
         if info.num_classes is not None and document.get("num_classes") not in (None, info.num_classes):
             raise InvalidInput(
                 f"the calibrator was fitted for {document.get('num_classes')} classes; "
@@ -439,6 +497,8 @@ class DataPlane:
         """Calibrated probabilities for ``scores`` (``kind`` logits or probabilities), with a segment per row
         for a segment_temperature calibrator."""
         info, entry = await self.lookup_async(name, version)
+        if info.task == "multilabel":
+            return await self._calibrate_multilabel(info, entry, kind, scores, segments)
         check_columns(info, scores, kind)
         fallback = None
         if segments is not None or _segmented(entry.calibrator):
@@ -455,6 +515,24 @@ class DataPlane:
             ids = self.monitoring.record(name, entry.version, logits, probabilities)
         return Prediction(info, probabilities, entry.version, ids=ids, segment_fallback=fallback)
 
+    async def _calibrate_multilabel(
+        self, info: ModelInfo, entry: ActiveCalibrator, kind: str, scores: np.ndarray, segments: Any
+    ) -> Prediction:
+        """K sigmoid probabilities per row of a multi-label model (not logged: the prediction log and its
+        monitoring are for softmax models)."""
+        if segments is not None:
+            raise InvalidInput("segments are not supported for a multi-label model", field="segments")
+        if scores.ndim == 2:
+            check_label_count(scores.shape[1], info.num_classes, kind)
+        probabilities = await compute(
+            multilabel_workflows.calibrate,
+            entry.calibrator,
+            scores,
+            from_logits=kind == "logits",
+            size=scores.size,
+        )
+        return Prediction(info, probabilities, entry.version)
+
     async def predict(
         self, name: str, version: int | None, inputs: np.ndarray, segments: Any = None
     ) -> Prediction:
@@ -467,7 +545,12 @@ class DataPlane:
         elif info.kind != "torchscript":
             raise InvalidInput(f"model {name!r} is logits-only; send its logits to calibrate", field="inputs")
         else:
-            logits, probabilities = await self._run_model(name, entry, inputs)
+            logits, probabilities = await self._run_model(
+                name, entry, inputs, multilabel=info.task == "multilabel"
+            )
+        if info.task == "multilabel":
+            prediction = await self._calibrate_multilabel(info, entry, "logits", logits, segments)
+            return Prediction(info, prediction.probabilities, entry.version, logits)
         fallback = None
         if segments is not None or _segmented(entry.calibrator):
             probabilities, fallback = await compute(
@@ -512,6 +595,11 @@ class DataPlane:
         if info.transparent and entry.version is None:
             return await self.upstream_models.forward(info, *raw)
         answer = await self.upstream_models.infer(info, entry, document, binary)
+        if info.task == "multilabel":  # K sigmoid probabilities per row, not logged (as calibrate)
+            probabilities = await compute(
+                multilabel_workflows.calibrate, entry.calibrator, answer.logits, size=answer.logits.size
+            )
+            return UpstreamPrediction(info, answer, probabilities, entry.version)
         probabilities = await compute(
             calibrate_array, entry.calibrator, answer.logits, from_logits=True, size=answer.logits.size
         )
@@ -527,7 +615,7 @@ class DataPlane:
         return await self.upstream_models.not_ready(info)
 
     async def _run_model(
-        self, name: str, entry: ActiveCalibrator, inputs: np.ndarray
+        self, name: str, entry: ActiveCalibrator, inputs: np.ndarray, *, multilabel: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """``(logits, probabilities)`` of TorchScript model ``name``; probabilities None: calibrate on the CPU.
 
@@ -542,8 +630,10 @@ class DataPlane:
         calibrator = entry.calibrator
         # A calibrator fitted for another class count is left to the CPU path, which names the mismatch.
         # (a segment calibrator has no module: its rows' temperatures hang on keys, applied on the CPU)
-        fits = calibrator is None or (
-            calibrator.num_classes_ == model.num_classes and not _segmented(calibrator)
+        # (a multi-label model's logits are calibrated on the CPU, per label, after the pass)
+        fits = not multilabel and (
+            calibrator is None
+            or (calibrator.num_classes_ == model.num_classes and not _segmented(calibrator))
         )
         on_device = model.device.type != "cpu" and fits
 
@@ -633,6 +723,7 @@ class DataPlane:
         """Labels for logged predictions (``prediction_ids``), or labelled scores (``kind`` logits or
         probabilities) scored with ``calibrator_version`` (the active one when None)."""
         info = self.model(name)
+        _no_live_monitoring(info)
         if prediction_ids is not None:
             return await in_thread(self.monitoring.outcomes_by_id, name, prediction_ids, labels)
         if scores is None or kind not in SCORE_KINDS:
@@ -645,6 +736,7 @@ class DataPlane:
 
     async def monitoring_report(self, name: str, window: str, version: int | None) -> dict[str, Any]:
         """Figures, label-free estimates and drift of ``name``'s outcomes in the last ``window``."""
+        _no_live_monitoring(self.model(name))
         active = self.calibrator_view(name, None)
         return await in_thread(self.monitoring.report, name, window, version, active)
 
@@ -652,6 +744,7 @@ class DataPlane:
         """Fit a new version on the window's labelled outcomes, store it (inactive unless asked), and compare
         it with the active calibrator on a held-out part of those outcomes."""
         info, entry = await self.lookup_async(name, None)
+        _no_live_monitoring(info)
         if spec.activate not in (True, False, "if_better"):
             raise InvalidInput('activate must be true, false or "if_better"', field="activate")
         if not 0.0 < spec.holdout < 1.0:
@@ -696,6 +789,22 @@ class DataPlane:
         """Figures before and after calibration, and drift against the calibrator's fit-time figures."""
         info, entry = await self.lookup_async(name, version)
         scores, from_logits = await self._scores(info, data)
+        if info.task == "multilabel":
+            _check_multilabel_evaluation(spec)
+            report = await bounded(
+                budget or self.budget(),
+                multilabel_workflows.evaluate,
+                scores,
+                data.labels,
+                from_logits=from_logits,
+                calibrator=entry.calibrator,
+                calibrator_document=entry.document,
+                n_bins=spec.n_bins,
+                num_labels=info.num_classes,
+                label_names=info.class_names,
+            )
+            report["model"] = name
+            return report
         check_columns(info, scores, data.kind)
         report = await bounded(
             budget or self.budget(),
@@ -719,9 +828,19 @@ class DataPlane:
         return report
 
     async def figures(
-        self, data: Labelled, spec: EvaluateSpec, *, with_losses: bool, budget: Budget | None = None
+        self,
+        data: Labelled,
+        spec: EvaluateSpec,
+        *,
+        with_losses: bool,
+        budget: Budget | None = None,
+        task: str | None = None,
     ) -> dict[str, Any]:
-        """Stateless: every calibration figure (and the evaluation losses) of labelled scores."""
+        """Stateless: every calibration figure (and the evaluation losses) of labelled scores; of per-label
+        scores with ``task`` multilabel (the per-label, macro and micro figures; no losses)."""
+        if task == "multilabel":
+            _check_multilabel_evaluation(spec)
+            return await bounded(budget or self.budget(), _multilabel_figures, data, spec)
         return await bounded(budget or self.budget(), _figures, data, spec, with_losses)
 
     # ------------------------------------------------------------------------------------------- export
@@ -750,9 +869,39 @@ class DataPlane:
             "input_shape": list(model.input_shape) if model is not None and model.input_shape else None,
             "calibrator_version": entry.version,
             "calibrator": entry.document,
+            **({"task": "multilabel"} if info.task == "multilabel" else {}),
         }
         data = await in_thread(export_torchscript, entry.calibrator, model=model, metadata=metadata)
         return data, entry.version
+
+
+def _check_multilabel_evaluation(spec: EvaluateSpec) -> None:
+    """InvalidInput naming the evaluation options a multi-label model's figures do not have (its figures
+    are per label, equal-width bins, exact NLL)."""
+    default = EvaluateSpec()
+    unsupported = [
+        name
+        for name in ("binning", "bootstrap", "nll_clip", "ece_convention", "per_class_tests", "segments")
+        if getattr(spec, name) != getattr(default, name)
+    ]
+    if unsupported:
+        raise InvalidInput(
+            f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not supported for a "
+            "multi-label model (its figures are per label, with equal-width bins and the exact NLL)",
+            field=unsupported[0],
+        )
+
+
+def _no_live_monitoring(info: ModelInfo) -> None:
+    """InvalidInput for a multi-label model: the prediction log, outcomes, monitoring windows and refits
+    keep one top-label row per prediction (softmax models); a multi-label model's calibration is checked
+    with evaluate and drift (the CLI's ``calibserve drift``) instead."""
+    if info.task == "multilabel":
+        raise InvalidInput(
+            f"model {info.name!r} is multilabel: live monitoring (outcomes, monitoring windows, refits) is not "
+            "supported for multi-label models; check them with evaluate or calibserve drift",
+            field="task",
+        )
 
 
 def _refit_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -787,6 +936,17 @@ def calibrator_summary(document: Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(figures, Mapping):
                 summary["fit"][group] = {key: figures.get(key) for key in ("ece", "nll", "accuracy")}
     return summary
+
+
+def _multilabel_figures(data: Labelled, spec: EvaluateSpec) -> dict[str, Any]:
+    report = multilabel_workflows.evaluate(
+        data.values, data.labels, from_logits=data.kind == "logits", n_bins=spec.n_bins
+    )
+    return {
+        **report["uncalibrated"],
+        "task": "multilabel",
+        "reliability_per_label": report["reliability_per_label"]["uncalibrated"],
+    }
 
 
 def _figures(data: Labelled, spec: EvaluateSpec, with_losses: bool) -> dict[str, Any]:

@@ -151,7 +151,8 @@ async def server_not_ready(plane: DataPlane) -> str | None:
 def own_model_metadata(info: ModelInfo, versions: list[str]) -> dict[str, Any]:
     """Metadata of a model calibserve runs itself (logits-only or TorchScript); ``-1`` where a size is free."""
     columns = info.num_classes if info.num_classes is not None else -1
-    classes = 2 if columns == 1 else columns
+    multilabel = info.task == "multilabel"  # K labels: K probabilities and a K-column 0/1 predicted_class
+    classes = columns if multilabel else 2 if columns == 1 else columns
     inputs = [
         {"name": "logits", "datatype": "FP32", "shape": [-1, columns]},
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, columns]},
@@ -162,7 +163,7 @@ def own_model_metadata(info: ModelInfo, versions: list[str]) -> dict[str, Any]:
             info.input_dtype or "", "FP32"
         )
         inputs.insert(0, {"name": "inputs", "datatype": datatype, "shape": [-1, *sample]})
-    return {
+    metadata = {
         "name": info.name,
         "versions": versions,
         "platform": f"calibserve_{info.kind}",
@@ -170,9 +171,12 @@ def own_model_metadata(info: ModelInfo, versions: list[str]) -> dict[str, Any]:
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
             {"name": "logits", "datatype": "FP32", "shape": [-1, columns]},
-            {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
+            {"name": "predicted_class", "datatype": "INT64", "shape": [-1, classes] if multilabel else [-1]},
         ],
     }
+    if multilabel:
+        metadata["parameters"] = {"task": "multilabel"}
+    return metadata
 
 
 def upstream_model_metadata(info: ModelInfo, versions: list[str], upstream: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,11 @@ class ModelInfo:
             extra={key: value for key, value in record.items() if key not in (*RECORD_KEYS, "name")},
         )
 
+    @property
+    def task(self) -> str:
+        """``multilabel`` (K independent sigmoid outputs) where the record declares it, else ``multiclass``."""
+        return "multilabel" if self.extra.get("task") == "multilabel" else "multiclass"
+
     def with_loaded(self, model: LoadedModel) -> ModelInfo:
         """This model as the registry loaded it (TorchScript)."""
         return ModelInfo(
@@ -81,7 +86,7 @@ class ModelInfo:
             input_dtype=model.input_dtype,
             device=str(model.device),
             failing=self.failing,
-            extra=self.extra,
+            extra={**self.extra, "task": model.task} if model.task else self.extra,
         )
 
     @classmethod
@@ -98,6 +103,8 @@ class ModelInfo:
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "description": self.description,
             "upstream": self.upstream.to_record() if self.upstream is not None else None,
+            # kept where declared (a shipped model's model.json), so the record a first fit writes keeps it
+            "task": self.extra.get("task"),
         }
         return {key: value for key, value in values.items() if value is not None}
 

@@ -89,7 +89,8 @@ MODEL_FAILURES = Counter(
 
 def publish_active(name: str, document: dict[str, Any] | None) -> None:
     """Show the active temperature of ``name`` (temperature scaling only)."""
-    if document is not None and document.get("method") == "temperature":
+    # (a multi-label model's "temperature" method has one temperature per label: no single gauge)
+    if document is not None and document.get("method") == "temperature" and "temperature" in document:
         ACTIVE_TEMPERATURE.labels(name).set(float(document["temperature"]))
 
 

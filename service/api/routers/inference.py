@@ -42,6 +42,8 @@ HeaderGetter = Callable[[str], "str | bytes | None"]
 
 
 def answer(prediction: Prediction, extra: dict | None = None) -> dict[str, Any]:
+    if prediction.multilabel:
+        return multilabel_answer(prediction, extra)
     predicted = prediction.predicted_class
     body: dict[str, Any] = {
         "probabilities": prediction.probabilities,
@@ -55,6 +57,25 @@ def answer(prediction: Prediction, extra: dict | None = None) -> dict[str, Any]:
         body["prediction_ids"] = prediction.ids.as_list()
     if prediction.segment_fallback is not None:
         body["segment_fallback"] = prediction.segment_fallback
+    if extra:
+        body.update(extra)
+    return body
+
+
+def multilabel_answer(prediction: Prediction, extra: dict | None = None) -> dict[str, Any]:
+    """A multi-label model's answer: K probabilities per row (they need not sum to 1) and, per row, the
+    labels whose calibrated probability is at least 1/2 (``predicted_labels``, indices; ``predicted_label``,
+    names, where the model has them)."""
+    chosen = [np.flatnonzero(row).tolist() for row in prediction.predicted_class]
+    body: dict[str, Any] = {
+        "task": "multilabel",
+        "probabilities": prediction.probabilities,
+        "predicted_labels": chosen,
+        "calibrator_version": prediction.calibrator_version,
+    }
+    names = prediction.model.class_names
+    if names:
+        body["predicted_label"] = [[names[k] for k in row] for row in chosen]
     if extra:
         body.update(extra)
     return body
@@ -130,7 +151,7 @@ def tensor_response(
         tensors.DTYPE_HEADER: dtype.name,
         tensors.VERSION_HEADER: "none" if version is None else str(version),
     }
-    if probabilities.shape[0] <= tensors.MAX_PREDICTED_CLASS_ROWS:
+    if probabilities.shape[0] <= tensors.MAX_PREDICTED_CLASS_ROWS and not prediction.multilabel:
         headers[tensors.PREDICTED_HEADER] = ",".join(map(str, prediction.predicted_class.tolist()))
     if prediction.ids is not None:  # row i's id is "<prefix>.<i>"
         headers[tensors.PREDICTION_ID_HEADER] = prediction.ids.prefix

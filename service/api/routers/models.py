@@ -47,6 +47,7 @@ async def put_model(name: ModelName, request: Request, plane: Plane) -> NumpyJSO
         class_names=spec.class_names,
         description=spec.description,
         upstream=spec.upstream,
+        task=spec.task,
     )
     return NumpyJSONResponse(plane.model_summary(info), status_code=201 if created else 200)
 
@@ -54,7 +55,7 @@ async def put_model(name: ModelName, request: Request, plane: Plane) -> NumpyJSO
 def _upload_metadata(request: Request) -> dict:
     """What the ``X-Model-*`` headers of an upload say of the model."""
     metadata: dict = {}
-    for key in ("input_shape", "class_names", "description"):
+    for key in ("input_shape", "class_names", "description", "task"):
         header = request.headers.get(f"x-model-{key.replace('_', '-')}")
         if header:
             metadata[key] = header.split(",") if key == "class_names" else header

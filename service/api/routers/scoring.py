@@ -28,5 +28,5 @@ async def figures(request: Request, plane: Plane) -> NumpyJSONResponse:
     spec = body.spec()
     data = labelled(body, ("logits", "probabilities"))
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
-        answer = await plane.figures(data, spec, with_losses=body.losses, budget=budget)
+        answer = await plane.figures(data, spec, with_losses=body.losses, budget=budget, task=body.task)
     return NumpyJSONResponse(answer)

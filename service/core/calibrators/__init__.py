@@ -24,7 +24,9 @@ Modules
 :mod:`.base` (the :class:`Calibrator` protocol, :class:`BaseCalibrator`, option and document checks),
 :mod:`.temperature` (:class:`TemperatureScaling`; its passes over the logits in :mod:`.temperature_objective`),
 :mod:`.affine` (:class:`VectorScaling`, :class:`MatrixScaling`), :mod:`.platt` (:class:`PlattScaling`),
-:mod:`.binning` (:class:`IsotonicCalibration`, :class:`HistogramBinning`), :mod:`.torch_modules` (the
+:mod:`.binning` (:class:`IsotonicCalibration`, :class:`HistogramBinning`), :mod:`.multilabel`
+(:class:`PerLabelCalibration`: a binary calibrator per label of a multi-label model, :data:`MULTILABEL_METHODS`;
+its documents have ``"task": "multilabel"``), :mod:`.torch_modules` (the
 ``torch.nn.Module`` twins that :meth:`BaseCalibrator.torch_module` builds for export). This package
 registers the methods (:data:`CALIBRATORS`, :data:`METHODS`). Torch is imported only by a temperature fit,
 a large temperature transform or an export, and scipy.optimize and scikit-learn only by the fits that
@@ -61,6 +63,11 @@ from service.core.calibrators.base import BaseCalibrator, Calibrator
 from service.core.calibrators.beta import BetaCalibration
 from service.core.calibrators.binning import HistogramBinning, IsotonicCalibration
 from service.core.calibrators.ensemble import EnsembleTemperatureScaling
+from service.core.calibrators.multilabel import (
+    MULTILABEL_METHODS,
+    PerLabelCalibration,
+    is_multilabel_document,
+)
 from service.core.calibrators.platt import PlattScaling
 from service.core.calibrators.segment_temperature import SegmentTemperatureScaling
 from service.core.calibrators.temperature import TemperatureScaling
@@ -72,6 +79,7 @@ if TYPE_CHECKING:  # torch is imported only where a module is built
 __all__ = [
     "CALIBRATORS",
     "METHODS",
+    "MULTILABEL_METHODS",
     "BaseCalibrator",
     "BetaCalibration",
     "Calibrator",
@@ -80,6 +88,7 @@ __all__ = [
     "HistogramBinning",
     "IsotonicCalibration",
     "MatrixScaling",
+    "PerLabelCalibration",
     "PlattScaling",
     "SegmentTemperatureScaling",
     "TemperatureScaling",
@@ -140,6 +149,8 @@ def calibrator_from_dict(document: Mapping[str, Any]) -> BaseCalibrator:
         raise InvalidInput(f"a calibrator document must be an object, got {type(document).__name__}")
     if "method" not in document:
         raise InvalidInput("calibrator document lacks 'method'", field="method")
+    if is_multilabel_document(document):  # a multi-label model's: a binary calibrator per label
+        return PerLabelCalibration.from_dict(document)
     return _calibrator_class(document["method"]).from_dict(document)
 
 

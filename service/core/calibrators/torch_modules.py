@@ -39,6 +39,9 @@ def into_domain(z: torch.Tensor) -> torch.Tensor:
     if not bool(outside.any()):
         return z
     exponent = torch.ceil(torch.log2(torch.where(outside, magnitude, torch.ones_like(magnitude)) / limit))
+    # rows within the limit keep their logits (exponent 0): without this, a batch with one row beyond the
+    # limit multiplied every other row by 2**332 (one-hot answers)
+    exponent = torch.where(outside, exponent, torch.zeros_like(exponent))
     return z * torch.exp2(-exponent)
 
 
@@ -227,3 +230,25 @@ class OneVsRestModule(torch.nn.Module):
         sums = calibrated.sum(dim=1, keepdim=True)
         calibrated = torch.where(sums <= 0, p, calibrated)
         return answer_dtype(calibrated / calibrated.sum(dim=1, keepdim=True), logits)
+
+
+class PerLabelModule(torch.nn.Module):
+    """A multi-label model's per-label calibration: column ``k`` through binary module ``k``, whose
+    ``P(y = 1)`` is kept; logits ``(N, K)`` to probabilities ``(N, K)`` that need not sum to 1."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.labels = torch.nn.ModuleList(modules)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        columns: list[torch.Tensor] = []
+        for k, module in enumerate(self.labels):
+            columns.append(module(logits[:, k : k + 1])[:, 1])
+        return torch.stack(columns, dim=1)
+
+
+class SigmoidModule(torch.nn.Module):
+    """A multi-label model without a calibrator: the sigmoid of each logit."""
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return answer_dtype(torch.sigmoid(logits.to(torch.float64)), logits)
