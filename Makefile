@@ -62,7 +62,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check service tests bench scripts
 
 test: lint $(TRITON_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 -m "not slow"
 
 soak: $(STAMP)
 	CALIBSERVE_SOAK=1 $(BIN)/python -m pytest -q -m slow
