@@ -57,40 +57,42 @@ def _upper_slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     pushed and popped at most once, and the whole sweep is linear (Vovk, Petej & Fedorova 2015,
     algorithms 1-2). Written as a Python loop: a hull is sequential, and numpy has no primitive for it.
     """
-    k = x.size - 1
     xs, ys = [-1.0, *x.tolist()], [-1.0, *y.tolist()]
+    n_points = len(xs)
     hull: list[int] = []  # the lower hull of all points, left to right
-    for j in range(len(xs)):
+    for j in range(n_points):
+        xj, yj = xs[j], ys[j]
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
             # b is dropped unless the turn a -> b -> j is strictly convex
-            if (xs[b] - xs[a]) * (ys[j] - ys[a]) - (ys[b] - ys[a]) * (xs[j] - xs[a]) > 0:
+            if (xs[b] - xs[a]) * (yj - ys[a]) - (ys[b] - ys[a]) * (xj - xs[a]) > 0:
                 break
             hull.pop()
         hull.append(j)
     # as a stack with the leftmost vertex on top; new shifted points are appended to xs, ys
     stack = hull[::-1]
-    p1 = np.empty(k + 1)
-    for i in range(k + 1):
-        if i > 0:  # the test object moves after group i: its step starts at the shifted P_i
-            qx, qy = x[i] - 1.0, y[i] - 1.0
-            while len(stack) >= 2 and xs[stack[-2]] <= qx:
-                stack.pop()
-            a, b = stack[-1], stack[-2]
-            # strictly below the hull segment a -> b (a at or left of q, b right of it): q is a vertex
-            if (xs[b] - xs[a]) * (qy - ys[a]) - (ys[b] - ys[a]) * (qx - xs[a]) < 0:
-                stack.pop()
-                while len(stack) >= 2:
-                    b, c = stack[-1], stack[-2]
-                    if (xs[b] - qx) * (ys[c] - qy) - (ys[b] - qy) * (xs[c] - qx) > 0:
-                        break
-                    stack.pop()
-                xs.append(qx)
-                ys.append(qy)
-                stack.append(len(xs) - 1)
+    pop, push = stack.pop, stack.append
+    a, b = stack[-1], stack[-2]
+    p1 = [(ys[b] - ys[a]) / (xs[b] - xs[a])]
+    for i in range(2, n_points):  # the test object after group i - 1: its step starts at the shifted P_{i-1}
+        qx, qy = xs[i] - 1.0, ys[i] - 1.0
+        while len(stack) >= 2 and xs[stack[-2]] <= qx:
+            pop()
         a, b = stack[-1], stack[-2]
-        p1[i] = (ys[b] - ys[a]) / (xs[b] - xs[a])
-    return p1
+        # strictly below the hull segment a -> b (a at or left of q, b right of it): q is a vertex
+        if (xs[b] - xs[a]) * (qy - ys[a]) - (ys[b] - ys[a]) * (qx - xs[a]) < 0:
+            pop()
+            while len(stack) >= 2:
+                b, c = stack[-1], stack[-2]
+                if (xs[b] - qx) * (ys[c] - qy) - (ys[b] - qy) * (xs[c] - qx) > 0:
+                    break
+                pop()
+            xs.append(qx)
+            ys.append(qy)
+            push(len(xs) - 1)
+        a, b = stack[-1], stack[-2]
+        p1.append((ys[b] - ys[a]) / (xs[b] - xs[a]))
+    return np.array(p1)
 
 
 def venn_abers_curve(
