@@ -137,7 +137,8 @@ def report(rows: list[dict], args: argparse.Namespace, info: dict, wall_s: float
         [
             "## Which method where: every method on the real sets (`bench/bench_methods.py`)",
             "",
-            f"Command: `.venv/bin/python bench/bench_methods.py --repeats {args.repeats} --write` (wall time "
+            f"Command: `.venv/bin/python bench/bench_methods.py --repeats {args.repeats}"
+            f"{' --peers' if args.peers else ''} --write` (wall time "
             f"{wall_s:.0f} s). Each method is fitted with its default options on `logits_val` / `labels_val` of "
             "each set in `tests/data` and scored on `logits_test` / `labels_test` (float64 logits): NLL of the "
             "true class (infinite when a row's true class has probability 0; the rows where it has are "
