@@ -309,6 +309,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from service import io
 
     _check_client_flags(args)
@@ -329,12 +331,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
         from_logits = True
     else:
         scores = check_scores(scores, from_logits=from_logits)
+    intervals = None
+    if args.intervals_out and Path(args.intervals_out).suffix.lower() != ".npy":
+        raise CommandError(f"--intervals-out {args.intervals_out}: use a .npy file name (N x K x 2)")
     if args.server:
         with _client(args) as client:
             answer = client.calibrate(
-                args.model, version=args.version, **{"logits" if from_logits else "probabilities": scores}
+                args.model,
+                version=args.version,
+                intervals=bool(args.intervals_out),
+                **{"logits" if from_logits else "probabilities": scores},
             )
         probabilities = answer["probabilities"]
+        if args.intervals_out:
+            intervals = np.asarray(answer["probability_intervals"], dtype=np.float64)
     else:
         if not args.calibrator:
             raise CommandError("apply needs --calibrator FILE (or --server URL --model NAME)")
@@ -347,9 +357,26 @@ def cmd_apply(args: argparse.Namespace) -> int:
             probabilities = multilabel_workflows.calibrate(calibrator, scores)
         else:
             probabilities = workflows.calibrate(calibrator, scores, from_logits=from_logits)
+        if args.intervals_out:
+            intervals = _local_intervals(calibrator, scores, from_logits=from_logits)
     io.write_array(args.out, probabilities)
     logger.info("wrote %d x %d probabilities to %s", *probabilities.shape, args.out)
+    if intervals is not None:
+        with Path(args.intervals_out).open("wb") as handle:
+            np.save(handle, intervals, allow_pickle=False)
+        logger.info("wrote %d x %d x 2 probability intervals to %s", *intervals.shape[:2], args.intervals_out)
     return EXIT_OK
+
+
+def _local_intervals(calibrator: Any, scores: Any, *, from_logits: bool) -> Any:
+    """``[p0, p1]`` per row and class of a venn_abers calibrator document (CommandError for other methods)."""
+    from service import workflows
+
+    if not hasattr(calibrator, "transform_intervals"):
+        raise CommandError(
+            f"--intervals-out: probability intervals come from a venn_abers calibrator, not {calibrator.method}"
+        )
+    return calibrator.transform_intervals(workflows.scores_to_logits(scores, from_logits=from_logits))
 
 
 # -------------------------------------------------------------------------------------- evaluate / drift
@@ -889,6 +916,11 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--version", type=int, help="with --server: use this calibrator version")
     apply.add_argument("--out", required=True, metavar="FILE", help="probabilities: .npy, .csv or .jsonl")
     _add_task(apply)
+    apply.add_argument(
+        "--intervals-out",
+        metavar="FILE",
+        help="venn_abers calibrators: also write [p0, p1] per row and class (.npy, N x K x 2)",
+    )
     _add_client(apply)
     apply.set_defaults(handler=cmd_apply)
 

@@ -457,14 +457,24 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
     # inference and evaluation
 
     def calibrate(
-        self, name: str, *, logits: Any = None, probabilities: Any = None, version: int | None = None
+        self,
+        name: str,
+        *,
+        logits: Any = None,
+        probabilities: Any = None,
+        version: int | None = None,
+        intervals: bool = False,
     ) -> _Json:
         """``POST /v1/models/{name}/calibrate``: calibrated probabilities.
 
         Returns a dict whose ``probabilities`` (float64, N x K) and ``predicted_class`` (int64, N) are numpy
         arrays, with ``calibrator_version`` (and ``predicted_label`` when the model has class names).
+        ``intervals=True`` (venn_abers calibrators) adds ``probability_intervals``: ``[p0, p1]`` per row and
+        class.
         """
         body = _one_of(logits=logits, probabilities=probabilities)
+        if intervals:
+            body["intervals"] = True
         return self._send(
             _Call(
                 "POST",

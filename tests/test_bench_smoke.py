@@ -320,3 +320,26 @@ def test_store_bench_runs_and_writes_its_section(tmp_path: Path) -> None:
     cells = [cell.strip() for cell in down.strip("|").split("|")]
     assert int(cells[0]) > 0 and cells[1] == "0"  # served from the cached view, none failed
     assert cells[3].startswith("503")  # a write says the store is unavailable
+
+
+@pytest.mark.slow  # netcal's torch loop alone takes 10 to 20 s on one real set
+def test_methods_bench_times_the_new_methods_next_to_their_peers(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    run_bench(
+        "bench_methods.py",
+        *("--repeats", "1", "--sets", "kumar_vgg16_c10.npz", "--peers"),
+        *("--synthetic-rows", "3000", "--peer-rows", "1000", "--write", "--readme", str(readme)),
+    )
+    text = readme.read_text()
+    assert "<!-- bench_method_peers:start -->\n## New methods next to their peer packages" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| synthetic 3,000 x 10")]
+    methods = {row[1] for row in rows}
+    assert methods >= {
+        "beta, top-label problem",
+        "venn_abers, one-vs-rest",
+        "dirichlet",
+        "ensemble_temperature",
+    }
+    # the slow peers ran on the first 1,000 rows, ours on all 3,000 and again on those 1,000
+    assert any(row[2] == "1,000" and row[5] == "venn-abers" for row in rows)
+    assert "| venn abers |" in text  # the method table has the Venn-Abers row

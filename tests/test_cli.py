@@ -70,6 +70,7 @@ def runs(work: Path) -> dict[str, Run]:
     first = run_all(
         {
             "fit": ["fit", *val, "--model", "wrn", "--out", "calibrator.json"],
+            "fit_venn_abers": ["fit", *val, "--method", "venn_abers", "--out", "va.json"],
             "fit_text": [
                 "fit",
                 "--logits",
@@ -90,8 +91,21 @@ def runs(work: Path) -> dict[str, Run]:
         work,
     )
     assert_ok(first["fit"])
+    assert_ok(first["fit_venn_abers"])
+    apply_va = ["apply", "--logits", "test_logits.npy", "--out"]
     second = run_all(
         {
+            "apply_intervals": [
+                *apply_va,
+                "va_p.npy",
+                "--calibrator",
+                "va.json",
+                "--intervals-out",
+                "va_i.npy",
+            ],
+            "apply_intervals_temperature": [
+                *(*apply_va, "t_p.npy", "--calibrator", "calibrator.json", "--intervals-out", "t_i.npy"),
+            ],
             "apply": [
                 "apply",
                 "--logits",
@@ -517,3 +531,16 @@ def test_export_writes_the_served_model(remote, work):
         pytest.skip(f"the export route is not there yet: {run.stderr.strip()}")
     assert_ok(run)
     assert (work / "digits.pt").read_bytes()[:2] == b"PK"  # TorchScript files are zip archives
+
+
+def test_venn_abers_fit_and_apply_write_probability_intervals(runs, work):
+    from service.core.calibrators import calibrator_from_dict
+
+    assert_ok(runs["apply_intervals"])
+    fitted = calibrator_from_dict(orjson.loads((work / "va.json").read_bytes()))
+    logits = np.load(work / "test_logits.npy")
+    np.testing.assert_allclose(np.load(work / "va_p.npy"), fitted.transform(logits), rtol=1e-12)
+    np.testing.assert_allclose(np.load(work / "va_i.npy"), fitted.transform_intervals(logits), rtol=1e-12)
+    refused = runs["apply_intervals_temperature"]
+    assert_ok(refused, 2)
+    assert "intervals come from a venn_abers calibrator, not temperature" in refused.stderr

@@ -7,9 +7,9 @@ the same decorators as every other route, so the document shows them exactly lik
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Query
 from fastapi.openapi.utils import get_openapi
 from starlette.responses import Response
 
@@ -58,6 +58,11 @@ _ANSWER_SCHEMA = {
         "predicted_label": {"type": "array", "items": {"type": "string"}},
         "calibrator_version": {"type": ["integer", "null"]},
         "logits": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        "probability_intervals": {
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+            "description": "[p0, p1] per row and class, when intervals were asked for (venn_abers)",
+        },
     },
     "required": ["probabilities", "predicted_class", "calibrator_version"],
 }
@@ -194,7 +199,14 @@ def _not_served() -> Response:
     response_class=Response,
     responses=_ANSWERS,
 )
-async def calibrate(name: ModelName, version: PinnedVersion = None) -> Response:
+async def calibrate(
+    name: ModelName,
+    version: PinnedVersion = None,
+    intervals: Annotated[
+        bool | None,
+        Query(description="answer probability_intervals, [p0, p1] per row and class (venn_abers; JSON only)"),
+    ] = None,
+) -> Response:
     return _not_served()
 
 

@@ -175,6 +175,10 @@ class CalibrateRequest(Strict):
     logits: Matrix | None = None
     probabilities: Matrix | None = None
     segments: RowSegments | None = None
+    intervals: bool = Field(
+        False,
+        description="answer probability_intervals too: [p0, p1] per row and class (venn_abers calibrators)",
+    )
 
 
 class PredictRequest(Strict):

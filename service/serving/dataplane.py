@@ -49,6 +49,8 @@ class Prediction:
     ids: PredictionIds | None = None  # the logged rows' ids, where the prediction log is on
     # a segment_temperature calibrator's answer: the rows that got the global temperature
     segment_fallback: np.ndarray | None = None
+    # a venn_abers calibrator's [p0, p1] per row and class, where the request asked for them
+    intervals: np.ndarray | None = None
 
     @property
     def multilabel(self) -> bool:
@@ -173,6 +175,27 @@ def calibrate_segments(
         probabilities = calibrator.transform(logits, validate=False)
         return probabilities, np.ones(len(probabilities), dtype=bool)
     return calibrator.transform_segments(logits, segments, validate=False)
+
+
+def calibrate_intervals(
+    entry: ActiveCalibrator, scores: Any, *, from_logits: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities, intervals)`` of a calibrator that gives probability intervals (venn_abers: ``[p0,
+    p1]`` per row and class, shape ``(n, K, 2)``); InvalidInput for any other calibrator."""
+    calibrator = entry.calibrator
+    if calibrator is None or not hasattr(calibrator, "transform_intervals"):
+        method = getattr(calibrator, "method", None)
+        raise InvalidInput(
+            f"probability intervals come from a venn_abers calibrator; calibrator version {entry.version} is "
+            f"{method or 'none (plain softmax)'}",
+            field="intervals",
+        )
+    logits = workflows.scores_to_logits(scores, from_logits=from_logits, transform=True)
+    if n_label_classes(logits.shape[1]) != calibrator.num_classes_:
+        calibrator.transform(logits)  # raises the calibrator's own message
+    return calibrator.transform(logits, validate=False), calibrator.transform_intervals(
+        logits, validate=False
+    )
 
 
 class DataPlane:
@@ -492,16 +515,30 @@ class DataPlane:
     # ---------------------------------------------------------------------------------------- inference
 
     async def calibrate(
-        self, name: str, version: int | None, kind: str, scores: np.ndarray, segments: Any = None
+        self,
+        name: str,
+        version: int | None,
+        kind: str,
+        scores: np.ndarray,
+        segments: Any = None,
+        *,
+        intervals: bool = False,
     ) -> Prediction:
         """Calibrated probabilities for ``scores`` (``kind`` logits or probabilities), with a segment per row
-        for a segment_temperature calibrator."""
+        for a segment_temperature calibrator, and with each row's probability intervals when ``intervals``
+        (venn_abers calibrators only)."""
         info, entry = await self.lookup_async(name, version)
         if info.task == "multilabel":
             return await self._calibrate_multilabel(info, entry, kind, scores, segments)
         check_columns(info, scores, kind)
-        fallback = None
-        if segments is not None or _segmented(entry.calibrator):
+        fallback = bounds = None
+        if intervals:
+            if segments is not None:
+                raise InvalidInput("segments and intervals are for different calibrators", field="intervals")
+            probabilities, bounds = await compute(
+                calibrate_intervals, entry, scores, from_logits=kind == "logits", size=scores.size
+            )
+        elif segments is not None or _segmented(entry.calibrator):
             probabilities, fallback = await compute(
                 calibrate_segments, entry, scores, segments, from_logits=kind == "logits", size=scores.size
             )
@@ -513,7 +550,9 @@ class DataPlane:
         if self.monitoring.logs(name):
             logits = scores if kind == "logits" else workflows.scores_to_logits(scores, from_logits=False)
             ids = self.monitoring.record(name, entry.version, logits, probabilities)
-        return Prediction(info, probabilities, entry.version, ids=ids, segment_fallback=fallback)
+        return Prediction(
+            info, probabilities, entry.version, ids=ids, segment_fallback=fallback, intervals=bounds
+        )
 
     async def _calibrate_multilabel(
         self, info: ModelInfo, entry: ActiveCalibrator, kind: str, scores: np.ndarray, segments: Any

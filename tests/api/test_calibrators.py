@@ -223,3 +223,58 @@ def test_a_temperature_per_segment_is_fitted_and_served_with_a_segment_per_row(c
     assert client.post("/v1/models/flat/fit", json=flat).status_code == 201
     refused = client.post("/v1/models/flat/calibrate", json={"logits": rows, "segments": keys})
     assert refused.status_code == 400 and "segment_temperature" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize("columns", [1, 4])
+def test_venn_abers_fits_serves_intervals_on_request_and_refuses_bad_options(client, columns):
+    from service.core.calibrators import calibrator_from_dict
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 3, size=(500, columns))
+    if columns == 1:
+        labels = (rng.random(500) < 1 / (1 + np.exp(-0.4 * logits[:, 0]))).astype(int)
+    else:
+        labels = (softmax(0.5 * logits, axis=1).cumsum(axis=1) > rng.random((500, 1))).argmax(axis=1)
+    assert client.put("/v1/models/va", json={"num_classes": columns}).status_code == 201
+    body = {"logits": logits.tolist(), "labels": labels.tolist(), "method": "venn_abers"}
+    answer = client.post("/v1/models/va/fit", json=body)
+    assert answer.status_code == 201, answer.text
+    document = answer.json()
+    assert document["method"] == "venn_abers" and document["convergence"]["converged"]
+    fitted = calibrator_from_dict(document)
+    queries = logits[:6].tolist()
+    plain = client.post("/v1/models/va/calibrate", json={"logits": queries}).json()
+    assert "probability_intervals" not in plain
+    np.testing.assert_allclose(plain["probabilities"], fitted.transform(logits[:6]), rtol=1e-12)
+    for asked in (
+        client.post("/v1/models/va/calibrate", json={"logits": queries, "intervals": True}),
+        client.post("/v1/models/va/calibrate?intervals=true", json={"logits": queries}),
+    ):
+        assert asked.status_code == 200, asked.text
+        served = asked.json()
+        intervals = np.array(served["probability_intervals"])
+        assert intervals.shape == (6, max(columns, 2), 2)
+        np.testing.assert_allclose(intervals, fitted.transform_intervals(logits[:6]), rtol=1e-12)
+        assert (intervals[..., 0] <= intervals[..., 1]).all()
+    # options and requests that cannot be served are refused, naming the field
+    bad = client.post("/v1/models/va/fit", json={**body, "options": {"precision": -2}})
+    assert bad.status_code == 400 and "precision" in bad.json()["detail"]
+    bad = client.post("/v1/models/va/fit", json={**body, "options": {"n_bins": 3}})
+    assert bad.status_code == 400 and "n_bins" in bad.json()["detail"]
+    bad = client.post("/v1/models/va/calibrate?intervals=maybe", json={"logits": queries})
+    assert bad.status_code == 400 and "intervals must be true or false" in bad.json()["detail"]
+    npy = client.post(
+        "/v1/models/va/calibrate?intervals=true",
+        json={"logits": queries},
+        headers={"Accept": "application/x-npy"},
+    )
+    assert npy.status_code == 400 and "JSON only" in npy.json()["detail"]
+    fit_temperature = {**body, "method": "temperature"}
+    assert client.post("/v1/models/va/fit", json=fit_temperature).status_code == 201
+    refused = client.post("/v1/models/va/calibrate", json={"logits": queries, "intervals": True})
+    assert refused.status_code == 400
+    assert "probability intervals come from a venn_abers calibrator" in refused.json()["detail"]
+    pinned = client.post(
+        f"/v1/models/va/calibrate?version={document['version']}&intervals=true", json={"logits": queries}
+    )
+    assert pinned.status_code == 200 and "probability_intervals" in pinned.json()

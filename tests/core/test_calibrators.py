@@ -519,7 +519,9 @@ def test_vector_and_matrix_fits_converge_whatever_the_scale_of_the_logits(name, 
 @pytest.mark.parametrize("method", sorted(CALIBRATORS))
 def test_binary_calibrators_serve_one_and_two_column_logits_alike(method):
     rng = np.random.default_rng(15)
-    margin = rng.normal(scale=3.0, size=300)
+    # multiples of 2^-20, so that (margin + 1.5) - 1.5 is the margin exactly (Venn-Abers is a step function
+    # of the margin with a step at every fit margin: an ulp moves a fit row to the next step)
+    margin = np.round(rng.normal(scale=3.0, size=300) * 2**20) / 2**20
     labels = (rng.random(300) < expit(0.6 * margin + 0.2)).astype(int)
     one_column = margin[:, None]
     two_columns = np.stack([np.full(300, 1.5), margin + 1.5], axis=1)  # same margin, shifted rows
@@ -720,6 +722,7 @@ def test_registry_and_protocol():
         "ensemble_temperature",
         "dirichlet",
         "segment_temperature",
+        "venn_abers",
     }
     for method, cls in CALIBRATORS.items():
         calibrator = make_calibrator(method)
@@ -1002,6 +1005,7 @@ def test_platt_is_binary_only():
         ("beta", "beta"),
         ("isotonic", "isotonic"),
         ("histogram", "histogram binning"),
+        ("venn_abers", "venn-abers"),
     ],
 )
 def test_one_class_labels_are_refused_where_nothing_can_be_learnt(method, label):

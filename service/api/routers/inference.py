@@ -57,6 +57,8 @@ def answer(prediction: Prediction, extra: dict | None = None) -> dict[str, Any]:
         body["prediction_ids"] = prediction.ids.as_list()
     if prediction.segment_fallback is not None:
         body["segment_fallback"] = prediction.segment_fallback
+    if prediction.intervals is not None:
+        body["probability_intervals"] = prediction.intervals
     if extra:
         body.update(extra)
     return body
@@ -90,6 +92,7 @@ class Scores:
     dtype: np.dtype | None
     return_logits: bool = False
     segments: list | None = None  # JSON bodies only: one key per row, for a segment_temperature calibrator
+    intervals: bool = False  # JSON bodies only: answer probability_intervals (venn_abers)
 
 
 def read_scores(
@@ -105,7 +108,9 @@ def read_scores(
         request = validate_object(data, CalibrateRequest)
         kind, values = one_of(request, names)
         # JSON numbers carry no width: binary answers are float32
-        return Scores(kind, values, None, segments=_row_segments(request.segments))
+        return Scores(
+            kind, values, None, segments=_row_segments(request.segments), intervals=request.intervals
+        )
     named = header(tensors.NAME_HEADER.lower())
     kind = (named.decode("latin-1") if isinstance(named, bytes) else named or names[0]).strip()
     if kind not in names:
@@ -160,7 +165,14 @@ def tensor_response(
 
 async def serve_calibrate(plane: DataPlane, request: LeanRequest) -> Response:
     name, version, accept, scores = await _decode(plane, request, predict=False)
-    prediction = await plane.calibrate(name, version, scores.kind, scores.values, scores.segments)
+    intervals = scores.intervals or _intervals_query(request.query("intervals"))
+    if intervals and accept != tensors.JSON:
+        raise InvalidInput(
+            "probability intervals are answered in JSON only (Accept: application/json)", field="intervals"
+        )
+    prediction = await plane.calibrate(
+        name, version, scores.kind, scores.values, scores.segments, intervals=intervals
+    )
     return _with_store_age(plane, tensor_response(accept, prediction, scores.dtype))
 
 
@@ -169,6 +181,15 @@ async def serve_predict(plane: DataPlane, request: LeanRequest) -> Response:
     prediction = await plane.predict(name, version, scores.values, scores.segments)
     extra = {"logits": prediction.logits} if scores.return_logits else None
     return _with_store_age(plane, tensor_response(accept, prediction, scores.dtype, extra))
+
+
+def _intervals_query(text: str | None) -> bool:
+    """``?intervals=true|false`` (absent: false)."""
+    if text is None or text == "false":
+        return False
+    if text != "true":
+        raise InvalidInput(f"intervals must be true or false, got {text[:40]!r}", field="intervals")
+    return True
 
 
 def _with_store_age(plane: DataPlane, response: Response) -> Response:

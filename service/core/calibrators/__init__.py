@@ -24,7 +24,8 @@ Modules
 :mod:`.base` (the :class:`Calibrator` protocol, :class:`BaseCalibrator`, option and document checks),
 :mod:`.temperature` (:class:`TemperatureScaling`; its passes over the logits in :mod:`.temperature_objective`),
 :mod:`.affine` (:class:`VectorScaling`, :class:`MatrixScaling`), :mod:`.platt` (:class:`PlattScaling`),
-:mod:`.binning` (:class:`IsotonicCalibration`, :class:`HistogramBinning`), :mod:`.multilabel`
+:mod:`.binning` (:class:`IsotonicCalibration`, :class:`HistogramBinning`), :mod:`.venn_abers`
+(:class:`VennAbersCalibration`), :mod:`.multilabel`
 (:class:`PerLabelCalibration`: a binary calibrator per label of a multi-label model, :data:`MULTILABEL_METHODS`;
 its documents have ``"task": "multilabel"``), :mod:`.torch_modules` (the
 ``torch.nn.Module`` twins that :meth:`BaseCalibrator.torch_module` builds for export). This package
@@ -50,6 +51,8 @@ References
 - B. Zadrozny, C. Elkan, "Transforming classifier scores into accurate multiclass probability estimates",
   KDD 2002 (isotonic regression, one-vs-rest); "Obtaining calibrated probability estimates from decision
   trees and naive Bayesian classifiers", ICML 2001 (histogram binning).
+- V. Vovk, I. Petej, V. Fedorova, "Large-scale probabilistic predictors with and without guarantees of
+  validity", NeurIPS 2015 (inductive Venn-Abers predictors, the fast algorithm).
 - T.-Y. Lin, P. Goyal, R. Girshick, K. He, P. Dollár, "Focal Loss for Dense Object Detection", ICCV 2017.
 """
 
@@ -71,6 +74,7 @@ from service.core.calibrators.multilabel import (
 from service.core.calibrators.platt import PlattScaling
 from service.core.calibrators.segment_temperature import SegmentTemperatureScaling
 from service.core.calibrators.temperature import TemperatureScaling
+from service.core.calibrators.venn_abers import VennAbersCalibration
 from service.errors import InvalidInput
 
 if TYPE_CHECKING:  # torch is imported only where a module is built
@@ -93,6 +97,7 @@ __all__ = [
     "SegmentTemperatureScaling",
     "TemperatureScaling",
     "VectorScaling",
+    "VennAbersCalibration",
     "calibrator_from_dict",
     "calibrator_module",
     "make_calibrator",
@@ -110,6 +115,7 @@ CALIBRATORS: dict[str, type[BaseCalibrator]] = {
     "ensemble_temperature": EnsembleTemperatureScaling,
     "dirichlet": DirichletCalibration,
     "segment_temperature": SegmentTemperatureScaling,
+    "venn_abers": VennAbersCalibration,
 }
 # The method names, in the registry's order (CLI choices, API docs).
 METHODS: tuple[str, ...] = tuple(CALIBRATORS)

@@ -252,3 +252,41 @@ class SigmoidModule(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return answer_dtype(torch.sigmoid(logits.to(torch.float64)), logits)
+
+
+class VennAbersModule(torch.nn.Module):
+    """Inductive Venn–Abers: ``p = p1 / (1 - p0 + p1)``, ``p0`` and ``p1`` looked up on per-curve grids.
+
+    ``grid`` is ``(curves, width)`` padded with ``+inf``; ``p0`` and ``p1`` are ``(curves, width + 1)``. The
+    score is the margin ``z1 - z0`` for binary models (one curve), else each class's ``z_k - max_{j != k}
+    z_j`` (``venn_abers.rival_margins``: a maximum and a subtraction, the same float64 bits as numpy's), rounded
+    to ``precision`` decimals when that is not -1; ``p0`` at ``searchsorted(right=True)``, ``p1`` at
+    ``searchsorted(right=False)``; more classes are divided by their row sum.
+    """
+
+    def __init__(self, grid: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor, *, precision: int) -> None:
+        super().__init__()
+        self.precision = int(precision)
+        self.register_buffer("grid", grid)
+        self.register_buffer("p0", p0)
+        self.register_buffer("p1", p1)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        z = into_domain(logits.to(torch.float64))
+        if z.shape[1] <= 2:
+            scores = binary_margin(z).unsqueeze(0)
+        else:
+            top_two = torch.topk(z, 2, dim=1).values
+            first, second = top_two[:, :1], top_two[:, 1:]
+            scores = (z - torch.where(z == first, second, first)).T
+        if self.precision >= 0:
+            scale = 10.0**self.precision
+            scores = torch.round(scores * scale) / scale
+        scores = scores.contiguous()
+        low = torch.gather(self.p0, 1, torch.searchsorted(self.grid, scores, right=True))
+        high = torch.gather(self.p1, 1, torch.searchsorted(self.grid, scores, right=False))
+        merged = high / (1.0 - low + high)
+        if merged.shape[0] == 1:
+            return answer_dtype(torch.stack([1.0 - merged[0], merged[0]], dim=1), logits)
+        merged = merged.T
+        return answer_dtype(merged / merged.sum(dim=1, keepdim=True), logits)
