@@ -412,11 +412,15 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         options: Mapping[str, Any] | None = None,
         sample_weight: Any = None,
         binary: bool = True,
+        conformal: Mapping[str, Any] | None = None,
+        conformal_fraction: float | None = None,
     ) -> _Json:
         """``POST /v1/models/{name}/fit``: fit a calibrator on labelled scores; returns its document.
 
         Give exactly one of ``logits``, ``inputs`` (TorchScript models) or ``probabilities``. The arrays
-        travel as an ``.npz`` body (``binary=False``: JSON).
+        travel as an ``.npz`` body (``binary=False``: JSON). ``conformal`` (``{"score": "lac", "alpha":
+        0.1, ...}``) stores split-conformal prediction sets in the version, their threshold fitted on
+        ``conformal_fraction`` of the rows (the server's default: 0.5).
         """
         arrays = {
             **_one_of(logits=logits, inputs=inputs, probabilities=probabilities),
@@ -424,6 +428,9 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "sample_weight": _array(sample_weight),
         }
         fields = {"method": method, "activate": bool(activate), "options": dict(options) if options else None}
+        if conformal is not None:
+            fields["conformal"] = dict(conformal)
+            fields["conformal_fraction"] = conformal_fraction
         return self._send(
             _labelled_call(f"/v1/models/{_name(name)}/fit", arrays, fields, binary=binary, idempotent=False)
         )

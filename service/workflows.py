@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core import conformal as conformal_core
 from service.core import metrics
 from service.core.calibration_tests import P_VALUES
 from service.core.calibrators import TemperatureScaling, calibrator_from_dict, make_calibrator
@@ -30,7 +31,7 @@ from service.core.validation import (
     check_probabilities,
     same_class_count,
 )
-from service.errors import InvalidInput
+from service.errors import InvalidInput, InvalidParameter
 
 FORMAT_VERSION = 1
 REPORT_KIND = "calibserve.evaluation"
@@ -263,6 +264,156 @@ def calibrate(calibrator: Any | None, scores: Any, *, from_logits: bool = True) 
     return calibrator.transform(logits)
 
 
+# ---------------------------------------------------------------------------------------------- conformal
+
+DEFAULT_CONFORMAL_FRACTION = 0.5
+"""Share of a fit's rows held out for the conformal threshold when a fit asks for prediction sets: the
+calibrator is fitted on the rest. Fitting both on the same rows breaks the exchangeability the coverage
+guarantee rests on (the calibrator has seen the threshold's rows: in-sample probabilities are sharper on them
+than on new data, so the threshold and the set sizes it gives are off); half and half keeps both estimates
+precise on a few thousand rows. ``conformal_fraction: 0`` fits both on every row (no guarantee)."""
+
+
+def conformal_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(calibrator rows, conformal rows)``, stratified by label and deterministic given ``seed``: each
+    class gives ``round(fraction * n_k)`` of its rows (a seeded permutation) to the conformal part."""
+    y = np.asarray(labels, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    conformal: list[np.ndarray] = []
+    for k in np.unique(y):
+        rows = order[y[order] == k]
+        conformal.append(rows[: round(fraction * len(rows))])
+    held = np.sort(np.concatenate(conformal)) if conformal else np.array([], dtype=np.int64)
+    mask = np.zeros(len(y), dtype=bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), held
+
+
+def check_conformal_fraction(fraction: Any) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction < 1.0:
+        raise InvalidParameter(
+            f"conformal_fraction must be a number in [0, 1) (the share of rows held out for the conformal "
+            f"threshold; 0: the calibrator's own rows), got {fraction!r}",
+            field="conformal_fraction",
+        )
+    return float(fraction)
+
+
+def fit_conformal_document(
+    scores: Any,
+    labels: Any,
+    *,
+    conformal: Mapping[str, Any],
+    conformal_fraction: float | None = None,
+    from_logits: bool = True,
+    sample_weight: Any = None,
+    segments: Any = None,
+    **fit_options: Any,
+) -> dict:
+    """:func:`fit_document` with split-conformal prediction sets in the same calibrator version.
+
+    ``conformal``: ``score`` (``lac``, ``aps``, ``raps``), ``alpha``, ``mondrian``, ``randomized``, ``k_reg``
+    and ``lambda`` (raps), ``seed`` (of the split and of randomised scores; default 0). The rows are split
+    (:func:`conformal_split`, ``conformal_fraction`` of them, :data:`DEFAULT_CONFORMAL_FRACTION` by default)
+    into the calibrator's rows, on which the calibrator and its ``fit`` figures are computed, and the
+    conformal rows, whose calibrated probabilities (of this very calibrator) give the threshold
+    (:func:`service.core.conformal.fit_thresholds`). The document's ``conformal`` block holds the options,
+    the threshold(s), the rows used and the rule (``quantile``).
+    """
+    spec = conformal_core.conformal_spec(conformal, allowed=("seed",))
+    seed = conformal.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidParameter(
+            f"conformal.seed must be an integer >= 0, got {seed!r}", field="conformal.seed"
+        )
+    fraction = check_conformal_fraction(
+        DEFAULT_CONFORMAL_FRACTION if conformal_fraction is None else conformal_fraction
+    )
+    logits = scores if from_logits else scores_to_logits(scores, from_logits=False)
+    logits, y, weight = check_labelled(logits, labels, from_logits=True, sample_weight=sample_weight)
+    if fraction > 0.0:
+        fit_rows, conformal_rows = conformal_split(y, fraction, seed)
+        if len(fit_rows) == 0 or len(conformal_rows) == 0:
+            raise InvalidParameter(
+                f"conformal_fraction={fraction:g} of {len(y)} rows leaves no rows for "
+                f"{'the calibrator' if len(fit_rows) == 0 else 'the conformal threshold'}",
+                field="conformal_fraction",
+            )
+    else:
+        fit_rows = conformal_rows = np.arange(len(y))
+    segment_list = None if segments is None else np.asarray(segments, dtype=object)
+    if segment_list is not None and len(segment_list) != len(y):
+        check_segments(segments, len(y))  # its own message
+    document = fit_document(
+        logits[fit_rows],
+        y[fit_rows],
+        from_logits=True,
+        sample_weight=None if weight is None else weight[fit_rows],
+        segments=None if segment_list is None else segment_list[fit_rows].tolist(),
+        **fit_options,
+    )
+    calibrator = load_calibrator(document)
+    held = logits[conformal_rows]
+    if segment_list is not None and hasattr(calibrator, "transform_segments"):
+        probabilities, _ = calibrator.transform_segments(held, segment_list[conformal_rows].tolist())
+    else:
+        probabilities = calibrator.transform(held)
+    fitted = conformal_core.fit_thresholds(
+        probabilities, y[conformal_rows], spec, rng=np.random.default_rng([seed, 1])
+    )
+    document["conformal"] = {
+        **fitted.to_dict(),
+        "fraction": fraction,
+        "seed": seed,
+        "split": (
+            "stratified by label: each class gives round(fraction * n_class) of its rows (a permutation "
+            "seeded by seed) to the threshold, the rest to the calibrator"
+            if fraction > 0.0
+            else "none: the calibrator and the threshold were fitted on the same rows (no coverage guarantee)"
+        ),
+    }
+    return document
+
+
+def load_conformal(document: Mapping[str, Any] | None) -> conformal_core.ConformalThresholds | None:
+    """The conformal thresholds of a calibrator document (None when it has none); InvalidParameter for a
+    malformed ``conformal`` block."""
+    if not isinstance(document, Mapping) or document.get("conformal") is None:
+        return None
+    block = document["conformal"]
+    if not isinstance(block, Mapping):
+        raise InvalidParameter("conformal must be an object", field="conformal")
+    num_classes = document.get("num_classes")
+    n_classes = 2 if num_classes in (1, 2) else num_classes
+    if not isinstance(n_classes, int) or isinstance(n_classes, bool):
+        raise InvalidParameter("a document with conformal sets needs num_classes", field="num_classes")
+    return conformal_core.ConformalThresholds.from_dict(block, n_classes)
+
+
+def conformal_sets(
+    fitted: conformal_core.ConformalThresholds, probabilities: np.ndarray, seed: int | None = None
+) -> np.ndarray:
+    """The ``(N, K)`` boolean prediction sets of calibrated ``probabilities``. Randomised sets draw their
+    uniforms from ``seed`` (reproducible) or, without one, from fresh entropy."""
+    rng = np.random.default_rng(seed) if fitted.spec.randomized else None
+    return conformal_core.prediction_sets(probabilities, fitted, rng=rng)
+
+
+def conformal_report(
+    fitted: conformal_core.ConformalThresholds, probabilities: np.ndarray, labels: np.ndarray, seed: int = 0
+) -> dict[str, Any]:
+    """Coverage and set-size figures (:func:`service.core.conformal.coverage_figures`) of a version's sets on
+    labelled rows, with the options that made them."""
+    sets = conformal_sets(fitted, probabilities, seed)
+    figures_of_sets = conformal_core.coverage_figures(sets, labels, fitted.spec.alpha)
+    return {
+        **figures_of_sets,
+        "score": fitted.spec.score,
+        "mondrian": fitted.spec.mondrian,
+        "randomized": fitted.spec.randomized,
+    }
+
+
 # ----------------------------------------------------------------------------------------------- evaluate
 
 
@@ -405,6 +556,14 @@ def evaluate(
             },
             bootstrap=(bootstrap, seed, confidence),
         )
+    fitted_sets = load_conformal(calibrator_document)
+    if fitted_sets is not None and calibrator is not None:
+        # the version's prediction sets on these rows: coverage (marginal, per class, per set size), set sizes
+        if segments is not None and hasattr(calibrator, "transform_segments"):
+            calibrated, _ = calibrator.transform_segments(logits, segments)
+        else:
+            calibrated = calibrator.transform(logits)
+        report["conformal"] = conformal_report(fitted_sets, calibrated, y, seed)
     report["thresholds"] = []
     report["summary"] = summarise([])
     if calibrator_document is not None and has_fit_figures(calibrator_document):

@@ -48,6 +48,9 @@ class Prediction:
     ids: PredictionIds | None = None  # the logged rows' ids, where the prediction log is on
     # a segment_temperature calibrator's answer: the rows that got the global temperature
     segment_fallback: np.ndarray | None = None
+    # a version fitted with conformal sets: each row's set as an (N, K) boolean matrix, and its alpha
+    prediction_sets: np.ndarray | None = None
+    alpha: float | None = None
 
     @property
     def predicted_class(self) -> np.ndarray:
@@ -92,6 +95,9 @@ class FitSpec:
     method: str = "temperature"
     options: Mapping[str, Any] | None = None
     activate: bool = True
+    # split-conformal prediction sets in the same version (workflows.fit_conformal_document)
+    conformal: Mapping[str, Any] | None = None
+    conformal_fraction: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,9 +399,16 @@ class DataPlane:
         self.state.require_ready()
         info = self.state.model_info(name)
         scores, from_logits = await self._scores(info, data)
+        fit = workflows.fit_document
+        conformal: dict[str, Any] = {}
+        if spec.conformal is not None:
+            fit = workflows.fit_conformal_document
+            conformal = {"conformal": spec.conformal, "conformal_fraction": spec.conformal_fraction}
+        elif spec.conformal_fraction is not None:
+            raise InvalidInput("conformal_fraction goes with conformal", field="conformal_fraction")
         document = await bounded(
             budget or self.budget(),
-            workflows.fit_document,
+            fit,
             scores,
             data.labels,
             from_logits=from_logits,
@@ -405,6 +418,7 @@ class DataPlane:
             num_classes=info.num_classes,
             sample_weight=data.sample_weight,
             segments=data.segments,
+            **conformal,
         )
         stored = await self._store(info, document, activate=spec.activate)
         FITS.labels(name, spec.method).inc()
@@ -414,6 +428,7 @@ class DataPlane:
         """Store a calibrator document made elsewhere (e.g. by ``calibserve fit``) as a new version."""
         self.state.require_ready()
         calibrator = workflows.load_calibrator(document)  # refuses malformed documents before any write
+        workflows.load_conformal(document)  # and a malformed conformal block
         info = self.state.model_info(name)
         if info.num_classes is not None and document.get("num_classes") not in (None, info.num_classes):
             raise InvalidInput(
@@ -434,10 +449,17 @@ class DataPlane:
     # ---------------------------------------------------------------------------------------- inference
 
     async def calibrate(
-        self, name: str, version: int | None, kind: str, scores: np.ndarray, segments: Any = None
+        self,
+        name: str,
+        version: int | None,
+        kind: str,
+        scores: np.ndarray,
+        segments: Any = None,
+        seed: int | None = None,
     ) -> Prediction:
         """Calibrated probabilities for ``scores`` (``kind`` logits or probabilities), with a segment per row
-        for a segment_temperature calibrator."""
+        for a segment_temperature calibrator, and prediction sets when the version has conformal sets
+        (randomised ones drawn from ``seed``, or fresh entropy without one)."""
         info, entry = await self.lookup_async(name, version)
         check_columns(info, scores, kind)
         fallback = None
@@ -453,10 +475,16 @@ class DataPlane:
         if self.monitoring.logs(name):
             logits = scores if kind == "logits" else workflows.scores_to_logits(scores, from_logits=False)
             ids = self.monitoring.record(name, entry.version, logits, probabilities)
-        return Prediction(info, probabilities, entry.version, ids=ids, segment_fallback=fallback)
+        sets = await _prediction_sets(entry, probabilities, seed)
+        return Prediction(info, probabilities, entry.version, ids=ids, segment_fallback=fallback, **sets)
 
     async def predict(
-        self, name: str, version: int | None, inputs: np.ndarray, segments: Any = None
+        self,
+        name: str,
+        version: int | None,
+        inputs: np.ndarray,
+        segments: Any = None,
+        seed: int | None = None,
     ) -> Prediction:
         """The model's logits for ``inputs`` (TorchScript, or an upstream server's), calibrated (with a
         segment per row for a segment_temperature calibrator)."""
@@ -478,7 +506,8 @@ class DataPlane:
                 calibrate_array, entry.calibrator, logits, from_logits=True, size=logits.size
             )
         ids = self.monitoring.record(name, entry.version, logits, probabilities)
-        return Prediction(info, probabilities, entry.version, logits, ids, segment_fallback=fallback)
+        sets = await _prediction_sets(entry, probabilities, seed)
+        return Prediction(info, probabilities, entry.version, logits, ids, segment_fallback=fallback, **sets)
 
     async def upstream_model_async(
         self, name: str, version: int | None
@@ -753,6 +782,16 @@ class DataPlane:
         }
         data = await in_thread(export_torchscript, entry.calibrator, model=model, metadata=metadata)
         return data, entry.version
+
+
+async def _prediction_sets(entry: ActiveCalibrator, probabilities: np.ndarray, seed: int | None) -> dict:
+    """``prediction_sets`` and ``alpha`` of a Prediction: empty for a version without conformal sets."""
+    if entry.conformal is None:  # a seed sent anyway is ignored, as for non-randomised sets
+        return {}
+    sets = await compute(
+        workflows.conformal_sets, entry.conformal, probabilities, seed, size=probabilities.size
+    )
+    return {"prediction_sets": sets, "alpha": entry.conformal.spec.alpha}
 
 
 def _refit_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,12 @@ from service.serving.state import ModelInfo
 
 SERVER_NAME = "calibserve"
 INPUT_NAMES = ("logits", "probabilities", "inputs")
-OUTPUT_NAMES = ("probabilities", "logits", "predicted_class")
+OUTPUT_NAMES = ("probabilities", "logits", "predicted_class", "prediction_sets")
+SETS_OUTPUT = "prediction_sets"
+"""A version fitted with conformal sets answers this output too (by default, and on request): ``[N, K]``
+UINT8, 1 where the class is in the row's set, with ``parameters.alpha``. UINT8 rather than BOOL: the same
+0/1 numbers in JSON and in binary (BOOL's JSON form is true/false), one byte a class, and numpy, Triton's
+client and torch read it without a cast."""
 DEFAULT_OUTPUTS = ("probabilities",)
 DATATYPES: dict[str, np.dtype] = {name: wire.NUMPY_TYPES[name] for name in wire.FLOAT_TYPES}
 EXTENSIONS = ["binary_tensor_data"]
@@ -74,6 +79,8 @@ def output_datatype(name: str, input_datatype: str) -> str:
     calibrated probabilities are computed in float32 or better and would lose digits)."""
     if name == "predicted_class":
         return "INT64"
+    if name == SETS_OUTPUT:
+        return "UINT8"
     return "FP64" if input_datatype == "FP64" else "FP32"
 
 
@@ -88,6 +95,7 @@ class InferResult:
     outputs: dict[str, tuple[str, np.ndarray]]
     calibrator_version: int | None
     prediction_ids: list[str] | None
+    alpha: float | None = None  # the version's conformal alpha, when it answers prediction sets
 
 
 async def infer(
@@ -98,29 +106,43 @@ async def infer(
     input_name: str,
     values: np.ndarray,
     datatype: str,
-    outputs: Sequence[str] = DEFAULT_OUTPUTS,
+    outputs: Sequence[str] | None = DEFAULT_OUTPUTS,
+    seed: int | None = None,
 ) -> InferResult:
     """Calibrate ``values`` (input ``logits`` or ``probabilities``) or predict (``inputs``) with model
-    ``name`` (calibrator ``version``, else the active one), and build the ``outputs`` asked for."""
+    ``name`` (calibrator ``version``, else the active one), and build the ``outputs`` asked for (None: the
+    defaults, with ``prediction_sets`` when the version has conformal sets; ``seed`` draws randomised
+    ones)."""
     if input_name == "inputs":
-        prediction = await plane.predict(name, version, values)
+        prediction = await plane.predict(name, version, values, seed=seed)
         logits = prediction.logits
     else:
-        prediction = await plane.calibrate(name, version, input_name, values)
+        prediction = await plane.calibrate(name, version, input_name, values, seed=seed)
         logits = values
+    if outputs is None:
+        with_sets = (SETS_OUTPUT,) if prediction.prediction_sets is not None else ()
+        outputs = (*DEFAULT_OUTPUTS, *with_sets)
     tensors: dict[str, tuple[str, np.ndarray]] = {}
     for wanted in outputs:
         if wanted == "probabilities":
             array = prediction.probabilities
         elif wanted == "predicted_class":
             array = prediction.predicted_class
+        elif wanted == SETS_OUTPUT:
+            if prediction.prediction_sets is None:
+                raise InvalidInput(
+                    f"output {SETS_OUTPUT!r}: calibrator version {prediction.calibrator_version} of model "
+                    f"{name!r} has no conformal prediction sets (fit it with conformal)"
+                )
+            array = prediction.prediction_sets
         elif input_name == "probabilities":  # the logits the calibrator saw
             array = workflows.scores_to_logits(logits, from_logits=False)
         else:
             array = logits
         tensors[wanted] = (output_datatype(wanted, datatype), array)
     ids = prediction.ids.as_list() if prediction.ids is not None else None
-    return InferResult(tensors, prediction.calibrator_version, ids)
+    alpha = prediction.alpha if SETS_OUTPUT in tensors else None
+    return InferResult(tensors, prediction.calibrator_version, ids, alpha)
 
 
 # ---------------------------------------------------------------------------------- metadata, readiness

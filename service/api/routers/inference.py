@@ -55,6 +55,9 @@ def answer(prediction: Prediction, extra: dict | None = None) -> dict[str, Any]:
         body["prediction_ids"] = prediction.ids.as_list()
     if prediction.segment_fallback is not None:
         body["segment_fallback"] = prediction.segment_fallback
+    if prediction.prediction_sets is not None:  # lists of class indices, at the version's alpha
+        body["prediction_sets"] = [row.nonzero()[0].tolist() for row in prediction.prediction_sets]
+        body["alpha"] = prediction.alpha
     if extra:
         body.update(extra)
     return body
@@ -69,6 +72,7 @@ class Scores:
     dtype: np.dtype | None
     return_logits: bool = False
     segments: list | None = None  # JSON bodies only: one key per row, for a segment_temperature calibrator
+    seed: int | None = None  # JSON bodies only: of randomised prediction sets
 
 
 def read_scores(
@@ -80,11 +84,13 @@ def read_scores(
         if predict:
             request = validate_object(data, PredictRequest)
             segments = _row_segments(request.segments)
-            return Scores("inputs", array(request.inputs, "inputs"), None, request.return_logits, segments)
+            return Scores(
+                "inputs", array(request.inputs, "inputs"), None, request.return_logits, segments, request.seed
+            )
         request = validate_object(data, CalibrateRequest)
         kind, values = one_of(request, names)
         # JSON numbers carry no width: binary answers are float32
-        return Scores(kind, values, None, segments=_row_segments(request.segments))
+        return Scores(kind, values, None, segments=_row_segments(request.segments), seed=request.seed)
     named = header(tensors.NAME_HEADER.lower())
     kind = (named.decode("latin-1") if isinstance(named, bytes) else named or names[0]).strip()
     if kind not in names:
@@ -139,13 +145,15 @@ def tensor_response(
 
 async def serve_calibrate(plane: DataPlane, request: LeanRequest) -> Response:
     name, version, accept, scores = await _decode(plane, request, predict=False)
-    prediction = await plane.calibrate(name, version, scores.kind, scores.values, scores.segments)
+    prediction = await plane.calibrate(
+        name, version, scores.kind, scores.values, scores.segments, scores.seed
+    )
     return _with_store_age(plane, tensor_response(accept, prediction, scores.dtype))
 
 
 async def serve_predict(plane: DataPlane, request: LeanRequest) -> Response:
     name, version, accept, scores = await _decode(plane, request, predict=True)
-    prediction = await plane.predict(name, version, scores.values, scores.segments)
+    prediction = await plane.predict(name, version, scores.values, scores.segments, scores.seed)
     extra = {"logits": prediction.logits} if scores.return_logits else None
     return _with_store_age(plane, tensor_response(accept, prediction, scores.dtype, extra))
 
