@@ -229,6 +229,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     _check_client_flags(args, local_model=True)
     options = dict(_parse_option(text) for text in args.option or [])
+    conformal = _conformal_request(args)
     scores, labels, kind = _read_labelled(args)
     if args.server:
         with _client(args) as client:
@@ -238,8 +239,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 method=args.method,
                 activate=not args.no_activate,
                 options=options or None,
+                conformal=conformal,
+                conformal_fraction=args.conformal_fraction,
                 **{kind: scores},
             )
+    elif conformal is not None:
+        from service.workflows import fit_conformal_document
+
+        document = fit_conformal_document(
+            scores,
+            labels,
+            conformal=conformal,
+            conformal_fraction=args.conformal_fraction,
+            from_logits=kind == "logits",
+            method=args.method,
+            options=options,
+            model=args.model,
+        )
     else:
         from service.workflows import fit_document
 
@@ -265,7 +281,51 @@ def cmd_fit(args: argparse.Namespace) -> int:
         before.get("nll", float("nan")),
         after.get("nll", float("nan")),
     )
+    sets = document.get("conformal")
+    if sets:
+        threshold = sets["threshold"] if sets.get("threshold") is not None else sets.get("thresholds")
+        logger.info(
+            "conformal %s sets at alpha %g%s on %s held-out rows: threshold %s",
+            sets["score"],
+            sets["alpha"],
+            " (mondrian)" if sets.get("mondrian") else "",
+            sets.get("n"),
+            threshold,
+        )
     return EXIT_OK
+
+
+_CONFORMAL_FLAGS = (
+    "alpha",
+    "mondrian",
+    "randomized",
+    "k_reg",
+    "raps_lambda",
+    "conformal_fraction",
+    "conformal_seed",
+)
+
+
+def _conformal_request(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The fit's ``conformal`` object from ``--conformal SCORE`` and its flags (None without it)."""
+    if args.conformal is None:
+        given = [name for name in _CONFORMAL_FLAGS if getattr(args, name) not in (None, False)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise CommandError(f"{flag} goes with --conformal lac|aps|raps")
+        return None
+    request: dict[str, Any] = {"score": args.conformal, "alpha": 0.1 if args.alpha is None else args.alpha}
+    if args.mondrian:
+        request["mondrian"] = True
+    if args.randomized:
+        request["randomized"] = True
+    if args.k_reg is not None:
+        request["k_reg"] = args.k_reg
+    if args.raps_lambda is not None:
+        request["lambda"] = args.raps_lambda
+    if args.conformal_seed is not None:
+        request["seed"] = args.conformal_seed
+    return request
 
 
 # ------------------------------------------------------------------------------------------------- apply
@@ -277,25 +337,50 @@ def cmd_apply(args: argparse.Namespace) -> int:
     _check_client_flags(args)
     if Path(args.out).suffix.lower() not in io.WRITE_SUFFIXES:
         raise CommandError(f"--out {args.out}: use a {', '.join(io.WRITE_SUFFIXES)} file name")
+    import numpy as np
+
     from service.core.validation import check_scores
 
+    if args.sets and Path(args.sets).suffix.lower() not in io.WRITE_SUFFIXES:
+        raise CommandError(f"--sets {args.sets}: use a {', '.join(io.WRITE_SUFFIXES)} file name")
     scores, from_logits = _read_scores(args)
     scores = check_scores(scores, from_logits=from_logits)
+    sets = None
     if args.server:
         with _client(args) as client:
             answer = client.calibrate(
-                args.model, version=args.version, **{"logits" if from_logits else "probabilities": scores}
+                args.model,
+                version=args.version,
+                seed=args.seed,
+                **{"logits" if from_logits else "probabilities": scores},
             )
         probabilities = answer["probabilities"]
+        if answer.get("prediction_sets") is not None:
+            sets = np.zeros(probabilities.shape, dtype=np.uint8)
+            for row, members in enumerate(answer["prediction_sets"]):
+                sets[row, members] = 1
     else:
         if not args.calibrator:
             raise CommandError("apply needs --calibrator FILE (or --server URL --model NAME)")
         from service import reports, workflows
 
-        calibrator = workflows.load_calibrator(reports.load_json(args.calibrator))
+        document = reports.load_json(args.calibrator)
+        calibrator = workflows.load_calibrator(document)
         probabilities = workflows.calibrate(calibrator, scores, from_logits=from_logits)
+        fitted = workflows.load_conformal(document)
+        if fitted is not None:
+            sets = workflows.conformal_sets(fitted, probabilities, args.seed).astype(np.uint8)
     io.write_array(args.out, probabilities)
     logger.info("wrote %d x %d probabilities to %s", *probabilities.shape, args.out)
+    if args.sets:
+        if sets is None:
+            raise CommandError(
+                "--sets: the calibrator has no conformal prediction sets (fit it with --conformal)"
+            )
+        io.write_array(args.sets, sets)
+        logger.info(
+            "wrote %d x %d prediction sets (1: the class is in the row's set) to %s", *sets.shape, args.sets
+        )
     return EXIT_OK
 
 
@@ -791,6 +876,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--out", default="-", metavar="FILE", help="calibrator document (default stdout)")
     fit.add_argument("--no-activate", action="store_true", help="with --server: store without activating")
+    fit.add_argument(
+        "--conformal",
+        choices=("lac", "aps", "raps"),
+        help="also fit split-conformal prediction sets with this score, stored in the document",
+    )
+    fit.add_argument("--alpha", type=float, help="with --conformal: the miscoverage rate (default 0.1)")
+    fit.add_argument("--mondrian", action="store_true", help="with --conformal: a threshold per class")
+    fit.add_argument("--randomized", action="store_true", help="with --conformal: randomised aps/raps sets")
+    fit.add_argument(
+        "--k-reg", type=int, help="with --conformal raps: the rank from which classes pay (default 1)"
+    )
+    fit.add_argument("--raps-lambda", type=float, help="with --conformal raps: the penalty (default 0.01)")
+    fit.add_argument(
+        "--conformal-fraction",
+        type=float,
+        help="with --conformal: share of rows held out for the threshold (default 0.5; 0: the same rows)",
+    )
+    fit.add_argument("--conformal-seed", type=int, help="with --conformal: seed of the split (default 0)")
     _add_client(fit)
     fit.set_defaults(handler=cmd_fit)
 
@@ -799,6 +902,15 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--calibrator", metavar="FILE", help="calibrator document (from calibserve fit)")
     apply.add_argument("--version", type=int, help="with --server: use this calibrator version")
     apply.add_argument("--out", required=True, metavar="FILE", help="probabilities: .npy, .csv or .jsonl")
+    apply.add_argument(
+        "--sets",
+        metavar="FILE",
+        help="conformal prediction sets as an N x K 0/1 matrix (.npy, .csv or .jsonl), for a calibrator fitted "
+        "with --conformal",
+    )
+    apply.add_argument(
+        "--seed", type=int, help="seed of randomised prediction sets (default: fresh randomness)"
+    )
     _add_client(apply)
     apply.set_defaults(handler=cmd_apply)
 

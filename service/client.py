@@ -464,14 +464,24 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
     # inference and evaluation
 
     def calibrate(
-        self, name: str, *, logits: Any = None, probabilities: Any = None, version: int | None = None
+        self,
+        name: str,
+        *,
+        logits: Any = None,
+        probabilities: Any = None,
+        version: int | None = None,
+        seed: int | None = None,
     ) -> _Json:
         """``POST /v1/models/{name}/calibrate``: calibrated probabilities.
 
         Returns a dict whose ``probabilities`` (float64, N x K) and ``predicted_class`` (int64, N) are numpy
-        arrays, with ``calibrator_version`` (and ``predicted_label`` when the model has class names).
+        arrays, with ``calibrator_version`` (and ``predicted_label`` when the model has class names; and
+        ``prediction_sets``, lists of class indices, with ``alpha`` when the version has conformal sets:
+        ``seed`` draws randomised ones reproducibly).
         """
         body = _one_of(logits=logits, probabilities=probabilities)
+        if seed is not None:
+            body["seed"] = seed
         return self._send(
             _Call(
                 "POST",
