@@ -825,6 +825,9 @@ def calibrator_summary(document: Mapping[str, Any]) -> dict[str, Any]:
             figures = fit.get(group)
             if isinstance(figures, Mapping):
                 summary["fit"][group] = {key: figures.get(key) for key in ("ece", "nll", "accuracy")}
+    sets = document.get("conformal")
+    if isinstance(sets, Mapping):  # which prediction sets the version answers, not their thresholds
+        summary["conformal"] = {key: sets.get(key) for key in ("score", "alpha", "mondrian", "randomized")}
     return summary
 
 

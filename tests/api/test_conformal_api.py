@@ -144,3 +144,24 @@ def test_the_npz_fit_body_takes_conformal_as_a_query_parameter(cifar_model, cifa
     assert answer.status_code == 201, answer.text
     assert answer.json()["conformal"]["alpha"] == 0.2 and answer.json()["conformal"]["fraction"] == 0.4
     assert abs(answer.json()["conformal"]["n"] - 400) <= 10  # per class: round(0.4 * n_class)
+
+
+def test_an_uploaded_document_serves_its_sets_and_a_malformed_block_is_refused(cifar_model, cifar10):
+    document = workflows.fit_conformal_document(
+        cifar10["logits_val"][:1000],
+        cifar10["labels_val"][:1000],
+        conformal={"score": "lac", "alpha": 0.2, "mondrian": True},
+        model="wrn",
+    )
+    broken = {**document, "conformal": {**document["conformal"], "thresholds": [0.5] * 3}}
+    refused = cifar_model.post("/v1/models/wrn/calibrators", json=broken)
+    assert refused.status_code == 422 and "one threshold per class (10)" in refused.json()["detail"]
+    stored = cifar_model.post("/v1/models/wrn/calibrators", json=document)
+    assert stored.status_code == 201, stored.text
+    body = cifar_model.post(
+        "/v1/models/wrn/calibrate", json={"logits": cifar10["logits_test"][:50].tolist()}
+    ).json()
+    fitted = workflows.load_conformal(document)
+    assert fitted.thresholds is not None and body["alpha"] == 0.2
+    probabilities = np.asarray(body["probabilities"])
+    assert body["prediction_sets"] == conformal.set_lists(conformal.prediction_sets(probabilities, fitted))
