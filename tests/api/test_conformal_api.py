@@ -165,3 +165,22 @@ def test_an_uploaded_document_serves_its_sets_and_a_malformed_block_is_refused(c
     assert fitted.thresholds is not None and body["alpha"] == 0.2
     probabilities = np.asarray(body["probabilities"])
     assert body["prediction_sets"] == conformal.set_lists(conformal.prediction_sets(probabilities, fitted))
+
+
+def test_predict_through_a_torchscript_model_answers_sets(client, digits):
+    """The shipped digits MLP: fit on its inputs with LAC sets, predict answers the sets of the
+    probabilities it answers."""
+    validation, test = digits["validation"], digits["test"]
+    body = {
+        "inputs": validation["inputs"].tolist(),
+        "labels": validation["labels"].tolist(),
+        "conformal": {"score": "lac", "alpha": 0.2},
+    }
+    fitted = client.post("/v1/models/digits-mlp/fit", json=body)
+    assert fitted.status_code == 201, fitted.text
+    answer = client.post(
+        "/v1/models/digits-mlp/predict", json={"inputs": test["inputs"][:40].tolist()}
+    ).json()
+    thresholds = workflows.load_conformal(fitted.json())
+    expected = conformal.prediction_sets(np.asarray(answer["probabilities"]), thresholds)
+    assert answer["prediction_sets"] == conformal.set_lists(expected) and answer["alpha"] == 0.2
