@@ -427,6 +427,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     _check_plot(args.plot)
     outputs = _outputs(args)
+    conformal = _conformal_request(args) if hasattr(args, "conformal") else None
     document = reports.load_json(args.calibrator) if args.calibrator else None
     baseline_document = reports.load_json(args.baseline) if args.baseline else None
     scores, labels, kind = _read_labelled(args)
@@ -473,6 +474,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     per_class_tests=args.per_class_tests,
                     segments=segments,
                     min_segment_size=args.min_segment_size,
+                    conformal=conformal,
+                    conformal_fraction=getattr(args, "conformal_fraction", None),
                     **{kind: scores},
                 )
         else:
@@ -492,6 +495,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 segments=segments,
                 min_segment_size=args.min_segment_size,
                 progress=progress,
+                conformal=conformal,
+                conformal_fraction=getattr(args, "conformal_fraction", None),
             )  # with a document that has fit-time figures, the report holds its drift against them
     finally:
         progress.close()
@@ -851,6 +856,25 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
     _add_report_outputs(parser)
 
 
+def _add_conformal(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--conformal", choices=("lac", "aps", "raps"), help=what)
+    parser.add_argument("--alpha", type=float, help="with --conformal: the miscoverage rate (default 0.1)")
+    parser.add_argument("--mondrian", action="store_true", help="with --conformal: a threshold per class")
+    parser.add_argument(
+        "--randomized", action="store_true", help="with --conformal: randomised aps/raps sets"
+    )
+    parser.add_argument(
+        "--k-reg", type=int, help="with --conformal raps: the rank from which classes pay (default 1)"
+    )
+    parser.add_argument("--raps-lambda", type=float, help="with --conformal raps: the penalty (default 0.01)")
+    parser.add_argument(
+        "--conformal-fraction",
+        type=float,
+        help="with --conformal: share of rows held out for the threshold (default 0.5; fit: 0 uses the same rows)",
+    )
+    parser.add_argument("--conformal-seed", type=int, help="with --conformal: seed of the split (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -876,24 +900,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--out", default="-", metavar="FILE", help="calibrator document (default stdout)")
     fit.add_argument("--no-activate", action="store_true", help="with --server: store without activating")
-    fit.add_argument(
-        "--conformal",
-        choices=("lac", "aps", "raps"),
-        help="also fit split-conformal prediction sets with this score, stored in the document",
-    )
-    fit.add_argument("--alpha", type=float, help="with --conformal: the miscoverage rate (default 0.1)")
-    fit.add_argument("--mondrian", action="store_true", help="with --conformal: a threshold per class")
-    fit.add_argument("--randomized", action="store_true", help="with --conformal: randomised aps/raps sets")
-    fit.add_argument(
-        "--k-reg", type=int, help="with --conformal raps: the rank from which classes pay (default 1)"
-    )
-    fit.add_argument("--raps-lambda", type=float, help="with --conformal raps: the penalty (default 0.01)")
-    fit.add_argument(
-        "--conformal-fraction",
-        type=float,
-        help="with --conformal: share of rows held out for the threshold (default 0.5; 0: the same rows)",
-    )
-    fit.add_argument("--conformal-seed", type=int, help="with --conformal: seed of the split (default 0)")
+    _add_conformal(fit, "also fit split-conformal prediction sets with this score, stored in the document")
     _add_client(fit)
     fit.set_defaults(handler=cmd_fit)
 
@@ -919,6 +926,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_scores(evaluate, labels=True, inputs=True)
     _add_evaluation(evaluate, baseline_required=False)
+    _add_conformal(
+        evaluate,
+        "prediction sets fitted on part of the rows (--conformal-fraction), their coverage on the rest "
+        "(without it, a calibrator with sets reports its own)",
+    )
     _add_client(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 

@@ -528,6 +528,8 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         segments: Any = None,
         min_segment_size: int = 100,
         binary: bool = True,
+        conformal: Mapping[str, Any] | None = None,
+        conformal_fraction: float | None = None,
     ) -> _Json:
         """``POST /v1/models/{name}/evaluate``: the evaluation report of labelled data (uncalibrated vs
         calibrated). The arrays travel as an ``.npz`` body (``binary=False``: JSON). NLL is exact (null
@@ -548,6 +550,9 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "per_class_tests": bool(per_class_tests),
             "min_segment_size": int(min_segment_size),
         }
+        if conformal is not None:  # sets fitted on part of these rows, their coverage on the rest
+            fields["conformal"] = dict(conformal)
+            fields["conformal_fraction"] = conformal_fraction
         return self._send(
             _labelled_call(
                 f"/v1/models/{_name(name)}/evaluate",

@@ -435,6 +435,8 @@ def evaluate(
     segments: Any = None,
     min_segment_size: int = DEFAULT_MIN_SEGMENT_SIZE,
     progress: Callable[[int, int], None] | None = None,
+    conformal: Mapping[str, Any] | None = None,
+    conformal_fraction: float | None = None,
 ) -> dict:
     """Figures before and (with a calibrator) after calibration, reliability bins and optional intervals.
 
@@ -455,7 +457,27 @@ def evaluate(
     per segment, intervals for segments of at least ``min_segment_size`` rows, and the worst such segment
     of each figure (:func:`_segment_reports`). ``reliability_smooth`` (smECE's kernel estimate of the
     reliability curve) is always there beside the binned ``reliability``.
+
+    ``conformal`` adds the coverage and set-size figures of prediction sets (:func:`conformal_report`):
+    those the calibrator version stores (``calibrator_document["conformal"]``, ``source: "version"``), or,
+    when ``conformal`` (the fit's options) asks, sets fitted here: ``conformal_fraction`` (default
+    :data:`DEFAULT_CONFORMAL_FRACTION`) of these rows give the threshold on the calibrated (else the given)
+    probabilities and the figures are those of the other rows (``source: "asked"``).
     """
+    asked = None
+    if conformal is not None:
+        asked = conformal_core.conformal_spec(conformal, allowed=("seed",))
+        conformal_fraction = check_conformal_fraction(
+            DEFAULT_CONFORMAL_FRACTION if conformal_fraction is None else conformal_fraction
+        )
+        if conformal_fraction == 0.0:
+            raise InvalidParameter(
+                "conformal_fraction must be above 0 in an evaluation: the threshold's rows are held out of "
+                "the figures",
+                field="conformal_fraction",
+            )
+    elif conformal_fraction is not None:
+        raise InvalidParameter("conformal_fraction goes with conformal", field="conformal_fraction")
     if from_logits:
         logits = scores_to_logits(scores, from_logits=True)
         given: np.ndarray = logits
@@ -557,13 +579,35 @@ def evaluate(
             bootstrap=(bootstrap, seed, confidence),
         )
     fitted_sets = load_conformal(calibrator_document)
-    if fitted_sets is not None and calibrator is not None:
-        # the version's prediction sets on these rows: coverage (marginal, per class, per set size), set sizes
-        if segments is not None and hasattr(calibrator, "transform_segments"):
+    if asked is not None or (fitted_sets is not None and calibrator is not None):
+        # prediction sets on these rows: coverage (marginal, per class, per set size), set sizes
+        if calibrator is None:
+            calibrated = given if not from_logits else softmax(logits)
+        elif segments is not None and hasattr(calibrator, "transform_segments"):
             calibrated, _ = calibrator.transform_segments(logits, segments)
         else:
             calibrated = calibrator.transform(logits)
-        report["conformal"] = conformal_report(fitted_sets, calibrated, y, seed)
+        if asked is None:
+            report["conformal"] = {**conformal_report(fitted_sets, calibrated, y, seed), "source": "version"}
+        else:
+            split_seed = conformal.get("seed", 0)
+            rest, held = conformal_split(y, conformal_fraction, split_seed)
+            if len(rest) == 0 or len(held) == 0:
+                raise InvalidParameter(
+                    f"conformal_fraction={conformal_fraction:g} of {len(y)} rows leaves no rows for "
+                    f"{'the figures' if len(rest) == 0 else 'the threshold'}",
+                    field="conformal_fraction",
+                )
+            here = conformal_core.fit_thresholds(
+                calibrated[held], y[held], asked, rng=np.random.default_rng([split_seed, 1])
+            )
+            report["conformal"] = {
+                **conformal_report(here, calibrated[rest], y[rest], seed),
+                "source": "asked",
+                "n_threshold": len(held),
+                "threshold": here.threshold,
+                "thresholds": list(here.thresholds) if here.thresholds is not None else None,
+            }
     report["thresholds"] = []
     report["summary"] = summarise([])
     if calibrator_document is not None and has_fit_figures(calibrator_document):

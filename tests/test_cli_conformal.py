@@ -63,6 +63,20 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, Run]]:
                 "--out",
                 "report.md",
             ],
+            "evaluate_asked": [
+                "evaluate",
+                *test,
+                "--labels",
+                "test_labels.npy",
+                "--conformal",
+                "aps",
+                "--randomized",
+                "--mondrian",
+                "--alpha",
+                "0.2",
+                "--out",
+                "asked.json",
+            ],
         },
         work,
     )
@@ -102,3 +116,12 @@ def test_conformal_flags_fail_with_one_line_reasons(runs):
     assert "--alpha goes with --conformal lac|aps|raps" in done["alpha_alone"].stderr
     assert done["bad_alpha"].returncode == 2
     assert "conformal.alpha must be a number in (0, 1)" in done["bad_alpha"].stderr
+
+
+def test_evaluate_fits_sets_on_half_the_rows_when_asked(runs):
+    work, done = runs
+    assert done["evaluate_asked"].returncode == 0, done["evaluate_asked"].stderr
+    figures = orjson.loads((work / "asked.json").read_bytes())["conformal"]
+    assert figures["source"] == "asked" and (figures["score"], figures["mondrian"]) == ("aps", True)
+    assert len(figures["thresholds"]) == 10 and figures["n"] + figures["n_threshold"] == 5000
+    assert figures["coverage"] == pytest.approx(0.8, abs=0.03)

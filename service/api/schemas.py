@@ -220,6 +220,14 @@ class FigureOptions(Strict):
 
 class EvaluateRequest(ScoresBody, FigureOptions):
     labels: Labels
+    conformal: dict[str, Any] | None = Field(
+        None,
+        description="prediction sets fitted on part of these rows (the fit's conformal options), their "
+        "coverage reported on the rest; without it, a version fitted with conformal sets reports its own",
+    )
+    conformal_fraction: float | None = Field(
+        None, description="with conformal: the share of rows that give the threshold (default 0.5)"
+    )
 
 
 class OutcomesRequest(Strict):

@@ -124,6 +124,8 @@ class EvaluateSpec:
     per_class_tests: bool = False  # the calibration tests of each class too
     segments: Any = None  # one key per row: figures per segment and the worst one
     min_segment_size: int = 100  # rows a segment needs to be gated
+    conformal: Mapping[str, Any] | None = None  # prediction sets fitted on part of the rows (evaluate only)
+    conformal_fraction: float | None = None
 
 
 def check_columns(model: ModelInfo, scores: np.ndarray, field: str) -> None:
@@ -743,6 +745,8 @@ class DataPlane:
             per_class_tests=spec.per_class_tests,
             segments=spec.segments,
             min_segment_size=spec.min_segment_size,
+            conformal=spec.conformal,
+            conformal_fraction=spec.conformal_fraction,
         )
         report["model"] = name
         return report

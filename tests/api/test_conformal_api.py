@@ -184,3 +184,19 @@ def test_predict_through_a_torchscript_model_answers_sets(client, digits):
     thresholds = workflows.load_conformal(fitted.json())
     expected = conformal.prediction_sets(np.asarray(answer["probabilities"]), thresholds)
     assert answer["prediction_sets"] == conformal.set_lists(expected) and answer["alpha"] == 0.2
+
+
+def test_evaluate_fits_sets_on_part_of_the_rows_when_asked(cifar_model, cifar10):
+    """A version without sets (here: none at all, the plain softmax) and an evaluation that asks for them: the
+    threshold from half the rows, the coverage of the other half, as the library computes it."""
+    logits, labels = cifar10["logits_test"], cifar10["labels_test"]
+    body = {"logits": logits.tolist(), "labels": labels.tolist(), "conformal": {"score": "lac", "alpha": 0.1}}
+    answer = cifar_model.post("/v1/models/wrn/evaluate", json=body)
+    assert answer.status_code == 200, answer.text
+    figures = answer.json()["conformal"]
+    assert figures["source"] == "asked" and figures["n"] + figures["n_threshold"] == 5000
+    local = workflows.evaluate(logits, labels, conformal={"score": "lac", "alpha": 0.1})["conformal"]
+    assert figures["threshold"] == pytest.approx(local["threshold"], rel=1e-12)
+    assert figures["coverage"] == local["coverage"] and figures["coverage"] == pytest.approx(0.9, abs=0.02)
+    bad = cifar_model.post("/v1/models/wrn/evaluate", json={**body, "conformal_fraction": 0})
+    assert bad.status_code == 422 and "above 0 in an evaluation" in bad.json()["detail"]

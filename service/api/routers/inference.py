@@ -9,7 +9,7 @@ data plane's; this module only decodes and encodes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -201,7 +201,7 @@ ROUTES = [
 )
 async def evaluate(name: ModelName, request: Request, plane: Plane, version: PinnedVersion = None):
     body = await read_labelled(request, EvaluateRequest, route_parameters=("version",))
-    spec = body.spec()
+    spec = replace(body.spec(), conformal=body.conformal, conformal_fraction=body.conformal_fraction)
     data = labelled(body, LABELLED_KINDS)
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
         report = await plane.evaluate(name, version, data, spec, budget)
