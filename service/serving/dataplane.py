@@ -73,6 +73,8 @@ class UpstreamPrediction:
     probabilities: np.ndarray
     calibrator_version: int | None
     ids: PredictionIds | None = None
+    prediction_sets: np.ndarray | None = None  # as Prediction's
+    alpha: float | None = None
 
     @property
     def predicted_class(self) -> np.ndarray:
@@ -547,7 +549,8 @@ class DataPlane:
             calibrate_array, entry.calibrator, answer.logits, from_logits=True, size=answer.logits.size
         )
         ids = self.monitoring.record(info.name, entry.version, answer.logits, probabilities)
-        return UpstreamPrediction(info, answer, probabilities, entry.version, ids)
+        sets = await _prediction_sets(entry, probabilities, _request_seed(document))
+        return UpstreamPrediction(info, answer, probabilities, entry.version, ids, **sets)
 
     async def upstream_metadata(self, info: ModelInfo) -> dict[str, Any]:
         """The upstream server's metadata of the model."""
@@ -784,7 +787,9 @@ class DataPlane:
             "calibrator_version": entry.version,
             "calibrator": entry.document,
         }
-        data = await in_thread(export_torchscript, entry.calibrator, model=model, metadata=metadata)
+        data = await in_thread(
+            export_torchscript, entry.calibrator, model=model, metadata=metadata, conformal=entry.conformal
+        )
         return data, entry.version
 
 
@@ -796,6 +801,15 @@ async def _prediction_sets(entry: ActiveCalibrator, probabilities: np.ndarray, s
         workflows.conformal_sets, entry.conformal, probabilities, seed, size=probabilities.size
     )
     return {"prediction_sets": sets, "alpha": entry.conformal.spec.alpha}
+
+
+def _request_seed(document: Mapping[str, Any]) -> int | None:
+    """``parameters.seed`` of an Open Inference Protocol request (of randomised prediction sets), checked."""
+    parameters = document.get("parameters")
+    seed = parameters.get("seed") if isinstance(parameters, Mapping) else None
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise InvalidInput(f"parameters.seed must be an integer >= 0, got {seed!r}", field="parameters.seed")
+    return seed
 
 
 def _refit_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

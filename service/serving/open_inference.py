@@ -268,7 +268,8 @@ def upstream_outputs(
     place of the logits. UpstreamFailed for a wanted output the upstream did not answer."""
     answer = result.answer
     if wanted is None:
-        wanted = ["probabilities", *(name for name in answer.outputs if name != answer.logits_output)]
+        sets = [SETS_OUTPUT] if result.prediction_sets is not None else []
+        wanted = ["probabilities", *sets, *(name for name in answer.outputs if name != answer.logits_output)]
     float_type = "FP64" if answer.datatype == "FP64" else "FP32"
     outputs: list[tuple[str, tuple[str, np.ndarray] | None]] = []
     for name in wanted:
@@ -276,6 +277,13 @@ def upstream_outputs(
             outputs.append((name, (float_type, result.probabilities)))
         elif name == "predicted_class":
             outputs.append((name, ("INT64", result.predicted_class)))
+        elif name == SETS_OUTPUT:
+            if result.prediction_sets is None:
+                raise InvalidInput(
+                    f"output {SETS_OUTPUT!r}: calibrator version {result.calibrator_version} of model "
+                    f"{result.model.name!r} has no conformal prediction sets (fit it with conformal)"
+                )
+            outputs.append((name, ("UINT8", result.prediction_sets)))
         elif name in answer.outputs:
             outputs.append((name, None))
         else:

@@ -22,7 +22,7 @@ from service.serving.state import ActiveCalibrator, ModelInfo
 from service.upstream import UpstreamClient, Upstreams, UpstreamSpec
 
 # The outputs calibserve adds to an upstream model's: never asked of the upstream.
-OWN_OUTPUTS = ("probabilities", "predicted_class")
+OWN_OUTPUTS = ("probabilities", "predicted_class", "prediction_sets")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +124,11 @@ class UpstreamModels:
         own, plus the logits output (binary: exact and cheap); the answer read and checked."""
         client, spec = self.client(info)
         forwarded = dict(document)
+        parameters = document.get("parameters")
+        if (
+            isinstance(parameters, Mapping) and "seed" in parameters
+        ):  # calibserve's (randomised sets), not theirs
+            forwarded["parameters"] = {key: value for key, value in parameters.items() if key != "seed"}
         requested = document.get("outputs")
         logits_name = spec.output
         if requested is not None:

@@ -200,3 +200,34 @@ def test_evaluate_fits_sets_on_part_of_the_rows_when_asked(cifar_model, cifar10)
     assert figures["coverage"] == local["coverage"] and figures["coverage"] == pytest.approx(0.9, abs=0.02)
     bad = cifar_model.post("/v1/models/wrn/evaluate", json={**body, "conformal_fraction": 0})
     assert bad.status_code == 422 and "above 0 in an evaluation" in bad.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"score": "lac", "mondrian": True, "alpha": 0.2},
+        {"score": "aps"},
+        {"score": "raps", "k_reg": 2, "lambda": 0.05},
+        {"score": "raps", "randomized": True},
+    ],
+    ids=["lac-mondrian", "aps", "raps", "raps-randomised"],
+)
+def test_the_exported_file_answers_the_services_sets(cifar_model, cifar10, options):
+    """The TorchScript export of a version with sets has a method ``prediction_sets(inputs, u=None)``: the
+    sets the service answers (randomised ones with the same uniforms)."""
+    torch = pytest.importorskip("torch")
+    fitted = _fit(cifar_model, cifar10, conformal=options)
+    assert fitted.status_code == 201, fitted.text
+    response = cifar_model.get("/v1/models/wrn/export", params={"format": "torchscript"})
+    assert response.status_code == 200, response.text
+    module = torch.jit.load(io.BytesIO(response.content), map_location="cpu")
+    logits = cifar10["logits_test"].astype(np.float64)
+    u = np.random.default_rng(5).uniform(size=len(logits))
+    thresholds = workflows.load_conformal(fitted.json())
+    probabilities = workflows.load_calibrator(fitted.json()).transform(logits)
+    expected = conformal.prediction_sets(
+        probabilities, thresholds, u=u if thresholds.spec.randomized else None
+    )
+    exported = module.prediction_sets(torch.as_tensor(logits), torch.as_tensor(u)).numpy()
+    np.testing.assert_array_equal(exported, expected)
+    np.testing.assert_allclose(module(torch.as_tensor(logits)).numpy(), probabilities, rtol=1e-12, atol=1e-15)

@@ -257,6 +257,10 @@ class InferenceServicer(codec.services().GRPCInferenceServiceServicer):
         document: dict[str, Any] = {"inputs": entries}
         if wanted is not None:
             document["outputs"] = [{"name": output, "parameters": {"binary_data": True}} for output in wanted]
+        if (
+            "seed" in request.parameters
+        ):  # of randomised prediction sets: the data plane reads it, never forwarded
+            document["parameters"] = {"seed": codec.parameter_value(request.parameters["seed"])}
         body, header_length = wire.encode(document, chunks)
         headers = {"content-type": "application/octet-stream", wire.HEADER_LENGTH: str(header_length)}
         binary = memoryview(body)[header_length:]
@@ -268,6 +272,8 @@ class InferenceServicer(codec.services().GRPCInferenceServiceServicer):
         upstream_version = result.answer.document.get("model_version")
         if upstream_version is not None:
             codec.set_parameter(response.parameters, "upstream_model_version", upstream_version)
+        if result.alpha is not None:
+            codec.set_parameter(response.parameters, "alpha", float(result.alpha))
         for output, own in v2.upstream_outputs(result, wanted):
             if own is None:
                 _upstream_output(response, *result.answer.outputs[output])

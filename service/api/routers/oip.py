@@ -311,6 +311,8 @@ async def run_upstream_infer(
     parameters = {"upstream_model_version": upstream_answer.document.get("model_version")}
     if result.ids is not None:
         parameters["prediction_ids"] = result.ids.as_list()
+    if result.alpha is not None:
+        parameters["alpha"] = result.alpha
     return answer(info.name, request_id, result.calibrator_version, outputs, parameters)
 
 
