@@ -20,7 +20,7 @@ import numpy as np
 
 from service import inference_protocol as wire
 from service import workflows
-from service.errors import InvalidInput, NotReady, UpstreamFailed
+from service.errors import CalibserveError, InvalidInput, NotReady, UpstreamFailed
 from service.serving.concurrency import in_thread
 from service.serving.dataplane import DataPlane, UpstreamPrediction
 from service.serving.proxy import logits_output
@@ -170,8 +170,9 @@ async def server_not_ready(plane: DataPlane) -> str | None:
     return None
 
 
-def own_model_metadata(info: ModelInfo, versions: list[str]) -> dict[str, Any]:
-    """Metadata of a model calibserve runs itself (logits-only or TorchScript); ``-1`` where a size is free."""
+def own_model_metadata(info: ModelInfo, versions: list[str], *, with_sets: bool = False) -> dict[str, Any]:
+    """Metadata of a model calibserve runs itself (logits-only or TorchScript); ``-1`` where a size is free.
+    ``with_sets``: the version that answers has conformal sets (its ``prediction_sets`` output is listed)."""
     columns = info.num_classes if info.num_classes is not None else -1
     classes = 2 if columns == 1 else columns
     inputs = [
@@ -193,6 +194,7 @@ def own_model_metadata(info: ModelInfo, versions: list[str]) -> dict[str, Any]:
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
             {"name": "logits", "datatype": "FP32", "shape": [-1, columns]},
             {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
+            *([{"name": SETS_OUTPUT, "datatype": "UINT8", "shape": [-1, classes]}] if with_sets else []),
         ],
     }
 
@@ -243,7 +245,12 @@ async def model_metadata(plane: DataPlane, name: str, version: int | None) -> di
         versions = [str(version)]
     if info.kind == "upstream":
         return upstream_model_metadata(info, versions, await plane.upstream_metadata(info))
-    return own_model_metadata(info, versions)
+    try:
+        _, entry = await plane.lookup_async(name, version)
+        with_sets = entry.conformal is not None
+    except CalibserveError:  # metadata answers whatever the calibrator's state (a model that fails, ...)
+        with_sets = False
+    return own_model_metadata(info, versions, with_sets=with_sets)
 
 
 async def model_not_ready(plane: DataPlane, name: str, version: int | None) -> str | None:

@@ -66,6 +66,8 @@ def test_fit_stores_the_threshold_and_calibrate_answers_the_sets(cifar_model, ci
     assert sets["datatype"] == "UINT8" and sets["shape"] == [300, 10]
     assert conformal.set_lists(np.asarray(sets["data"]).reshape(300, 10).astype(bool)) == expected
     assert v2.json()["parameters"]["alpha"] == 0.1
+    metadata = client.get("/v2/models/wrn").json()
+    assert metadata["outputs"][-1] == {"name": "prediction_sets", "datatype": "UINT8", "shape": [-1, 10]}
 
     # evaluate: coverage and set sizes of the version's sets on labelled rows
     report = client.post(
