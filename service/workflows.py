@@ -318,7 +318,9 @@ def fit_conformal_document(
     into the calibrator's rows, on which the calibrator and its ``fit`` figures are computed, and the
     conformal rows, whose calibrated probabilities (of this very calibrator) give the threshold
     (:func:`service.core.conformal.fit_thresholds`). The document's ``conformal`` block holds the options,
-    the threshold(s), the rows used and the rule (``quantile``).
+    the threshold(s), the rows used and the rule (``quantile``). ``sample_weight`` weighs the calibrator's
+    fit only: the threshold is the unweighted quantile (weighted conformal prediction answers another
+    question, coverage under a known covariate shift).
     """
     spec = conformal_core.conformal_spec(conformal, allowed=("seed",))
     seed = conformal.get("seed", 0)

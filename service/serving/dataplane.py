@@ -479,7 +479,7 @@ class DataPlane:
         if self.monitoring.logs(name):
             logits = scores if kind == "logits" else workflows.scores_to_logits(scores, from_logits=False)
             ids = self.monitoring.record(name, entry.version, logits, probabilities)
-        sets = await _prediction_sets(entry, probabilities, seed)
+        sets = await _prediction_sets(entry, probabilities, seed) if entry.conformal is not None else {}
         return Prediction(info, probabilities, entry.version, ids=ids, segment_fallback=fallback, **sets)
 
     async def predict(
@@ -510,7 +510,7 @@ class DataPlane:
                 calibrate_array, entry.calibrator, logits, from_logits=True, size=logits.size
             )
         ids = self.monitoring.record(name, entry.version, logits, probabilities)
-        sets = await _prediction_sets(entry, probabilities, seed)
+        sets = await _prediction_sets(entry, probabilities, seed) if entry.conformal is not None else {}
         return Prediction(info, probabilities, entry.version, logits, ids, segment_fallback=fallback, **sets)
 
     async def upstream_model_async(
@@ -549,7 +549,9 @@ class DataPlane:
             calibrate_array, entry.calibrator, answer.logits, from_logits=True, size=answer.logits.size
         )
         ids = self.monitoring.record(info.name, entry.version, answer.logits, probabilities)
-        sets = await _prediction_sets(entry, probabilities, _request_seed(document))
+        sets = {}
+        if entry.conformal is not None:
+            sets = await _prediction_sets(entry, probabilities, _request_seed(document))
         return UpstreamPrediction(info, answer, probabilities, entry.version, ids, **sets)
 
     async def upstream_metadata(self, info: ModelInfo) -> dict[str, Any]:
