@@ -332,19 +332,29 @@ def prediction_sets(
     that hold). Randomised sets draw ``u`` (one per row) from ``rng`` unless given."""
     p = np.asarray(probabilities, dtype=np.float64)
     spec = fitted.spec
-    q = fitted.per_class(p.shape[1])[None, :]
     if spec.randomized and u is None:
         u = (rng or np.random.default_rng()).uniform(size=p.shape[0])
-    if spec.score == "lac" or spec.randomized:
-        return score_matrix(p, spec, u) - q <= TOLERANCE
-    # Non-randomised APS/RAPS: each class in order of probability up to the first whose regularised cumulative
-    # mass reaches its threshold: class y is in when the mass *before* it is still below y's threshold.
-    _, ranks, cumulative = _sorted_view(p)
-    through = np.take_along_axis(cumulative, ranks - 1, axis=1) + _penalty(ranks, spec)
-    before = through - p
-    if spec.score == "raps" and spec.lam:
-        before = before - spec.lam * (ranks > spec.k_reg)  # the penalty of the rank before y's
-    return (ranks == 1) | (before - q < -TOLERANCE)
+    if spec.score == "lac":
+        return score_matrix(p, spec, u) - fitted.per_class(p.shape[1])[None, :] <= TOLERANCE
+    # APS/RAPS in sorted order (one argsort, no inverse permutation to gather through), the same float
+    # operations as score_matrix, then the answer scattered back to the columns.
+    order = np.argsort(-p, axis=1, kind="stable")
+    ranked = np.take_along_axis(p, order, axis=1)
+    positions = np.arange(1, p.shape[1] + 1)[None, :]
+    q = fitted.threshold if fitted.thresholds is None else np.asarray(fitted.thresholds)[order]
+    through = np.cumsum(ranked, axis=1) + _penalty(positions, spec)
+    if spec.randomized:
+        included = (through - np.asarray(u, dtype=np.float64).reshape(-1, 1) * ranked) - q <= TOLERANCE
+    else:
+        # each class in order of probability up to the first whose regularised cumulative mass reaches its
+        # threshold: a class is in when the mass *before* it is still below its threshold
+        before = through - ranked
+        if spec.score == "raps" and spec.lam:
+            before = before - spec.lam * (positions > spec.k_reg)  # the penalty of the rank before
+        included = (positions == 1) | (before - q < -TOLERANCE)
+    sets = np.empty_like(included)
+    np.put_along_axis(sets, order, included, axis=1)
+    return sets
 
 
 def set_lists(sets: np.ndarray) -> list[list[int]]:
