@@ -255,6 +255,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     _check_client_flags(args, local_model=True)
     options = dict(_parse_option(text) for text in args.option or [])
+    conformal = _conformal_request(args)
     scores, labels, kind = _read_labelled(args)
     if args.server:
         with _client(args) as client:
@@ -264,14 +265,31 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 method=args.method,
                 activate=not args.no_activate,
                 options=options or None,
+                conformal=conformal,
+                conformal_fraction=args.conformal_fraction,
                 **{kind: scores},
             )
     elif _multilabel(args):
+        if conformal is not None:
+            raise CommandError("--conformal: prediction sets are for softmax models, not --task multilabel")
         from service import multilabel_workflows
 
         document = multilabel_workflows.fit_document(
             scores,
             labels,
+            from_logits=kind == "logits",
+            method=args.method,
+            options=options,
+            model=args.model,
+        )
+    elif conformal is not None:
+        from service.workflows import fit_conformal_document
+
+        document = fit_conformal_document(
+            scores,
+            labels,
+            conformal=conformal,
+            conformal_fraction=args.conformal_fraction,
             from_logits=kind == "logits",
             method=args.method,
             options=options,
@@ -302,7 +320,51 @@ def cmd_fit(args: argparse.Namespace) -> int:
         before.get("nll", float("nan")),
         after.get("nll", float("nan")),
     )
+    sets = document.get("conformal")
+    if sets:
+        threshold = sets["threshold"] if sets.get("threshold") is not None else sets.get("thresholds")
+        logger.info(
+            "conformal %s sets at alpha %g%s on %s held-out rows: threshold %s",
+            sets["score"],
+            sets["alpha"],
+            " (mondrian)" if sets.get("mondrian") else "",
+            sets.get("n"),
+            threshold,
+        )
     return EXIT_OK
+
+
+_CONFORMAL_FLAGS = (
+    "alpha",
+    "mondrian",
+    "randomized",
+    "k_reg",
+    "raps_lambda",
+    "conformal_fraction",
+    "conformal_seed",
+)
+
+
+def _conformal_request(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The fit's ``conformal`` object from ``--conformal SCORE`` and its flags (None without it)."""
+    if args.conformal is None:
+        given = [name for name in _CONFORMAL_FLAGS if getattr(args, name) not in (None, False)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise CommandError(f"{flag} goes with --conformal lac|aps|raps")
+        return None
+    request: dict[str, Any] = {"score": args.conformal, "alpha": 0.1 if args.alpha is None else args.alpha}
+    if args.mondrian:
+        request["mondrian"] = True
+    if args.randomized:
+        request["randomized"] = True
+    if args.k_reg is not None:
+        request["k_reg"] = args.k_reg
+    if args.raps_lambda is not None:
+        request["lambda"] = args.raps_lambda
+    if args.conformal_seed is not None:
+        request["seed"] = args.conformal_seed
+    return request
 
 
 # ------------------------------------------------------------------------------------------------- apply
@@ -318,6 +380,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {args.out}: use a {', '.join(io.WRITE_SUFFIXES)} file name")
     from service.core.validation import check_scores
 
+    if args.sets and Path(args.sets).suffix.lower() not in io.WRITE_SUFFIXES:
+        raise CommandError(f"--sets {args.sets}: use a {', '.join(io.WRITE_SUFFIXES)} file name")
     scores, from_logits = _read_scores(args)
     document = None
     if not args.server and args.calibrator:
@@ -334,21 +398,27 @@ def cmd_apply(args: argparse.Namespace) -> int:
     intervals = None
     if args.intervals_out and Path(args.intervals_out).suffix.lower() != ".npy":
         raise CommandError(f"--intervals-out {args.intervals_out}: use a .npy file name (N x K x 2)")
+    sets = None
     if args.server:
         with _client(args) as client:
             answer = client.calibrate(
                 args.model,
                 version=args.version,
+                seed=args.seed,
                 intervals=bool(args.intervals_out),
                 **{"logits" if from_logits else "probabilities": scores},
             )
         probabilities = answer["probabilities"]
         if args.intervals_out:
             intervals = np.asarray(answer["probability_intervals"], dtype=np.float64)
+        if answer.get("prediction_sets") is not None:
+            sets = np.zeros(probabilities.shape, dtype=np.uint8)
+            for row, members in enumerate(answer["prediction_sets"]):
+                sets[row, members] = 1
     else:
         if not args.calibrator:
             raise CommandError("apply needs --calibrator FILE (or --server URL --model NAME)")
-        from service import reports, workflows
+        from service import workflows
 
         calibrator = workflows.load_calibrator(document)
         if _multilabel(args, document):
@@ -357,6 +427,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
             probabilities = multilabel_workflows.calibrate(calibrator, scores)
         else:
             probabilities = workflows.calibrate(calibrator, scores, from_logits=from_logits)
+            fitted = workflows.load_conformal(document)
+            if fitted is not None:
+                sets = workflows.conformal_sets(fitted, probabilities, args.seed).astype(np.uint8)
         if args.intervals_out:
             intervals = _local_intervals(calibrator, scores, from_logits=from_logits)
     io.write_array(args.out, probabilities)
@@ -365,6 +438,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
         with Path(args.intervals_out).open("wb") as handle:
             np.save(handle, intervals, allow_pickle=False)
         logger.info("wrote %d x %d x 2 probability intervals to %s", *intervals.shape[:2], args.intervals_out)
+    if args.sets:
+        if sets is None:
+            raise CommandError(
+                "--sets: the calibrator has no conformal prediction sets (fit it with --conformal)"
+            )
+        io.write_array(args.sets, sets)
+        logger.info(
+            "wrote %d x %d prediction sets (1: the class is in the row's set) to %s", *sets.shape, args.sets
+        )
     return EXIT_OK
 
 
@@ -422,6 +504,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     _check_plot(args.plot)
     outputs = _outputs(args)
+    conformal = _conformal_request(args) if hasattr(args, "conformal") else None
     document = reports.load_json(args.calibrator) if args.calibrator else None
     baseline_document = reports.load_json(args.baseline) if args.baseline else None
     if _multilabel(args, document) and not getattr(args, "task", None):
@@ -470,6 +553,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     per_class_tests=args.per_class_tests,
                     segments=segments,
                     min_segment_size=args.min_segment_size,
+                    conformal=conformal,
+                    conformal_fraction=getattr(args, "conformal_fraction", None),
                     **{kind: scores},
                 )
         elif _multilabel(args):
@@ -500,6 +585,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 segments=segments,
                 min_segment_size=args.min_segment_size,
                 progress=progress,
+                conformal=conformal,
+                conformal_fraction=getattr(args, "conformal_fraction", None),
             )  # with a document that has fit-time figures, the report holds its drift against them
     finally:
         progress.close()
@@ -876,6 +963,25 @@ def _add_evaluation(parser: argparse.ArgumentParser, *, baseline_required: bool)
     _add_report_outputs(parser)
 
 
+def _add_conformal(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--conformal", choices=("lac", "aps", "raps"), help=what)
+    parser.add_argument("--alpha", type=float, help="with --conformal: the miscoverage rate (default 0.1)")
+    parser.add_argument("--mondrian", action="store_true", help="with --conformal: a threshold per class")
+    parser.add_argument(
+        "--randomized", action="store_true", help="with --conformal: randomised aps/raps sets"
+    )
+    parser.add_argument(
+        "--k-reg", type=int, help="with --conformal raps: the rank from which classes pay (default 1)"
+    )
+    parser.add_argument("--raps-lambda", type=float, help="with --conformal raps: the penalty (default 0.01)")
+    parser.add_argument(
+        "--conformal-fraction",
+        type=float,
+        help="with --conformal: share of rows held out for the threshold (default 0.5; fit: 0 uses the same rows)",
+    )
+    parser.add_argument("--conformal-seed", type=int, help="with --conformal: seed of the split (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -907,6 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--out", default="-", metavar="FILE", help="calibrator document (default stdout)")
     fit.add_argument("--no-activate", action="store_true", help="with --server: store without activating")
+    _add_conformal(fit, "also fit split-conformal prediction sets with this score, stored in the document")
     _add_client(fit)
     fit.set_defaults(handler=cmd_fit)
 
@@ -921,6 +1028,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="venn_abers calibrators: also write [p0, p1] per row and class (.npy, N x K x 2)",
     )
+    apply.add_argument(
+        "--sets",
+        metavar="FILE",
+        help="conformal prediction sets as an N x K 0/1 matrix (.npy, .csv or .jsonl), for a calibrator fitted "
+        "with --conformal",
+    )
+    apply.add_argument(
+        "--seed", type=int, help="seed of randomised prediction sets (default: fresh randomness)"
+    )
     _add_client(apply)
     apply.set_defaults(handler=cmd_apply)
 
@@ -930,6 +1046,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scores(evaluate, labels=True, inputs=True)
     _add_evaluation(evaluate, baseline_required=False)
     _add_task(evaluate)
+    _add_conformal(
+        evaluate,
+        "prediction sets fitted on part of the rows (--conformal-fraction), their coverage on the rest "
+        "(without it, a calibrator with sets reports its own)",
+    )
     _add_client(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 

@@ -412,11 +412,15 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         options: Mapping[str, Any] | None = None,
         sample_weight: Any = None,
         binary: bool = True,
+        conformal: Mapping[str, Any] | None = None,
+        conformal_fraction: float | None = None,
     ) -> _Json:
         """``POST /v1/models/{name}/fit``: fit a calibrator on labelled scores; returns its document.
 
         Give exactly one of ``logits``, ``inputs`` (TorchScript models) or ``probabilities``. The arrays
-        travel as an ``.npz`` body (``binary=False``: JSON).
+        travel as an ``.npz`` body (``binary=False``: JSON). ``conformal`` (``{"score": "lac", "alpha":
+        0.1, ...}``) stores split-conformal prediction sets in the version, their threshold fitted on
+        ``conformal_fraction`` of the rows (the server's default: 0.5).
         """
         arrays = {
             **_one_of(logits=logits, inputs=inputs, probabilities=probabilities),
@@ -424,6 +428,9 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "sample_weight": _array(sample_weight),
         }
         fields = {"method": method, "activate": bool(activate), "options": dict(options) if options else None}
+        if conformal is not None:
+            fields["conformal"] = dict(conformal)
+            fields["conformal_fraction"] = conformal_fraction
         return self._send(
             _labelled_call(f"/v1/models/{_name(name)}/fit", arrays, fields, binary=binary, idempotent=False)
         )
@@ -463,16 +470,20 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         logits: Any = None,
         probabilities: Any = None,
         version: int | None = None,
+        seed: int | None = None,
         intervals: bool = False,
     ) -> _Json:
         """``POST /v1/models/{name}/calibrate``: calibrated probabilities.
 
         Returns a dict whose ``probabilities`` (float64, N x K) and ``predicted_class`` (int64, N) are numpy
-        arrays, with ``calibrator_version`` (and ``predicted_label`` when the model has class names).
-        ``intervals=True`` (venn_abers calibrators) adds ``probability_intervals``: ``[p0, p1]`` per row and
-        class.
+        arrays, with ``calibrator_version`` (and ``predicted_label`` when the model has class names; and
+        ``prediction_sets``, lists of class indices, with ``alpha`` when the version has conformal sets:
+        ``seed`` draws randomised ones reproducibly). ``intervals=True`` (venn_abers calibrators) adds
+        ``probability_intervals``: ``[p0, p1]`` per row and class.
         """
         body = _one_of(logits=logits, probabilities=probabilities)
+        if seed is not None:
+            body["seed"] = seed
         if intervals:
             body["intervals"] = True
         return self._send(
@@ -521,6 +532,8 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
         segments: Any = None,
         min_segment_size: int = 100,
         binary: bool = True,
+        conformal: Mapping[str, Any] | None = None,
+        conformal_fraction: float | None = None,
     ) -> _Json:
         """``POST /v1/models/{name}/evaluate``: the evaluation report of labelled data (uncalibrated vs
         calibrated). The arrays travel as an ``.npz`` body (``binary=False``: JSON). NLL is exact (null
@@ -541,6 +554,9 @@ class _Routes(Generic[_Json, _JsonOrNone, _Bytes, _Text]):
             "per_class_tests": bool(per_class_tests),
             "min_segment_size": int(min_segment_size),
         }
+        if conformal is not None:  # sets fitted on part of these rows, their coverage on the rest
+            fields["conformal"] = dict(conformal)
+            fields["conformal_fraction"] = conformal_fraction
         return self._send(
             _labelled_call(
                 f"/v1/models/{_name(name)}/evaluate",

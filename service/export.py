@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -34,11 +34,29 @@ class _ModelThenCalibrator(torch.nn.Module):
         return self.calibrator(self.model(inputs))
 
 
+class _WithPredictionSets(torch.nn.Module):
+    """The calibration module (``forward``: probabilities, unchanged) with the version's conformal sets as a
+    second method: ``prediction_sets(inputs, u=None)`` -> ``(N, K)`` bool."""
+
+    def __init__(self, module: torch.nn.Module, sets: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.sets = sets
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.module(inputs)
+
+    @torch.jit.export
+    def prediction_sets(self, inputs: torch.Tensor, u: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045 (TorchScript)
+        return self.sets(self.module(inputs), u)
+
+
 def export_torchscript(
     calibrator: Any | None,
     *,
     model: LoadedModel | None = None,
     metadata: Mapping[str, Any] | None = None,
+    conformal: Any = None,
 ) -> bytes:
     """A TorchScript file (bytes) applying ``calibrator``: after ``model``'s module when one is given.
 
@@ -50,6 +68,9 @@ def export_torchscript(
 
     A multi-label model's file (``metadata["task"] == "multilabel"``) answers K per-label probabilities
     ``(N, K)`` that need not sum to 1; without a calibrator, the sigmoid of each logit.
+    ``conformal`` (the version's :class:`~service.core.conformal.ConformalThresholds`) adds a method
+    ``prediction_sets(inputs, u=None)``: the ``(N, K)`` boolean sets of the probabilities ``forward`` answers
+    (randomised ones with the uniforms ``u``, one a row, or ``torch.rand``'s).
 
     Raises InvalidInput for a method that cannot be exported, or a model that cannot be embedded.
     """
@@ -63,6 +84,11 @@ def export_torchscript(
         module = calibrator_module(calibrator)
     if model is not None:
         module = _ModelThenCalibrator(cpu_copy(model.module), module)
+    if conformal is not None:
+        from service.core.conformal_torch import ConformalSetsModule
+
+        n_classes = 2 if calibrator.num_classes_ in (1, 2) else calibrator.num_classes_
+        module = _WithPredictionSets(module, ConformalSetsModule(conformal, n_classes))
     module.eval()
     scripted = script_module(module)
     extra = {EXPORT_METADATA_FILE: json.dumps(dict(metadata or {}), default=str)}

@@ -391,6 +391,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             "| " + " | ".join(_markdown_cell(cell) for cell in row) + " |"
             for row in _segment_rows(report)[:20]
         ]
+    lines += _conformal_markdown(report)
     checks = report.get("thresholds") or []
     lines.append("")
     if checks:
@@ -415,6 +416,42 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     else:
         lines.append("No thresholds were set.")
     return "\n".join(lines) + "\n"
+
+
+def _conformal_rows(report: Mapping[str, Any]) -> tuple[str, list[list[str]]]:
+    """The conformal section's sentence and its table (set size, rows, coverage), or ``("", [])``."""
+    sets = report.get("conformal")
+    if not sets:
+        return "", []
+    per_class = [value for value in sets.get("coverage_per_class") or [] if value is not None]
+    sentence = (
+        f"Conformal prediction sets ({sets.get('score')}{', mondrian' if sets.get('mondrian') else ''}"
+        f"{', randomised' if sets.get('randomized') else ''}) at alpha {_number(sets.get('alpha'))}: coverage "
+        f"{_number(sets.get('coverage'))} (target {_number(sets.get('target'))}), per class "
+        f"{_number(min(per_class)) if per_class else '-'} to {_number(max(per_class)) if per_class else '-'}; "
+        f"mean set size {_number(sets.get('mean_set_size'), 3)}, empty sets {_number(sets.get('empty_sets'))}."
+    )
+    rows = [
+        [str(item["size"]), str(item["n"]), _number(item["coverage"])]
+        for item in sets.get("size_stratified_coverage") or []
+    ]
+    return sentence, rows
+
+
+def _conformal_markdown(report: Mapping[str, Any]) -> list[str]:
+    sentence, rows = _conformal_rows(report)
+    if not sentence:
+        return []
+    lines = ["", _markdown_cell(sentence), "", "| set size | rows | coverage |", "|---:|---:|---:|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _conformal_html(report: Mapping[str, Any]) -> str:
+    sentence, rows = _conformal_rows(report)
+    if not sentence:
+        return ""
+    table = _html_table(["set size", "rows", "coverage"], rows, {0, 1, 2}, [""] * len(rows))
+    return f"<h2>Prediction sets</h2>\n<p>{html.escape(sentence)}</p>\n{table}\n"
 
 
 # --------------------------------------------------------------------------------------------------- HTML
@@ -487,7 +524,7 @@ def to_html(report: Mapping[str, Any], *, figure_png: bytes | None = None) -> st
     )
     escape = html.escape
     monitoring = f"<p>{escape(_monitoring_text(report))}</p>\n" if report.get("monitoring") else ""
-    segments = _segments_html(report)
+    segments = _segments_html(report) + _conformal_html(report)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

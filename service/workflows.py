@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core import conformal as conformal_core
 from service.core import metrics
 from service.core.calibration_tests import P_VALUES
 from service.core.calibrators import TemperatureScaling, calibrator_from_dict, make_calibrator
@@ -30,7 +31,7 @@ from service.core.validation import (
     check_probabilities,
     same_class_count,
 )
-from service.errors import InvalidInput
+from service.errors import InvalidInput, InvalidParameter
 
 FORMAT_VERSION = 1
 REPORT_KIND = "calibserve.evaluation"
@@ -263,6 +264,158 @@ def calibrate(calibrator: Any | None, scores: Any, *, from_logits: bool = True) 
     return calibrator.transform(logits)
 
 
+# ---------------------------------------------------------------------------------------------- conformal
+
+DEFAULT_CONFORMAL_FRACTION = 0.5
+"""Share of a fit's rows held out for the conformal threshold when a fit asks for prediction sets: the
+calibrator is fitted on the rest. Fitting both on the same rows breaks the exchangeability the coverage
+guarantee rests on (the calibrator has seen the threshold's rows: in-sample probabilities are sharper on them
+than on new data, so the threshold and the set sizes it gives are off); half and half keeps both estimates
+precise on a few thousand rows. ``conformal_fraction: 0`` fits both on every row (no guarantee)."""
+
+
+def conformal_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(calibrator rows, conformal rows)``, stratified by label and deterministic given ``seed``: each
+    class gives ``round(fraction * n_k)`` of its rows (a seeded permutation) to the conformal part."""
+    y = np.asarray(labels, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    conformal: list[np.ndarray] = []
+    for k in np.unique(y):
+        rows = order[y[order] == k]
+        conformal.append(rows[: round(fraction * len(rows))])
+    held = np.sort(np.concatenate(conformal)) if conformal else np.array([], dtype=np.int64)
+    mask = np.zeros(len(y), dtype=bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), held
+
+
+def check_conformal_fraction(fraction: Any) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction < 1.0:
+        raise InvalidParameter(
+            f"conformal_fraction must be a number in [0, 1) (the share of rows held out for the conformal "
+            f"threshold; 0: the calibrator's own rows), got {fraction!r}",
+            field="conformal_fraction",
+        )
+    return float(fraction)
+
+
+def fit_conformal_document(
+    scores: Any,
+    labels: Any,
+    *,
+    conformal: Mapping[str, Any],
+    conformal_fraction: float | None = None,
+    from_logits: bool = True,
+    sample_weight: Any = None,
+    segments: Any = None,
+    **fit_options: Any,
+) -> dict:
+    """:func:`fit_document` with split-conformal prediction sets in the same calibrator version.
+
+    ``conformal``: ``score`` (``lac``, ``aps``, ``raps``), ``alpha``, ``mondrian``, ``randomized``, ``k_reg``
+    and ``lambda`` (raps), ``seed`` (of the split and of randomised scores; default 0). The rows are split
+    (:func:`conformal_split`, ``conformal_fraction`` of them, :data:`DEFAULT_CONFORMAL_FRACTION` by default)
+    into the calibrator's rows, on which the calibrator and its ``fit`` figures are computed, and the
+    conformal rows, whose calibrated probabilities (of this very calibrator) give the threshold
+    (:func:`service.core.conformal.fit_thresholds`). The document's ``conformal`` block holds the options,
+    the threshold(s), the rows used and the rule (``quantile``). ``sample_weight`` weighs the calibrator's
+    fit only: the threshold is the unweighted quantile (weighted conformal prediction answers another
+    question, coverage under a known covariate shift).
+    """
+    spec = conformal_core.conformal_spec(conformal, allowed=("seed",))
+    seed = conformal.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidParameter(
+            f"conformal.seed must be an integer >= 0, got {seed!r}", field="conformal.seed"
+        )
+    fraction = check_conformal_fraction(
+        DEFAULT_CONFORMAL_FRACTION if conformal_fraction is None else conformal_fraction
+    )
+    logits = scores if from_logits else scores_to_logits(scores, from_logits=False)
+    logits, y, weight = check_labelled(logits, labels, from_logits=True, sample_weight=sample_weight)
+    if fraction > 0.0:
+        fit_rows, conformal_rows = conformal_split(y, fraction, seed)
+        if len(fit_rows) == 0 or len(conformal_rows) == 0:
+            raise InvalidParameter(
+                f"conformal_fraction={fraction:g} of {len(y)} rows leaves no rows for "
+                f"{'the calibrator' if len(fit_rows) == 0 else 'the conformal threshold'}",
+                field="conformal_fraction",
+            )
+    else:
+        fit_rows = conformal_rows = np.arange(len(y))
+    segment_list = None if segments is None else np.asarray(segments, dtype=object)
+    if segment_list is not None and len(segment_list) != len(y):
+        check_segments(segments, len(y))  # its own message
+    document = fit_document(
+        logits[fit_rows],
+        y[fit_rows],
+        from_logits=True,
+        sample_weight=None if weight is None else weight[fit_rows],
+        segments=None if segment_list is None else segment_list[fit_rows].tolist(),
+        **fit_options,
+    )
+    calibrator = load_calibrator(document)
+    held = logits[conformal_rows]
+    if segment_list is not None and hasattr(calibrator, "transform_segments"):
+        probabilities, _ = calibrator.transform_segments(held, segment_list[conformal_rows].tolist())
+    else:
+        probabilities = calibrator.transform(held)
+    fitted = conformal_core.fit_thresholds(
+        probabilities, y[conformal_rows], spec, rng=np.random.default_rng([seed, 1])
+    )
+    document["conformal"] = {
+        **fitted.to_dict(),
+        "fraction": fraction,
+        "seed": seed,
+        "split": (
+            "stratified by label: each class gives round(fraction * n_class) of its rows (a permutation "
+            "seeded by seed) to the threshold, the rest to the calibrator"
+            if fraction > 0.0
+            else "none: the calibrator and the threshold were fitted on the same rows (no coverage guarantee)"
+        ),
+    }
+    return document
+
+
+def load_conformal(document: Mapping[str, Any] | None) -> conformal_core.ConformalThresholds | None:
+    """The conformal thresholds of a calibrator document (None when it has none); InvalidParameter for a
+    malformed ``conformal`` block."""
+    if not isinstance(document, Mapping) or document.get("conformal") is None:
+        return None
+    block = document["conformal"]
+    if not isinstance(block, Mapping):
+        raise InvalidParameter("conformal must be an object", field="conformal")
+    num_classes = document.get("num_classes")
+    n_classes = 2 if num_classes in (1, 2) else num_classes
+    if not isinstance(n_classes, int) or isinstance(n_classes, bool):
+        raise InvalidParameter("a document with conformal sets needs num_classes", field="num_classes")
+    return conformal_core.ConformalThresholds.from_dict(block, n_classes)
+
+
+def conformal_sets(
+    fitted: conformal_core.ConformalThresholds, probabilities: np.ndarray, seed: int | None = None
+) -> np.ndarray:
+    """The ``(N, K)`` boolean prediction sets of calibrated ``probabilities``. Randomised sets draw their
+    uniforms from ``seed`` (reproducible) or, without one, from fresh entropy."""
+    rng = np.random.default_rng(seed) if fitted.spec.randomized else None
+    return conformal_core.prediction_sets(probabilities, fitted, rng=rng)
+
+
+def conformal_report(
+    fitted: conformal_core.ConformalThresholds, probabilities: np.ndarray, labels: np.ndarray, seed: int = 0
+) -> dict[str, Any]:
+    """Coverage and set-size figures (:func:`service.core.conformal.coverage_figures`) of a version's sets on
+    labelled rows, with the options that made them."""
+    sets = conformal_sets(fitted, probabilities, seed)
+    figures_of_sets = conformal_core.coverage_figures(sets, labels, fitted.spec.alpha)
+    return {
+        **figures_of_sets,
+        "score": fitted.spec.score,
+        "mondrian": fitted.spec.mondrian,
+        "randomized": fitted.spec.randomized,
+    }
+
+
 # ----------------------------------------------------------------------------------------------- evaluate
 
 
@@ -284,6 +437,8 @@ def evaluate(
     segments: Any = None,
     min_segment_size: int = DEFAULT_MIN_SEGMENT_SIZE,
     progress: Callable[[int, int], None] | None = None,
+    conformal: Mapping[str, Any] | None = None,
+    conformal_fraction: float | None = None,
 ) -> dict:
     """Figures before and (with a calibrator) after calibration, reliability bins and optional intervals.
 
@@ -304,7 +459,27 @@ def evaluate(
     per segment, intervals for segments of at least ``min_segment_size`` rows, and the worst such segment
     of each figure (:func:`_segment_reports`). ``reliability_smooth`` (smECE's kernel estimate of the
     reliability curve) is always there beside the binned ``reliability``.
+
+    ``conformal`` adds the coverage and set-size figures of prediction sets (:func:`conformal_report`):
+    those the calibrator version stores (``calibrator_document["conformal"]``, ``source: "version"``), or,
+    when ``conformal`` (the fit's options) asks, sets fitted here: ``conformal_fraction`` (default
+    :data:`DEFAULT_CONFORMAL_FRACTION`) of these rows give the threshold on the calibrated (else the given)
+    probabilities and the figures are those of the other rows (``source: "asked"``).
     """
+    asked = None
+    if conformal is not None:
+        asked = conformal_core.conformal_spec(conformal, allowed=("seed",))
+        conformal_fraction = check_conformal_fraction(
+            DEFAULT_CONFORMAL_FRACTION if conformal_fraction is None else conformal_fraction
+        )
+        if conformal_fraction == 0.0:
+            raise InvalidParameter(
+                "conformal_fraction must be above 0 in an evaluation: the threshold's rows are held out of "
+                "the figures",
+                field="conformal_fraction",
+            )
+    elif conformal_fraction is not None:
+        raise InvalidParameter("conformal_fraction goes with conformal", field="conformal_fraction")
     if from_logits:
         logits = scores_to_logits(scores, from_logits=True)
         given: np.ndarray = logits
@@ -405,6 +580,36 @@ def evaluate(
             },
             bootstrap=(bootstrap, seed, confidence),
         )
+    fitted_sets = load_conformal(calibrator_document)
+    if asked is not None or (fitted_sets is not None and calibrator is not None):
+        # prediction sets on these rows: coverage (marginal, per class, per set size), set sizes
+        if calibrator is None:
+            calibrated = given if not from_logits else softmax(logits)
+        elif segments is not None and hasattr(calibrator, "transform_segments"):
+            calibrated, _ = calibrator.transform_segments(logits, segments)
+        else:
+            calibrated = calibrator.transform(logits)
+        if asked is None:
+            report["conformal"] = {**conformal_report(fitted_sets, calibrated, y, seed), "source": "version"}
+        else:
+            split_seed = conformal.get("seed", 0)
+            rest, held = conformal_split(y, conformal_fraction, split_seed)
+            if len(rest) == 0 or len(held) == 0:
+                raise InvalidParameter(
+                    f"conformal_fraction={conformal_fraction:g} of {len(y)} rows leaves no rows for "
+                    f"{'the figures' if len(rest) == 0 else 'the threshold'}",
+                    field="conformal_fraction",
+                )
+            here = conformal_core.fit_thresholds(
+                calibrated[held], y[held], asked, rng=np.random.default_rng([split_seed, 1])
+            )
+            report["conformal"] = {
+                **conformal_report(here, calibrated[rest], y[rest], seed),
+                "source": "asked",
+                "n_threshold": len(held),
+                "threshold": here.threshold,
+                "thresholds": list(here.thresholds) if here.thresholds is not None else None,
+            }
     report["thresholds"] = []
     report["summary"] = summarise([])
     if calibrator_document is not None and has_fit_figures(calibrator_document):

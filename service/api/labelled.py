@@ -44,11 +44,11 @@ async def read_labelled(
     ):
         if key in route_parameters:
             continue
-        if key == "options":
+        if key in ("options", "conformal"):  # JSON objects
             try:
                 value = orjson.loads(value)
             except orjson.JSONDecodeError as exc:
-                raise InvalidParameter(f"options: not valid JSON: {exc}", field="options") from None
+                raise InvalidParameter(f"{key}: not valid JSON: {exc}", field=key) from None
         data[key] = _query_scalar(model, key, value)
     data.update(tensors.decode_npz(body, max_bytes=request.app.state.settings.max_body_bytes))
     return validate_object(data, model)

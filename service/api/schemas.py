@@ -171,10 +171,23 @@ RowSegments = Annotated[
 ]
 
 
+SetsSeed = Annotated[
+    int | None,
+    Field(
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="seed of randomised conformal prediction sets (a version fitted with conformal.randomized): "
+        "the same seed gives the same sets; without one each request draws fresh randomness",
+    ),
+]
+
+
 class CalibrateRequest(Strict):
     logits: Matrix | None = None
     probabilities: Matrix | None = None
     segments: RowSegments | None = None
+    seed: SetsSeed = None
     intervals: bool = Field(
         False,
         description="answer probability_intervals too: [p0, p1] per row and class (venn_abers calibrators)",
@@ -185,6 +198,7 @@ class PredictRequest(Strict):
     inputs: Matrix
     return_logits: bool = False
     segments: RowSegments | None = None
+    seed: SetsSeed = None
 
 
 class FitRequest(ScoresBody):
@@ -195,6 +209,18 @@ class FitRequest(ScoresBody):
     sample_weight: Vector | None = None
     segments: Segments | None = Field(
         None, description="one segment key per row: method segment_temperature fits a temperature per segment"
+    )
+    conformal: dict[str, Any] | None = Field(
+        None,
+        description='split-conformal prediction sets stored in this version: {"score": "lac" | "aps" | "raps", '
+        '"alpha": 0.1, "mondrian": false, "randomized": false, "k_reg": 1, "lambda": 0.01, "seed": 0} '
+        "(k_reg and lambda for raps only); the threshold is the ceil((n+1)(1-alpha))-th smallest conformity "
+        "score of the held-out rows' calibrated probabilities",
+    )
+    conformal_fraction: float | None = Field(
+        None,
+        description="with conformal: the share of rows held out (stratified by label) for the conformal "
+        "threshold, the calibrator being fitted on the rest; default 0.5; 0 fits both on every row",
     )
 
 
@@ -219,6 +245,14 @@ class FigureOptions(Strict):
 
 class EvaluateRequest(ScoresBody, FigureOptions):
     labels: Labels
+    conformal: dict[str, Any] | None = Field(
+        None,
+        description="prediction sets fitted on part of these rows (the fit's conformal options), their "
+        "coverage reported on the rest; without it, a version fitted with conformal sets reports its own",
+    )
+    conformal_fraction: float | None = Field(
+        None, description="with conformal: the share of rows that give the threshold (default 0.5)"
+    )
 
 
 class OutcomesRequest(Strict):

@@ -51,6 +51,9 @@ class Prediction:
     segment_fallback: np.ndarray | None = None
     # a venn_abers calibrator's [p0, p1] per row and class, where the request asked for them
     intervals: np.ndarray | None = None
+    # a version fitted with conformal sets: each row's set as an (N, K) boolean matrix, and its alpha
+    prediction_sets: np.ndarray | None = None
+    alpha: float | None = None
 
     @property
     def multilabel(self) -> bool:
@@ -79,6 +82,8 @@ class UpstreamPrediction:
     probabilities: np.ndarray
     calibrator_version: int | None
     ids: PredictionIds | None = None
+    prediction_sets: np.ndarray | None = None  # as Prediction's
+    alpha: float | None = None
 
     @property
     def predicted_class(self) -> np.ndarray:
@@ -103,6 +108,9 @@ class FitSpec:
     method: str = "temperature"
     options: Mapping[str, Any] | None = None
     activate: bool = True
+    # split-conformal prediction sets in the same version (workflows.fit_conformal_document)
+    conformal: Mapping[str, Any] | None = None
+    conformal_fraction: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +137,8 @@ class EvaluateSpec:
     per_class_tests: bool = False  # the calibration tests of each class too
     segments: Any = None  # one key per row: figures per segment and the worst one
     min_segment_size: int = 100  # rows a segment needs to be gated
+    conformal: Mapping[str, Any] | None = None  # prediction sets fitted on part of the rows (evaluate only)
+    conformal_fraction: float | None = None
 
 
 def check_columns(model: ModelInfo, scores: np.ndarray, field: str) -> None:
@@ -439,10 +449,22 @@ class DataPlane:
         info = self.state.model_info(name)
         scores, from_logits = await self._scores(info, data)
         if info.task == "multilabel":
+            if spec.conformal is not None or spec.conformal_fraction is not None:
+                raise InvalidInput(
+                    "conformal prediction sets are for softmax models, not multi-label ones",
+                    field="conformal",
+                )
             return await self._fit_multilabel(info, scores, from_logits, data, spec, budget)
+        fit = workflows.fit_document
+        conformal: dict[str, Any] = {}
+        if spec.conformal is not None:
+            fit = workflows.fit_conformal_document
+            conformal = {"conformal": spec.conformal, "conformal_fraction": spec.conformal_fraction}
+        elif spec.conformal_fraction is not None:
+            raise InvalidInput("conformal_fraction goes with conformal", field="conformal_fraction")
         document = await bounded(
             budget or self.budget(),
-            workflows.fit_document,
+            fit,
             scores,
             data.labels,
             from_logits=from_logits,
@@ -452,6 +474,7 @@ class DataPlane:
             num_classes=info.num_classes,
             sample_weight=data.sample_weight,
             segments=data.segments,
+            **conformal,
         )
         stored = await self._store(info, document, activate=spec.activate)
         FITS.labels(name, spec.method).inc()
@@ -489,6 +512,7 @@ class DataPlane:
         """Store a calibrator document made elsewhere (e.g. by ``calibserve fit``) as a new version."""
         self.state.require_ready()
         calibrator = workflows.load_calibrator(document)  # refuses malformed documents before any write
+        workflows.load_conformal(document)  # and a malformed conformal block
         info = self.state.model_info(name)
         if (info.task == "multilabel") != (getattr(calibrator, "task", None) == "multilabel"):
             raise InvalidInput(
@@ -521,12 +545,14 @@ class DataPlane:
         kind: str,
         scores: np.ndarray,
         segments: Any = None,
+        seed: int | None = None,
         *,
         intervals: bool = False,
     ) -> Prediction:
         """Calibrated probabilities for ``scores`` (``kind`` logits or probabilities), with a segment per row
-        for a segment_temperature calibrator, and with each row's probability intervals when ``intervals``
-        (venn_abers calibrators only)."""
+        for a segment_temperature calibrator, prediction sets when the version has conformal sets
+        (randomised ones drawn from ``seed``, or fresh entropy without one), and each row's probability
+        intervals when ``intervals`` (venn_abers calibrators only)."""
         info, entry = await self.lookup_async(name, version)
         if info.task == "multilabel":
             return await self._calibrate_multilabel(info, entry, kind, scores, segments)
@@ -550,8 +576,9 @@ class DataPlane:
         if self.monitoring.logs(name):
             logits = scores if kind == "logits" else workflows.scores_to_logits(scores, from_logits=False)
             ids = self.monitoring.record(name, entry.version, logits, probabilities)
+        sets = await _prediction_sets(entry, probabilities, seed) if entry.conformal is not None else {}
         return Prediction(
-            info, probabilities, entry.version, ids=ids, segment_fallback=fallback, intervals=bounds
+            info, probabilities, entry.version, ids=ids, segment_fallback=fallback, intervals=bounds, **sets
         )
 
     async def _calibrate_multilabel(
@@ -573,7 +600,12 @@ class DataPlane:
         return Prediction(info, probabilities, entry.version)
 
     async def predict(
-        self, name: str, version: int | None, inputs: np.ndarray, segments: Any = None
+        self,
+        name: str,
+        version: int | None,
+        inputs: np.ndarray,
+        segments: Any = None,
+        seed: int | None = None,
     ) -> Prediction:
         """The model's logits for ``inputs`` (TorchScript, or an upstream server's), calibrated (with a
         segment per row for a segment_temperature calibrator)."""
@@ -600,7 +632,8 @@ class DataPlane:
                 calibrate_array, entry.calibrator, logits, from_logits=True, size=logits.size
             )
         ids = self.monitoring.record(name, entry.version, logits, probabilities)
-        return Prediction(info, probabilities, entry.version, logits, ids, segment_fallback=fallback)
+        sets = await _prediction_sets(entry, probabilities, seed) if entry.conformal is not None else {}
+        return Prediction(info, probabilities, entry.version, logits, ids, segment_fallback=fallback, **sets)
 
     async def upstream_model_async(
         self, name: str, version: int | None
@@ -643,7 +676,10 @@ class DataPlane:
             calibrate_array, entry.calibrator, answer.logits, from_logits=True, size=answer.logits.size
         )
         ids = self.monitoring.record(info.name, entry.version, answer.logits, probabilities)
-        return UpstreamPrediction(info, answer, probabilities, entry.version, ids)
+        sets = {}
+        if entry.conformal is not None:
+            sets = await _prediction_sets(entry, probabilities, _request_seed(document))
+        return UpstreamPrediction(info, answer, probabilities, entry.version, ids, **sets)
 
     async def upstream_metadata(self, info: ModelInfo) -> dict[str, Any]:
         """The upstream server's metadata of the model."""
@@ -862,6 +898,8 @@ class DataPlane:
             per_class_tests=spec.per_class_tests,
             segments=spec.segments,
             min_segment_size=spec.min_segment_size,
+            conformal=spec.conformal,
+            conformal_fraction=spec.conformal_fraction,
         )
         report["model"] = name
         return report
@@ -910,7 +948,9 @@ class DataPlane:
             "calibrator": entry.document,
             **({"task": "multilabel"} if info.task == "multilabel" else {}),
         }
-        data = await in_thread(export_torchscript, entry.calibrator, model=model, metadata=metadata)
+        data = await in_thread(
+            export_torchscript, entry.calibrator, model=model, metadata=metadata, conformal=entry.conformal
+        )
         return data, entry.version
 
 
@@ -941,6 +981,25 @@ def _no_live_monitoring(info: ModelInfo) -> None:
             "supported for multi-label models; check them with evaluate or calibserve drift",
             field="task",
         )
+
+
+async def _prediction_sets(entry: ActiveCalibrator, probabilities: np.ndarray, seed: int | None) -> dict:
+    """``prediction_sets`` and ``alpha`` of a Prediction: empty for a version without conformal sets."""
+    if entry.conformal is None:  # a seed sent anyway is ignored, as for non-randomised sets
+        return {}
+    sets = await compute(
+        workflows.conformal_sets, entry.conformal, probabilities, seed, size=probabilities.size
+    )
+    return {"prediction_sets": sets, "alpha": entry.conformal.spec.alpha}
+
+
+def _request_seed(document: Mapping[str, Any]) -> int | None:
+    """``parameters.seed`` of an Open Inference Protocol request (of randomised prediction sets), checked."""
+    parameters = document.get("parameters")
+    seed = parameters.get("seed") if isinstance(parameters, Mapping) else None
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise InvalidInput(f"parameters.seed must be an integer >= 0, got {seed!r}", field="parameters.seed")
+    return seed
 
 
 def _refit_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -974,6 +1033,9 @@ def calibrator_summary(document: Mapping[str, Any]) -> dict[str, Any]:
             figures = fit.get(group)
             if isinstance(figures, Mapping):
                 summary["fit"][group] = {key: figures.get(key) for key in ("ece", "nll", "accuracy")}
+    sets = document.get("conformal")
+    if isinstance(sets, Mapping):  # which prediction sets the version answers, not their thresholds
+        summary["conformal"] = {key: sets.get(key) for key in ("score", "alpha", "mondrian", "randomized")}
     return summary
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from service import inference_protocol as wire
 from service import workflows
-from service.errors import InvalidInput, NotReady, UpstreamFailed
+from service.errors import CalibserveError, InvalidInput, NotReady, UpstreamFailed
 from service.serving.concurrency import in_thread
 from service.serving.dataplane import DataPlane, UpstreamPrediction
 from service.serving.proxy import logits_output
@@ -28,7 +28,12 @@ from service.serving.state import ModelInfo
 
 SERVER_NAME = "calibserve"
 INPUT_NAMES = ("logits", "probabilities", "inputs")
-OUTPUT_NAMES = ("probabilities", "logits", "predicted_class")
+OUTPUT_NAMES = ("probabilities", "logits", "predicted_class", "prediction_sets")
+SETS_OUTPUT = "prediction_sets"
+"""A version fitted with conformal sets answers this output too (by default, and on request): ``[N, K]``
+UINT8, 1 where the class is in the row's set, with ``parameters.alpha``. UINT8 rather than BOOL: the same
+0/1 numbers in JSON and in binary (BOOL's JSON form is true/false), one byte a class, and numpy, Triton's
+client and torch read it without a cast."""
 DEFAULT_OUTPUTS = ("probabilities",)
 DATATYPES: dict[str, np.dtype] = {name: wire.NUMPY_TYPES[name] for name in wire.FLOAT_TYPES}
 EXTENSIONS = ["binary_tensor_data"]
@@ -74,6 +79,8 @@ def output_datatype(name: str, input_datatype: str) -> str:
     calibrated probabilities are computed in float32 or better and would lose digits)."""
     if name == "predicted_class":
         return "INT64"
+    if name == SETS_OUTPUT:
+        return "UINT8"
     return "FP64" if input_datatype == "FP64" else "FP32"
 
 
@@ -88,6 +95,7 @@ class InferResult:
     outputs: dict[str, tuple[str, np.ndarray]]
     calibrator_version: int | None
     prediction_ids: list[str] | None
+    alpha: float | None = None  # the version's conformal alpha, when it answers prediction sets
 
 
 async def infer(
@@ -98,29 +106,43 @@ async def infer(
     input_name: str,
     values: np.ndarray,
     datatype: str,
-    outputs: Sequence[str] = DEFAULT_OUTPUTS,
+    outputs: Sequence[str] | None = DEFAULT_OUTPUTS,
+    seed: int | None = None,
 ) -> InferResult:
     """Calibrate ``values`` (input ``logits`` or ``probabilities``) or predict (``inputs``) with model
-    ``name`` (calibrator ``version``, else the active one), and build the ``outputs`` asked for."""
+    ``name`` (calibrator ``version``, else the active one), and build the ``outputs`` asked for (None: the
+    defaults, with ``prediction_sets`` when the version has conformal sets; ``seed`` draws randomised
+    ones)."""
     if input_name == "inputs":
-        prediction = await plane.predict(name, version, values)
+        prediction = await plane.predict(name, version, values, seed=seed)
         logits = prediction.logits
     else:
-        prediction = await plane.calibrate(name, version, input_name, values)
+        prediction = await plane.calibrate(name, version, input_name, values, seed=seed)
         logits = values
+    if outputs is None:
+        with_sets = (SETS_OUTPUT,) if prediction.prediction_sets is not None else ()
+        outputs = (*DEFAULT_OUTPUTS, *with_sets)
     tensors: dict[str, tuple[str, np.ndarray]] = {}
     for wanted in outputs:
         if wanted == "probabilities":
             array = prediction.probabilities
         elif wanted == "predicted_class":
             array = prediction.predicted_class
+        elif wanted == SETS_OUTPUT:
+            if prediction.prediction_sets is None:
+                raise InvalidInput(
+                    f"output {SETS_OUTPUT!r}: calibrator version {prediction.calibrator_version} of model "
+                    f"{name!r} has no conformal prediction sets (fit it with conformal)"
+                )
+            array = prediction.prediction_sets
         elif input_name == "probabilities":  # the logits the calibrator saw
             array = workflows.scores_to_logits(logits, from_logits=False)
         else:
             array = logits
         tensors[wanted] = (output_datatype(wanted, datatype), array)
     ids = prediction.ids.as_list() if prediction.ids is not None else None
-    return InferResult(tensors, prediction.calibrator_version, ids)
+    alpha = prediction.alpha if SETS_OUTPUT in tensors else None
+    return InferResult(tensors, prediction.calibrator_version, ids, alpha)
 
 
 # ---------------------------------------------------------------------------------- metadata, readiness
@@ -148,8 +170,9 @@ async def server_not_ready(plane: DataPlane) -> str | None:
     return None
 
 
-def own_model_metadata(info: ModelInfo, versions: list[str]) -> dict[str, Any]:
-    """Metadata of a model calibserve runs itself (logits-only or TorchScript); ``-1`` where a size is free."""
+def own_model_metadata(info: ModelInfo, versions: list[str], *, with_sets: bool = False) -> dict[str, Any]:
+    """Metadata of a model calibserve runs itself (logits-only or TorchScript); ``-1`` where a size is free.
+    ``with_sets``: the version that answers has conformal sets (its ``prediction_sets`` output is listed)."""
     columns = info.num_classes if info.num_classes is not None else -1
     multilabel = info.task == "multilabel"  # K labels: K probabilities and a K-column 0/1 predicted_class
     classes = columns if multilabel else 2 if columns == 1 else columns
@@ -172,6 +195,7 @@ def own_model_metadata(info: ModelInfo, versions: list[str]) -> dict[str, Any]:
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
             {"name": "logits", "datatype": "FP32", "shape": [-1, columns]},
             {"name": "predicted_class", "datatype": "INT64", "shape": [-1, classes] if multilabel else [-1]},
+            *([{"name": SETS_OUTPUT, "datatype": "UINT8", "shape": [-1, classes]}] if with_sets else []),
         ],
     }
     if multilabel:
@@ -225,7 +249,12 @@ async def model_metadata(plane: DataPlane, name: str, version: int | None) -> di
         versions = [str(version)]
     if info.kind == "upstream":
         return upstream_model_metadata(info, versions, await plane.upstream_metadata(info))
-    return own_model_metadata(info, versions)
+    try:
+        _, entry = await plane.lookup_async(name, version)
+        with_sets = entry.conformal is not None
+    except CalibserveError:  # metadata answers whatever the calibrator's state (a model that fails, ...)
+        with_sets = False
+    return own_model_metadata(info, versions, with_sets=with_sets)
 
 
 async def model_not_ready(plane: DataPlane, name: str, version: int | None) -> str | None:
@@ -250,7 +279,8 @@ def upstream_outputs(
     place of the logits. UpstreamFailed for a wanted output the upstream did not answer."""
     answer = result.answer
     if wanted is None:
-        wanted = ["probabilities", *(name for name in answer.outputs if name != answer.logits_output)]
+        sets = [SETS_OUTPUT] if result.prediction_sets is not None else []
+        wanted = ["probabilities", *sets, *(name for name in answer.outputs if name != answer.logits_output)]
     float_type = "FP64" if answer.datatype == "FP64" else "FP32"
     outputs: list[tuple[str, tuple[str, np.ndarray] | None]] = []
     for name in wanted:
@@ -258,6 +288,13 @@ def upstream_outputs(
             outputs.append((name, (float_type, result.probabilities)))
         elif name == "predicted_class":
             outputs.append((name, ("INT64", result.predicted_class)))
+        elif name == SETS_OUTPUT:
+            if result.prediction_sets is None:
+                raise InvalidInput(
+                    f"output {SETS_OUTPUT!r}: calibrator version {result.calibrator_version} of model "
+                    f"{result.model.name!r} has no conformal prediction sets (fit it with conformal)"
+                )
+            outputs.append((name, ("UINT8", result.prediction_sets)))
         elif name in answer.outputs:
             outputs.append((name, None))
         else:

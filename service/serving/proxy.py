@@ -25,7 +25,7 @@ from service.serving.upstream_batching import Named, UpstreamBatcher
 from service.upstream import UpstreamClient, Upstreams, UpstreamSpec
 
 # The outputs calibserve adds to an upstream model's: never asked of the upstream.
-OWN_OUTPUTS = ("probabilities", "predicted_class")
+OWN_OUTPUTS = ("probabilities", "predicted_class", "prediction_sets")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +128,8 @@ def shared_call(document: Mapping[str, Any], binary: bytes) -> SharedCall | None
     if not _REQUEST_FIELDS.issuperset(document):
         return None
     parameters = document.get("parameters") or {}
-    if not isinstance(parameters, Mapping) or not {"binary_data_output"}.issuperset(parameters):
+    # seed is calibserve's own (randomised prediction sets): never sent upstream
+    if not isinstance(parameters, Mapping) or not {"binary_data_output", "seed"}.issuperset(parameters):
         return None
     binary_default = parameters.get("binary_data_output", False)
     entries = document.get("inputs")
@@ -216,6 +217,11 @@ class UpstreamModels:
                 if answer is not None:
                     return answer
         forwarded = dict(document)
+        parameters = document.get("parameters")
+        if (
+            isinstance(parameters, Mapping) and "seed" in parameters
+        ):  # calibserve's (randomised sets), not theirs
+            forwarded["parameters"] = {key: value for key, value in parameters.items() if key != "seed"}
         requested = document.get("outputs")
         logits_name = spec.output
         if requested is not None:

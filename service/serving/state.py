@@ -128,6 +128,8 @@ class ActiveCalibrator:
     version: int | None
     calibrator: Any
     document: dict | None
+    # the version's conformal thresholds (workflows.load_conformal) when it was fitted with prediction sets
+    conformal: Any = None
 
 
 NO_CALIBRATOR = ActiveCalibrator(version=None, calibrator=None, document=None)
@@ -417,7 +419,12 @@ class AppState:
             return NO_CALIBRATOR
         if document is None:
             return NO_CALIBRATOR
-        return ActiveCalibrator(document["version"], workflows.load_calibrator(document), document)
+        return ActiveCalibrator(
+            document["version"],
+            workflows.load_calibrator(document),
+            document,
+            workflows.load_conformal(document),
+        )
 
     def pinned(self, name: str, version: int) -> ActiveCalibrator:
         """A specific version (``?version=N``); versions are immutable, so they are cached for good."""
@@ -426,7 +433,9 @@ class AppState:
         if cached is not None:
             return cached
         document = self.store.get_calibrator(name, version)
-        entry = ActiveCalibrator(version, workflows.load_calibrator(document), document)
+        entry = ActiveCalibrator(
+            version, workflows.load_calibrator(document), document, workflows.load_conformal(document)
+        )
         with self._lock:
             if len(self._pinned) > 1024:
                 self._pinned.clear()

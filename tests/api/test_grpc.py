@@ -447,3 +447,29 @@ def test_stream_infer_needs_a_key(server, client):
         stream.close()
     assert result is None and "UNAUTHENTICATED" in str(error.status())
     still_serving(client)
+
+
+def test_conformal_prediction_sets_over_grpc(server, client):
+    """A version fitted with conformal sets answers them over gRPC as over HTTP: a [N, K] UINT8 output by
+    default, ``alpha`` in the parameters; a seed parameter makes randomised sets reproducible."""
+    http = server.client(headers={"X-API-Key": ADMIN})
+    name = "grpc-sets"
+    assert http.put(f"/v1/models/{name}", json={"num_classes": CLASSES}).status_code in (200, 201)
+    rng = np.random.default_rng(23)
+    logits = rng.normal(size=(400, CLASSES)) * 3
+    labels = (logits + rng.gumbel(size=logits.shape)).argmax(axis=1)
+    body = {
+        "logits": logits.tolist(),
+        "labels": labels.tolist(),
+        "conformal": {"score": "aps", "randomized": True},
+    }
+    assert http.post(f"/v1/models/{name}/fit", json=body).status_code == 201
+    array = logits_of(16).astype(np.float32)
+    tensor = triton_grpc.InferInput("logits", list(array.shape), "FP32")
+    tensor.set_data_from_numpy(array)
+    answer = client.infer(name, [tensor], headers=KEY, parameters={"seed": 5})
+    sets = answer.as_numpy("prediction_sets")
+    assert sets.dtype == np.uint8 and sets.shape == (16, CLASSES)
+    assert answer.get_response(as_json=True)["parameters"]["alpha"]["double_param"] == 0.1
+    over_http = http.post(f"/v1/models/{name}/calibrate", json={"logits": array.tolist(), "seed": 5}).json()
+    assert [np.flatnonzero(row).tolist() for row in sets] == over_http["prediction_sets"]

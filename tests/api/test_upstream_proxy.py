@@ -19,6 +19,7 @@ from scipy.special import expit, softmax
 from tritonclient.utils import InferenceServerException
 
 from service import workflows
+from service.core import conformal
 from tests.helpers.data import REPO
 from tests.helpers.servers import Server, free_port
 from tests.helpers.triton import linear_logits, start_triton
@@ -503,3 +504,42 @@ def test_kserve_transformer_arguments_run_calibserve_in_front_of_the_predictor(t
     )
     assert refused.returncode == 2
     assert "v2" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_an_upstream_model_with_conformal_sets_answers_them(triton, proxy, cifar10):
+    """A model served by Triton (the lookup of CIFAR-10 logits), fitted through the proxy with randomised APS
+    sets: tritonclient gets ``prediction_sets`` (UINT8, [N, K]) beside the probabilities and ``alpha``, and a
+    request ``parameters.seed`` (never forwarded to Triton) makes them reproducible."""
+    index = np.arange(1000).reshape(-1, 1).astype(np.int64)
+    with httpx.Client(base_url=proxy.url, timeout=60) as http:
+        record = {"num_classes": 10, "upstream": {"url": triton.url, "model": "lookup"}}
+        assert http.put("/v1/models/lookup-sets", json=record).status_code == 201
+        body = {
+            "inputs": index.tolist(),
+            "labels": cifar10["labels_test"][:1000].tolist(),
+            "conformal": {"score": "aps", "randomized": True, "alpha": 0.2},
+        }
+        fitted = http.post("/v1/models/lookup-sets/fit", json=body)
+        assert fitted.status_code == 201, fitted.text
+        request = {
+            "inputs": [
+                {"name": "index", "datatype": "INT64", "shape": [8, 1], "data": list(range(1000, 1008))}
+            ],
+            "parameters": {"seed": 11},
+        }
+        answers = [http.post("/v2/models/lookup-sets/infer", json=request).json() for _ in range(2)]
+    outputs = {item["name"]: item for item in answers[0]["outputs"]}
+    assert answers[0]["parameters"]["alpha"] == 0.2
+    assert outputs["prediction_sets"]["datatype"] == "UINT8" and outputs["prediction_sets"]["shape"] == [
+        8,
+        10,
+    ]
+    assert answers[0]["outputs"] == answers[1]["outputs"]  # the same seed, the same sets
+    calibrator = workflows.load_calibrator(fitted.json())
+    probabilities = calibrator.transform(triton.lookup[1000:1008])  # float64, as the server computes them
+    assert_close(np.asarray(outputs["probabilities"]["data"]).reshape(8, 10), probabilities)
+    thresholds = workflows.load_conformal(fitted.json())
+    expected = conformal.prediction_sets(probabilities, thresholds, rng=np.random.default_rng(11))
+    np.testing.assert_array_equal(np.asarray(outputs["prediction_sets"]["data"]).reshape(8, 10), expected)
+    binary = infer(proxy.url, "lookup-sets", {"index": index[:4]}, binary=True)
+    assert binary.as_numpy("prediction_sets").shape == (4, 10)

@@ -205,7 +205,10 @@ class InferenceServicer(codec.services().GRPCInferenceServiceServicer):
         # a copy: the calibrators may work in place, and the message's bytes are read-only
         values = np.array(codec.tensor_array(tensor, raw, f"input {input_name!r}"))
         v2.check_input_shape(input_name, values)
-        outputs = [v2.output_name(output) for output in _requested(request) or v2.DEFAULT_OUTPUTS]
+        requested = _requested(request)
+        seed = codec.parameter_value(request.parameters["seed"]) if "seed" in request.parameters else None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise InvalidInput(f"parameters.seed must be an integer >= 0, got {seed!r}")
         result = await v2.infer(
             self.plane,
             name,
@@ -213,12 +216,14 @@ class InferenceServicer(codec.services().GRPCInferenceServiceServicer):
             input_name=input_name,
             values=values,
             datatype=tensor.datatype,
-            outputs=outputs,
+            outputs=None if requested is None else [v2.output_name(output) for output in requested],
+            seed=seed,
         )
         response = self._response(request, name, result.calibrator_version, result.prediction_ids)
+        if result.alpha is not None:
+            codec.set_parameter(response.parameters, "alpha", float(result.alpha))
         as_raw = raw is not None  # outputs in the form of the input
-        for output in outputs:
-            datatype, array = result.outputs[output]
+        for output, (datatype, array) in result.outputs.items():
             data = codec.set_tensor(response.outputs.add(), output, datatype, array, raw=as_raw)
             if data is not None:
                 response.raw_output_contents.append(data)
@@ -252,6 +257,10 @@ class InferenceServicer(codec.services().GRPCInferenceServiceServicer):
         document: dict[str, Any] = {"inputs": entries}
         if wanted is not None:
             document["outputs"] = [{"name": output, "parameters": {"binary_data": True}} for output in wanted]
+        if (
+            "seed" in request.parameters
+        ):  # of randomised prediction sets: the data plane reads it, never forwarded
+            document["parameters"] = {"seed": codec.parameter_value(request.parameters["seed"])}
         body, header_length = wire.encode(document, chunks)
         headers = {"content-type": "application/octet-stream", wire.HEADER_LENGTH: str(header_length)}
         binary = memoryview(body)[header_length:]
@@ -263,6 +272,8 @@ class InferenceServicer(codec.services().GRPCInferenceServiceServicer):
         upstream_version = result.answer.document.get("model_version")
         if upstream_version is not None:
             codec.set_parameter(response.parameters, "upstream_model_version", upstream_version)
+        if result.alpha is not None:
+            codec.set_parameter(response.parameters, "alpha", float(result.alpha))
         for output, own in v2.upstream_outputs(result, wanted):
             if own is None:
                 _upstream_output(response, *result.answer.outputs[output])

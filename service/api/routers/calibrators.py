@@ -37,7 +37,13 @@ _FIT_EXAMPLE = {
 )
 async def fit(name: ModelName, request: Request, plane: Plane) -> NumpyJSONResponse:
     body = await read_labelled(request, FitRequest)
-    spec = FitSpec(method=body.method, options=body.options, activate=body.activate)
+    spec = FitSpec(
+        method=body.method,
+        options=body.options,
+        activate=body.activate,
+        conformal=body.conformal,
+        conformal_fraction=body.conformal_fraction,
+    )
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
         stored = await plane.fit(name, labelled(body, LABELLED_KINDS), spec, budget)
     return NumpyJSONResponse(stored, status_code=201)

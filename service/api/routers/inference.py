@@ -9,7 +9,7 @@ data plane's; this module only decodes and encodes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,9 @@ def answer(prediction: Prediction, extra: dict | None = None) -> dict[str, Any]:
         body["segment_fallback"] = prediction.segment_fallback
     if prediction.intervals is not None:
         body["probability_intervals"] = prediction.intervals
+    if prediction.prediction_sets is not None:  # lists of class indices, at the version's alpha
+        body["prediction_sets"] = [row.nonzero()[0].tolist() for row in prediction.prediction_sets]
+        body["alpha"] = prediction.alpha
     if extra:
         body.update(extra)
     return body
@@ -92,6 +95,7 @@ class Scores:
     dtype: np.dtype | None
     return_logits: bool = False
     segments: list | None = None  # JSON bodies only: one key per row, for a segment_temperature calibrator
+    seed: int | None = None  # JSON bodies only: of randomised prediction sets
     intervals: bool = False  # JSON bodies only: answer probability_intervals (venn_abers)
 
 
@@ -104,12 +108,19 @@ def read_scores(
         if predict:
             request = validate_object(data, PredictRequest)
             segments = _row_segments(request.segments)
-            return Scores("inputs", array(request.inputs, "inputs"), None, request.return_logits, segments)
+            return Scores(
+                "inputs", array(request.inputs, "inputs"), None, request.return_logits, segments, request.seed
+            )
         request = validate_object(data, CalibrateRequest)
         kind, values = one_of(request, names)
         # JSON numbers carry no width: binary answers are float32
         return Scores(
-            kind, values, None, segments=_row_segments(request.segments), intervals=request.intervals
+            kind,
+            values,
+            None,
+            segments=_row_segments(request.segments),
+            seed=request.seed,
+            intervals=request.intervals,
         )
     named = header(tensors.NAME_HEADER.lower())
     kind = (named.decode("latin-1") if isinstance(named, bytes) else named or names[0]).strip()
@@ -171,14 +182,14 @@ async def serve_calibrate(plane: DataPlane, request: LeanRequest) -> Response:
             "probability intervals are answered in JSON only (Accept: application/json)", field="intervals"
         )
     prediction = await plane.calibrate(
-        name, version, scores.kind, scores.values, scores.segments, intervals=intervals
+        name, version, scores.kind, scores.values, scores.segments, scores.seed, intervals=intervals
     )
     return _with_store_age(plane, tensor_response(accept, prediction, scores.dtype))
 
 
 async def serve_predict(plane: DataPlane, request: LeanRequest) -> Response:
     name, version, accept, scores = await _decode(plane, request, predict=True)
-    prediction = await plane.predict(name, version, scores.values, scores.segments)
+    prediction = await plane.predict(name, version, scores.values, scores.segments, scores.seed)
     extra = {"logits": prediction.logits} if scores.return_logits else None
     return _with_store_age(plane, tensor_response(accept, prediction, scores.dtype, extra))
 
@@ -235,7 +246,7 @@ ROUTES = [
 )
 async def evaluate(name: ModelName, request: Request, plane: Plane, version: PinnedVersion = None):
     body = await read_labelled(request, EvaluateRequest, route_parameters=("version",))
-    spec = body.spec()
+    spec = replace(body.spec(), conformal=body.conformal, conformal_fraction=body.conformal_fraction)
     data = labelled(body, LABELLED_KINDS)
     async with cancelled_on_disconnect(request, plane.budget()) as budget:
         report = await plane.evaluate(name, version, data, spec, budget)

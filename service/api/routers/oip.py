@@ -81,6 +81,8 @@ class InferRequest:
     values: np.ndarray
     datatype: str
     outputs: list[tuple[str, bool]] = field(default_factory=list)
+    named_outputs: bool = True  # False: the request named none (the defaults, prediction sets included)
+    seed: int | None = None  # parameters.seed: of randomised prediction sets
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -180,7 +182,10 @@ def parse_infer_document(request: dict[str, Any], binary: bytes) -> InferRequest
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"id must be a string, got {request_id!r}")
-    return InferRequest(request_id, name, values, datatype, outputs)
+    seed = request_parameters.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise InvalidInput(f"parameters.seed must be an integer >= 0, got {seed!r}")
+    return InferRequest(request_id, name, values, datatype, outputs, requested is not None, seed)
 
 
 # ------------------------------------------------------------------------------------------------ infer
@@ -221,13 +226,18 @@ async def run_infer(plane: DataPlane, name: str, version: int | None, request: I
         input_name=request.input_name,
         values=request.values,
         datatype=request.datatype,
-        outputs=[output_name for output_name, _ in request.outputs],
+        outputs=[output_name for output_name, _ in request.outputs] if request.named_outputs else None,
+        seed=request.seed,
     )
+    binary_of = dict(request.outputs)
+    default_binary = request.outputs[0][1]  # the request's binary_data_output when it named no output
     outputs = [
-        _own_output(output_name, result.outputs[output_name][1], result.outputs[output_name][0], binary)
-        for output_name, binary in request.outputs
+        _own_output(output_name, array, datatype, binary_of.get(output_name, default_binary))
+        for output_name, (datatype, array) in result.outputs.items()
     ]
     parameters = {"prediction_ids": result.prediction_ids} if result.prediction_ids is not None else None
+    if result.alpha is not None:
+        parameters = {**(parameters or {}), "alpha": result.alpha}
     return answer(name, request.id, result.calibrator_version, outputs, parameters)
 
 
@@ -294,6 +304,8 @@ async def run_upstream_infer(
     parameters = {"upstream_model_version": upstream_answer.document.get("model_version")}
     if result.ids is not None:
         parameters["prediction_ids"] = result.ids.as_list()
+    if result.alpha is not None:
+        parameters["alpha"] = result.alpha
     return answer(info.name, request_id, result.calibrator_version, outputs, parameters)
 
 
