@@ -17,6 +17,7 @@ from service.api.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from service.api.observability import MetricsMiddleware
 from service.api.routers import (
     calibrators,
+    diagrams,
     export,
     fallback,
     health,
@@ -122,6 +123,7 @@ def create_app(settings: Settings) -> FastAPI:
         inference.router,
         monitoring.router,
         scoring.router,
+        diagrams.router,
     )
     for router in routers:
         app.include_router(router)
