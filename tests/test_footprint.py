@@ -34,6 +34,7 @@ SCRIPT = textwrap.dedent(
         assert client.post("/v1/models/m/fit", json={**fit, "method": "histogram"}).status_code == 201
         print("torch after a histogram fit:", "torch" in sys.modules)
         assert client.post("/v1/models/m/evaluate", json=fit).status_code == 200
+        assert client.get("/ui/models/m").status_code == 200
         print("matplotlib before a diagram:", "matplotlib" in sys.modules)
         assert client.post("/v1/models/m/evaluate/diagram", json=fit).status_code == 200
         print("matplotlib after a diagram:", "matplotlib" in sys.modules)

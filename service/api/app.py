@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from service.api import docs, errors, openapi
+from service.api import docs, errors, openapi, ui
 from service.api.browsers import EXPOSED_HEADERS, CrossOriginGuard, cors_origins
 from service.api.deps import no_repeated_query
 from service.api.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
@@ -115,6 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.dataplane = plane
     errors.install(app)
     docs.install(app)
+    ui.install(app)  # the operator's console: /ui
     app.router.routes.extend([*inference.ROUTES, *oip.ROUTES])  # the hot paths, as plain ASGI routes
     routers = (
         health.router,
