@@ -17,6 +17,7 @@ from service import workflows
 from service.core import metrics
 from tests.helpers import browser
 from tests.helpers.console import ADMIN_KEY, HOSTILE, READ_KEY
+from tests.helpers.servers import Server
 
 try:
     from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
@@ -266,6 +267,51 @@ def test_a_refused_action_shows_the_services_own_message(console, chromium):
     no_console_errors(chromium, allowed=("status of 400",))
 
 
+def test_an_uploaded_document_becomes_a_version_and_an_inactive_version_is_deleted(
+    console, chromium, tmp_path
+):
+    with console.api() as api:
+        document = api.get("/v1/models/cifar/calibrators/1").content
+    path = tmp_path / "cifar-v1.json"
+    path.write_bytes(document)
+    find(chromium, "#upload-file").send_keys(str(path))
+    find(chromium, "#upload-activate").click()  # upload without activating
+    chromium.find_element(By.XPATH, "//div[@id='upload-form']//button[text()='Upload']").click()
+    wait(chromium, lambda d: find(d, "#confirm").get_attribute("open") is not None, "the confirmation")
+    find(chromium, "#confirm-ok").click()
+    wait(chromium, lambda d: "Uploaded as version 4" in find(d, "#notice").text, "the upload")
+    with console.api() as api:
+        listing = api.get("/v1/models/cifar/calibrators").json()
+    assert [item["version"] for item in listing["items"]] == [4, 3, 2, 1] and listing["active_version"] == 3
+
+    chromium.find_element(By.XPATH, "//tr[@data-version='4']//button[text()='Delete']").click()
+    wait(chromium, lambda d: find(d, "#confirm").get_attribute("open") is not None, "the confirmation")
+    find(chromium, "#confirm-cancel").click()  # cancelled: nothing happens
+    with console.api() as api:
+        assert api.get("/v1/models/cifar/calibrators/4").status_code == 200
+    chromium.find_element(By.XPATH, "//tr[@data-version='4']//button[text()='Delete']").click()
+    wait(chromium, lambda d: find(d, "#confirm").get_attribute("open") is not None, "the confirmation")
+    find(chromium, "#confirm-ok").click()
+    wait(chromium, lambda d: "Version 4 of cifar was deleted" in find(d, "#notice").text, "the deletion")
+    with console.api() as api:
+        assert api.get("/v1/models/cifar/calibrators/4").status_code == 404
+    active = chromium.find_element(By.XPATH, "//tr[@data-version='3']//button[text()='Delete']")
+    assert not active.is_enabled() and "active version cannot be deleted" in active.get_attribute("title")
+    no_console_errors(chromium)
+
+
+def test_every_form_control_has_a_label(console, chromium):
+    unlabelled = chromium.execute_script(
+        """
+        return [...document.querySelectorAll("input, select, textarea")]
+          .filter((c) => c.type !== "hidden" && c.labels.length === 0 && !c.getAttribute("aria-label"))
+          .map((c) => c.id || c.outerHTML.slice(0, 80));
+        """
+    )
+    assert unlabelled == []
+    assert chromium.find_elements(By.CSS_SELECTOR, "#versions th[scope=col]")  # header cells are marked
+
+
 def test_a_read_key_sees_everything_and_every_change_is_disabled_with_the_reason(console, chromium):
     find(chromium, "#key-forget").click()
     use_key(chromium, READ_KEY)
@@ -336,3 +382,36 @@ def test_the_diagram_route_answers_svg_and_problems_like_evaluate(console):
         assert bad.status_code == 400 and bad.headers["content-type"] == "application/problem+json"
         assert bad.json() == api.post("/v1/models/cifar/evaluate", json=wrong).json()
     assert np.isfinite(report["calibrated"]["ece"])
+
+
+def test_with_auth_off_no_key_is_asked_and_the_list_pages(console, chromium, tmp_path):
+    """Auth off (localhost, no keys), as the API: the pages need no key, every action is enabled; 45 models
+    page by 20."""
+    with Server(tmp_path / "store") as server:
+        with server.client() as api:
+            for i in range(45):
+                assert api.put(f"/v1/models/m{i:02d}", json={"num_classes": 3}).status_code == 201
+        chromium.get(server.url + "/ui")
+        wait(
+            chromium,
+            lambda d: d.find_elements(By.CSS_SELECTOR, "main[aria-busy=false] #models tbody tr"),
+            "the list",
+        )
+        assert find(chromium, "#key-state").text == "Auth is off: no key needed"
+        assert find(chromium, ".count").text == "46 of 46 models"  # and the shipped digits-mlp
+        first = texts(chromium, "#models tbody th")
+        assert len(first) == 20 and first[0] == "digits-mlp"
+        chromium.find_element(By.XPATH, "//button[text()='Next page']").click()
+        wait(chromium, lambda d: texts(d, "#models tbody th")[0] == "m19", "page 2")
+        assert "Page 2 of 3" in find(chromium, ".pager").text and "page=2" in chromium.current_url
+        chromium.find_element(By.LINK_TEXT, "m30").click()
+        wait(
+            chromium,
+            lambda d: d.find_elements(By.CSS_SELECTOR, "main[aria-busy=false] #h-actions"),
+            "m30's page",
+        )
+        assert chromium.find_elements(By.ID, "why-disabled") == []
+        assert find(chromium, "#fit-form button[type=submit]").is_enabled()
+        chromium.back()
+        wait(chromium, lambda d: d.find_elements(By.CSS_SELECTOR, "#models"), "the list again")
+    no_console_errors(chromium)
