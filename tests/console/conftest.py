@@ -13,6 +13,7 @@ from tests.helpers.console import ADMIN_KEY, HOSTILE, READ_KEY, Console
 from tests.helpers.data import REPO
 from tests.helpers.requirements import require_or_skip
 from tests.helpers.servers import Server
+from tests.helpers.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,10 @@ def console(tmp_path_factory) -> Iterator[Console]:
     labels_csv.write_text("label\n" + "\n".join(str(int(label)) for label in labels) + "\n")
     bad = tmp / "bad-calibrator.json"
     bad.write_text('{"method": "no-such-method", "num_classes": 10}')
-    env = {"CALIBSERVE_API_KEYS": f"{ADMIN_KEY}:admin,{READ_KEY}:read"}
+    env = {
+        "CALIBSERVE_API_KEYS": f"{ADMIN_KEY}:admin,{READ_KEY}:read",
+        "CALIBSERVE_PREDICTION_LOG_MODELS": "cifar",
+    }
     with Server(tmp / "store", env=env) as server:
         setup = Console(server, data, bad, logits_npy, labels_csv, logits, labels)
         with setup.api() as api:
@@ -49,6 +53,15 @@ def console(tmp_path_factory) -> Iterator[Console]:
                 "labels": arrays["labels_val"][2000:2600].tolist(),
             }
             assert api.post("/v1/models/cifar/outcomes", json=outcomes).status_code == 200
+            served = {"logits": arrays["logits_val"][2600:2800].tolist()}  # 200 logged predictions
+            assert api.post("/v1/models/cifar/calibrate", json=served).status_code == 200
+            wait_until(  # the prediction log is written in the background
+                lambda: (
+                    api.get("/v1/models/cifar/monitoring?window=1h").json()["label_free"]["predictions"]
+                    == 200
+                ),
+                "the 200 logged predictions",
+            )
             hostile = {
                 "num_classes": 2,
                 "class_names": [HOSTILE, "<script>alert(2)</script>"],

@@ -197,6 +197,29 @@ def test_npy_scores_with_csv_labels_draw_the_same_diagram_as_the_npz(console, ch
     no_console_errors(chromium)
 
 
+def test_the_monitoring_charts_are_hourly_series_of_the_windows_figures(console, chromium):
+    with console.api(READ_KEY) as api:
+        hour = api.get("/v1/models/cifar/monitoring?window=1h").json()
+    assert hour["figures"]["n"] == 600  # the outcomes were all posted a moment ago
+    for chart in ("series-ece", "series-accuracy", "series-volume"):
+        find(chromium, f"#{chart} details summary").click()
+    newest = [
+        cell.text for cell in chromium.find_elements(By.CSS_SELECTOR, "#series-ece tbody tr:first-child td")
+    ]
+    assert newest == ["1–0 h ago", f"{hour['figures']['ece']:#.3g}"]
+    volume = [row.text.split() for row in chromium.find_elements(By.CSS_SELECTOR, "#series-volume tbody tr")]
+    # outcomes posted with their logits are not predictions; the 200 rows calibrated are
+    assert len(volume) == 24 and volume[0][-2:] == ["600", "200"]
+    assert all(row[-2:] == ["0", "0"] for row in volume[1:])
+    accuracy = find(chromium, "#series-accuracy tbody tr:first-child").text
+    assert hour["label_free"]["predictions"] == 200
+    assert f"{hour['figures']['accuracy']:#.3g}" in accuracy
+    assert f"{hour['label_free']['expected_accuracy']:#.3g}" in accuracy
+    chromium.execute_script("document.getElementById('h-monitoring').scrollIntoView()")
+    browser.screenshot(chromium, "monitoring")
+    no_console_errors(chromium)
+
+
 def test_two_versions_side_by_side(console, chromium):
     table = find(chromium, "#compare-table").text
     assert "v2" in table and "v1" in table and "method isotonic temperature" in table

@@ -1,5 +1,5 @@
 // Small SVG charts drawn with createElementNS (no library, no markup strings): bar charts of counts and
-// grouped bars of figures per monitoring window. Each chart carries a <title>, an aria-label, and its numbers
+// lines of figures per hour (the monitoring). Each chart carries a <title>, an aria-label, and its numbers
 // as a table under a <details>, for screen readers and for reading exact values.
 
 import { el } from "./dom.js";
@@ -7,7 +7,7 @@ import { el } from "./dom.js";
 const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 480;
 const HEIGHT = 220;
-const PAD = { left: 48, right: 12, top: 12, bottom: 36 };
+const PAD = { left: 60, right: 16, top: 12, bottom: 36 };
 export const COLORS = ["#00798c", "#d1495b", "#6a4c93", "#2e7d32"];
 
 function svg(tag, attributes = {}, text = null) {
@@ -72,30 +72,40 @@ export function histogram({ title, counts, edges, xLabel, yLabel }) {
   return el("figure", { class: "chart-figure" }, root, el("figcaption", {}, title), table(title, ["from", "to", yLabel], rows.filter((row) => row[2] > 0)));
 }
 
-/** Grouped bars: for each category (a window), one bar per series; null values are drawn as gaps. */
-export function grouped({ title, categories, series, yLabel, yMax = null }) {
+/** Lines over equally spaced points (a time series, oldest first); a null value breaks its line. */
+export function lines({ id = null, title, points, series, yLabel, yMax = null, ticks }) {
   const values = series.flatMap((s) => s.values).filter((v) => v !== null && v !== undefined);
   const top = yMax ?? Math.max(1e-9, ...values) * 1.1;
   const root = frame(title, top);
   const plotWidth = WIDTH - PAD.left - PAD.right;
   const plotHeight = HEIGHT - PAD.top - PAD.bottom;
-  const slot = plotWidth / categories.length;
-  const barWidth = (slot * 0.8) / series.length;
-  categories.forEach((category, i) => {
-    series.forEach((s, j) => {
-      const value = s.values[i];
-      if (value === null || value === undefined) return;
-      const height = (Math.min(value, top) / top) * plotHeight;
-      const x = PAD.left + i * slot + slot * 0.1 + j * barWidth;
-      const bar = svg("rect", { x, y: PAD.top + plotHeight - height, width: barWidth - 1, height, fill: s.color });
-      bar.append(svg("title", {}, `${category}, ${s.name}: ${format(value)}`));
-      root.append(bar);
+  const x = (i) => PAD.left + (points.length === 1 ? plotWidth / 2 : (i / (points.length - 1)) * plotWidth);
+  const y = (value) => PAD.top + plotHeight * (1 - Math.min(value, top) / top);
+  for (const s of series) {
+    let run = [];
+    const flush = () => {
+      if (run.length > 1) root.append(svg("polyline", { points: run.join(" "), fill: "none", stroke: s.color, "stroke-width": 2 }));
+      run = [];
+    };
+    s.values.forEach((value, i) => {
+      if (value === null || value === undefined) {
+        flush();
+        return;
+      }
+      run.push(`${x(i).toFixed(1)},${y(value).toFixed(1)}`);
+      const dot = svg("circle", { cx: x(i), cy: y(value), r: 2.5, fill: s.color });
+      dot.append(svg("title", {}, `${points[i]}, ${s.name}: ${format(value)}`));
+      root.append(dot);
     });
-    root.append(svg("text", { x: PAD.left + (i + 0.5) * slot, y: HEIGHT - PAD.bottom + 14, "text-anchor": "middle", class: "tick" }, category));
-  });
+    flush();
+  }
+  for (const [i, label] of ticks) {
+    const anchor = i === 0 ? "start" : i === points.length - 1 ? "end" : "middle";
+    root.append(svg("text", { x: x(i), y: HEIGHT - PAD.bottom + 14, "text-anchor": anchor, class: "tick" }, label));
+  }
   root.append(svg("text", { x: 12, y: PAD.top + plotHeight / 2, "text-anchor": "middle", class: "axis", transform: `rotate(-90 12 ${PAD.top + plotHeight / 2})` }, yLabel));
   const legend = el("ul", { class: "legend" }, ...series.map((s) => el("li", {}, el("span", { class: "swatch", "data-color": s.color }), s.name)));
   for (const swatch of legend.querySelectorAll(".swatch")) swatch.style.background = swatch.dataset.color;
-  const rows = categories.map((category, i) => [category, ...series.map((s) => s.values[i])]);
-  return el("figure", { class: "chart-figure" }, root, el("figcaption", {}, title), legend, table(title, ["window", ...series.map((s) => s.name)], rows));
+  const rows = points.map((point, i) => [point, ...series.map((s) => s.values[i])]).reverse(); // newest first
+  return el("figure", { class: "chart-figure", id }, root, el("figcaption", {}, title), legend, table(title, ["hour", ...series.map((s) => s.name)], rows));
 }

@@ -3,7 +3,7 @@
 // held in memory survives moving between them.
 
 import * as api from "./api.js";
-import { COLORS, grouped, histogram } from "./charts.js";
+import { COLORS, histogram, lines } from "./charts.js";
 import { clear, el, number } from "./dom.js";
 import { FileError, readLabelled, requestBody } from "./files.js";
 
@@ -14,7 +14,7 @@ const METHODS = (document.documentElement.dataset.methods || "temperature").spli
 const MODEL_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const KINDS = { logits: "logits-only", torchscript: "TorchScript", upstream: "upstream" };
 const PAGE_SIZE = 20;
-const WINDOWS = ["15m", "1h", "6h", "24h", "7d"];
+const HOURS = 24; // the monitoring charts: one point per hour of the last day
 const FIGURES = ["ece", "mce", "brier", "nll", "accuracy", "overconfidence", "underconfidence"];
 
 let session = { auth: false, role: null, key_sent: false };
@@ -628,41 +628,89 @@ async function compareSection(section, name, items, active, selected) {
 
 // ------------------------------------------------------------------------------------------ monitoring
 
+// The monitoring route answers one trailing window at a time (sums over the window's minute and hour rows). Its
+// bins carry counts and means, so each window's sums are exact (count x mean): the difference of the windows
+// "k h" and "k-1 h" is the sums of the hour between, from which that hour's ECE (the sum over bins of
+// |correct - confidence| over n), accuracy and expected accuracy follow as the service computes them.
+function windowSums(report) {
+  const bins = report.figures.bins;
+  return {
+    n: bins.map((bin) => bin.count),
+    confidence: bins.map((bin) => (bin.count ? bin.count * bin.confidence : 0)),
+    correct: bins.map((bin) => (bin.count ? bin.count * bin.accuracy : 0)),
+    predictions: report.label_free.predictions,
+    confidenceTotal: report.label_free.predictions ? report.label_free.predictions * report.label_free.expected_accuracy : 0,
+  };
+}
+
+function hourlySeries(reports) {
+  const hours = [];
+  let previous = null;
+  for (const report of reports) {
+    const sums = windowSums(report);
+    const minus = (key) => (previous ? sums[key].map((value, b) => value - previous[key][b]) : sums[key]);
+    const n = minus("n");
+    const confidence = minus("confidence");
+    const correct = minus("correct");
+    const total = n.reduce((a, b) => a + b, 0);
+    const predictions = sums.predictions - (previous ? previous.predictions : 0);
+    const confidenceTotal = sums.confidenceTotal - (previous ? previous.confidenceTotal : 0);
+    const gaps = correct.reduce((acc, value, b) => acc + Math.abs(value - confidence[b]), 0);
+    hours.push({
+      outcomes: Math.round(total),
+      predictions,
+      ece: total > 0 ? gaps / total : null,
+      accuracy: total > 0 ? correct.reduce((a, b) => a + b, 0) / total : null,
+      expected: predictions > 0 ? confidenceTotal / predictions : null,
+    });
+    previous = sums;
+  }
+  return hours.reverse(); // oldest first
+}
+
 async function monitoringSection(section, name, active) {
   section.append(el("h2", { id: "h-monitoring" }, "Monitoring"));
   if (!active) {
     section.append(el("p", {}, "No active calibrator: nothing is monitored."));
     return;
   }
-  const reports = await Promise.all(WINDOWS.map((window) => api.get(`${api.modelPath(name)}/monitoring?window=${window}`)));
-  const last = reports[reports.length - 1];
-  if (!last.figures.n && !last.label_free.predictions) {
-    section.append(el("p", { id: "monitoring-empty" }, "No logged predictions or outcomes in the last 7 days yet: the charts appear once outcomes are posted."));
+  const path = `${api.modelPath(name)}/monitoring?window=`;
+  const [day, week] = await Promise.all([api.get(`${path}24h`), api.get(`${path}7d`)]);
+  if (!week.figures.n && !week.label_free.predictions) {
+    section.append(el("p", { id: "monitoring-empty" }, "No logged predictions or outcomes in the last 7 days yet: the charts appear once there are some."));
     return;
   }
-  const hours = reports.map((report) => report.window_seconds / 3600);
+  const windows = await Promise.all(Array.from({ length: HOURS }, (_, i) => (i === HOURS - 1 ? day : api.get(`${path}${i + 1}h`))));
+  const hours = hourlySeries(windows);
+  const points = hours.map((_, i) => `${HOURS - i}–${HOURS - i - 1} h ago`);
+  const ticks = [[0, `−${HOURS} h`], [HOURS / 2 - 1, `−${HOURS / 2} h`], [HOURS - 1, "last hour"]];
+  const drift = day.drift.state.replaceAll("_", " ");
   section.append(
-    el("p", {}, `Drift state over 24 h: ${reports[3].drift.state.replaceAll("_", " ")}. Each window ends now.`),
+    el("p", {}, `Over the last 24 h: ${day.figures.n} outcomes, ECE ${number(day.figures.ece)}, drift state: ${drift}. One point per hour; the table under each chart has the numbers.`),
     el(
       "div",
       { class: "charts" },
-      grouped({ title: "ECE of the labelled outcomes, by trailing window", categories: WINDOWS, series: [{ name: "ECE", values: reports.map((r) => r.figures.ece), color: COLORS[1] }], yLabel: "ECE" }),
-      grouped({
-        title: "Accuracy and expected accuracy (mean confidence), by trailing window",
-        categories: WINDOWS,
+      lines({ id: "series-ece", title: "ECE of the labelled outcomes, per hour", points, ticks, series: [{ name: "ECE", values: hours.map((h) => h.ece), color: COLORS[1] }], yLabel: "ECE" }),
+      lines({
+        id: "series-accuracy",
+        title: "Accuracy and expected accuracy (mean confidence), per hour",
+        points,
+        ticks,
         series: [
-          { name: "accuracy", values: reports.map((r) => r.figures.accuracy), color: COLORS[0] },
-          { name: "expected accuracy", values: reports.map((r) => r.label_free.expected_accuracy), color: COLORS[2] },
+          { name: "accuracy", values: hours.map((h) => h.accuracy), color: COLORS[0] },
+          { name: "expected accuracy", values: hours.map((h) => h.expected), color: COLORS[2] },
         ],
         yLabel: "accuracy",
         yMax: 1,
       }),
-      grouped({
-        title: "Outcomes and predictions per hour, by trailing window",
-        categories: WINDOWS,
+      lines({
+        id: "series-volume",
+        title: "Outcomes and predictions per hour",
+        points,
+        ticks,
         series: [
-          { name: "outcomes / h", values: reports.map((r, i) => r.figures.n / hours[i]), color: COLORS[3] },
-          { name: "predictions / h", values: reports.map((r, i) => r.label_free.predictions / hours[i]), color: COLORS[0] },
+          { name: "outcomes", values: hours.map((h) => h.outcomes), color: COLORS[3] },
+          { name: "predictions", values: hours.map((h) => h.predictions), color: COLORS[0] },
         ],
         yLabel: "per hour",
       }),
