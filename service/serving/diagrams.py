@@ -14,9 +14,11 @@ from typing import Any
 SVG_TYPE = "image/svg+xml"
 
 
-def reliability_svg(report: Mapping[str, Any]) -> bytes:
+def reliability_svg(report: Mapping[str, Any], title: str | None = None) -> bytes:
     """The reliability diagram (before and, with a calibrator, after calibration) of an evaluation report
-    (:func:`service.workflows.evaluate`) as an SVG document."""
+    (:func:`service.workflows.evaluate`), or of the bins a calibrator version stores of its fit data
+    (:func:`service.workflows.stored_reliability`, the same shape), as an SVG document; ``title`` says what
+    the bins are of."""
     from service.plots import reliability_diagram
 
-    return reliability_diagram(report, format="svg")
+    return reliability_diagram(report, format="svg", title=title)
