@@ -39,7 +39,7 @@ def console(tmp_path_factory) -> Iterator[Console]:
         "CALIBSERVE_PREDICTION_LOG_MODELS": "cifar",
     }
     with Server(tmp / "store", env=env) as server:
-        setup = Console(server, data, bad, logits_npy, labels_csv, logits, labels)
+        setup = Console(server, data, bad, logits_npy, labels_csv, logits, labels, fit_logits, fit_labels)
         with setup.api() as api:
             names = [f"class {i}" for i in range(10)]
             assert (

@@ -122,6 +122,104 @@ def test_the_pages_are_sent_with_a_strict_content_security_policy(console):
         assert "innerHTML" not in script.text and "insertAdjacentHTML" not in script.text
 
 
+def stored_figure(driver, version: int, within: str = "#stored-diagram"):
+    """The figure of a version's stored diagram (its fit data), once its image has loaded."""
+    figure = wait(
+        driver,
+        lambda d: d.find_elements(
+            By.CSS_SELECTOR, f'{within} figure.diagram.stored[data-version="{version}"]'
+        ),
+        f"version {version}'s stored diagram",
+    )[0]
+    image = figure.find_element(By.TAG_NAME, "img")
+    wait(
+        driver,
+        lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image),
+        "the stored diagram's image",
+    )
+    assert image.get_attribute("src").startswith("blob:")
+    return figure
+
+
+def fit_data_bins(console, version: int):
+    """reliability_bins of cifar's fit data before and after version ``version``, computed here."""
+    with console.api(READ_KEY) as api:
+        document = api.get(f"/v1/models/cifar/calibrators/{version}").json()
+    probabilities = workflows.load_calibrator(document).transform(console.fit_logits)
+    before = metrics.reliability_bins(console.fit_logits, console.fit_labels, from_logits=True)
+    return before, metrics.reliability_bins(probabilities, console.fit_labels)
+
+
+def test_a_model_page_shows_the_selected_versions_diagram_on_its_fit_data_at_once(console, chromium):
+    open_model(chromium, "cifar")
+    assert find(chromium, "#diagram").text == ""  # no file was picked: the stored diagram needs none
+    figure = stored_figure(chromium, 2)
+    before, after = fit_data_bins(console, 2)
+    assert float(figure.get_attribute("data-ece-after")) == pytest.approx(after.ece, rel=1e-9)
+    assert float(figure.get_attribute("data-ece-before")) == pytest.approx(before.ece, rel=1e-9)
+    assert "on its fit data (n = 2000)" in figure.find_element(By.TAG_NAME, "figcaption").text
+    find(chromium, "#stored-diagram details summary").click()
+    shown = {
+        group: [
+            int(cell.text)
+            for cell in chromium.find_elements(By.CSS_SELECTOR, f'#stored-bins-v2 td[data-group="{group}"]')
+        ]
+        for group in ("uncalibrated", "calibrated")
+    }
+    assert shown == {"uncalibrated": before.counts.tolist(), "calibrated": after.counts.tolist()}
+    # the image is the route's SVG: the CLI's figure, its legend the ECE of the fit data computed here
+    figure.find_element(By.LINK_TEXT, "Download SVG").click()
+    svg = browser.downloaded(chromium, "cifar-v2-fit-reliability.svg").decode()
+    assert "Version 2 on its fit data (n = 2000, 15 equal-width bins)" in svg
+    assert f"after calibration (ECE = {after.ece:.4f})" in svg
+    assert f"before calibration (ECE = {before.ece:.4f})" in svg
+    no_console_errors(chromium)
+
+
+# WCAG 2.x contrast ratio of each element's text colour against the first opaque background behind it
+CONTRAST = r"""
+const parse = (c) => { const v = c.match(/[\d.]+/g).map(Number); return v.length > 3 ? v : [...v, 1]; };
+const channel = (c) => { c /= 255; return c <= 0.04045 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; };
+const luminance = ([r, g, b]) => 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b);
+const background = (node) => {
+  for (; node; node = node.parentElement) {
+    const colour = parse(getComputedStyle(node).backgroundColor);
+    if (colour[3] > 0) return colour;
+  }
+  return [255, 255, 255, 1];
+};
+return arguments[0].map((selector) => {
+  const node = document.querySelector(selector);
+  if (!node) return [selector, null];
+  const [a, b] = [luminance(parse(getComputedStyle(node).color)), luminance(background(node))];
+  return [selector, (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
+});
+"""
+
+
+def test_text_and_buttons_have_wcag_aa_contrast(console, chromium):
+    selectors = [
+        "main h1",
+        "main p",
+        "main .hint",
+        "main a",
+        "#versions thead th",
+        "#versions tbody td",
+        ".badge",
+        "main button:not(:disabled):not([aria-pressed=true]):not(.danger)",
+        "main button.danger:not(:disabled)",
+        "main button[aria-pressed=true]",
+        "main button:disabled",
+        ".brand",
+        ".key-state",
+        "figcaption",
+    ]
+    ratios = dict(chromium.execute_script(CONTRAST, selectors))
+    assert all(ratio is not None for ratio in ratios.values()), ratios  # every selector found its element
+    low = {selector: round(ratio, 2) for selector, ratio in ratios.items() if ratio < 4.5}
+    assert low == {}
+
+
 def test_a_model_page_draws_the_reliability_diagram_of_the_selected_version(console, chromium):
     open_model(chromium, "cifar")
     versions = [
@@ -144,7 +242,7 @@ def test_a_model_page_draws_the_reliability_diagram_of_the_selected_version(cons
     find(chromium, "#diagram-form button[type=submit]").click()
     figure = wait(
         chromium,
-        lambda d: d.find_elements(By.CSS_SELECTOR, 'figure.diagram[data-version="2"]'),
+        lambda d: d.find_elements(By.CSS_SELECTOR, '#diagram figure.diagram[data-version="2"]'),
         "the diagram",
     )[0]
     image = figure.find_element(By.TAG_NAME, "img")
@@ -168,7 +266,7 @@ def test_a_model_page_draws_the_reliability_diagram_of_the_selected_version(cons
     assert f"before calibration (ECE = {before.ece:.4f})" in svg
     assert "n = 1000, 15 equal-width bins" in svg
     assert float(figure.get_attribute("data-ece-after")) == pytest.approx(after.ece, rel=1e-9)
-    find(chromium, "#diagram-section details summary").click()
+    find(chromium, "#diagram details summary").click()
     shown = [
         int(cell.text)
         for cell in chromium.find_elements(By.CSS_SELECTOR, '#bins-v2 td[data-group="calibrated"]')
@@ -180,7 +278,7 @@ def test_a_model_page_draws_the_reliability_diagram_of_the_selected_version(cons
 
 
 def test_npy_scores_with_csv_labels_draw_the_same_diagram_as_the_npz(console, chromium):
-    npz_ece = find(chromium, 'figure.diagram[data-version="2"]').get_attribute("data-ece-after")
+    npz_ece = find(chromium, '#diagram figure.diagram[data-version="2"]').get_attribute("data-ece-after")
     find(chromium, "#diagram-form-scores").send_keys(
         str(console.logits_npy)
     )  # read in the page, sent as JSON
@@ -191,7 +289,7 @@ def test_npy_scores_with_csv_labels_draw_the_same_diagram_as_the_npz(console, ch
         lambda d: "lenet-test-labels.csv" in find(d, "#diagram figcaption").text,
         "the diagram of the .npy",
     )
-    after = float(find(chromium, 'figure.diagram[data-version="2"]').get_attribute("data-ece-after"))
+    after = float(find(chromium, '#diagram figure.diagram[data-version="2"]').get_attribute("data-ece-after"))
     # float32 logits in the .npy against the .npz's float32 logits: the same numbers
     assert after == pytest.approx(float(npz_ece), rel=1e-9)
     no_console_errors(chromium)
@@ -223,7 +321,12 @@ def test_the_monitoring_charts_are_hourly_series_of_the_windows_figures(console,
 def test_two_versions_side_by_side(console, chromium):
     table = find(chromium, "#compare-table").text
     assert "v2" in table and "v1" in table and "method isotonic temperature" in table
-    find(chromium, "#compare-diagrams").find_elements(By.TAG_NAME, "figure")
+    # each version's stored diagram on its fit data, side by side, with no data loaded for them
+    shown = [stored_figure(chromium, version, "#compare-stored") for version in (2, 1)]
+    for figure, version in zip(shown, (2, 1), strict=True):
+        _, after = fit_data_bins(console, version)
+        assert float(figure.get_attribute("data-ece-after")) == pytest.approx(after.ece, rel=1e-9)
+    assert shown[0].get_attribute("data-ece-after") != shown[1].get_attribute("data-ece-after")
     chromium.find_element(By.XPATH, "//button[text()='Draw both diagrams']").click()
     wait(
         chromium,
@@ -267,9 +370,12 @@ def test_a_fit_from_an_uploaded_file_becomes_the_active_version(console, chromiu
     # the data fitted on stays in the page: the new version's diagram is drawn at once
     wait(
         chromium,
-        lambda d: d.find_elements(By.CSS_SELECTOR, 'figure.diagram[data-version="3"] img'),
+        lambda d: d.find_elements(By.CSS_SELECTOR, '#diagram figure.diagram[data-version="3"] img'),
         "v3's diagram",
     )
+    # and its stored diagram is that of the 1000 rows it was fitted on
+    figure = stored_figure(chromium, 3)
+    assert "on its fit data (n = 1000)" in figure.find_element(By.TAG_NAME, "figcaption").text
     no_console_errors(chromium)
 
 
@@ -405,6 +511,34 @@ def test_the_diagram_route_answers_svg_and_problems_like_evaluate(console):
         assert bad.status_code == 400 and bad.headers["content-type"] == "application/problem+json"
         assert bad.json() == api.post("/v1/models/cifar/evaluate", json=wrong).json()
     assert np.isfinite(report["calibrated"]["ece"])
+
+
+def test_a_version_without_stored_bins_falls_back_to_the_file_picker(console, chromium):
+    """A document fitted before the bins were stored (here: one uploaded without them) still shows its page:
+    a note where the stored diagram would be, and the labelled-set form draws its diagram."""
+    with console.api() as api:
+        document = api.get("/v1/models/cifar/calibrators/1").json()
+        old = {key: value for key, value in document.items() if key not in ("model", "version")}
+        old["fit"] = {key: value for key, value in document["fit"].items() if key != "reliability"}
+        assert api.put("/v1/models/legacy", json={"num_classes": 10}).status_code == 201
+        assert api.post("/v1/models/legacy/calibrators", json=old).status_code == 201
+    try:
+        open_model(chromium, "legacy")
+        note = wait(chromium, lambda d: d.find_elements(By.CSS_SELECTOR, ".no-stored-diagram"), "the note")
+        assert "stores no reliability bins" in note[0].text
+        assert chromium.find_elements(By.CSS_SELECTOR, "figure.diagram") == []
+        assert find(chromium, "#fit-figures")  # the rest of the page is there
+        find(chromium, "#diagram-form-scores").send_keys(str(console.data))
+        find(chromium, "#diagram-form button[type=submit]").click()
+        wait(
+            chromium,
+            lambda d: d.find_elements(By.CSS_SELECTOR, '#diagram figure.diagram[data-version="1"] img'),
+            "the diagram on the file",
+        )
+        no_console_errors(chromium)
+    finally:
+        with console.api() as api:
+            assert api.delete("/v1/models/legacy").status_code == 204
 
 
 def test_with_auth_off_no_key_is_asked_and_the_list_pages(console, chromium, tmp_path):

@@ -23,6 +23,8 @@ class Console:
     labels_csv: Path
     logits: np.ndarray
     labels: np.ndarray
+    fit_logits: np.ndarray  # what versions 1 and 2 of cifar were fitted on (their stored diagrams' data)
+    fit_labels: np.ndarray
 
     def api(self, key: str = ADMIN_KEY):
         return self.server.client(headers={"X-API-Key": key})

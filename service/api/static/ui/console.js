@@ -306,9 +306,10 @@ async function modelPage(name, params) {
   actionsSection(sections.actions, name, reload);
   const parts = [monitoringSection(sections.monitoring, name, active)];
   if (selected) {
+    const calibrator = api.get(`${path}/calibrators/${selected}`); // the selected version's document, read once
     parts.push(
-      versionDetail(sections.version, name, selected),
-      diagramSection(sections.diagram, name, selected),
+      versionDetail(sections.version, name, selected, calibrator),
+      diagramSection(sections.diagram, name, selected, calibrator),
       compareSection(sections.compare, name, items, active, selected),
     );
   } else {
@@ -401,8 +402,8 @@ function parameterRows(calibrator) {
   return rows;
 }
 
-async function versionDetail(section, name, version) {
-  const calibrator = await api.get(`${api.modelPath(name)}/calibrators/${version}`);
+async function versionDetail(section, name, version, pending) {
+  const calibrator = await pending;
   const fit = calibrator.fit || {};
   section.append(el("h2", { id: "h-version" }, `Version ${version}`));
   const figureRows = FIGURES.filter((key) => fit.before && key in fit.before).map((key) =>
@@ -516,6 +517,63 @@ async function diagramFigure(name, version, data) {
   );
 }
 
+/** ECE of stored bins: the sum over bins of count x |mean confidence - accuracy|, over n (the service's sum). */
+function binsEce(bins) {
+  let n = 0;
+  let sum = 0;
+  bins.counts.forEach((count, i) => {
+    n += count;
+    if (count) sum += count * Math.abs(bins.mean_confidence[i] - bins.accuracy[i]);
+  });
+  return n ? sum / n : null;
+}
+
+/** The bins a version stores of its fit data (fit.reliability), shaped as an evaluation report's for binsTable. */
+function storedReport(stored) {
+  const edges = Array.from({ length: stored.n_bins + 1 }, (_, i) => i / stored.n_bins);
+  const reliability = {};
+  if (stored.before) reliability.uncalibrated = { ...stored.before, edges };
+  if (stored.after) reliability.calibrated = { ...stored.after, edges };
+  return { reliability };
+}
+
+/** A version's diagram on its fit data, drawn by the service from the bins the version stores (no data sent);
+ * a note instead where it stores none (fitted before they were stored, or uploaded without them). */
+async function storedFigure(name, calibrator, idPrefix = "") {
+  const version = calibrator.version;
+  const stored = calibrator.fit && calibrator.fit.reliability;
+  if (!stored || !(stored.before || stored.after)) {
+    return el(
+      "p",
+      { class: "hint no-stored-diagram", "data-version": version },
+      `Version ${version} stores no reliability bins of its fit data (it was fitted before they were stored, or uploaded without them): draw its diagram on a labelled set.`,
+    );
+  }
+  const image = await api.call("GET", `${api.modelPath(name)}/calibrators/${version}/diagram`, { accept: "image/svg+xml" });
+  const url = URL.createObjectURL(await image.blob());
+  diagramUrls.push(url);
+  const before = stored.before ? binsEce(stored.before) : null;
+  const after = stored.after ? binsEce(stored.after) : null;
+  const n = (stored.after || stored.before).counts.reduce((a, b) => a + b, 0);
+  const caption = `Version ${version} on its fit data (n = ${n}): ECE ${number(before)} before, ${number(after)} after calibration`;
+  return el(
+    "figure",
+    { class: "diagram stored", "data-version": version, "data-ece-before": before, "data-ece-after": after },
+    el("img", { src: url, alt: `Reliability diagram. ${caption}.`, width: 576, height: 672 }),
+    el("figcaption", {}, caption, " ", el("a", { href: url, download: `${name}-v${version}-fit-reliability.svg`, class: "download" }, "Download SVG")),
+    binsTable(storedReport(stored), `${idPrefix}stored-bins-v${version}`),
+  );
+}
+
+async function drawStored(target, name, calibrator, idPrefix = "") {
+  try {
+    clear(target).append(await storedFigure(name, await calibrator, idPrefix));
+  } catch (error) {
+    clear(target);
+    failed(error);
+  }
+}
+
 function releaseDiagrams() {
   for (const url of diagramUrls) URL.revokeObjectURL(url);
   diagramUrls = [];
@@ -532,11 +590,15 @@ async function drawInto(target, name, version) {
   }
 }
 
-async function diagramSection(section, name, version) {
+async function diagramSection(section, name, version, calibrator) {
   releaseDiagrams();
+  const stored = el("div", { id: "stored-diagram", "aria-live": "polite" }, el("p", { role: "status" }, "Drawing the diagram…"));
   section.append(
     el("h2", { id: "h-diagram" }, `Reliability diagram of version ${version}`),
-    el("p", {}, "Before and after calibration on labelled data: the figure calibserve evaluate --plot writes. The data stays in this page and is sent to /evaluate."),
+    el("p", {}, "Before and after calibration on the data it was fitted on, from the bins the version stores: the figure calibserve evaluate --plot writes."),
+    stored,
+    el("h3", { id: "h-evaluate" }, "Evaluate on another labelled set"),
+    el("p", {}, "The same figure on labelled data you load here: the data stays in this page and is sent to /evaluate."),
   );
   const { form, scores, labels, kind } = dataForm("diagram-form", "Draw diagram");
   const target = el("div", { id: "diagram", "aria-live": "polite" });
@@ -559,7 +621,7 @@ async function diagramSection(section, name, version) {
     }
     await drawInto(target, name, version);
   });
-  if (loaded) await drawInto(target, name, version);
+  await Promise.all([drawStored(stored, name, calibrator), loaded ? drawInto(target, name, version) : null]);
 }
 
 // ------------------------------------------------------------------------------------------ compare
@@ -576,6 +638,7 @@ async function compareSection(section, name, items, active, selected) {
   const right = el("select", { id: "compare-b" }, ...options(other));
   const draw = el("button", { type: "button", id: "compare-draw", disabled: !loaded, title: loaded ? null : "Load labelled data above first" }, "Draw both diagrams");
   const table = el("div", { id: "compare", class: "scroll" });
+  const stored = el("div", { class: "side-by-side", id: "compare-stored", "aria-live": "polite" });
   const diagrams = el("div", { class: "side-by-side", id: "compare-diagrams" });
   section.append(
     el(
@@ -583,15 +646,21 @@ async function compareSection(section, name, items, active, selected) {
       { class: "data-form" },
       el("div", { class: "field" }, el("label", { for: "compare-a" }, "Version A"), left),
       el("div", { class: "field" }, el("label", { for: "compare-b" }, "Version B"), right),
-      el("div", { class: "field" }, draw),
     ),
     table,
+    el("h3", {}, "On their fit data"),
+    stored,
+    el("h3", {}, "On the labelled set loaded above"),
+    el("div", { class: "data-form" }, el("div", { class: "field" }, draw)),
     diagrams,
   );
   const path = api.modelPath(name);
+  let drawn = 0; // the latest choice of versions: an earlier, slower answer does not replace its figures
   async function render() {
+    const turn = ++drawn;
     try {
       const [a, b] = await Promise.all([api.get(`${path}/calibrators/${left.value}`), api.get(`${path}/calibrators/${right.value}`)]);
+      if (turn !== drawn) return;
       const rows = new Map();
       for (const [key, value] of parameterRows(a)) rows.set(key, [value, "—"]);
       for (const [key, value] of parameterRows(b)) rows.set(key, [(rows.get(key) || ["—"])[0], value]);
@@ -610,6 +679,9 @@ async function compareSection(section, name, items, active, selected) {
       }
       const head = el("thead", {}, el("tr", {}, el("th", { scope: "col" }, ""), el("th", { scope: "col" }, `v${a.version}`), el("th", { scope: "col" }, `v${b.version}`), el("th", { scope: "col" }, "B − A")));
       clear(table).append(el("table", { id: "compare-table" }, head, body));
+      const [x, y] = [el("div"), el("div")];
+      clear(stored).append(x, y);
+      await Promise.all([drawStored(x, name, a, "compare-"), drawStored(y, name, b, "compare-")]);
     } catch (error) {
       failed(error);
     }
