@@ -30,7 +30,11 @@ def _points(bins: Mapping[str, Any]) -> tuple[list[float], list[float]]:
 
 
 def reliability_diagram(
-    report: Mapping[str, Any], *, path: str | Path | None = None, format: str | None = None
+    report: Mapping[str, Any],
+    *,
+    path: str | Path | None = None,
+    format: str | None = None,
+    title: str | None = None,
 ) -> bytes:
     """Draw the reliability diagram of ``report`` and return the image (also written to ``path`` if given).
 
@@ -49,6 +53,8 @@ def reliability_diagram(
         Output file; its extension (``.png`` or ``.svg``) picks the format unless ``format`` is given.
     format : {"png", "svg"}, optional
         Image format; default from ``path``, else PNG.
+    title : str, optional
+        What the bins are of (e.g. a version's fit data), put before the title's ``n`` and binning.
 
     Returns
     -------
@@ -102,7 +108,8 @@ def reliability_diagram(
         xlim=(0, 1),
         ylim=(0, 1),
         ylabel="accuracy",
-        title=f"Reliability diagram (n = {report.get('n', sum(first['counts']))}, {n_bins} {binning} bins)",
+        title=f"{title or 'Reliability diagram'} (n = {report.get('n', sum(first['counts']))}, "
+        f"{n_bins} {binning} bins)",
     )
     upper.set_aspect("auto")
     upper.grid(True, alpha=0.3)

@@ -124,6 +124,8 @@ def fit_document(
     cost more than the fit itself (the classwise and equal-mass binning of two N x K probability
     matrices) and nothing compares them with later data; an evaluation computes them. The data's SHA-256
     and the ``before`` figures are computed in a second thread while the fit runs (from 1 MB of logits).
+    ``fit.reliability`` (:func:`fit_reliability`) holds the bins of those ``ece`` figures, before and after:
+    the reliability diagram of the version on its fit data, drawn without the data.
     """
     # logits are checked by check_labelled (once); probabilities by scores_to_logits, which maps them
     logits = scores if from_logits else scores_to_logits(scores, from_logits=False)
@@ -144,7 +146,7 @@ def fit_document(
     if logits.nbytes < _SECOND_THREAD_BYTES:
         digest = data_sha256(logits, y)
         calibrator.fit(logits, y, *segmented, sample_weight=weight, validate=False)
-        before, after = fit_time_figures(calibrator, logits, y, segments=segments)
+        before, after = fit_time_figures(calibrator, logits, y, segments=segments, reliability=True)
     else:
         # the hash and the 'before' figures depend on the data alone: a second thread does them during the
         # fit (hashlib and numpy's loops let go of the GIL)
@@ -152,7 +154,10 @@ def fit_document(
             data_work = pool.submit(_hash_and_figures, logits, y)
             calibrator.fit(logits, y, *segmented, sample_weight=weight, validate=False)
             digest, before = data_work.result()
-            before, after = fit_time_figures(calibrator, logits, y, before, segments=segments)
+            before, after = fit_time_figures(
+                calibrator, logits, y, before, segments=segments, reliability=True
+            )
+    reliability = fit_reliability(before, after)
     document = {
         "format_version": FORMAT_VERSION,
         "model": model,
@@ -165,9 +170,120 @@ def fit_document(
             "before": before,
             "after": after,
             "confidence_histogram": fit_confidence_histogram(calibrator, logits, segments),
+            "reliability": reliability,
         },
     }
     return document
+
+
+def fit_reliability(before: dict, after: dict) -> dict:
+    """A document's ``fit.reliability``, taken out of the fit-time figures computed with
+    ``reliability=True`` (:func:`service.core.metrics.fit_figures`): the ``n_bins`` equal-width top-label
+    bins of their ``ece``, per bin ``counts``, ``mean_confidence`` and ``accuracy`` (null in an empty bin),
+    ``before`` and ``after`` calibration."""
+    return {
+        "kind": "top_label",
+        "binning": "width",
+        "n_bins": before["conventions"]["n_bins"],
+        "before": before.pop("reliability"),
+        "after": after.pop("reliability"),
+    }
+
+
+_RELIABILITY_GROUPS = {"before": "uncalibrated", "after": "calibrated"}
+MAX_STORED_BINS = 1000
+
+
+def check_fit_reliability(reliability: Any, n: Any = None) -> None:
+    """Refuse a malformed ``fit.reliability`` (:func:`fit_reliability`) of a calibrator document: equal-width
+    top-label bins, ``before`` and/or ``after`` each with ``n_bins`` counts (summing to the fit's ``n`` where
+    the document gives it) and means, null exactly in the empty bins, each mean confidence within its bin."""
+    field = "fit.reliability"
+    if not isinstance(reliability, Mapping):
+        raise InvalidInput(f"{field} must be an object", field=field)
+    if reliability.get("kind", "top_label") != "top_label" or reliability.get("binning", "width") != "width":
+        raise InvalidInput(
+            f"{field} holds equal-width top-label bins (kind top_label, binning width)", field=field
+        )
+    n_bins = reliability.get("n_bins")
+    if not _is_int(n_bins) or not 1 <= n_bins <= MAX_STORED_BINS:
+        raise InvalidInput(
+            f"{field}.n_bins must be an integer in [1, {MAX_STORED_BINS}]", field=f"{field}.n_bins"
+        )
+    groups = [group for group in _RELIABILITY_GROUPS if reliability.get(group) is not None]
+    if not groups:
+        raise InvalidInput(f"{field} needs the bins 'before' or 'after' calibration", field=field)
+    tolerance = 1e-9
+    for group in groups:
+        where = f"{field}.{group}"
+        bins = reliability[group]
+        if not isinstance(bins, Mapping):
+            raise InvalidInput(f"{where} must be an object of counts, mean_confidence, accuracy", field=where)
+        columns = {key: bins.get(key) for key in ("counts", "mean_confidence", "accuracy")}
+        for key, values in columns.items():
+            if not isinstance(values, list) or len(values) != n_bins:
+                raise InvalidInput(f"{where}.{key} must be a list of {n_bins} values", field=f"{where}.{key}")
+        counts = columns["counts"]
+        if not all(_is_int(count) and count >= 0 for count in counts) or not sum(counts):
+            raise InvalidInput(f"{where}.counts must be sample counts, not all 0", field=f"{where}.counts")
+        if _is_int(n) and sum(counts) != n:
+            raise InvalidInput(
+                f"{where}.counts sum to {sum(counts)}, not the fit's n = {n}", field=f"{where}.counts"
+            )
+        for i, count in enumerate(counts):
+            low, high = i / n_bins - tolerance, (i + 1) / n_bins + tolerance
+            for key, (lo, hi) in (("mean_confidence", (low, high)), ("accuracy", (0.0, 1.0))):
+                value = columns[key][i]
+                if count == 0 and value is None:
+                    continue
+                if count == 0 or not _is_number(value) or not lo <= value <= hi:
+                    expected = (
+                        "null (an empty bin)" if count == 0 else f"a number in [{max(lo, 0):.6g}, {hi:.6g}]"
+                    )
+                    raise InvalidInput(f"{where}.{key}[{i}] must be {expected}", field=f"{where}.{key}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def stored_reliability(document: Mapping[str, Any]) -> dict | None:
+    """The reliability bins a calibrator document stores of its fit data (``fit.reliability``), in the shape of
+    an evaluation report's (``n``, ``conventions``, ``reliability`` per group with ``edges``, and each group's
+    ``ece``, of the bins): what :func:`service.plots.reliability_diagram` draws. None where the document stores
+    none (fitted before the bins were stored, or a document made elsewhere without them)."""
+    fit = document.get("fit")
+    stored = fit.get("reliability") if isinstance(fit, Mapping) else None
+    if not isinstance(stored, Mapping):
+        return None
+    n_bins = stored["n_bins"]
+    edges = [i / n_bins for i in range(n_bins + 1)]
+    report: dict[str, Any] = {
+        "conventions": {"kind": "top_label", "binning": "width", "n_bins": n_bins},
+        "reliability": {},
+    }
+    for group, name in _RELIABILITY_GROUPS.items():
+        bins = stored.get(group)
+        if not bins:
+            continue
+        counts = bins["counts"]
+        n = sum(counts)
+        gaps = zip(counts, bins["mean_confidence"], bins["accuracy"], strict=True)
+        ece = sum(count * abs(confidence - accuracy) for count, confidence, accuracy in gaps if count) / n
+        report["n"] = n
+        report[name] = {"ece": ece}
+        report["reliability"][name] = {
+            **bins,
+            "edges": edges,
+            "ece": ece,
+            "n_bins": n_bins,
+            "binning": "width",
+        }
+    return report
 
 
 # Rows of the fit data whose calibrated confidences make the histogram live traffic is compared with.
@@ -194,10 +310,12 @@ def fit_time_figures(
     before: dict | None = None,
     *,
     segments: Any = None,
+    reliability: bool = False,
 ) -> tuple[dict, dict]:
     """``(before, after)``: :func:`service.core.metrics.fit_figures` of validated logits (unless given)
     and of the fitted ``calibrator``'s answer, with the exact NLL of :func:`evaluate` (infinite where a
     calibrated true class has probability 0: null in the stored document, the rows in ``nll_infinite_rows``).
+    ``reliability=True``: with their bins (under ``reliability``; a given ``before`` must have them).
 
     Temperature scaling's ``after`` comes from a pass over the logits (the same pass as ``before``, when
     that is not given): its softmax of ``z / T`` is never written out. Other methods' from ``transform``.
@@ -205,23 +323,25 @@ def fit_time_figures(
     if isinstance(calibrator, TemperatureScaling):
         groups = [(calibrator.temperature_, None)]  # from the logits: exact and finite
         if before is None:
-            before, after = metrics.fit_figures(logits, labels, groups=[(1.0, None), *groups])
+            before, after = metrics.fit_figures(
+                logits, labels, groups=[(1.0, None), *groups], reliability=reliability
+            )
         else:
-            (after,) = metrics.fit_figures(logits, labels, groups=groups)
+            (after,) = metrics.fit_figures(logits, labels, groups=groups, reliability=reliability)
         return before, after
     if before is None:
-        (before,) = metrics.fit_figures(logits, labels)
+        (before,) = metrics.fit_figures(logits, labels, reliability=reliability)
     if segments is not None:  # a segment calibrator's answer for the fit rows with their segments
         probabilities = calibrator.transform_segments(logits, segments, validate=False)[0]
     else:
         probabilities = calibrator.transform(logits, validate=False)
-    after = metrics.fit_figures_of_probabilities(probabilities, labels)
+    after = metrics.fit_figures_of_probabilities(probabilities, labels, reliability=reliability)
     return before, after
 
 
 def _hash_and_figures(logits: np.ndarray, labels: np.ndarray) -> tuple[str, dict]:
-    """What a fit document needs of the data alone: its SHA-256 and its ``before`` figures."""
-    (before,) = metrics.fit_figures(logits, labels)
+    """What a fit document needs of the data alone: its SHA-256 and its ``before`` figures (with bins)."""
+    (before,) = metrics.fit_figures(logits, labels, reliability=True)
     return data_sha256(logits, labels), before
 
 
@@ -247,12 +367,16 @@ def calibrated_scores(calibrator: Any, logits: np.ndarray) -> tuple[np.ndarray, 
 
 
 def load_calibrator(document: Mapping[str, Any]) -> Any:
-    """Rebuild a calibrator from its document, checking the envelope first."""
+    """Rebuild a calibrator from its document, checking the envelope (and ``fit.reliability``, where the
+    document has one: :func:`check_fit_reliability`) first."""
     if not isinstance(document, Mapping):
         raise InvalidInput("a calibrator document must be a JSON object", field="document")
     version = document.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise InvalidInput(f"unsupported calibrator format_version {version!r}", field="format_version")
+    fit = document.get("fit")
+    if isinstance(fit, Mapping) and "reliability" in fit:
+        check_fit_reliability(fit["reliability"], fit.get("n"))
     return calibrator_from_dict(dict(document))
 
 

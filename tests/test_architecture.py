@@ -52,6 +52,9 @@ ALLOWED: list[tuple[str, set[str]]] = [
             "service.plots",
         },
     ),
+    # the reliability diagram the console shows is the CLI's figure: the one serving module that draws it imports
+    # plots.py (matplotlib) inside its function, so a worker that never draws one never imports matplotlib
+    ("service.serving.diagrams", {"service.plots"}),
     (
         "service.serving",
         {
@@ -230,6 +233,25 @@ def test_only_the_grpc_codec_imports_grpcio_and_only_lazily():
         for node in top_level:
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
             assert not any(within(str(name), {GRPC_CODEC, "tritonclient"}) for name in names), (
+                f"{module_name(path)} imports {names} at import time"
+            )
+
+
+PLOTS = "service.plots"
+PLOTS_IMPORTERS = {"service.reports", "service.cli", "service.serving.diagrams"}
+
+
+def test_plots_are_imported_by_the_cli_side_and_the_diagram_use_case_only_and_lazily_by_the_latter():
+    importers = {module_name(path) for path in MODULES if any(within(t, {PLOTS}) for t in imports(path))}
+    assert importers <= PLOTS_IMPORTERS, sorted(importers - PLOTS_IMPORTERS)
+    for path in MODULES:
+        if module_name(path) in ("service.reports", "service.cli"):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+        for node in top_level:
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+            assert not any(within(str(name), {PLOTS, "matplotlib"}) for name in names), (
                 f"{module_name(path)} imports {names} at import time"
             )
 

@@ -33,6 +33,11 @@ SCRIPT = textwrap.dedent(
         fit = {"logits": [[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [2.0, 0.0, 0.0]], "labels": [0, 1, 2, 1]}
         assert client.post("/v1/models/m/fit", json={**fit, "method": "histogram"}).status_code == 201
         print("torch after a histogram fit:", "torch" in sys.modules)
+        assert client.post("/v1/models/m/evaluate", json=fit).status_code == 200
+        assert client.get("/ui/models/m").status_code == 200
+        print("matplotlib before a diagram:", "matplotlib" in sys.modules)
+        assert client.post("/v1/models/m/evaluate/diagram", json=fit).status_code == 200
+        print("matplotlib after a diagram:", "matplotlib" in sys.modules)
         assert client.get("/v1/models/m/export").status_code == 200
         print("torch after an export:", "torch" in sys.modules)
     """
@@ -47,5 +52,8 @@ def test_a_logits_only_server_serves_without_importing_torch():
     lines = result.stdout.splitlines()
     assert "torch after serving: False" in lines
     assert "torch after a histogram fit: False" in lines
+    # the console's reliability diagram is the CLI's matplotlib figure: imported by the first diagram, not before
+    assert "matplotlib before a diagram: False" in lines
+    assert "matplotlib after a diagram: True" in lines
     # export builds a TorchScript file: the one place (with TorchScript models) that needs torch
     assert "torch after an export: True" in lines

@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from service.api import docs, errors, openapi
+from service.api import docs, errors, openapi, ui
 from service.api.browsers import EXPOSED_HEADERS, CrossOriginGuard, cors_origins
 from service.api.deps import no_repeated_query
 from service.api.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from service.api.observability import MetricsMiddleware
 from service.api.routers import (
     calibrators,
+    diagrams,
     export,
     fallback,
     health,
@@ -115,6 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.dataplane = plane
     errors.install(app)
     docs.install(app)
+    ui.install(app)  # the operator's console: /ui
     app.router.routes.extend([*inference.ROUTES, *oip.ROUTES])  # the hot paths, as plain ASGI routes
     routers = (
         health.router,
@@ -123,6 +125,7 @@ def create_app(settings: Settings) -> FastAPI:
         inference.router,
         monitoring.router,
         scoring.router,
+        diagrams.router,
     )
     for router in routers:
         app.include_router(router)

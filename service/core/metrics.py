@@ -1562,7 +1562,7 @@ class _RowSums:
             np.minimum(nll, nll_cap, out=nll)
         self.nll += float(np.add.reduce(nll))
 
-    def figures(self, n_bins: int) -> dict[str, Any]:
+    def figures(self, n_bins: int, *, reliability: bool = False) -> dict[str, Any]:
         n_samples = self.confidences.shape[0]
         ids = _width_bin_ids(self.confidences, n_bins)
         mass, confidence, outcome, counts = _bin_sums(ids, self.confidences, self.correct, None, n_bins)
@@ -1583,7 +1583,22 @@ class _RowSums:
         if math.isinf(self.nll):
             rows = np.concatenate(self.infinite_rows) if self.infinite_rows else np.empty(0, dtype=np.intp)
             report["nll_infinite_rows"] = rows[:MAX_LISTED_ROWS].tolist()
+        if reliability:
+            report["reliability"] = _fit_bins(sums)
         return report
+
+
+def _fit_bins(sums: _BinSums) -> dict[str, list]:
+    """The reliability bins of one group's sums, as a fit stores them: per bin the sample count, the mean
+    confidence and the accuracy (None in an empty bin), as :func:`reliability_bins` computes them."""
+    nonempty, mean_confidence, accuracy = (a[0] for a in _bin_means(sums))
+    return {
+        "counts": sums.counts[0].astype(np.int64).tolist(),
+        "mean_confidence": [
+            float(v) if ok else None for v, ok in zip(mean_confidence, nonempty, strict=True)
+        ],
+        "accuracy": [float(v) if ok else None for v, ok in zip(accuracy, nonempty, strict=True)],
+    }
 
 
 def _fit_conventions(n_bins: int) -> dict[str, Any]:
@@ -1618,6 +1633,7 @@ def fit_figures(
     *,
     groups: Sequence[tuple[float, float | None]] = ((1.0, None),),
     n_bins: int = DEFAULT_N_BINS,
+    reliability: bool = False,
 ) -> list[dict[str, Any]]:
     """Fit-time figures (:data:`FIT_FIGURES`, ``n``, ``conventions``) of ``softmax(logits / T)`` for each
     ``(T, probability_floor)`` of ``groups``, in one fused pass over row blocks.
@@ -1630,7 +1646,8 @@ def fit_figures(
     not done. The numbers are those of :func:`calibration_report` (``from_logits=True``) to rounding
     (float64 sums in another order; a confidence within an ulp of a bin edge could change bin). With a
     ``probability_floor``, a group's NLL is capped at ``-log(probability_floor)``: the NLL of its
-    probabilities floored there.
+    probabilities floored there. ``reliability=True`` adds each group's bins (:func:`_fit_bins`: counts, mean
+    confidence and accuracy per bin) under ``reliability``, from the sums the ECE is computed of.
     """
     z = two_column_logits(logits)
     n_samples, n_classes = z.shape
@@ -1683,7 +1700,7 @@ def fit_figures(
             np.multiply(e, e, out=e)
             np.add.reduce(e, axis=axis, out=sum_squares[:width])
             sums.add_block(part, sum_exp[:width], sum_squares[:width], shift_y, nll_cap)
-    return [sums.figures(n_bins) for sums, _, _ in plan]
+    return [sums.figures(n_bins, reliability=reliability) for sums, _, _ in plan]
 
 
 def fit_figures_of_probabilities(
@@ -1692,6 +1709,7 @@ def fit_figures_of_probabilities(
     *,
     n_bins: int = DEFAULT_N_BINS,
     probability_floor: float | None = None,
+    reliability: bool = False,
 ) -> dict[str, Any]:
     """:func:`fit_figures` of calibrated probabilities (float ``(N, K)``, ``K >= 2``, rows summing to 1):
     the same fused pass without the softmax; NLL ``-log(max(p_y, probability_floor))``."""
@@ -1737,4 +1755,4 @@ def fit_figures_of_probabilities(
             zero = np.flatnonzero(true_probability == 0.0)
             if zero.size:
                 sums.infinite_rows.append(zero + start)
-    return sums.figures(n_bins)
+    return sums.figures(n_bins, reliability=reliability)

@@ -424,6 +424,19 @@ class DataPlane:
         self.state.require_ready()
         return self.state.store.get_calibrator(name, version)
 
+    def stored_reliability(self, name: str, version: int) -> dict[str, Any]:
+        """The reliability bins version ``version`` stores of its fit data, as a report's
+        (:func:`workflows.stored_reliability`); NotFound where it stores none."""
+        report = workflows.stored_reliability(self.get_calibrator(name, version))
+        if report is None:
+            raise NotFound(
+                f"calibrator version {version} of model {name!r} stores no reliability bins of its fit data "
+                "(fitted before they were stored, or uploaded without them): draw its diagram on labelled data "
+                f"with POST /v1/models/{name}/evaluate/diagram?version={version}",
+                field="version",
+            )
+        return report
+
     async def activate(self, name: str, version: int) -> dict[str, Any]:
         self.state.require_ready()
         document = await in_thread(self.state.store.activate, name, version)

@@ -18,6 +18,7 @@ READ_WRITES = {
     "/v1/models/{name}/calibrate",
     "/v1/models/{name}/predict",
     "/v1/models/{name}/evaluate",
+    "/v1/models/{name}/evaluate/diagram",
     "/v1/metrics",
 }
 
