@@ -7,7 +7,9 @@ model is in flight, the requests that arrive for it wait in a queue; when the ca
 goes up as one call of at most ``max_rows`` rows (the model's ``max_batch_size``), and each request gets its
 own rows of the answer. A lone caller never waits: with nothing in flight, its request goes at once (unlike
 :mod:`service.serving.batching`, which holds the first request for a delay; an upstream server with a dynamic
-batcher of its own, as Triton has, gathers what arrives together anyway).
+batcher of its own, as Triton has, gathers what arrives together anyway). Nor does a full batch: once the
+queued requests hold ``max_rows`` rows, they go at once, beside the call in flight (64 requests of 64 rows
+each, at most 64 a call, would otherwise go up one at a time).
 
 Requests are grouped by a key that says one call can serve them all (the caller builds it: the upstream, the
 model, the inputs' names, datatypes and shapes past the batch dimension, the outputs asked for). A merged call
@@ -52,6 +54,7 @@ class _Queued:
 @dataclass(slots=True)
 class _Group:
     queue: list[_Queued] = field(default_factory=list)
+    queued_rows: int = 0
     in_flight: int = 0
 
 
@@ -77,9 +80,21 @@ class UpstreamBatcher:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group()
+        if group.in_flight < self.max_in_flight and not group.queue:
+            # nothing to share a call with: this request's call is made here, without a task of its own
+            group.in_flight += 1
+            UPSTREAM_BATCH_REQUESTS.observe(1)
+            UPSTREAM_BATCH_ROWS.observe(rows)
+            try:
+                return await send(inputs)
+            finally:
+                group.in_flight -= 1
+                self._start(key, group, max_rows, send)
         queued = _Queued(inputs, rows, asyncio.get_running_loop().create_future())
         group.queue.append(queued)
-        if group.in_flight < self.max_in_flight:
+        group.queued_rows += rows
+        # a full batch goes at once: waiting for the call in flight would only add its latency
+        if group.in_flight < self.max_in_flight or group.queued_rows >= max_rows:
             self._start(key, group, max_rows, send)
         return await queued.answer
 
@@ -87,6 +102,7 @@ class UpstreamBatcher:
         batch, rows = [], 0
         while group.queue and (not batch or rows + group.queue[0].rows <= max_rows):
             item = group.queue.pop(0)
+            group.queued_rows -= item.rows
             if item.answer.done():  # its client went away while it queued
                 continue
             batch.append(item)

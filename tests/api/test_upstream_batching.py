@@ -161,6 +161,35 @@ def test_a_request_whose_client_went_away_is_left_out_of_the_next_call():
     np.testing.assert_array_equal(answers[2][1]["double"], 2 * parts[2])
 
 
+def test_a_full_batch_goes_at_once_beside_the_call_in_flight():
+    """Requests as large as max_rows cannot share a call: none waits for another's."""
+    upstream = Upstream()
+    batcher = UpstreamBatcher()
+    parts = parts_of([4, 4, 4, 2, 2])
+    in_flight = []
+
+    async def send(inputs):
+        in_flight.append(1)
+        peak = len(in_flight)
+        try:
+            return await upstream.send(inputs)
+        finally:
+            in_flight.pop()
+            peaks.append(peak)
+
+    peaks: list[int] = []
+
+    async def main():
+        return await asyncio.gather(*(batcher.infer("m", [("x", p)], max_rows=4, send=send) for p in parts))
+
+    answers = asyncio.run(main())
+    # the three full requests each went at once; the two halves queued behind them share a call
+    assert upstream.calls == [4, 4, 4, 4]
+    assert max(peaks) >= 3
+    for part, (_, outputs) in zip(parts, answers, strict=True):
+        np.testing.assert_array_equal(outputs["double"], 2 * part)
+
+
 def test_max_in_flight_must_be_positive():
     with pytest.raises(ValueError, match="max_in_flight"):
         UpstreamBatcher(max_in_flight=0)
