@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from service.core.calibrators import calibrator_module
-from service.registry import LoadedModel, cpu_copy, save_module, script_module
+from service.registry import LoadedModel, cpu_copy, exported, save_module, script_module
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_METADATA_FILE", "calibrator_module", "export_torchscript"]
 
@@ -46,7 +46,7 @@ class _WithPredictionSets(torch.nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.module(inputs)
 
-    @torch.jit.export
+    @exported
     def prediction_sets(self, inputs: torch.Tensor, u: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045 (TorchScript)
         return self.sets(self.module(inputs), u)
 

@@ -1122,6 +1122,12 @@ class SmokeCheckTimeout(InvalidInput):
 # TorchScript for service.export (this module is the only one that calls torch's jit)
 
 
+def exported(method: Any) -> Any:
+    """``method`` of a module marked for :func:`script_module` to compile beside ``forward``
+    (``torch.jit.export``), so that callers of the file can run it by name."""
+    return torch.jit.export(method)
+
+
 def script_module(module: torch.nn.Module) -> torch.jit.ScriptModule:
     """``module`` compiled to TorchScript; InvalidInput (its first line) when it cannot be."""
     try:

@@ -31,7 +31,38 @@ limit (1e6 bins made a 77 MB document for one curve, and 1e9 grew the server to 
 hundred bins most bins hold no fit sample anyway."""
 
 
-class _OneVsRest(BaseCalibrator):
+class OneVsRestCurves:
+    """The bounds of a calibrator with one curve per class (one curve for a binary model): at most
+    :data:`ONE_VS_REST_MAX_CLASSES` curves, and :data:`ONE_VS_REST_MAX_WORK` rows x curves per fit."""
+
+    _label: str
+
+    @staticmethod
+    def _n_curves(num_classes: int) -> int:
+        return 1 if num_classes == 2 else num_classes
+
+    def _check_curves(self, n_curves: int) -> None:
+        if n_curves > ONE_VS_REST_MAX_CLASSES:
+            raise InvalidInput(
+                f"{self._label} is limited to {ONE_VS_REST_MAX_CLASSES:,} classes (one curve each); got "
+                f"{n_curves:,}: use temperature or vector scaling",
+                field="num_classes",
+            )
+
+    def _fit_curves(self, z: np.ndarray) -> int:
+        """The number of curves a fit on logits ``z`` makes; InvalidInput when it is beyond the bounds."""
+        n_curves = self._n_curves(max(z.shape[1], 2))
+        self._check_curves(n_curves)
+        check_work(
+            z.shape[0] * n_curves,
+            ONE_VS_REST_MAX_WORK,
+            "logits",
+            f"{self._label} work ({z.shape[0]:,} rows x {n_curves:,} curves)",
+        )
+        return n_curves
+
+
+class _OneVsRest(OneVsRestCurves, BaseCalibrator):
     """Shared shape of the one-vs-rest calibrators that map each class's softmax probability.
 
     Binary models map ``P(y = 1)`` only and return ``[1 - p, p]``. With more classes every class is mapped
@@ -62,14 +93,7 @@ class _OneVsRest(BaseCalibrator):
 
     def _fit(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
         self.floor_ = self._floor_for(z.shape[0])
-        n_curves = self._n_curves(max(z.shape[1], 2))
-        self._check_curves(n_curves)
-        check_work(
-            z.shape[0] * n_curves,
-            ONE_VS_REST_MAX_WORK,
-            "logits",
-            f"{self._label} work ({z.shape[0]:,} rows x {n_curves:,} classes)",
-        )
+        self._fit_curves(z)
         p = self._probabilities(z)
         if p.shape[1] == 2:
             curves = [self._fit_curve(p[:, 1], (y == 1).astype(np.float64), w)]
@@ -92,18 +116,6 @@ class _OneVsRest(BaseCalibrator):
         for k in range(p.shape[1]):
             calibrated[:, k] = self._apply_curve(k, p[:, k])
         return _renormalise(calibrated, p)
-
-    @staticmethod
-    def _n_curves(num_classes: int) -> int:
-        return 1 if num_classes == 2 else num_classes
-
-    def _check_curves(self, n_curves: int) -> None:
-        if n_curves > ONE_VS_REST_MAX_CLASSES:
-            raise InvalidInput(
-                f"{self._label} is limited to {ONE_VS_REST_MAX_CLASSES:,} classes (one curve each); got "
-                f"{n_curves:,}: use temperature or vector scaling",
-                field="num_classes",
-            )
 
 
 class IsotonicCalibration(_OneVsRest):

@@ -14,8 +14,8 @@ import numpy as np
 
 from service.core import cancellation
 from service.core.calibrators.base import BaseCalibrator, _doc_array
-from service.core.calibrators.binning import ONE_VS_REST_MAX_CLASSES, ONE_VS_REST_MAX_WORK
-from service.core.validation import check_positive_int, check_work
+from service.core.calibrators.binning import OneVsRestCurves
+from service.core.validation import check_positive_int
 from service.errors import InvalidInput
 
 if TYPE_CHECKING:  # torch is imported only where a module is built
@@ -129,7 +129,7 @@ def venn_abers_curve(
     return grid[changes], p0[keep_values], p1[keep_values]
 
 
-class VennAbersCalibration(BaseCalibrator):
+class VennAbersCalibration(OneVsRestCurves, BaseCalibrator):
     r"""Inductive Venn–Abers predictor (IVAP; Vovk & Petej 2014), binary, and one-vs-rest for more classes.
 
     For a test score ``s`` the calibration set's isotonic regression is fitted twice, with the test object
@@ -226,29 +226,10 @@ class VennAbersCalibration(BaseCalibrator):
             scores = np.rint(scores * scale) / scale
         return scores
 
-    @staticmethod
-    def _n_curves(num_classes: int) -> int:
-        return 1 if num_classes == 2 else num_classes
-
-    def _check_curves(self, n_curves: int) -> None:
-        if n_curves > ONE_VS_REST_MAX_CLASSES:
-            raise InvalidInput(
-                f"{self._label} is limited to {ONE_VS_REST_MAX_CLASSES:,} classes (one curve each); got "
-                f"{n_curves:,}: use temperature or vector scaling",
-                field="num_classes",
-            )
-
     # -- fit and transform --------------------------------------------------------------------------------
 
     def _fit(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
-        n_curves = self._n_curves(max(z.shape[1], 2))
-        self._check_curves(n_curves)
-        check_work(
-            z.shape[0] * n_curves,
-            ONE_VS_REST_MAX_WORK,
-            "logits",
-            f"{self._label} work ({z.shape[0]:,} rows x {n_curves:,} curves)",
-        )
+        n_curves = self._fit_curves(z)
         scores = self._scores(z)
         curves = []
         for k in range(n_curves):
