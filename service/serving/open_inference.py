@@ -28,8 +28,9 @@ from service.serving.state import ModelInfo
 
 SERVER_NAME = "calibserve"
 INPUT_NAMES = ("logits", "probabilities", "inputs")
-OUTPUT_NAMES = ("probabilities", "logits", "predicted_class", "prediction_sets")
+OUTPUT_NAMES = ("probabilities", "logits", "predicted_class", "prediction_sets", "probability_intervals")
 SETS_OUTPUT = "prediction_sets"
+INTERVALS_OUTPUT = "probability_intervals"  # [N, K, 2]: a venn_abers calibrator's [p0, p1], when asked for
 """A version fitted with conformal sets answers this output too (by default, and on request): ``[N, K]``
 UINT8, 1 where the class is in the row's set, with ``parameters.alpha``. UINT8 rather than BOOL: the same
 0/1 numbers in JSON and in binary (BOOL's JSON form is true/false), one byte a class, and numpy, Triton's
@@ -113,11 +114,16 @@ async def infer(
     ``name`` (calibrator ``version``, else the active one), and build the ``outputs`` asked for (None: the
     defaults, with ``prediction_sets`` when the version has conformal sets; ``seed`` draws randomised
     ones)."""
+    intervals = outputs is not None and INTERVALS_OUTPUT in outputs
     if input_name == "inputs":
+        if intervals:
+            raise InvalidInput(
+                f"output {INTERVALS_OUTPUT!r} is answered to calibrate requests (input logits or probabilities)"
+            )
         prediction = await plane.predict(name, version, values, seed=seed)
         logits = prediction.logits
     else:
-        prediction = await plane.calibrate(name, version, input_name, values, seed=seed)
+        prediction = await plane.calibrate(name, version, input_name, values, seed=seed, intervals=intervals)
         logits = values
     if outputs is None:
         with_sets = (SETS_OUTPUT,) if prediction.prediction_sets is not None else ()
@@ -135,6 +141,12 @@ async def infer(
                     f"{name!r} has no conformal prediction sets (fit it with conformal)"
                 )
             array = prediction.prediction_sets
+        elif wanted == INTERVALS_OUTPUT:
+            if prediction.intervals is None:
+                raise InvalidInput(
+                    f"output {INTERVALS_OUTPUT!r}: probability intervals come from a venn_abers calibrator"
+                )
+            array = prediction.intervals
         elif input_name == "probabilities":  # the logits the calibrator saw
             array = workflows.scores_to_logits(logits, from_logits=False)
         else:

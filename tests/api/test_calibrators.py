@@ -256,6 +256,34 @@ def test_venn_abers_fits_serves_intervals_on_request_and_refuses_bad_options(cli
         assert intervals.shape == (6, max(columns, 2), 2)
         np.testing.assert_allclose(intervals, fitted.transform_intervals(logits[:6]), rtol=1e-12)
         assert (intervals[..., 0] <= intervals[..., 1]).all()
+    # the Open Inference Protocol answers them as an output asked for by name: [N, K, 2]
+    k = max(columns, 2)
+    oip = client.post(
+        "/v2/models/va/infer",
+        json={
+            "inputs": [
+                {
+                    "name": "logits",
+                    "datatype": "FP64",
+                    "shape": [6, columns],
+                    "data": logits[:6].ravel().tolist(),
+                }
+            ],
+            "outputs": [{"name": "probabilities"}, {"name": "probability_intervals"}],
+        },
+    )
+    assert oip.status_code == 200, oip.text
+    by_name = {output["name"]: output for output in oip.json()["outputs"]}
+    assert by_name["probability_intervals"]["shape"] == [6, k, 2]
+    assert by_name["probability_intervals"]["datatype"] == "FP64"
+    np.testing.assert_allclose(
+        np.reshape(by_name["probability_intervals"]["data"], (6, k, 2)),
+        fitted.transform_intervals(logits[:6]),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        np.reshape(by_name["probabilities"]["data"], (6, k)), fitted.transform(logits[:6]), rtol=1e-12
+    )
     # options and requests that cannot be served are refused, naming the field
     bad = client.post("/v1/models/va/fit", json={**body, "options": {"precision": -2}})
     assert bad.status_code == 400 and "precision" in bad.json()["detail"]
@@ -274,6 +302,15 @@ def test_venn_abers_fits_serves_intervals_on_request_and_refuses_bad_options(cli
     refused = client.post("/v1/models/va/calibrate", json={"logits": queries, "intervals": True})
     assert refused.status_code == 400
     assert "probability intervals come from a venn_abers calibrator" in refused.json()["detail"]
+    refused = client.post(
+        "/v2/models/va/infer",
+        json={
+            "inputs": [{"name": "logits", "datatype": "FP32", "shape": [1, columns], "data": queries[0]}],
+            "outputs": [{"name": "probability_intervals"}],
+        },
+    )
+    assert refused.status_code == 400
+    assert "venn_abers" in refused.json()["error"]
     pinned = client.post(
         f"/v1/models/va/calibrate?version={document['version']}&intervals=true", json={"logits": queries}
     )
