@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from service.api import create_app  # noqa: E402
 from service.client import CalibserveClient  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.core.calibrators import TemperatureScaling  # noqa: E402
+from tests.helpers.ports import free_port  # noqa: E402
 
 BODY_LIMIT = 1 << 30  # 1 GiB: a 50,000 x 1,000 float32 set is 200 MB (see README "Large labelled sets")
 
@@ -64,12 +64,6 @@ def npz(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(store: Path, threads: int | None) -> tuple[subprocess.Popen, str]:

@@ -46,8 +46,11 @@ import orjson
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
 
 from _timing import machine_info, markdown_table, replace_section  # noqa: E402
+
+from tests.helpers.ports import free_port  # noqa: E402  (one allocator for tests and benches)
 
 try:
     import uvloop
@@ -84,12 +87,6 @@ except ImportError:  # pragma: no cover - the bench needs the project's environm
 
 
 # ------------------------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(port: int, path: str, timeout: float = 60.0) -> None:

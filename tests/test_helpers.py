@@ -44,3 +44,23 @@ def test_softmax_of_rounded_logits_passes_and_another_temperature_fails():
     bumped[0, 1] *= 1.01
     with pytest.raises(AssertionError):
         assert_softmax_close(bumped, expected, logits, ulps=16, temperature=2.0)
+
+
+@pytest.mark.parametrize("worker", ["gw0", "gw3"])
+def test_each_xdist_worker_takes_ports_from_a_block_of_its_own(monkeypatch, worker):
+    import socket
+
+    from tests.helpers import ports
+
+    if ports._ephemeral_start() < ports.FIRST + 4 * ports.BLOCK:
+        pytest.skip("this kernel's ephemeral ports start below the workers' blocks: plain bind(0) serves")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    block = ports._block()
+    assert block is not None and block.start == ports.FIRST + int(worker[2:]) * ports.BLOCK
+    assert block.stop <= ports._ephemeral_start()  # no outgoing connection is handed one of them
+    port = ports.free_port()
+    assert port in block
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert ports._block() is None and 0 < ports.free_port() < 65536

@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.ports import free_port
+
 # Static test credentials: moto accepts any; SeaweedFS is started with these as its only identity.
 ACCESS_KEY = "calibserve-test"
 SECRET_KEY = "calibserve-test-secret"
@@ -26,12 +27,6 @@ REGION = "us-east-1"
 # SeaweedFS gives each bucket a collection of volumes of its own, and the test server has few: the tests share
 # one bucket, with a key prefix each.
 SEAWEEDFS_BUCKET = "calibserve-tests"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

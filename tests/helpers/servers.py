@@ -13,12 +13,9 @@ from pathlib import Path
 import httpx
 
 from tests.helpers.data import REPO, SHIPPED_MODELS
+from tests.helpers.ports import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["Server", "free_port", "port_is_free"]
 
 
 def port_is_free(port: int) -> bool:
