@@ -6,6 +6,9 @@ them to status codes and problem+json bodies, and the CLI maps them to exit code
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class CalibserveError(Exception):
     """Base of every error this package raises on purpose."""
@@ -35,6 +38,18 @@ class InvalidInput(CalibserveError, ValueError):
 class InvalidParameter(InvalidInput):
     """A parameter or a field of a request fails validation (a version that is not a number, a repeated
     query parameter, a body field of the wrong type), as opposed to data that cannot be used."""
+
+
+@contextmanager
+def as_parameters() -> Iterator[None]:
+    """InvalidInput raised inside becomes InvalidParameter: what it names are a request's parameters (a
+    method, its options), not its data."""
+    try:
+        yield
+    except InvalidParameter:
+        raise
+    except InvalidInput as exc:
+        raise InvalidParameter(exc.message, field=exc.field, row=exc.row, details=exc.details) from None
 
 
 class NotFitted(InvalidInput):

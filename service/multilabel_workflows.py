@@ -31,7 +31,7 @@ from service.core.multilabel import (
     sigmoid,
 )
 from service.core.validation import as_float_matrix, check_logits, check_sample_weight
-from service.errors import InvalidInput
+from service.errors import InvalidInput, as_parameters
 from service.workflows import FORMAT_VERSION, REPORT_KIND, data_sha256, drift_against_fit, has_fit_figures
 
 __all__ = [
@@ -96,7 +96,8 @@ def fit_document(
     check_label_count(logits.shape[1], num_labels, "logits" if from_logits else "probabilities")
     y = check_label_matrix(labels, logits.shape[0], logits.shape[1])
     weight = check_sample_weight(sample_weight, logits.shape[0])
-    calibrator = PerLabelCalibration(method, **dict(options or {}))
+    with as_parameters():  # the method and its options: 422, as for every other model
+        calibrator = PerLabelCalibration(method, **dict(options or {}))
     calibrator.fit(logits, y, sample_weight=weight, validate=False)
     before = label_figures(y, logits=logits)
     after = label_figures(y, probabilities=calibrator.transform(logits, validate=False))

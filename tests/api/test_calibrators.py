@@ -132,7 +132,7 @@ def test_new_methods_fit_serve_and_export_over_http(client, method, columns):
         served["probabilities"], calibrator_from_dict(document).transform(logits[:5]), rtol=1e-12, atol=1e-15
     )
     bad = client.post("/v1/models/fresh/fit", json={**body, "options": {"parameters": "xyz"}})
-    assert bad.status_code == 400 and "parameters" in bad.json()["detail"]
+    assert bad.status_code == 422 and "parameters" in bad.json()["detail"]
 
 
 def test_calibrate_without_a_calibrator_is_plain_softmax(cifar_model, cifar10):
@@ -286,9 +286,9 @@ def test_venn_abers_fits_serves_intervals_on_request_and_refuses_bad_options(cli
     )
     # options and requests that cannot be served are refused, naming the field
     bad = client.post("/v1/models/va/fit", json={**body, "options": {"precision": -2}})
-    assert bad.status_code == 400 and "precision" in bad.json()["detail"]
+    assert bad.status_code == 422 and "precision" in bad.json()["detail"]
     bad = client.post("/v1/models/va/fit", json={**body, "options": {"n_bins": 3}})
-    assert bad.status_code == 400 and "n_bins" in bad.json()["detail"]
+    assert bad.status_code == 422 and "n_bins" in bad.json()["detail"]
     bad = client.post("/v1/models/va/calibrate?intervals=maybe", json={"logits": queries})
     assert bad.status_code == 400 and "intervals must be true or false" in bad.json()["detail"]
     npy = client.post(

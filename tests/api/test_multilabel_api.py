@@ -137,17 +137,17 @@ def test_evaluate_reports_per_label_and_macro_micro_figures_with_drift(http, mod
 
 def test_bad_requests_are_named(http, model, data):
     logits, labels = data[0][:50], data[1][:50]
-    cases = [
-        ({"method": "matrix"}, "not available for a multi-label model"),
-        ({"labels": labels[:, :3].tolist()}, "0/1 matrix of 3 columns; the model has 5 labels"),
-        ({"labels": [[7]] * 50}, r"labels\[0\] holds label index 7, outside \[0, 5\)"),
-        ({"options": {"bins": 3}}, "unknown option 'bins' for multi-label method 'temperature'"),
-        ({"logits": logits[:, :4].tolist()}, "has 5 labels; logits has 4 columns"),
+    cases = [  # the method and its options are parameters (422); the data, data (400)
+        ({"method": "matrix"}, "not available for a multi-label model", 422),
+        ({"labels": labels[:, :3].tolist()}, "0/1 matrix of 3 columns; the model has 5 labels", 400),
+        ({"labels": [[7]] * 50}, r"labels\[0\] holds label index 7, outside \[0, 5\)", 400),
+        ({"options": {"bins": 3}}, "unknown option 'bins' for multi-label method 'temperature'", 422),
+        ({"logits": logits[:, :4].tolist()}, "has 5 labels; logits has 4 columns", 400),
     ]
-    for change, message in cases:
+    for change, message, status in cases:
         body = {"logits": logits.tolist(), "labels": labels.tolist(), **change}
         answer = http.post(f"/v1/models/{model}/fit", json=body)
-        assert answer.status_code == 400, answer.text
+        assert answer.status_code == status, answer.text
         assert answer.headers["content-type"].startswith("application/problem+json")
         assert __import__("re").search(message, answer.json()["detail"]), answer.json()["detail"]
     wrong = http.post(f"/v1/models/{model}/calibrate", json={"logits": logits[:, :4].tolist()})

@@ -43,7 +43,7 @@ def test_histogram_of_a_billion_bins_is_refused(client):
             "options": {"n_bins": 1_000_000_000},
         },
     )
-    assert_problem(response, 400, f"at most {HISTOGRAM_MAX_BINS:,}", "n_bins")
+    assert_problem(response, 422, f"at most {HISTOGRAM_MAX_BINS:,}", "n_bins")
     assert client.get("/v1/models/fz/calibrators").json()["items"] == []  # nothing stored
     healthy(client)
 
@@ -97,7 +97,7 @@ def test_max_iter_beyond_its_limit_is_refused(client):
         "/v1/models/it/fit",
         json={"logits": [[0.0, 1.0], [1.0, 0.0]], "labels": [1, 0], "options": {"max_iter": 10**9}},
     )
-    assert_problem(response, 400, f"at most {TEMPERATURE_MAX_ITER:,}")
+    assert_problem(response, 422, f"at most {TEMPERATURE_MAX_ITER:,}")
     healthy(client)
 
 

@@ -75,7 +75,7 @@ from service.core.calibrators.platt import PlattScaling
 from service.core.calibrators.segment_temperature import SegmentTemperatureScaling
 from service.core.calibrators.temperature import TemperatureScaling
 from service.core.calibrators.venn_abers import VennAbersCalibration
-from service.errors import InvalidInput
+from service.errors import InvalidInput, as_parameters
 
 if TYPE_CHECKING:  # torch is imported only where a module is built
     import torch
@@ -135,18 +135,21 @@ def make_calibrator(method: str, **options: Any) -> BaseCalibrator:
 
     Raises
     ------
-    InvalidInput
-        Unknown method, unknown option (named, with the valid ones), or an invalid option value.
+    InvalidParameter
+        Unknown method, unknown option (named, with the valid ones), or an invalid option value: the
+        request's parameters are wrong, not its data (HTTP 422, CLI exit 2).
     """
-    cls = _calibrator_class(method)
-    unknown = sorted(set(options) - set(cls._option_names))
-    if unknown:
-        valid = ", ".join(cls._option_names) if cls._option_names else "none"
-        raise InvalidInput(
-            f"unknown option {', '.join(map(repr, unknown))} for method {method!r}; its options are: {valid}",
-            field=unknown[0],
-        )
-    return cls(**options)
+    with as_parameters():
+        cls = _calibrator_class(method)
+        unknown = sorted(set(options) - set(cls._option_names))
+        if unknown:
+            valid = ", ".join(cls._option_names) if cls._option_names else "none"
+            raise InvalidInput(
+                f"unknown option {', '.join(map(repr, unknown))} for method {method!r}; its options are: "
+                f"{valid}",
+                field=unknown[0],
+            )
+        return cls(**options)
 
 
 def calibrator_from_dict(document: Mapping[str, Any]) -> BaseCalibrator:
