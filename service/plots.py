@@ -61,14 +61,8 @@ def reliability_diagram(
     bytes
         The encoded image.
     """
-    if format is None:
-        format = Path(path).suffix.lower().lstrip(".") if path is not None else "png"
-    if format not in FORMATS:
-        raise InvalidInput(f"reliability diagrams are written as .png or .svg, not {format!r}", field="plot")
-    reliability = report.get("reliability") or {}
-    groups = [group for group in ("uncalibrated", "calibrated") if reliability.get(group)]
-    if not groups:
-        raise InvalidInput("the report has no reliability bins to draw", field="reliability")
+    format = _image_format(path, format)
+    reliability, groups = _groups(report, "reliability", "reliability bins")
 
     import matplotlib
 
@@ -235,14 +229,8 @@ def label_diagrams(
     reliability diagram per label (at most :data:`MAX_LABEL_PANELS`), the observed frequency of the label
     against the mean predicted probability of each non-empty bin, before and after calibration, each panel
     titled with the label, its prevalence and its ECE (after calibration when there is one)."""
-    if format is None:
-        format = Path(path).suffix.lower().lstrip(".") if path is not None else "png"
-    if format not in FORMATS:
-        raise InvalidInput(f"reliability diagrams are written as .png or .svg, not {format!r}", field="plot")
-    reliability = report.get("reliability_per_label") or {}
-    groups = [group for group in ("uncalibrated", "calibrated") if reliability.get(group)]
-    if not groups:
-        raise InvalidInput("the report has no per-label reliability bins to draw", field="reliability")
+    format = _image_format(path, format)
+    reliability, groups = _groups(report, "reliability_per_label", "per-label reliability bins")
     n_labels = min(len(reliability[groups[0]]), MAX_LABEL_PANELS)
 
     import matplotlib
@@ -293,3 +281,21 @@ def label_diagrams(
     if path is not None:
         Path(path).write_bytes(image)
     return image
+
+
+def _image_format(path: Any, format: str | None) -> str:
+    """``format``, else the file name's suffix (png without a name); InvalidInput for another."""
+    if format is None:
+        format = Path(path).suffix.lower().lstrip(".") if path is not None else "png"
+    if format not in FORMATS:
+        raise InvalidInput(f"reliability diagrams are written as .png or .svg, not {format!r}", field="plot")
+    return format
+
+
+def _groups(report: Mapping[str, Any], key: str, what: str) -> tuple[Mapping[str, Any], list[str]]:
+    """The report's bins under ``key`` and which of uncalibrated / calibrated it holds; InvalidInput for none."""
+    reliability = report.get(key) or {}
+    groups = [group for group in ("uncalibrated", "calibrated") if reliability.get(group)]
+    if not groups:
+        raise InvalidInput(f"the report has no {what} to draw", field="reliability")
+    return reliability, groups
