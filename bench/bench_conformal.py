@@ -25,6 +25,7 @@ from _timing import format_seconds, machine_info, markdown_table, replace_sectio
 
 from service import workflows  # noqa: E402
 from service.core import conformal  # noqa: E402
+from tests.helpers.peers import RowLookup  # noqa: E402  (the adapters the differential tests use)
 
 DATA = REPO / "tests" / "data"
 MODES = {
@@ -74,27 +75,13 @@ def timing_rows(n: int, n_classes: int, repeats: int) -> list[dict]:
     """Threshold fit plus sets for n calibration and n test rows: ours against MAPIE's SplitConformalClassifier
     (prefit, the same probabilities)."""
     from mapie.classification import SplitConformalClassifier
-    from sklearn.base import BaseEstimator, ClassifierMixin
-
-    class Lookup(ClassifierMixin, BaseEstimator):
-        def __init__(self, probabilities=None):
-            self.probabilities = probabilities
-
-        def fit(self, X, y):
-            return self
-
-        def predict_proba(self, X):
-            return self.probabilities[np.asarray(X)[:, 0].astype(int)]
-
-        def predict(self, X):
-            return self.predict_proba(X).argmax(axis=1)
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0.0, 3.0, size=(2 * n, n_classes))
     probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     labels = (probabilities.cumsum(axis=1) > rng.uniform(size=(2 * n, 1))).argmax(axis=1)
-    estimator = Lookup(probabilities)
+    estimator = RowLookup(probabilities)
     estimator.classes_ = np.arange(n_classes)
     estimator.n_features_in_ = 1
     X = np.arange(2 * n)[:, None]

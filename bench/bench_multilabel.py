@@ -32,6 +32,7 @@ from _timing import format_seconds, machine_info, markdown_table, replace_sectio
 
 from service.core.calibrators import PerLabelCalibration  # noqa: E402
 from service.core.multilabel import label_figures  # noqa: E402
+from tests.helpers.peers import IdentityClassifier  # noqa: E402  (the adapters the differential tests use)
 
 METHODS = {
     "uncalibrated": None,
@@ -83,25 +84,13 @@ class SklearnPerLabel:
         self.method = method
 
     def fit(self, logits: np.ndarray, labels: np.ndarray) -> SklearnPerLabel:
-        from sklearn.base import BaseEstimator, ClassifierMixin
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.frozen import FrozenEstimator
-
-        class Identity(ClassifierMixin, BaseEstimator):
-            def fit(self, X, y):
-                self.classes_ = np.unique(y)
-                return self
-
-            def decision_function(self, X):
-                return np.asarray(X)[:, 0]
-
-            def predict(self, X):
-                return self.classes_[(self.decision_function(X) > 0).astype(int)]
 
         self.fitted = []
         for k in range(logits.shape[1]):
             x, y = logits[:, [k]], labels[:, k]
-            frozen = FrozenEstimator(Identity().fit(x, y))
+            frozen = FrozenEstimator(IdentityClassifier().fit(x, y))
             self.fitted.append(CalibratedClassifierCV(frozen, method=self.method).fit(x, y))
         return self
 

@@ -19,7 +19,6 @@ from hypothesis.extra import numpy as hnp
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax
 from scipy.special import softmax as scipy_softmax
-from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV, calibration_curve
 from sklearn.frozen import FrozenEstimator
 from sklearn.isotonic import IsotonicRegression
@@ -44,6 +43,7 @@ from service.core.calibrators import (
 )
 from service.core.calibrators.affine import DIRICHLET_CV_GRID
 from service.errors import InvalidInput, NotFitted
+from tests.helpers.peers import IdentityClassifier
 
 BINARY_ONLY = frozenset(method for method, cls in CALIBRATORS.items() if cls._binary_only)
 
@@ -100,21 +100,6 @@ def two_class_labels(n: int, n_classes: int, seed: int) -> np.ndarray:
     labels = np.random.default_rng(seed).integers(0, n_classes, size=n)
     labels[:2] = [0, 1]
     return labels
-
-
-class IdentityClassifier(ClassifierMixin, BaseEstimator):
-    """A 'classifier' whose decision function is its input: lets scikit-learn calibrate frozen logits."""
-
-    def fit(self, X, y):
-        self.classes_ = np.unique(y)
-        return self
-
-    def decision_function(self, X):
-        X = np.asarray(X)
-        return X[:, 0] if X.shape[1] == 1 else X
-
-    def predict(self, X):
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
 
 def sklearn_beta(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -14,31 +14,14 @@ from scipy.special import softmax
 
 from service.core import conformal
 from service.errors import InvalidParameter
+from tests.helpers.peers import RowLookup
 
 mapie_classification = pytest.importorskip("mapie.classification")
 from mapie.conformity_scores.sets.aps import APSConformityScore  # noqa: E402
 from mapie.utils import _compute_classification_quantile  # noqa: E402
-from sklearn.base import BaseEstimator, ClassifierMixin  # noqa: E402
 from sklearn.model_selection import StratifiedShuffleSplit  # noqa: E402
 
 SEED = 7
-
-
-class RowLookup(ClassifierMixin, BaseEstimator):
-    """A prefit classifier whose input is a row index into fixed probabilities: MAPIE then scores exactly the
-    probabilities our functions see."""
-
-    def __init__(self, probabilities=None):
-        self.probabilities = probabilities
-
-    def fit(self, X, y):
-        return self
-
-    def predict_proba(self, X):
-        return self.probabilities[np.asarray(X)[:, 0].astype(int)]
-
-    def predict(self, X):
-        return self.predict_proba(X).argmax(axis=1)
 
 
 @pytest.fixture(scope="module", params=["netcal_wrn16-4_c10.npz", "netcal_densenet-bc-100_c100.npz"])

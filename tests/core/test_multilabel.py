@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.special import expit
-from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV, calibration_curve
 from sklearn.frozen import FrozenEstimator
 from sklearn.isotonic import IsotonicRegression
@@ -22,20 +21,7 @@ from service.core.calibrators import PerLabelCalibration, TemperatureScaling, ca
 from service.core.multilabel import check_label_matrix, label_figures
 from service.errors import InvalidInput
 from tests.helpers.multilabel import TEMPERATURES, index_lists, multilabel_set
-
-
-class IdentityClassifier(ClassifierMixin, BaseEstimator):
-    """A 'classifier' whose decision function is its one input column: lets scikit-learn calibrate logits."""
-
-    def fit(self, X, y):
-        self.classes_ = np.unique(y)
-        return self
-
-    def decision_function(self, X):
-        return np.asarray(X)[:, 0]
-
-    def predict(self, X):
-        return self.classes_[(self.decision_function(X) > 0).astype(int)]
+from tests.helpers.peers import IdentityClassifier
 
 
 def sklearn_per_label(method: str, logits: np.ndarray, labels: np.ndarray, new: np.ndarray) -> np.ndarray:
