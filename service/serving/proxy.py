@@ -211,11 +211,9 @@ class UpstreamModels:
         share a call with others in flight meanwhile do (:meth:`infer_shared`)."""
         client, spec = self.client(info)
         if self.batcher is not None:
-            call = shared_call(document, binary)
-            if call is not None:
-                answer = await self.infer_shared(info, entry, client, spec, call)
-                if answer is not None:
-                    return answer
+            answer = await self.infer_shared(info, entry, client, spec, document, binary)
+            if answer is not None:
+                return answer
         forwarded = dict(document)
         parameters = document.get("parameters")
         if (
@@ -243,13 +241,19 @@ class UpstreamModels:
         entry: ActiveCalibrator,
         client: UpstreamClient,
         spec: UpstreamSpec,
-        call: SharedCall,
+        document: Mapping[str, Any],
+        binary: bytes,
     ) -> UpstreamAnswer | None:
-        """The answer to ``call``, from one upstream call with the requests of the same shape that queued
+        """The answer to the request, from one upstream call with the requests of the same shape that queued
         while another was in flight; None where the model takes no batches (its server states no
-        ``max_batch_size``), the request is larger than one, or an output is not numbers."""
+        ``max_batch_size``: asked first, from the cache, so that no request of such a model is decoded for
+        nothing), the request cannot share a call (:func:`shared_call`) or is larger than one, or an output is
+        not numbers."""
         max_rows = await client.max_batch_size(spec)
-        if max_rows is None or call.rows > max_rows:
+        if max_rows is None:
+            return None
+        call = shared_call(document, binary)
+        if call is None or call.rows > max_rows:
             return None
         metadata = await client.model_metadata(spec)
         declared = {
