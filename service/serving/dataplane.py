@@ -660,10 +660,12 @@ class DataPlane:
         """The model and calibrator of ``name`` when an upstream server serves it (NotFound for a calibrator
         version it does not have), else None (a model unknown here is the caller's to answer)."""
         try:
-            info = self.model(name)
+            info, active = self.lookup(name, None)  # one lookup (two stats) in the request path, not two
         except NotFound:
             return None
-        return self.lookup(name, version) if info.kind == "upstream" else None
+        if info.kind != "upstream":
+            return None
+        return (info, active) if version is None else self.lookup(name, version)
 
     async def infer_upstream(
         self,
