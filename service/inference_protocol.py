@@ -148,12 +148,14 @@ def tensor_array(entry: Mapping[str, Any], chunk: bytes | None, what: str) -> np
         return array.astype(dtype).reshape(shape)
 
 
-def binary_entry(name: str, array: np.ndarray) -> tuple[dict[str, Any], bytes]:
-    """A tensor entry with binary data, and its bytes."""
+def binary_entry(name: str, array: np.ndarray) -> tuple[dict[str, Any], memoryview]:
+    """A tensor entry with binary data, and its bytes: a view of the array's own memory where it is
+    row-major and little-endian (the protocol's layout), not a copy (``tobytes`` would cost one more pass
+    over every tensor of every answer)."""
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    data = array.tobytes()
+    data = array.reshape(-1).view(np.uint8).data
     entry = {
         "name": name,
         "datatype": datatype_of(array),
@@ -173,9 +175,16 @@ def tensor_entry(name: str, array: np.ndarray, *, binary: bool) -> tuple[dict[st
     return entry, None
 
 
-def encode(document: Mapping[str, Any], chunks: Sequence[bytes]) -> tuple[bytes, int | None]:
-    """A body: ``(bytes, header length)``; the length is None for a JSON-only body (no chunks)."""
+def encode_parts(
+    document: Mapping[str, Any], chunks: Sequence[bytes | memoryview]
+) -> tuple[list[bytes | memoryview], int | None]:
+    """A body as the parts it is made of, to be written one after the other: ``([JSON header, *chunks],
+    header length)``; the length is None for a JSON-only body (no chunks)."""
     header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not chunks:
-        return header, None
-    return b"".join([header, *chunks]), len(header)
+    return [header, *chunks], (len(header) if chunks else None)
+
+
+def encode(document: Mapping[str, Any], chunks: Sequence[bytes | memoryview]) -> tuple[bytes, int | None]:
+    """A body in one piece: ``(bytes, header length)`` (see :func:`encode_parts`)."""
+    parts, header_length = encode_parts(document, chunks)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), header_length

@@ -48,7 +48,8 @@ class ModelRef(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ForwardedAnswer:
-    """A passed-through answer, as an HTTP body (what the proxy's ``forward`` returns to the codec)."""
+    """A passed-through answer, as an HTTP body (what the proxy's ``forward`` returns to the codec);
+    ``headers`` by lower-case name, as :class:`~service.upstream.Reply`'s."""
 
     status: int
     headers: Mapping[str, str]
@@ -164,7 +165,7 @@ class GrpcUpstreamClient:
         if header_length is not None:
             response_headers = {
                 "content-type": "application/octet-stream",
-                wire.HEADER_LENGTH: str(header_length),
+                wire.HEADER_LENGTH.lower(): str(header_length),
             }
         return ForwardedAnswer(200, response_headers, content)
 

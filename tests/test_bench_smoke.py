@@ -209,6 +209,16 @@ def test_proxy_bench_runs_through_triton_and_writes_its_table(tmp_path: Path) ->
     assert len(rows) == 8  # the speed table and the CPU table
 
 
+def test_upstream_client_bench_checks_both_clients_answers_and_writes_its_table(tmp_path: Path) -> None:
+    require_triton()
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n")
+    run_bench("bench_upstream_client.py", "--calls", "3", "--rounds", "2", "--write", "--readme", str(readme))
+    text = readme.read_text()
+    assert "<!-- bench_upstream_client:start -->\n## The proxy's upstream transport" in text
+    assert len([line for line in text.splitlines() if line.startswith(("| 1 x 10 ", "| 64 x 1000 "))]) == 2
+
+
 def test_grpc_bench_runs_every_side_and_writes_its_table(tmp_path: Path) -> None:
     # calibserve over gRPC and HTTP and Triton over gRPC, one short window per side and cell: only that every
     # cell ran every side without errors (each checked one answer first) and the section is written

@@ -44,7 +44,7 @@ class UpstreamAnswer:
 class PassedThrough:
     """An upstream answer returned as it came (a model of the default upstream with no calibrator yet)."""
 
-    body: bytes
+    body: bytes | memoryview
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -197,11 +197,11 @@ class UpstreamModels:
         client, spec = self.client(info)
         response = await client.forward(spec, body, headers)
         kept = {
-            key.lower(): response.headers[key]
-            for key in ("content-type", wire.HEADER_LENGTH)
+            key: response.headers[key]
+            for key in ("content-type", wire.HEADER_LENGTH.lower())
             if key in response.headers
         }
-        return PassedThrough(response.content, kept)
+        return PassedThrough(memoryview(response.content), kept)
 
     async def infer(
         self, info: ModelInfo, entry: ActiveCalibrator, document: Mapping[str, Any], binary: bytes

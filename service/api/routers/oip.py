@@ -42,6 +42,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service import inference_protocol as wire
 from service.api.auth import ReadAccess
@@ -212,10 +213,29 @@ def answer(
         document["id"] = request_id
     document["parameters"] = {"calibrator_version": version, **(parameters or {})}
     document["outputs"] = [entry for entry, _ in outputs]
-    body, header_length = wire.encode(document, [chunk for _, chunk in outputs if chunk is not None])
+    parts, header_length = wire.encode_parts(document, [chunk for _, chunk in outputs if chunk is not None])
     if header_length is None:
-        return Response(body, media_type="application/json")
-    return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+        return Response(parts[0], media_type="application/json")
+    return PartsResponse(
+        parts, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
+    )
+
+
+class PartsResponse(Response):
+    """A response whose body goes out as the parts it is made of (the JSON header, then each tensor's
+    bytes), one ASGI message each, never joined: joining copied every tensor of an answer once more, about
+    60 us per 256 KB here, against a few microseconds per extra message."""
+
+    def __init__(self, parts: list[bytes | memoryview], *, media_type: str, headers: dict[str, str]) -> None:
+        self.parts = parts
+        length = sum(len(part) for part in parts)
+        super().__init__(b"", media_type=media_type, headers={**headers, "content-length": str(length)})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        last = len(self.parts) - 1
+        for index, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": index < last})
 
 
 async def run_infer(plane: DataPlane, name: str, version: int | None, request: InferRequest) -> Response:
