@@ -117,7 +117,8 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     docs.install(app)
     ui.install(app)  # the operator's console: /ui
-    app.router.routes.extend([*inference.ROUTES, *oip.ROUTES])  # the hot paths, as plain ASGI routes
+    # the hot paths, as plain ASGI routes, first: the router tries routes in order (a regex match each)
+    app.router.routes[:0] = [*inference.ROUTES, *oip.ROUTES]
     routers = (
         health.router,
         models.router,
