@@ -172,9 +172,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     # the pool's
     def send(self, parts: list[bytes | memoryview]) -> asyncio.Future[Response]:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ConnectionDropped("the connection closed before the request left")
         self.answer = asyncio.get_running_loop().create_future()
         self.received = self.reusable = False
-        self.transport.writelines(parts)  # type: ignore[union-attr]
+        self.transport.writelines(parts)
         return self.answer
 
     def expire(self, timeout: float) -> None:
@@ -278,7 +280,7 @@ class HttpPool:
     async def _connection(self, deadline: float) -> tuple[_Connection, bool]:
         while self._idle:
             connection = self._idle.pop()  # the most recently used: the least likely to have timed out
-            if not connection.closed:
+            if not connection.closed and not connection.transport.is_closing():  # type: ignore[union-attr]
                 return connection, True
         loop = asyncio.get_running_loop()
         try:

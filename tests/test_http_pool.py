@@ -5,6 +5,9 @@ silence), and uvicorn's own server for the ordinary case."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import Callable
 
 import numpy as np
@@ -21,14 +24,15 @@ CLOSE = None
 class ScriptedServer:
     """Reads whole requests (head and Content-Length body) and writes what ``script`` says, piece by piece."""
 
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, *, ssl: ssl.SSLContext | None = None) -> None:
         self.script = script
+        self.ssl = ssl
         self.requests: list[bytes] = []
         self.connections = 0
         self.writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> ScriptedServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
@@ -142,6 +146,24 @@ def test_a_kept_connection_the_server_closed_meanwhile_is_replaced():
     assert connections == 2
 
 
+def test_a_kept_connection_closing_as_the_request_leaves_is_replaced_not_an_error():
+    async def main():
+        async with ScriptedServer(lambda n, request: [answer(b"ok%d" % n)]) as server:
+            pool = HttpPool(server.url, connect_timeout=2, max_connections=1)
+            await pool.request("GET", "/", timeout=5)
+            connection = pool._idle[0]
+            connection.transport.close()  # closing, but its connection_lost has not run yet
+            assert not connection.closed
+            with pytest.raises(ConnectionDropped):
+                connection.send([b"GET / HTTP/1.1\r\n\r\n"])
+            reply = await pool.request("GET", "/", timeout=5)
+            await pool.aclose()
+            return reply, server.connections
+
+    reply, connections = run(main())
+    assert bytes(reply.content) == b"ok2" and connections == 2
+
+
 def test_faults_are_named_refused_dropped_garbage_and_timeout():
     async def main():
         found = {}
@@ -189,3 +211,42 @@ def test_requests_beyond_max_connections_wait_for_a_free_one_within_their_time_l
     replies, connections = run(main())
     assert sorted(int(bytes(reply.content)) for reply in replies) == [1, 2, 3, 4, 5, 6]
     assert connections == 2
+
+
+def test_an_https_upstream_is_spoken_to_over_tls_and_its_certificate_checked(tmp_path, monkeypatch):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    command = [
+        openssl,
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]
+    command += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(command, check=True, capture_output=True)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    payload = np.random.default_rng(1).bytes(200_000)
+
+    async def main():
+        async with ScriptedServer(lambda n, request: [answer(payload)], ssl=server_context) as server:
+            url = server.url.replace("http://", "https://")
+            pool = HttpPool(url, connect_timeout=2, max_connections=1)
+            try:
+                return await pool.request("POST", "/x", content=b"abc", timeout=5)
+            finally:
+                await pool.aclose()
+
+    with pytest.raises(ConnectError):  # a certificate nobody vouches for
+        run(main())
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    reply = run(main())
+    assert bytes(reply.content) == payload
