@@ -60,9 +60,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     httptools parses the head (it calls the ``on_*`` methods). The body of an answer that states its length
     is then received in place, straight into one buffer of that length: none of the copies of a parsed
-    body (the event loop's bytes of each read, httptools' bytes of each body piece, their join), which cost
-    about 60 us per 256 KB here (``bench/README.md``, calibrating proxy). A chunked answer, or one that ends
-    with the connection, goes through httptools whole.
+    body (the event loop's bytes of each read, httptools' bytes of each body piece, their join). In a
+    server's request path a copy of 256 KB costs about 60 us here, far more than in a loop that copies the
+    same cached buffer (measured: six more copies per request added 0.33 to 0.43 ms of CPU to a proxied
+    64 x 1000 inference). A chunked answer, or one that ends with the connection, goes through httptools
+    whole.
     """
 
     def __init__(self) -> None:
