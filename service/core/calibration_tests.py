@@ -47,7 +47,10 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy import stats
+
+# scipy.special's distribution functions, not scipy.stats (the same ndtr and chdtrc underneath): importing
+# scipy.stats costs a serving worker 0.6 s and 45 MiB at start for four tail probabilities
+from scipy.special import chdtrc, ndtr
 
 from service.core.validation import check_positive_int
 from service.errors import InvalidInput
@@ -68,6 +71,12 @@ __all__ = [
     "lowess",
     "spiegelhalter",
 ]
+
+
+def _normal_sf(x: Any) -> Any:
+    """The standard normal's upper tail ``P(Z > x)`` (``scipy.stats.norm.sf``)."""
+    return ndtr(-np.asarray(x, dtype=np.float64))
+
 
 CALIBRATION_TEST_FIGURES = (
     "spiegelhalter_z",
@@ -186,7 +195,7 @@ def _spiegelhalter_compute(c: np.ndarray, o: np.ndarray) -> tuple[float, float]:
     if not variance > 0.0:
         return math.nan, math.nan
     z = numerator / math.sqrt(variance)
-    return z, float(2.0 * stats.norm.sf(abs(z)))
+    return z, float(2.0 * _normal_sf(abs(z)))
 
 
 # ------------------------------------------------------------------------------ cumulative differences
@@ -210,7 +219,7 @@ def kolmogorov_smirnov_sf(x: float) -> float:
         cdf = 2.0 / math.pi * np.sum((-1.0) ** k / kplus * np.exp(-(kplus**2) * math.pi**2 / (2 * x * x)))
         return float(1.0 - cdf)
     k = np.arange(0, math.ceil(40.0 / x) + 1)
-    return float(min(1.0, 4.0 * np.sum((-1.0) ** k * stats.norm.sf((2 * k + 1) * x))))
+    return float(min(1.0, 4.0 * np.sum((-1.0) ** k * _normal_sf((2 * k + 1) * x))))
 
 
 def kuiper_sf(x: float) -> float:
@@ -229,7 +238,7 @@ def kuiper_sf(x: float) -> float:
         terms = (8.0 / x**2 + 2.0 / (kplus**2 * math.pi**2)) * np.exp(-2.0 * kplus**2 * math.pi**2 / x**2)
         return float(1.0 - np.sum(terms))
     k = np.arange(1, math.ceil(40.0 / x) + 2)
-    return float(min(1.0, 8.0 * np.sum((-1.0) ** (k - 1) * k * stats.norm.sf(k * x))))
+    return float(min(1.0, 8.0 * np.sum((-1.0) ** (k - 1) * k * _normal_sf(k * x))))
 
 
 def cumulative_calibration_tests(confidences: Any, outcomes: Any) -> dict[str, float]:
@@ -432,7 +441,7 @@ def _hosmer_lemeshow_compute(
             np.where(np.abs(difference) <= 1e-9 * counts, 0.0, np.inf),
         )
     statistic = float(np.sum(terms))
-    return statistic, float(stats.chi2.sf(statistic, n_groups - 2 if fitted else n_groups))
+    return statistic, float(chdtrc(n_groups - 2 if fitted else n_groups, statistic))
 
 
 # ------------------------------------------------------------------------------------------- lowess, ICI
