@@ -15,6 +15,7 @@ import pytest
 import uvloop
 
 from service.http_pool import ConnectError, ConnectionDropped, HttpPool
+from tests.helpers.requirements import require_or_skip
 
 # (request number, request) -> the pieces to write; CLOSE among them closes the connection there
 Script = Callable[[int, bytes], list[bytes | None]]
@@ -216,7 +217,7 @@ def test_requests_beyond_max_connections_wait_for_a_free_one_within_their_time_l
 def test_an_https_upstream_is_spoken_to_over_tls_and_its_certificate_checked(tmp_path, monkeypatch):
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("needs the openssl command to make a certificate")
+        require_or_skip("needs the openssl command (Debian package openssl) to make a certificate")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     command = [
         openssl,
