@@ -38,7 +38,8 @@ def _block() -> range | None:
     return range(start, start + BLOCK)
 
 
-def _bindable(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` can be bound on 127.0.0.1 right now."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
@@ -52,7 +53,7 @@ def free_port() -> int:
     block = _block()
     if block is not None:
         for port in random.sample(block, 200):
-            if _bindable(port):
+            if port_is_free(port):
                 return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

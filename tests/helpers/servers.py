@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,18 +12,9 @@ from pathlib import Path
 import httpx
 
 from tests.helpers.data import REPO, SHIPPED_MODELS
-from tests.helpers.ports import free_port
+from tests.helpers.ports import free_port, port_is_free
 
 __all__ = ["Server", "free_port", "port_is_free"]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 class Server:
