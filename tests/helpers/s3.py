@@ -125,6 +125,10 @@ def seaweedfs_server(directory: Path, *, bucket: str, timeout_s: float = 60.0) -
         f"-s3.config={config}",
         "-volume.max=8",
         "-master.volumeSizeLimitMB=64",
+        # its Iceberg catalog and Lance namespace listen on fixed ports (8181, 9101) by default: two servers of two
+        # test processes collided
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
         *(f"{flag}={port}" for flag, port in ports.items()),
     ]
     for flag in ("-master.port.grpc", "-volume.port.grpc", "-filer.port.grpc", "-s3.port.grpc"):
