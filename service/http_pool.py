@@ -114,7 +114,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(ConnectionDropped(f"the server's answer is not HTTP: {exc}"))
             self.close()
             return
-        if self._body is not None and not self._in_place and self.answer is not None:
+        if self._body is not None and self.answer is not None:
             self._in_place = True  # the head is parsed: the rest of the body comes straight into it
 
     def eof_received(self) -> bool:
@@ -236,7 +236,7 @@ class HttpPool:
         raises."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        body = [content] if isinstance(content, bytes | bytearray | memoryview) else list(content or ())
+        body = [content] if isinstance(content, Buffer) else list(content or ())
         head = self._request_head(method, path, sum(len(part) for part in body), headers)
         parts = [head, *body]
         if self._slots.locked():  # every connection busy: wait for one, within the time limit

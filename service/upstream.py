@@ -35,7 +35,7 @@ from service.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from service.http_pool import Buffer, ConnectError, ConnectionDropped, HttpPool
+from service.http_pool import Buffer, ConnectError, ConnectionDropped, HttpPool, Response
 from service.names import normalise_url
 
 logger = logging.getLogger("calibserve.upstream")
@@ -95,25 +95,16 @@ class UpstreamSpec:
         return path if self.version is None else f"{path}/versions/{quote(self.version, safe='')}"
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """An upstream's HTTP answer, read whole (``headers`` by lower-case name)."""
-
-    status: int
-    headers: Mapping[str, str]
-    content: bytes | memoryview
-    reason: str = ""
-
-    def message(self) -> str:
-        """The upstream's own error message (V2 ``{"error": ...}``), shortened."""
-        try:
-            body = orjson.loads(self.content)
-            text = body.get("error") if isinstance(body, dict) else None
-        except orjson.JSONDecodeError:
-            text = None
-        if not isinstance(text, str):
-            text = bytes(self.content[:MAX_MESSAGE]).decode("utf-8", "replace").strip() or self.reason
-        return text[:MAX_MESSAGE]
+def upstream_message(reply: Response) -> str:
+    """The upstream's own error message (V2 ``{"error": ...}``), shortened."""
+    try:
+        body = orjson.loads(reply.content)
+        text = body.get("error") if isinstance(body, dict) else None
+    except orjson.JSONDecodeError:
+        text = None
+    if not isinstance(text, str):
+        text = bytes(reply.content[:MAX_MESSAGE]).decode("utf-8", "replace").strip() or reply.reason
+    return text[:MAX_MESSAGE]
 
 
 class UpstreamClient:
@@ -145,9 +136,9 @@ class UpstreamClient:
         *,
         content: Buffer | Sequence[Buffer] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> Reply:
+    ) -> Response:
         try:
-            response = await self._connections().request(
+            return await self._connections().request(
                 method, path, content=content, headers=headers, timeout=self.timeout
             )
         except TimeoutError:
@@ -162,13 +153,12 @@ class UpstreamClient:
             raise UpstreamFailed(f"upstream {self.url} failed on {path}: {exc}") from None
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
-        return Reply(response.status, response.headers, response.content, response.reason)
 
-    def _check(self, reply: Reply, what: str) -> None:
+    def _check(self, reply: Response, what: str) -> None:
         status = reply.status
         if status < 300:
             return
-        message = f"upstream {self.url} answered {status} to {what}: {reply.message()}"
+        message = f"upstream {self.url} answered {status} to {what}: {upstream_message(reply)}"
         if 400 <= status < 500:
             raise UpstreamRejected(message, upstream_status=status)
         if status == 503:
@@ -187,13 +177,13 @@ class UpstreamClient:
         self._check(reply, f"infer of model {spec.model!r}")
         return self.read_answer(reply, spec)
 
-    async def forward(self, spec: UpstreamSpec, body: bytes, headers: Mapping[str, str]) -> Reply:
+    async def forward(self, spec: UpstreamSpec, body: bytes, headers: Mapping[str, str]) -> Response:
         """An inference request passed through as it came (checked for status only)."""
         reply = await self._call("POST", f"{spec.model_path()}/infer", content=body, headers=headers)
         self._check(reply, f"infer of model {spec.model!r}")
         return reply
 
-    def read_answer(self, reply: Reply, spec: UpstreamSpec) -> tuple[dict, bytes]:
+    def read_answer(self, reply: Response, spec: UpstreamSpec) -> tuple[dict, bytes]:
         try:
             return wire.split_body(
                 reply.content,

@@ -49,7 +49,7 @@ class ModelRef(Protocol):
 @dataclass(frozen=True, slots=True)
 class ForwardedAnswer:
     """A passed-through answer, as an HTTP body (what the proxy's ``forward`` returns to the codec);
-    ``headers`` by lower-case name, as :class:`~service.upstream.Reply`'s."""
+    ``headers`` by lower-case name, as :class:`~service.http_pool.Response`'s."""
 
     status: int
     headers: Mapping[str, str]
