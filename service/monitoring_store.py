@@ -510,6 +510,28 @@ class _SQLiteTransaction:
             self.cursor.close()
 
 
+SQLITE_BUSY_TIMEOUT_S = 30.0
+WAL_RETRY_PAUSE_S = 0.005
+
+
+def _switch_to_wal(connection: sqlite3.Connection, *, deadline: float) -> None:
+    """``PRAGMA journal_mode=WAL``, tried again while the file is busy, until ``deadline``.
+
+    Switching a new file to WAL takes its exclusive lock. When several connections (workers, threads) open a
+    new file at once, each holds a shared lock and asks for the exclusive one; SQLite then answers
+    ``SQLITE_BUSY`` at once, without waiting in the busy handler, since waiting could deadlock. The loser
+    retries here once the winner has switched the file (then the pragma finds WAL and needs no lock).
+    """
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(WAL_RETRY_PAUSE_S)
+
+
 class SQLiteMonitoringStore(MonitoringStore):
     """``path`` (one file, WAL mode), shared by the workers of one host."""
 
@@ -518,15 +540,17 @@ class SQLiteMonitoringStore(MonitoringStore):
         self.path = Path(path)
 
     def _connect(self) -> sqlite3.Connection:
+        connection = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
+            connection = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
+            _switch_to_wal(connection, deadline=time.monotonic() + SQLITE_BUSY_TIMEOUT_S)
             # NORMAL in WAL mode: a commit survives the process being killed (it is in the WAL file); outcome
             # transactions switch to FULL, which also survives the machine losing power.
             connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute("PRAGMA busy_timeout=30000")
         except sqlite3.Error as exc:
+            if connection is not None:
+                connection.close()
             raise StoreUnavailable(f"the monitoring database {self.path} cannot be opened: {exc}") from None
         return connection
 
