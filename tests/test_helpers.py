@@ -62,5 +62,9 @@ def test_each_xdist_worker_takes_ports_from_a_block_of_its_own(monkeypatch, work
     assert port in block
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+    # a server's HTTP and gRPC ports are picked before it binds either: picks in a row never repeat
+    monkeypatch.setattr(ports, "_handed_out", set())
+    picks = [ports.free_port() for _ in range(ports.BLOCK // 4)]
+    assert len(set(picks)) == len(picks) and set(picks) <= set(block)
     monkeypatch.delenv("PYTEST_XDIST_WORKER")
     assert ports._block() is None and 0 < ports.free_port() < 65536

@@ -48,12 +48,20 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port nobody holds now, from this worker's block under pytest-xdist."""
+    """A loopback port nobody holds now, from this worker's block under pytest-xdist, and not one this process
+    handed out before: a server claims its ports some time before it binds them (calibserve locks its HTTP
+    and gRPC ports at once, then binds them in its workers), so two picks in a row must not repeat."""
     block = _block()
     if block is not None:
+        if len(_handed_out) > BLOCK // 2:
+            _handed_out.clear()
         for port in random.sample(block, 200):
-            if port_is_free(port):
+            if port not in _handed_out and port_is_free(port):
+                _handed_out.add(port)
                 return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
