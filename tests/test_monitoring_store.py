@@ -488,8 +488,8 @@ def test_threads_opening_a_new_sqlite_file_at_once_all_get_it(tmp_path):
 
         try:
             with ThreadPoolExecutor(threads) as pool:
-                answers = [pool.submit(first_query) for _ in range(threads)]
-                answers = [answer.result() for answer in answers]
+                futures = [pool.submit(first_query) for _ in range(threads)]
+                answers = [future.result() for future in futures]
         finally:
             store.close()
         assert all(answer.n.sum() == 0 for answer in answers), trial
